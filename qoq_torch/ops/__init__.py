@@ -1,0 +1,83 @@
+"""The `qoq` op layer: typed entry points over `torch.ops.qoq.*` (docs/formats.md is the contract).
+
+This is the only package that knows whether an op runs a CUDA kernel or the CPU reference.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import library as _library  # noqa: F401  (defines the ops)
+from ._loader import cuda_available, extension_status, load_extension
+from .formats import (
+    PROTECTIVE_RANGE,
+    PerChannelWeight,
+    PerGroupWeight,
+    quantize_weight_int8,
+    quantize_weight_per_channel,
+    quantize_weight_per_group,
+)
+from .reference import kv4_dequantize, kv4_quantize
+
+load_extension()
+
+_ops = torch.ops.qoq
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token INT8 of ``x [M, K]`` -> ``(x_q int8 [M, K], x_s float32 [M], x_sum int32 [M])``."""
+    return _ops.quantize_per_token(x)
+
+
+def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RMSNorm of ``x [M, K]`` (fp16/bf16) with ``weight [K]``, then per-token INT8 (as `quantize_per_token`)."""
+    return _ops.rmsnorm_quantize(x, weight, eps)
+
+
+def silu_mul_quantize(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``silu(gate) * up`` of ``gate_up [M, 2I]`` (gate first), then per-token INT8 of the ``[M, I]`` result."""
+    return _ops.silu_mul_quantize(gate_up)
+
+
+def w4a8_gemm_per_group(x_q: torch.Tensor, x_s: torch.Tensor, qweight: torch.Tensor, s2: torch.Tensor,
+                        z2: torch.Tensor, s1: torch.Tensor, bias: torch.Tensor | None = None,
+                        group_size: int = 128, out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Progressive W4A8 GEMM ``[M, K] x [N, K]^T -> [M, N]`` in ``out_dtype`` (INT32 accumulation)."""
+    return _ops.w4a8_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, group_size, out_dtype)
+
+
+def w4a8_gemm_per_channel(x_q: torch.Tensor, x_s: torch.Tensor, x_sum: torch.Tensor, qweight: torch.Tensor,
+                          scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None = None,
+                          out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Per-channel W4A8 GEMM ``[M, K] x [N, K]^T -> [M, N]`` with the zero-point correction by ``x_sum``."""
+    return _ops.w4a8_gemm_per_channel(x_q, x_s, x_sum, qweight, scale, zero, bias, out_dtype)
+
+
+def pack_weights(w4: torch.Tensor) -> torch.Tensor:
+    """Logical UINT4 ``uint8 [N, K]`` -> the kernels' packed ``uint8 [N, K/2]``."""
+    return _ops.pack_weights(w4)
+
+
+def unpack_weights(packed: torch.Tensor) -> torch.Tensor:
+    """Packed ``uint8 [N, K/2]`` -> logical ``uint8 [N, K]`` (exact inverse of `pack_weights`)."""
+    return _ops.unpack_weights(packed)
+
+
+def kv4_append(k_cache: torch.Tensor, k_params: torch.Tensor, v_cache: torch.Tensor, v_params: torch.Tensor,
+               k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor) -> None:
+    """Quantize ``k, v [B, H_kv, S, D]`` to KV4 and write them at slots ``cache_position [S]`` (in place)."""
+    _ops.kv4_append(k_cache, k_params, v_cache, v_params, k, v, cache_position)
+
+
+def kv4_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, k_params: torch.Tensor, v_cache: torch.Tensor,
+                         v_params: torch.Tensor, kv_lens: torch.Tensor, kv_starts: torch.Tensor,
+                         sm_scale: float) -> torch.Tensor:
+    """Attention of ``q [B, H_q, S_q, D]`` over the KV4 cache slots ``[kv_starts, kv_lens)`` per row."""
+    return _ops.kv4_decode_attention(q, k_cache, k_params, v_cache, v_params, kv_lens, kv_starts, sm_scale)
+
+
+__all__ = [
+    "PROTECTIVE_RANGE", "PerChannelWeight", "PerGroupWeight", "cuda_available", "extension_status",
+    "kv4_append", "kv4_decode_attention", "kv4_dequantize", "kv4_quantize", "pack_weights",
+    "quantize_per_token", "quantize_weight_int8", "quantize_weight_per_channel", "quantize_weight_per_group",
+    "rmsnorm_quantize", "silu_mul_quantize", "unpack_weights", "w4a8_gemm_per_channel", "w4a8_gemm_per_group",
+]
