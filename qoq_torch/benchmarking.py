@@ -1,0 +1,236 @@
+"""End-to-end generation benchmark (``qoq bench e2e``): float16/bfloat16 vs QoQ W4A8KV4 through HF generate.
+
+Models are built from a config with random weights (no download): Llama-3-8B-shaped and
+Qwen1.5-72B-shaped. The quantized model is built on the meta device and filled layer by layer with random
+weights quantized in the real formats, so a model whose float weights do not fit the GPU still runs.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+SHAPES = {
+    "llama3-8b": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+    ),
+    "qwen1.5-72b": dict(
+        model_type="qwen2", hidden_size=8192, intermediate_size=24576, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=64, vocab_size=152064, max_position_embeddings=32768, rope_theta=1000000.0,
+    ),
+    "tiny": dict(
+        model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024,
+    ),
+}
+
+
+def model_config(shape: str):
+    from transformers import AutoConfig
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; choose one of {sorted(SHAPES)}")
+    kwargs = dict(SHAPES[shape])
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+@torch.no_grad()
+def _materialize_(model: nn.Module, config, device: str, seed: int) -> None:
+    """Fill a model moved off the meta device with ``to_empty``: random weights, unit norms, fresh RoPE tables."""
+    torch.manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() == 1:
+            param.fill_(1.0 if "norm" in name else 0.0)
+        else:
+            param.normal_(0.0, 0.02)
+    rotary = model.model.rotary_emb  # its inv_freq buffer is computed at construction, not loaded
+    model.model.rotary_emb = type(rotary)(config=config).to(device)
+
+
+def build_float_model(shape: str, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", seed: int = 0) -> nn.Module:
+    """A random-weight ``*ForCausalLM`` of the given shape, materialised directly on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(shape)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.to_empty(device=device)
+    _materialize_(model, config, device, seed)
+    return model.eval()
+
+
+@torch.no_grad()
+def build_quantized_model(shape: str, group_size: int = 128, dtype: torch.dtype = torch.bfloat16,
+                          device: str = "cuda", seed: int = 0) -> nn.Module:
+    """A random-weight QoQ W4A8KV4 model: skeleton on meta, each linear filled with a quantized random weight."""
+    from transformers import AutoModelForCausalLM
+
+    from . import ops
+    from .api import finish_patching
+    from .models import patch_model
+    from .nn import QoQLinear
+    from .quantization import QoQConfig
+
+    config = model_config(shape)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    patch_model(model, None, group_size)
+    model.to_empty(device=device)
+    _materialize_(model, config, device, seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, QoQLinear):
+            w = torch.randn(module.out_features, module.in_features, device=device, generator=gen) * 0.02
+            qw = (ops.quantize_weight_per_channel(w) if group_size == -1
+                  else ops.quantize_weight_per_group(w, group_size))
+            bias = None if module.bias is None else torch.zeros_like(module.bias)
+            module.load_weight(qw, bias)
+            del w, qw
+    finish_patching(model, QoQConfig(group_size=group_size))
+    return model.eval()
+
+
+@dataclass
+class GenerateResult:
+    model: str
+    variant: str
+    batch: int
+    prompt_len: int
+    new_tokens: int
+    tokens_per_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    ttft_ms: float | None = None
+    peak_mem_gb: float | None = None
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _generate(model, input_ids, new_tokens: int, compile_decode: bool):
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           cache_implementation="static", pad_token_id=0, eos_token_id=None,
+                           disable_compile=not compile_decode)
+    return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=cfg)
+
+
+def time_generate(model: nn.Module, name: str, variant: str, batch: int, prompt_len: int, new_tokens: int,
+                  compile_decode: bool = True, seed: int = 0) -> GenerateResult:
+    """Tokens/s of ``generate`` (static cache, compiled decode) after a warm-up run of the same shapes."""
+    result = GenerateResult(name, variant, batch, prompt_len, new_tokens)
+    device = next(model.buffers()).device if any(True for _ in model.buffers()) else next(model.parameters()).device
+    vocab = model.config.vocab_size
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    input_ids = torch.randint(1, vocab, (batch, prompt_len), generator=gen).to(device)
+    try:
+        torch.cuda.synchronize()
+        _generate(model, input_ids, new_tokens, compile_decode)  # warm-up: compilation, graph capture
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        _generate(model, input_ids, 1, compile_decode)
+        torch.cuda.synchronize()
+        ttft = time.perf_counter() - start
+        start = time.perf_counter()
+        out = _generate(model, input_ids, new_tokens, compile_decode)
+        torch.cuda.synchronize()
+        total = time.perf_counter() - start
+        produced = (out.shape[1] - prompt_len) * batch
+        result.tokens_per_s = produced / total
+        result.decode_tokens_per_s = batch * (new_tokens - 1) / max(total - ttft, 1e-9)
+        result.ttft_ms = ttft * 1e3
+        result.peak_mem_gb = torch.cuda.max_memory_allocated() / 2**30
+    except torch.cuda.OutOfMemoryError as exc:
+        result.error = f"out of memory: {str(exc).splitlines()[0]}"
+    except Exception as exc:  # a benchmark row records its failure and the run goes on
+        result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+    return result
+
+
+def weight_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def kv_bytes_per_token(shape: str, variant: str) -> int:
+    """KV cache bytes per token of one sequence (all layers): float16 2*D per head, KV4 D/2+4 per head for K and V."""
+    cfg = SHAPES[shape]
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_head = 2 * (2 * head_dim if variant == "bf16" else head_dim // 2 + 4)
+    return cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * per_head
+
+
+def largest_batch(shape: str, variant: str, weights: int, seq_len: int, memory_bytes: int,
+                  activation_reserve: float = 0.1) -> int:
+    """Largest batch whose weights + KV cache fit ``memory_bytes`` with a fraction kept for activations."""
+    free = memory_bytes * (1 - activation_reserve) - weights
+    return max(0, int(free // (kv_bytes_per_token(shape, variant) * seq_len)))
+
+
+def run_e2e(shapes=("llama3-8b",), variants=("bf16", "qoq-g128", "qoq-channel"), batches=(1, 16, 64, 256),
+            protocols=((128, 256),), json_path: str | None = None, progress: bool = True) -> list[dict]:
+    """Run every (shape, variant, batch, protocol) and return (and optionally write) the rows."""
+    from tqdm.auto import tqdm
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("the end-to-end benchmark needs a CUDA GPU")
+    rows: list[dict] = []
+    total_mem = torch.cuda.get_device_properties(0).total_memory
+    jobs = [(s, v) for s in shapes for v in variants]
+    bar = tqdm(total=len(jobs) * len(batches) * len(protocols), disable=not progress, desc="e2e")
+    for shape, variant in jobs:
+        try:
+            model = (build_float_model(shape) if variant == "bf16"
+                     else build_quantized_model(shape, group_size=-1 if variant == "qoq-channel" else 128))
+        except torch.cuda.OutOfMemoryError as exc:
+            rows.append(asdict(GenerateResult(shape, variant, 0, 0, 0, error=f"model does not fit: {exc}")))
+            bar.update(len(batches) * len(protocols))
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        wbytes = weight_bytes(model)
+        for prompt_len, new_tokens in protocols:
+            for batch in batches:
+                res = time_generate(model, shape, variant, batch, prompt_len, new_tokens)
+                res.extra = {"weights_gb": wbytes / 2**30,
+                             "largest_batch_estimate": largest_batch(shape, variant, wbytes, prompt_len + new_tokens,
+                                                                     total_mem)}
+                rows.append(asdict(res))
+                bar.update(1)
+                bar.set_postfix_str(f"{shape} {variant} b={batch}: {res.tokens_per_s or res.error}")
+                if json_path:
+                    with open(json_path, "w") as fh:
+                        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows},
+                                  fh, indent=1)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    bar.close()
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = "| model | variant | batch | in/out | tok/s | decode tok/s | TTFT ms | peak GB | max batch (est.) |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        def f(v, fmt="{:.0f}"):
+            return "-" if v is None else fmt.format(v)
+        err = f" ({r['error']})" if r.get("error") else ""
+        lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['prompt_len']}/{r['new_tokens']} | "
+                     f"{f(r['tokens_per_s'])}{err} | {f(r['decode_tokens_per_s'])} | {f(r['ttft_ms'], '{:.1f}')} | "
+                     f"{f(r['peak_mem_gb'], '{:.1f}')} | {r.get('extra', {}).get('largest_batch_estimate', '-')} |")
+    return "\n".join(lines)

@@ -1,0 +1,158 @@
+"""Command line: ``qoq quantize MODEL OUT``, ``qoq generate OUT "prompt"``, ``qoq eval OUT``, ``qoq bench OUT``."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _device(name: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def _tokenizer(path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.padding_side = "left"  # decoder-only batches pad on the left
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def cmd_quantize(args) -> None:
+    from transformers import AutoModelForCausalLM
+
+    import qoq_torch
+
+    device = _device(args.device)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype], device_map=device)
+    tok = _tokenizer(args.model)
+    config = qoq_torch.QoQConfig(group_size=args.group_size, num_samples=args.num_samples, seq_len=args.seq_len,
+                                 kv_bits=args.kv_bits)
+    start = time.perf_counter()
+    qoq_torch.quantize(model, None if args.data_free else tok, config=config)
+    print(f"quantized in {time.perf_counter() - start:.1f} s")
+    qoq_torch.save_quantized(model, args.out, tokenizer=tok)
+    print(f"saved to {args.out}")
+
+
+def _load(args):
+    import qoq_torch
+
+    return qoq_torch.load_quantized(args.path, device=_device(args.device), dtype=DTYPES[args.dtype]), \
+        _tokenizer(args.path)
+
+
+def cmd_generate(args) -> None:
+    model, tok = _load(args)
+    inputs = tok(args.prompt, return_tensors="pt", padding=True).to(model.device)
+    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                         cache_implementation="static" if args.static else None, pad_token_id=tok.pad_token_id)
+    for text in tok.batch_decode(out, skip_special_tokens=True):
+        print(text)
+
+
+@torch.no_grad()
+def perplexity(model, tok, text: str, seq_len: int, max_tokens: int) -> float:
+    """Perplexity of ``text`` in non-overlapping windows of ``seq_len`` tokens (at most ``max_tokens``)."""
+    ids = tok(text, return_tensors="pt").input_ids[0][:max_tokens]
+    nll, count = 0.0, 0
+    for start in range(0, ids.numel() - 1, seq_len):
+        window = ids[start:start + seq_len].unsqueeze(0).to(model.device)
+        if window.shape[1] < 2:
+            break
+        logits = model(window, use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum")
+        nll, count = nll + loss.item(), count + window.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def cmd_eval(args) -> None:
+    from .data import load_eval_text
+
+    model, tok = _load(args)
+    ppl = perplexity(model, tok, load_eval_text(), args.seq_len, args.max_tokens)
+    print(f"perplexity {ppl:.3f} (held-out eval text, seq_len {args.seq_len}, <= {args.max_tokens} tokens)")
+
+
+def cmd_bench(args) -> None:
+    model, tok = _load(args)
+    ids = torch.randint(10, len(tok), (args.batch, args.prompt_len), device=model.device)
+    kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+              cache_implementation="static" if args.static else None, pad_token_id=tok.pad_token_id)
+    model.generate(ids, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(ids, **kw)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    print(f"{args.batch * args.new_tokens / seconds:.1f} tokens/s (batch {args.batch}, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, {model.device})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qoq", description="W4A8KV4 (QoQ) quantization of Hugging Face LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
+        p.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
+
+    q = sub.add_parser("quantize", help="quantize a Hugging Face model directory and save it")
+    q.add_argument("model", help="path of a Hugging Face model (Llama, Mistral, Qwen2, Qwen3)")
+    q.add_argument("out", help="output directory")
+    q.add_argument("--group-size", type=int, default=128, help="weight group size, -1 for per-channel")
+    q.add_argument("--num-samples", type=int, default=64, help="calibration sequences")
+    q.add_argument("--seq-len", type=int, default=512, help="calibration sequence length")
+    q.add_argument("--kv-bits", type=int, default=4, choices=(4, 16))
+    q.add_argument("--data-free", action="store_true", help="no calibration (rotation + RTN + clipping search)")
+    common(q)
+    q.set_defaults(func=cmd_quantize)
+
+    g = sub.add_parser("generate", help="generate text with a quantized model")
+    g.add_argument("path", help="directory written by `qoq quantize`")
+    g.add_argument("prompt", nargs="+", help="one or more prompts (batched)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--static", action="store_true", help="static KV4 cache")
+    common(g)
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="perplexity on the held-out text shipped with qoq_torch")
+    e.add_argument("path")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--max-tokens", type=int, default=65536)
+    common(e)
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="generation throughput (tokens/s)")
+    b.add_argument("path")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--prompt-len", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--static", action="store_true")
+    common(b)
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"qoq {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

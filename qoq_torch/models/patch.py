@@ -1,0 +1,111 @@
+"""Swap a Hugging Face decoder's attention, MLP and norms for the QoQ modules, layer by layer."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..nn import FusedNorm, QoQAttention, QoQLinear, QoQMLP, concat_weights
+from ..nn.linear import QuantizedWeight
+from .registry import ArchitectureSpec, spec_for
+
+ATTENTION_PROJ = ("q_proj", "k_proj", "v_proj")
+MLP_PROJ = ("gate_proj", "up_proj")
+
+
+def _norm_eps(norm: nn.Module) -> float:
+    for attr in ("variance_epsilon", "eps"):
+        if hasattr(norm, attr):
+            return float(getattr(norm, attr))
+    raise ValueError(f"cannot find the epsilon of {type(norm).__name__}")
+
+
+def _fused_bias(linears: list[nn.Linear]) -> torch.Tensor | None:
+    if all(lin.bias is None for lin in linears):
+        return None
+    return torch.cat([lin.bias.detach() if lin.bias is not None else
+                      torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device)
+                      for lin in linears])
+
+
+def _qoq_linear(linears: list[nn.Linear], names: list[str], weights: Mapping[str, QuantizedWeight] | None,
+                group_size: int, dtype: torch.dtype) -> QoQLinear:
+    """One QoQLinear for ``linears`` fused along N; empty (meta buffers) when ``weights`` is None."""
+    bias = _fused_bias(linears)
+    if weights is None:
+        n = sum(lin.out_features for lin in linears)
+        return QoQLinear(linears[0].in_features, n, bias=bias is not None, group_size=group_size, dtype=dtype,
+                         device="meta")
+    missing = [name for name in names if name not in weights]
+    if missing:
+        raise KeyError(f"no quantized weight for {missing}")
+    device = linears[0].weight.device
+    qweight = concat_weights([_to_device(weights[name], device) for name in names])
+    return QoQLinear.from_weight(qweight, None if bias is None else bias.to(dtype), dtype=dtype)
+
+
+def _to_device(w: QuantizedWeight, device: torch.device) -> QuantizedWeight:
+    fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(w).items()}
+    return type(w)(**fields)
+
+
+def _carry_hook(old: nn.Module, new: nn.Module) -> None:
+    """Keep accelerate's device-alignment hook (device_map dispatch) on the replacement module."""
+    hook = getattr(old, "_hf_hook", None)
+    if hook is not None:
+        from accelerate.hooks import add_hook_to_module
+
+        add_hook_to_module(new, hook)
+
+
+def _sliding_window(spec: ArchitectureSpec, attn: nn.Module, config) -> int | None:
+    if spec.sliding_window_from_config:
+        return getattr(config, "sliding_window", None)
+    return getattr(attn, "sliding_window", None)
+
+
+def patch_layer(model: nn.Module, spec: ArchitectureSpec, layer: nn.Module, prefix: str,
+                weights: Mapping[str, QuantizedWeight] | None, group_size: int) -> None:
+    """Replace ``layer``'s self_attn / mlp by QoQ modules and its two norms by ``FusedNorm``."""
+    config = model.config
+    attn, mlp = layer.self_attn, layer.mlp
+    dtype = attn.q_proj.weight.dtype
+    qkv = _qoq_linear([getattr(attn, n) for n in ATTENTION_PROJ], [f"{prefix}.self_attn.{n}" for n in ATTENTION_PROJ],
+                      weights, group_size, dtype)
+    o_proj = _qoq_linear([attn.o_proj], [f"{prefix}.self_attn.o_proj"], weights, group_size, dtype)
+    gate_up = _qoq_linear([getattr(mlp, n) for n in MLP_PROJ], [f"{prefix}.mlp.{n}" for n in MLP_PROJ],
+                          weights, group_size, dtype)
+    down = _qoq_linear([mlp.down_proj], [f"{prefix}.mlp.down_proj"], weights, group_size, dtype)
+    in_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
+    new_attn = QoQAttention(
+        config, attn.layer_idx, qkv, o_proj, in_norm.weight, _norm_eps(in_norm),
+        q_norm=attn.q_norm if spec.qk_norm else None, k_norm=attn.k_norm if spec.qk_norm else None,
+        sliding_window=_sliding_window(spec, attn, config),
+    )
+    new_mlp = QoQMLP(gate_up, down, post_norm.weight, _norm_eps(post_norm))
+    _carry_hook(attn, new_attn)
+    _carry_hook(mlp, new_mlp)
+    layer.self_attn, layer.mlp = new_attn, new_mlp
+    layer.input_layernorm = FusedNorm("self_attn")
+    layer.post_attention_layernorm = FusedNorm("mlp")
+
+
+def decoder_layer_prefixes(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``[("model.layers.<i>", layer), ...]`` for every decoder layer."""
+    return [(f"model.layers.{i}", layer) for i, layer in enumerate(model.model.layers)]
+
+
+@torch.no_grad()
+def patch_model(model: nn.Module, weights: Mapping[str, QuantizedWeight] | None, group_size: int) -> None:
+    """Swap every decoder layer's modules in place.
+
+    weights: ``{"model.layers.<i>.self_attn.q_proj": PerGroupWeight | PerChannelWeight, ...}`` for the seven
+    linears of every layer (what ``prepare_qoq`` returns); None builds empty modules on the meta device (shapes
+    only; ``load_quantized`` fills them from a checkpoint).
+    """
+    spec = spec_for(model)
+    for prefix, layer in decoder_layer_prefixes(model):
+        if isinstance(layer.self_attn, QoQAttention):
+            raise ValueError(f"{prefix} is already quantized")
+        patch_layer(model, spec, layer, prefix, weights, group_size)

@@ -1,0 +1,147 @@
+"""QoQAttention: the decoder's input RMSNorm + attention with W4A8 projections and a KV4 cache.
+
+It replaces a Hugging Face ``*Attention`` module (Llama, Mistral, Qwen2, Qwen3) and keeps its forward signature
+and return value. With a ``KV4Cache``:
+  * prefill (empty cache, several tokens): attention on the float q/k/v (the model's own attention function and
+    mask), then the new K/V are quantized into the cache;
+  * decode (one new token per row): append, then ``kv4_decode_attention`` over the cache; the valid slots of a row
+    are ``[kv_start, kv_len)`` with ``kv_start`` read from the attention mask on the device (left padding, sliding
+    window), so a step has no host sync and compiles into one graph;
+  * continuation (several tokens on a non-empty cache): append, then attention over the dequantized cache.
+With any other ``Cache`` (e.g. kv_bits=16) the float K/V go through ``cache.update`` as in transformers.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from .. import ops
+from .kv_cache import KV4Cache
+from .linear import QoQLinear, check_compute_dtype
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """RoPE as in transformers (``cos``/``sin`` ``[B, S, D]``; q/k ``[B, H, S, D]``)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def kv_starts_from_mask(attention_mask: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+    """int32 ``[B]``: first slot the last query token may see, read from the mask on the device (no host sync).
+
+    The mask is the model's 4-D mask ``[B, 1, S_q, T]`` (bool: True = visible; float: 0 = visible) or a 2-D
+    padding mask ``[B, T]``; None means every slot from 0 is visible.
+    """
+    if attention_mask is None:
+        return torch.zeros(batch, dtype=torch.int32, device=device)
+    row = attention_mask[:, 0, -1, :] if attention_mask.dim() == 4 else attention_mask
+    visible = row if row.dtype == torch.bool else (row > torch.finfo(row.dtype).min / 2 if row.is_floating_point()
+                                                   else row != 0)
+    return visible.to(torch.int32).argmax(dim=-1).to(torch.int32).expand(batch).contiguous()
+
+
+class QoQAttention(nn.Module):
+    """Fused input RMSNorm + W4A8 q/k/v (one GEMM) + RoPE (+ Qwen3 q/k norms) + attention + W4A8 o_proj.
+
+    forward(hidden_states [B, S, hidden], position_embeddings (cos, sin) [B, S, D], attention_mask, past_key_values,
+    cache_position=None, **kwargs) -> (attn_output [B, S, hidden], None). ``hidden_states`` is the residual stream
+    (the decoder's ``input_layernorm`` is fused here and replaced by an identity).
+    """
+
+    def __init__(self, config, layer_idx: int, qkv_proj: QoQLinear, o_proj: QoQLinear, norm_weight: torch.Tensor,
+                 norm_eps: float, q_norm: nn.Module | None = None, k_norm: nn.Module | None = None,
+                 sliding_window: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim ** -0.5
+        self.attention_dropout = 0.0
+        self.is_causal = True
+        self.sliding_window = sliding_window
+        expected = (self.num_heads + 2 * self.num_key_value_heads) * self.head_dim
+        if qkv_proj.out_features != expected:
+            raise ValueError(f"qkv_proj has {qkv_proj.out_features} outputs, expected {expected}")
+        self.qkv_proj = qkv_proj
+        self.o_proj = o_proj
+        self.norm_weight = nn.Parameter(norm_weight.detach().clone(), requires_grad=False)
+        self.norm_eps = float(norm_eps)
+        self.q_norm = q_norm
+        self.k_norm = k_norm
+
+    def _project(self, hidden_states: torch.Tensor, position_embeddings):
+        b, s, hidden = hidden_states.shape
+        out_dtype = check_compute_dtype(hidden_states, "QoQAttention")
+        x_q, x_s, x_sum = ops.rmsnorm_quantize(hidden_states.reshape(b * s, hidden).contiguous(),
+                                              self.norm_weight, self.norm_eps)
+        qkv = self.qkv_proj.gemm(x_q, x_s, x_sum, out_dtype)
+        n_q, n_kv = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        q = qkv[:, :n_q].view(b, s, self.num_heads, self.head_dim)
+        k = qkv[:, n_q:n_q + n_kv].view(b, s, self.num_key_value_heads, self.head_dim)
+        v = qkv[:, n_q + n_kv:].view(b, s, self.num_key_value_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rope(q, k, cos, sin)
+        return q, k, v
+
+    def _float_attention(self, q, k, v, attention_mask, **kwargs) -> torch.Tensor:
+        """The model's own attention function (sdpa or eager) -> ``[B, S, H, D]``."""
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, _ = interface(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling,
+                           sliding_window=self.sliding_window, **kwargs)
+        return out
+
+    def _kv4_attention(self, cache: KV4Cache, q, k, v, attention_mask, **kwargs) -> torch.Tensor:
+        layer = cache.layers[self.layer_idx]
+        b, _, s, _ = q.shape
+        if s == 1:  # decode: no host sync on this path
+            layer.append(k, v)
+            kv_starts = kv_starts_from_mask(attention_mask, b, q.device)
+            out = ops.kv4_decode_attention(q.contiguous(), layer.k_cache, layer.k_params, layer.v_cache,
+                                           layer.v_params, layer.kv_lens(b), kv_starts, self.scaling)
+            return out.transpose(1, 2)
+        if not layer.is_initialized or layer.host_length() == 0:  # prefill: float attention, then store
+            mask = attention_mask[..., :s] if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 \
+                else attention_mask
+            out = self._float_attention(q, k, v, mask, **kwargs)
+            layer.append(k, v)
+            return out
+        layer.append(k, v)  # continuation: attend to the dequantized cache under the model's mask
+        length = attention_mask.shape[-1] if isinstance(attention_mask, torch.Tensor) else layer.host_length()
+        # float32 like the decode kernel: rounding dequantized K/V to 16 bits would add error of its own
+        k_all, v_all = layer.dequantized(length, torch.float32)
+        return self._float_attention(q.float(), k_all, v_all, attention_mask, **kwargs).to(q.dtype)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, past_key_values: Cache | None = None,
+                cache_position: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+        if self.config._attn_implementation not in SUPPORTED_ATTENTION:
+            raise ValueError(f"QoQAttention supports attn_implementation in {SUPPORTED_ATTENTION}, got "
+                             f"{self.config._attn_implementation!r}; call model.set_attn_implementation('sdpa')")
+        kwargs.pop("position_ids", None)
+        kwargs.pop("use_cache", None)
+        b, s, _ = hidden_states.shape
+        q, k, v = self._project(hidden_states, position_embeddings)
+        if isinstance(past_key_values, KV4Cache):
+            out = self._kv4_attention(past_key_values, q, k, v, attention_mask, **kwargs)
+        else:
+            if past_key_values is not None:
+                k, v = past_key_values.update(k, v, self.layer_idx)
+            out = self._float_attention(q, k, v, attention_mask, **kwargs)
+        out = out.reshape(b, s, self.num_heads * self.head_dim)
+        return self.o_proj(out), None

@@ -1,0 +1,262 @@
+"""The KV4 cache: a transformers ``Cache`` whose layers hold 4-bit packed K/V (docs/formats.md, "KV cache").
+
+``KV4Layer`` grows by doubling its capacity (the default, like ``DynamicCache``); ``KV4StaticLayer`` has a fixed
+``max_cache_len`` and keeps its length in a device tensor so that a decode step has no host sync and compiles
+(like ``StaticLayer``). QoQAttention reads and writes the buffers directly; ``update`` (the generic Cache API)
+appends and returns the dequantized K/V so any float attention can still use the cache.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .. import ops
+
+MIN_CAPACITY = 64
+
+
+class KV4Layer(CacheLayerMixin):
+    """One decoder layer's KV4 cache, growing by doubling (``k_cache``/``v_cache`` uint8 ``[B, H_kv, T_cap, D/2]``,
+    ``k_params``/``v_params`` float16 ``[B, H_kv, T_cap, 2]`` of (scale, min))."""
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+    BUFFERS = ("k_cache", "k_params", "v_cache", "v_params")
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        self.length = 0  # python int: tokens held (slots [0, length) of every row)
+
+    # ---- allocation ------------------------------------------------------------------------------------
+    def _allocate(self, capacity: int) -> None:
+        b, h, d = self.batch_size, self.num_heads, self.head_dim
+        self.k_cache = torch.zeros(b, h, capacity, d // 2, dtype=torch.uint8, device=self.device)
+        self.v_cache = torch.zeros_like(self.k_cache)
+        self.k_params = torch.zeros(b, h, capacity, 2, dtype=torch.float16, device=self.device)
+        self.v_params = torch.zeros_like(self.k_params)
+        self.keys, self.values = self.k_cache, self.v_cache  # what generic Cache code inspects (device, batch)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"the KV4 cache stores float16/bfloat16 keys and values, got {key_states.dtype}")
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads, _, self.head_dim = key_states.shape
+        if self.head_dim % 2:
+            raise ValueError(f"the KV4 cache needs an even head_dim, got {self.head_dim}")
+        self._allocate(self._initial_capacity(key_states.shape[2]))
+        self.is_initialized = True
+
+    def _initial_capacity(self, tokens: int) -> int:
+        return max(MIN_CAPACITY, tokens)
+
+    def capacity(self) -> int:
+        return self.k_cache.shape[2] if self.is_initialized else 0
+
+    def _ensure_capacity(self, needed: int) -> None:
+        if needed <= self.capacity():
+            return
+        capacity = max(needed, 2 * self.capacity())
+        old = [getattr(self, name) for name in self.BUFFERS]
+        self._allocate(capacity)
+        for name, buf in zip(self.BUFFERS, old):
+            getattr(self, name)[:, :, : self.length].copy_(buf[:, :, : self.length])
+
+    # ---- writes --------------------------------------------------------------------------------------
+    def _check_new(self, key_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        if (b, h, d) != (self.batch_size, self.num_heads, self.head_dim):
+            raise ValueError(f"KV4 cache holds [B={self.batch_size}, H_kv={self.num_heads}, D={self.head_dim}], "
+                             f"got new keys of shape {tuple(key_states.shape)}")
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Quantize ``[B, H_kv, S, D]`` keys/values into the next ``S`` slots."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._check_new(key_states)
+        s = key_states.shape[2]
+        self._ensure_capacity(self.length + s)
+        positions = torch.arange(self.length, self.length + s, device=self.device)
+        ops.kv4_append(self.k_cache, self.k_params, self.v_cache, self.v_params,
+                       key_states.contiguous(), value_states.contiguous(), positions)
+        self.length += s
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Generic Cache API: append, then return the dequantized ``[B, H_kv, T, D]`` K/V in the keys' dtype."""
+        self.append(key_states, value_states)
+        length = self.mask_length(key_states.shape[2])
+        return self.dequantized(length, key_states.dtype)
+
+    # ---- reads ---------------------------------------------------------------------------------------
+    def dequantized(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of slots ``[0, length)`` as ``[B, H_kv, length, D]`` in ``dtype``."""
+        k = ops.kv4_dequantize(self.k_cache, self.k_params, length).to(dtype)
+        v = ops.kv4_dequantize(self.v_cache, self.v_params, length).to(dtype)
+        return k, v
+
+    def host_length(self) -> int:
+        """Tokens held, as a python int (a host sync for the static layer)."""
+        return self.length
+
+    def kv_lens(self, batch: int) -> torch.Tensor:
+        """int32 ``[B]``: end of the valid slots of each row (every row shares one length)."""
+        return torch.full((batch,), self.length, dtype=torch.int32, device=self.device)
+
+    def mask_length(self, query_length: int) -> int:
+        """Slots covered by the attention mask the model builds for this cache after the append."""
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        """Bytes allocated for this layer's K/V."""
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.BUFFERS) \
+            if self.is_initialized else 0
+
+    # ---- housekeeping used by generate (beam search, contrastive search, assisted decoding) ------------
+    def _map(self, fn) -> None:
+        if self.is_initialized:
+            for name in self.BUFFERS:
+                setattr(self, name, fn(getattr(self, name)))
+            self.keys, self.values = self.k_cache, self.v_cache
+            self.batch_size = self.k_cache.shape[0]
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            for name in self.BUFFERS:
+                getattr(self, name).zero_()
+        self.length = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop tokens from the end: a negative ``tokens_to_remove`` removes that many, a positive one keeps that many."""
+        keep = tokens_to_remove if tokens_to_remove >= 0 else max(0, self.length + tokens_to_remove)
+        self.length = min(self.length, keep)
+
+    def offload(self) -> None:
+        raise NotImplementedError("the KV4 cache does not support offloading")
+
+    def prefetch(self) -> None:
+        raise NotImplementedError("the KV4 cache does not support offloading")
+
+
+class KV4StaticLayer(KV4Layer):
+    """Fixed-size KV4 layer: ``max_cache_len`` slots, length in a device tensor (no host sync per decode step)."""
+
+    is_compileable = True
+    is_croppable = False
+
+    def __init__(self, max_cache_len: int, **kwargs) -> None:
+        super().__init__()
+        if max_cache_len <= 0:
+            raise ValueError(f"max_cache_len must be positive, got {max_cache_len}")
+        self.max_cache_len = max_cache_len
+        self.cumulative_length = torch.tensor(0, dtype=torch.int64)
+        self._host_length: int | None = 0  # mirror of cumulative_length in eager mode; None once unknown
+
+    def _initial_capacity(self, tokens: int) -> int:
+        return self.max_cache_len
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not torch.compiler.is_compiling():
+            # Fixed addresses so compiled decode steps (and CUDA graphs) see the same buffers every step.
+            for name in self.BUFFERS + ("cumulative_length",):
+                torch._dynamo.mark_static_address(getattr(self, name))
+
+    def _overflow(self, new_tokens: int, held: int | str) -> ValueError:
+        return ValueError(f"the static KV4 cache holds at most {self.max_cache_len} tokens; it has {held} and "
+                          f"{new_tokens} more were appended (raise max_new_tokens/max_cache_len headroom, or use the "
+                          "default dynamic cache)")
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._check_new(key_states)
+        s = key_states.shape[2]
+        if torch.compiler.is_compiling():
+            self._host_length = None  # the compiled step cannot read the device counter back
+        else:
+            held = self.host_length()
+            if held + s > self.max_cache_len:
+                raise self._overflow(s, held)
+            self._host_length = held + s
+        positions = torch.arange(s, device=self.device) + self.cumulative_length
+        ops.kv4_append(self.k_cache, self.k_params, self.v_cache, self.v_params,
+                       key_states.contiguous(), value_states.contiguous(), positions)
+        self.cumulative_length.add_(s)
+
+    def host_length(self) -> int:
+        if self._host_length is None:
+            self._host_length = int(self.cumulative_length)
+        return self._host_length
+
+    def kv_lens(self, batch: int) -> torch.Tensor:
+        return self.cumulative_length.to(torch.int32).expand(batch).contiguous()
+
+    def mask_length(self, query_length: int) -> int:
+        return self.max_cache_len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.max_cache_len, 0
+
+    def get_seq_length(self):
+        return self.cumulative_length if self.is_initialized else 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            for name in self.BUFFERS:
+                getattr(self, name).zero_()
+        self.cumulative_length.zero_()
+        self._host_length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("the static KV4 cache cannot be cropped")
+
+
+class KV4Cache(Cache):
+    """KV cache with 4-bit keys and values for QoQ models.
+
+    ``KV4Cache(config)`` grows as needed (the default in ``generate``); ``KV4Cache(config, max_cache_len=N)`` is
+    static (fixed size, compile- and CUDA-graph-friendly; what ``cache_implementation="static"`` gives).
+    Memory per token and KV head: ``D/2 + 4`` bytes for each of K and V.
+    """
+
+    def __init__(self, config=None, max_cache_len: int | None = None, num_layers: int | None = None) -> None:
+        if num_layers is None:
+            if config is None:
+                raise ValueError("KV4Cache needs a model config or num_layers")
+            num_layers = config.get_text_config(decoder=True).num_hidden_layers
+        if max_cache_len is None:
+            layers = [KV4Layer() for _ in range(num_layers)]
+        else:
+            layers = [KV4StaticLayer(max_cache_len) for _ in range(num_layers)]
+        super().__init__(layers=layers)
+        self._static_len = max_cache_len
+
+    @property
+    def is_static(self) -> bool:
+        return self._static_len is not None
+
+    def nbytes(self) -> int:
+        """Bytes allocated for K/V across layers."""
+        return sum(layer.nbytes() for layer in self.layers)

@@ -1,0 +1,50 @@
+"""QoQMLP: the decoder's post-attention RMSNorm + SwiGLU MLP with W4A8 GEMMs."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from .linear import QoQLinear, check_compute_dtype
+
+
+class QoQMLP(nn.Module):
+    """``down(silu(gate(n(x))) * up(n(x)))`` with ``n`` the fused RMSNorm.
+
+    ``gate_up_proj`` is one W4A8 GEMM with N = 2I (gate rows first), ``silu_mul_quantize`` produces the INT8
+    input of ``down_proj`` directly. forward(x [..., hidden]) -> [..., hidden]; ``x`` is the residual stream (the
+    decoder's ``post_attention_layernorm`` is fused here and replaced by an identity).
+    """
+
+    def __init__(self, gate_up_proj: QoQLinear, down_proj: QoQLinear, norm_weight: torch.Tensor,
+                 norm_eps: float) -> None:
+        super().__init__()
+        if gate_up_proj.out_features != 2 * down_proj.in_features:
+            raise ValueError(f"gate_up_proj has {gate_up_proj.out_features} outputs, expected 2 x "
+                             f"{down_proj.in_features} (down_proj's in_features)")
+        self.gate_up_proj = gate_up_proj
+        self.down_proj = down_proj
+        self.hidden_size = gate_up_proj.in_features
+        self.intermediate_size = down_proj.in_features
+        self.norm_weight = nn.Parameter(norm_weight.detach().clone(), requires_grad=False)
+        self.norm_eps = float(norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype = check_compute_dtype(x, "QoQMLP")
+        lead = x.shape[:-1]
+        x_q, x_s, x_sum = ops.rmsnorm_quantize(x.reshape(-1, self.hidden_size).contiguous(), self.norm_weight,
+                                              self.norm_eps)
+        gate_up = self.gate_up_proj.gemm(x_q, x_s, x_sum, out_dtype)
+        h_q, h_s, h_sum = ops.silu_mul_quantize(gate_up)
+        return self.down_proj.gemm(h_q, h_s, h_sum, out_dtype).view(*lead, self.hidden_size)
+
+
+class FusedNorm(nn.Identity):
+    """Stands where a decoder RMSNorm was: its weight now lives in the QoQ module that follows (``fused_into``)."""
+
+    def __init__(self, fused_into: str) -> None:
+        super().__init__()
+        self.fused_into = fused_into
+
+    def extra_repr(self) -> str:
+        return f"fused into {self.fused_into}"
