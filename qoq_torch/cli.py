@@ -81,7 +81,18 @@ def cmd_eval(args) -> None:
     print(f"perplexity {ppl:.3f} (held-out eval text, seq_len {args.seq_len}, <= {args.max_tokens} tokens)")
 
 
+def cmd_bench_e2e(args) -> None:
+    from .benchmarking import format_table, run_e2e
+
+    protocols = [tuple(int(v) for v in p.split("x")) for p in args.protocols]
+    rows = run_e2e(args.shapes, args.variants, args.batches, protocols, json_path=args.json)
+    print(format_table(rows))
+
+
 def cmd_bench(args) -> None:
+    if args.path == "e2e":
+        cmd_bench_e2e(args)
+        return
     model, tok = _load(args)
     ids = torch.randint(10, len(tok), (args.batch, args.prompt_len), device=model.device)
     kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
@@ -133,8 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     common(e)
     e.set_defaults(func=cmd_eval)
 
-    b = sub.add_parser("bench", help="generation throughput (tokens/s)")
-    b.add_argument("path")
+    b = sub.add_parser("bench", help="generation throughput (tokens/s) of a saved model, or `qoq bench e2e`",
+                       description="`qoq bench PATH`: tokens/s of a saved quantized model. `qoq bench e2e`: bfloat16 vs "
+                                   "QoQ W4A8KV4 through HF generate on random-weight Llama-3-8B / Qwen1.5-72B-shaped "
+                                   "models (GPU).")
+    b.add_argument("path", help="directory written by `qoq quantize`, or `e2e`")
+    b.add_argument("--shapes", nargs="+", default=["llama3-8b"], help="e2e: llama3-8b, qwen1.5-72b, tiny")
+    b.add_argument("--variants", nargs="+", default=["bf16", "qoq-g128", "qoq-channel"], help="e2e variants")
+    b.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256], help="e2e batch sizes")
+    b.add_argument("--protocols", nargs="+", default=["128x256"], help="e2e PROMPTxOUTPUT lengths")
+    b.add_argument("--json", default=None, help="e2e: write the rows to this JSON file")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--prompt-len", type=int, default=128)
     b.add_argument("--new-tokens", type=int, default=64)
@@ -148,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
         print(f"qoq {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,47 @@
+"""The end-to-end benchmark's model builders and memory arithmetic (the timing itself runs on the GPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qoq_torch import benchmarking
+from qoq_torch.cli import main
+from qoq_torch.nn import QoQLinear
+
+
+def test_random_quantized_model_runs_and_holds_valid_weights():
+    model = benchmarking.build_quantized_model("tiny", group_size=128, device="cpu")
+    linears = [m for m in model.modules() if isinstance(m, QoQLinear)]
+    assert len(linears) == 4 * benchmarking.SHAPES["tiny"]["num_hidden_layers"]
+    w8 = linears[0].quantized_weight().int8_weight()
+    assert int(w8.abs().max()) > 0 and int(w8.min()) >= -128 and int(w8.max()) <= 127
+    ids = torch.randint(1, 500, (2, 6))
+    logits = model(ids).logits
+    assert bool(torch.isfinite(logits).all()) and float(logits.float().std()) > 0
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, min_new_tokens=3,
+                         do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 9)
+
+
+def test_random_float_model_has_working_rope():
+    model = benchmarking.build_float_model("tiny", device="cpu")
+    assert bool(torch.isfinite(model.model.rotary_emb.inv_freq).all())
+    assert bool(torch.isfinite(model(torch.randint(1, 500, (1, 5))).logits).all())
+
+
+def test_kv_bytes_and_largest_batch():
+    # Llama-3-8B: 32 layers x 8 KV heads; bf16 K+V = 2*2*128 bytes per head, KV4 = 2*(64+4).
+    assert benchmarking.kv_bytes_per_token("llama3-8b", "bf16") == 32 * 8 * 512
+    assert benchmarking.kv_bytes_per_token("llama3-8b", "qoq-g128") == 32 * 8 * 136
+    gib = 2**30
+    bf16 = benchmarking.largest_batch("llama3-8b", "bf16", 15 * gib, 384, 80 * gib)
+    qoq = benchmarking.largest_batch("llama3-8b", "qoq-g128", 5 * gib, 384, 80 * gib)
+    assert qoq > 3 * bf16 > 0
+
+
+def test_unknown_shape_and_cpu_only_e2e(capsys):
+    with pytest.raises(ValueError, match="unknown model shape"):
+        benchmarking.model_config("llama-9000")
+    if not torch.cuda.is_available():
+        assert main(["bench", "e2e", "--shapes", "tiny"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
