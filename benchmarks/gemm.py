@@ -1,0 +1,224 @@
+"""W4A8 GEMM benchmark: qoq kernels side by side with PyTorch baselines at Llama-3-8B's layer shapes.
+
+Usage:
+    python benchmarks/gemm.py --json out.json [--png out.png] [--ms 1,16,1024]
+    python benchmarks/gemm.py --check-small     # a few small cases vs the reference (for compute-sanitizer)
+
+Times are medians of triton.testing.do_bench (which flushes L2 before every run, so weights come from HBM).
+Methods: ours per-group (g=128) and per-channel, bf16 F.linear, FP8 row-wise torch._scaled_mm, INT8
+torch._int_mm (+ its row/column scaling, as a real W8A8 layer would need), W4A16 torch._weight_int4pack_mm.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import qoq_torch.ops as ops
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
+MS = (1, 4, 16, 64, 256, 1024, 4096)
+BASELINES = ("bf16", "fp8_rowwise", "int8_int_mm", "w4a16_int4pack")
+OURS = ("qoq_per_group", "qoq_per_channel")
+
+
+def _rand_per_group(n: int, k: int, g: int, device: str):
+    s2 = torch.randint(1, 17, (n, k // g), dtype=torch.int32, device=device)
+    z2 = torch.randint(0, 16, (n, k // g), dtype=torch.int32, device=device)
+    lo = torch.clamp(z2 - 128 // s2, min=0)
+    hi = torch.clamp(z2 + 127 // s2, max=15)
+    u = torch.rand(n, k // g, g, device=device)
+    w4 = (lo.unsqueeze(-1) + (u * (hi - lo + 1).unsqueeze(-1)).floor().long()).clamp(max=hi.unsqueeze(-1))
+    s1 = (torch.rand(n, device=device) * 0.01 + 1e-4).half()
+    return w4.reshape(n, k).to(torch.uint8), s2.to(torch.uint8), z2.to(torch.uint8), s1
+
+
+def make_methods(m: int, n: int, k: int, only_ours: bool = False) -> dict:
+    """name -> zero-argument callable computing the [m, n] layer output on random data."""
+    dev = "cuda"
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
+    x_s = torch.rand(m, device=dev) * 0.01
+    x_sum = x_q.sum(1, dtype=torch.int32)
+    w4, s2, z2, s1 = _rand_per_group(n, k, 128, dev)
+    qw = ops.pack_weights(w4)
+    zero = torch.randint(0, 16, (n,), dtype=torch.uint8, device=dev)
+    methods = {
+        "qoq_per_group": lambda: ops.w4a8_gemm_per_group(x_q, x_s, qw, s2, z2, s1, None, 128, torch.bfloat16),
+        "qoq_per_channel": lambda: ops.w4a8_gemm_per_channel(x_q, x_s, x_sum, qw, s1, zero, None, torch.bfloat16),
+    }
+    if only_ours:
+        return methods
+    w_bf16 = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+    methods["bf16"] = lambda: F.linear(x, w_bf16)
+    x8 = torch.randn(m, k, device=dev).to(torch.float8_e4m3fn)
+    w8 = torch.randn(n, k, device=dev).to(torch.float8_e4m3fn)
+    sa = torch.rand(m, 1, device=dev)
+    sb = torch.rand(1, n, device=dev)
+    methods["fp8_rowwise"] = lambda: torch._scaled_mm(x8, w8.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+    wi8_t = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev).t()
+    sw = torch.rand(n, device=dev)
+    methods["int8_int_mm"] = lambda: (torch._int_mm(x_q, wi8_t).float() * x_s[:, None] * sw).to(torch.bfloat16)
+    try:
+        # Timing only: core PyTorch's own packing of the same 4-bit values (its nibble order, not ours).
+        w_int4 = torch._convert_weight_to_int4pack((w4[:, ::2] << 4 | w4[:, 1::2]).contiguous(), 8)
+        sz = torch.rand(k // 128, n, 2, device=dev, dtype=torch.bfloat16)
+        methods["w4a16_int4pack"] = lambda: torch._weight_int4pack_mm(x, w_int4, 128, sz)
+    except Exception as exc:  # noqa: BLE001  (op missing or layout changed in this torch build)
+        print(f"# w4a16_int4pack unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return methods
+
+
+def bench(fn) -> float | None:
+    import triton.testing
+
+    try:
+        fn()
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3  # us
+    except Exception as exc:  # noqa: BLE001  (e.g. _int_mm's shape limits at tiny M)
+        print(f"# failed: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
+        return None
+
+
+def run(ms) -> dict:
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    for m in ms:
+        totals: dict[str, float | None] = {}
+        for shape, (n, k) in SHAPES.items():
+            for name, fn in make_methods(m, n, k).items():
+                us = bench(fn)
+                results["rows"].append({"m": m, "shape": shape, "n": n, "k": k, "method": name, "us": us,
+                                        "tflops": None if us is None else 2 * m * n * k / us / 1e6})
+                prev = totals.get(name, 0.0)
+                totals[name] = None if (us is None or prev is None) else prev + us
+            torch.cuda.empty_cache()
+        results.setdefault("layer_sum_us", {})[str(m)] = totals
+    return results
+
+
+def print_table(results: dict) -> None:
+    print(f"# {results['device']}, torch {results['torch']}; median us (L2 flushed); speed-up = best baseline / ours")
+    names = OURS + BASELINES
+    print("| M | shape | " + " | ".join(names) + " | TFLOPS (per-group) | speed-up (per-group) |")
+    print("|" + "---|" * (len(names) + 4))
+    by_key = {(r["m"], r["shape"], r["method"]): r for r in results["rows"]}
+    for m_str, totals in results["layer_sum_us"].items():
+        m = int(m_str)
+        for shape in list(SHAPES) + ["sum"]:
+            if shape == "sum":
+                us = {name: totals.get(name) for name in names}
+                flops = sum(2 * m * n * k for n, k in SHAPES.values())
+            else:
+                us = {name: (by_key.get((m, shape, name)) or {}).get("us") for name in names}
+                n, k = SHAPES[shape]
+                flops = 2 * m * n * k
+            cells = ["-" if us[x] is None else f"{us[x]:.1f}" for x in names]
+            best = min((us[b] for b in BASELINES if us[b] is not None), default=None)
+            ours = us["qoq_per_group"]
+            tf = "-" if ours is None else f"{flops / ours / 1e6:.1f}"
+            sp = "-" if (ours is None or best is None) else f"{best / ours:.2f}x"
+            print(f"| {m} | {shape} | " + " | ".join(cells) + f" | {tf} | {sp} |")
+
+
+def plot(results: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("# matplotlib not installed: no plot", file=sys.stderr)
+        return
+    ms = [int(m) for m in results["layer_sum_us"]]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in OURS + BASELINES:
+        ys = [results["layer_sum_us"][str(m)].get(name) for m in ms]
+        pts = [(m, y) for m, y in zip(ms, ys) if y is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("M (tokens)")
+    ax.set_ylabel("sum of Llama-3-8B layer GEMMs (us)")
+    ax.set_title(results["device"])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+SWEEP = {1: (0, 4), 16: (0, 4), 64: (0, 2, 3), 256: (2, 3, 5), 1024: (3, 5), 4096: (3, 5)}  # M -> tile configs
+SWEEP_SPLITS = {1: (0, 2, 4, 8), 16: (0, 2, 4, 8)}
+
+
+def sweep() -> dict:
+    """Per-group kernel under each tile config / split count (QOQ_GEMM_FORCE); prints the layer sums."""
+    import os
+
+    rows = []
+    for m, configs in SWEEP.items():
+        for cfg in configs:
+            for splits in SWEEP_SPLITS.get(m, (0, 1)):
+                os.environ["QOQ_GEMM_FORCE"] = f"{cfg},{splits}"
+                per_shape = {}
+                for shape, (n, k) in SHAPES.items():
+                    per_shape[shape] = bench(make_methods(m, n, k, only_ours=True)["qoq_per_group"])
+                os.environ.pop("QOQ_GEMM_FORCE")
+                total = None if None in per_shape.values() else sum(per_shape.values())
+                rows.append({"m": m, "config": cfg, "splits": splits, "us": per_shape, "sum_us": total})
+                cells = " ".join(f"{k}={v:.1f}" for k, v in per_shape.items() if v is not None)
+                print(f"sweep M={m} config={cfg} splits={splits}: sum={total and round(total, 1)} us  {cells}")
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+
+
+def check_small() -> None:
+    """Small cases covering every tile config, split-K and both formats; raises on any mismatch."""
+    gen = torch.Generator().manual_seed(0)
+    for m, n, k in ((1, 64, 1024), (3, 48, 192), (20, 144, 256), (130, 272, 512)):
+        x_q = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+        x_s = torch.rand(m, generator=gen) + 0.1
+        x_sum = x_q.sum(1, dtype=torch.int32)
+        w4, s2, z2, s1 = (t.cpu() for t in _rand_per_group(n, k, 64, "cpu"))
+        qw = ops.pack_weights(w4)
+        bias = torch.randn(n, generator=gen)
+        ref = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qw, s2, z2, s1, bias, 64, torch.float16)
+        cu = [t.cuda() for t in (x_q, x_s, qw, s2, z2, s1, bias)]
+        out = torch.ops.qoq.w4a8_gemm_per_group(*cu, 64, torch.float16)
+        assert torch.equal(out.cpu(), ref), (m, n, k)
+        ref = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qw, s1, z2[:, 0].contiguous(), None, torch.bfloat16)
+        out = torch.ops.qoq.w4a8_gemm_per_channel(x_q.cuda(), x_s.cuda(), x_sum.cuda(), qw.cuda(), s1.cuda(),
+                                                  z2[:, 0].contiguous().cuda(), None, torch.bfloat16)
+        torch.cuda.synchronize()
+        assert torch.equal(out.cpu(), ref), (m, n, k)
+    print("check-small: OK")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write results here")
+    ap.add_argument("--png", help="write a plot here (needs matplotlib)")
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values")
+    ap.add_argument("--sweep", action="store_true", help="tile-config / split-K sweep of the per-group kernel")
+    ap.add_argument("--check-small", action="store_true", help="only run small correctness cases")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    if args.check_small:
+        check_small()
+        return
+    results = sweep() if args.sweep else run([int(m) for m in args.ms.split(",")])
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+    if args.sweep:
+        return
+    if args.png:
+        plot(results, args.png)
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()

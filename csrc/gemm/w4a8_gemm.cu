@@ -1,0 +1,242 @@
+// CUDA impls of qoq::w4a8_gemm_per_group and qoq::w4a8_gemm_per_channel: argument checks, tile-config
+// choice by M, split-K choice, launch, and the TORCH_LIBRARY_IMPL registration.
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <optional>
+
+#include "common.cuh"
+#include "gemm/w4a8_gemm_kernel.cuh"
+
+namespace qoq {
+namespace {
+
+constexpr int kAlign = 16;  // cp.async copies 16-byte chunks
+
+// A tensor whose data pointer is not 16-byte aligned (a view at an odd offset) is copied once.
+at::Tensor aligned(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % kAlign == 0 ? t : t.clone();
+}
+
+void check_common(const at::Tensor& x_q, const at::Tensor& x_s, const at::Tensor& qweight,
+                  const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  QOQ_CHECK_CUDA(x_q);
+  QOQ_CHECK_DTYPE(x_q, at::kChar);
+  QOQ_CHECK_DIM(x_q, 2);
+  QOQ_CHECK_CONTIGUOUS(x_q);
+  const int64_t m = x_q.size(0), k = x_q.size(1);
+  TORCH_CHECK(k > 0 && k % 64 == 0, "x_q: K must be a positive multiple of 64 for the CUDA W4A8 GEMM, got K=", k);
+  TORCH_CHECK(x_q.numel() < (int64_t(1) << 31), "x_q: more than 2^31 elements is not supported");
+  QOQ_CHECK_CUDA(x_s);
+  QOQ_CHECK_DTYPE(x_s, at::kFloat);
+  TORCH_CHECK(x_s.dim() == 1 && x_s.size(0) == m, "x_s must have shape [M] = [", m, "], got ", x_s.sizes());
+  QOQ_CHECK_CONTIGUOUS(x_s);
+  QOQ_CHECK_CUDA(qweight);
+  QOQ_CHECK_DTYPE(qweight, at::kByte);
+  QOQ_CHECK_DIM(qweight, 2);
+  QOQ_CHECK_CONTIGUOUS(qweight);
+  TORCH_CHECK(qweight.size(1) * 2 == k, "qweight must have shape [N, K/2] = [N, ", k / 2, "], got ", qweight.sizes());
+  const int64_t n = qweight.size(0);
+  TORCH_CHECK(n > 0 && n % 16 == 0, "qweight: N must be a positive multiple of 16 for the CUDA W4A8 GEMM, got N=", n);
+  TORCH_CHECK(n < 65535 * 64, "qweight: N=", n, " is too large");
+  TORCH_CHECK(x_s.device() == x_q.device(), "x_s is on ", x_s.device(), " but x_q is on ", x_q.device());
+  TORCH_CHECK(qweight.device() == x_q.device(), "qweight is on ", qweight.device(), " but x_q is on ", x_q.device());
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    QOQ_CHECK_CUDA(b);
+    TORCH_CHECK(b.device() == x_q.device(), "bias is on ", b.device(), " but x_q is on ", x_q.device());
+    TORCH_CHECK(b.scalar_type() == at::kFloat || b.scalar_type() == at::kHalf || b.scalar_type() == at::kBFloat16,
+                "bias must be float32, float16 or bfloat16, got ", b.scalar_type());
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == n, "bias must have shape [N] = [", n, "], got ", b.sizes());
+    QOQ_CHECK_CONTIGUOUS(b);
+  }
+  TORCH_CHECK(out_dtype == at::kHalf || out_dtype == at::kBFloat16,
+              "out_dtype must be torch.float16 or torch.bfloat16, got ", out_dtype);
+}
+
+void check_per_row(const char* name, const at::Tensor& t, at::ScalarType dtype, int64_t n, const at::Tensor& x_q) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device() == x_q.device(), name, " is on ", t.device(), " but x_q is on ", x_q.device());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, " must have shape [", n, "], got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// Cached per device (ATen's CUDAContext.h pulls in cuSPARSE headers the compile check does not have).
+int multiprocessor_count() {
+  static int counts[64] = {0};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int& count = counts[device & 63];
+  if (count == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+int bias_kind(const std::optional<at::Tensor>& bias) {
+  if (!bias.has_value()) return kNoBias;
+  switch (bias->scalar_type()) {
+    case at::kFloat: return kBiasF32;
+    case at::kHalf: return kBiasF16;
+    default: return kBiasBF16;
+  }
+}
+
+template <int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES, int MIN_BLOCKS, bool PER_GROUP>
+void launch(GemmParams p, const at::TensorOptions& options, int forced_splits) {
+  using C = TileConfig<BM, BN, BK, WARPS_M, WARPS_N, STAGES>;
+  const int m_tiles = (p.M + BM - 1) / BM, n_tiles = (p.N + BN - 1) / BN, ktiles = p.K / BK;
+  const int tiles = m_tiles * n_tiles;
+  // Split K when the tiles alone cannot fill the GPU (decode, narrow layers): aim at ~2 CTAs per SM for
+  // the light decode tiles and ~1 for the others (measured: H100 sweep, docs/benchmarks.md), keeping at
+  // least 1024 k per split so the pipeline stays deep.
+  const int sms = multiprocessor_count();
+  int splits = 1;
+  if (forced_splits > 0) {
+    splits = std::min(forced_splits, ktiles);
+  } else if (const int target = p.M <= 16 ? 2 * sms : sms; tiles < target) {
+    splits = std::min({(target + tiles - 1) / tiles, std::max(1, p.K / 1024), 32});
+  }
+  int per_split = (ktiles + splits - 1) / splits;
+  int smem_bytes = C::kSmemBytes;
+  if (PER_GROUP) {
+    // The (s2, z2) table holds BN columns x the groups of one split; keep it <= 32 KB (more splits if not).
+    const int max_groups = 32 * 1024 / (2 * BN) - 2;
+    per_split = std::max(1, std::min(per_split, max_groups * p.group_size / BK));
+    p.split_groups = std::min(p.groups, per_split * BK / p.group_size + 2);
+    smem_bytes += BN * p.split_groups * 2;
+  }
+  splits = (ktiles + per_split - 1) / per_split;  // no empty split
+  p.ktiles_per_split = per_split;
+  p.splits = splits;
+  at::Tensor workspace;
+  if (splits > 1) {
+    workspace = at::zeros({static_cast<int64_t>(p.M) * p.N + tiles}, options.dtype(at::kInt));
+    p.workspace = workspace.data_ptr<int32_t>();
+    p.counters = p.workspace + static_cast<int64_t>(p.M) * p.N;
+  }
+  auto kernel = w4a8_gemm_kernel<BM, BN, BK, WARPS_M, WARPS_N, STAGES, MIN_BLOCKS, PER_GROUP>;
+  // Opt in to the device's full dynamic shared memory once per device (the default cap is 48 KB).
+  static int opted_in[64] = {0};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int& limit = opted_in[device & 63];
+  if (limit == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    limit -= 1024;  // room for the kernel's static shared memory
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
+  }
+  TORCH_CHECK(smem_bytes <= limit, "w4a8 GEMM tile needs ", smem_bytes, " bytes of shared memory; this GPU allows ",
+              limit);
+  const dim3 grid(m_tiles, n_tiles, splits);
+  kernel<<<grid, C::kThreads, smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(p);
+  QOQ_CHECK_LAUNCH();
+}
+
+// Tuning knob for benchmarks only: QOQ_GEMM_FORCE="<config>,<splits>" picks a tile config (index below)
+// and a split count (0 = automatic); the kernels' results do not depend on either.
+struct ForcedChoice {
+  int config = -1, splits = 0;
+};
+
+ForcedChoice forced_choice() {
+  ForcedChoice f;
+  if (const char* env = std::getenv("QOQ_GEMM_FORCE")) {
+    if (std::sscanf(env, "%d,%d", &f.config, &f.splits) < 1) f.config = -1;
+  }
+  return f;
+}
+
+template <bool PER_GROUP>
+void dispatch(GemmParams p, const at::TensorOptions& options) {
+  const ForcedChoice forced = forced_choice();
+  int config = forced.config;
+  if (config < 0 || config > 5 || (p.K % 256 != 0 && config == 0) || (p.K % 128 != 0 && config == 4)) {
+    config = p.M <= 16 ? (p.K % 256 == 0 ? 0 : 1) : (p.M <= 64 ? 2 : 3);
+  }
+  const int splits = std::max(0, forced.splits);
+  switch (config) {
+    case 0: launch<16, 64, 256, 1, 4, 4, 3, PER_GROUP>(p, options, splits); break;
+    case 1: launch<16, 64, 64, 1, 4, 6, 4, PER_GROUP>(p, options, splits); break;
+    case 2: launch<64, 128, 64, 2, 4, 4, 2, PER_GROUP>(p, options, splits); break;
+    case 3: launch<128, 128, 64, 2, 4, 4, 2, PER_GROUP>(p, options, splits); break;
+    case 4: launch<16, 64, 128, 1, 4, 6, 4, PER_GROUP>(p, options, splits); break;
+    default: launch<128, 256, 64, 2, 4, 4, 1, PER_GROUP>(p, options, splits); break;
+  }
+}
+
+GemmParams base_params(const at::Tensor& x_q, const at::Tensor& x_s, const at::Tensor& qweight,
+                       const std::optional<at::Tensor>& bias, at::Tensor& out) {
+  GemmParams p{};
+  p.x_q = x_q.data_ptr<int8_t>();
+  p.x_s = x_s.data_ptr<float>();
+  p.qweight = qweight.data_ptr<uint8_t>();
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  p.bias_kind = bias_kind(bias);
+  p.out = out.data_ptr();
+  p.out_bf16 = out.scalar_type() == at::kBFloat16;
+  p.M = static_cast<int>(x_q.size(0));
+  p.K = static_cast<int>(x_q.size(1));
+  p.N = static_cast<int>(qweight.size(0));
+  return p;
+}
+
+at::Tensor w4a8_gemm_per_group_cuda(const at::Tensor& x_q_in, const at::Tensor& x_s, const at::Tensor& qweight_in,
+                                    const at::Tensor& s2, const at::Tensor& z2, const at::Tensor& s1,
+                                    const std::optional<at::Tensor>& bias, int64_t group_size,
+                                    at::ScalarType out_dtype) {
+  check_common(x_q_in, x_s, qweight_in, bias, out_dtype);
+  const int64_t k = x_q_in.size(1), n = qweight_in.size(0);
+  TORCH_CHECK(group_size > 0 && k % group_size == 0, "group_size=", group_size, " must be positive and divide K=", k);
+  TORCH_CHECK(group_size % 64 == 0, "group_size must be a multiple of 64 for the CUDA W4A8 GEMM, got ", group_size);
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"s2", &s2}, {"z2", &z2}}) {
+    TORCH_CHECK(t->is_cuda(), name, " must be a CUDA tensor, got ", t->device());
+    TORCH_CHECK(t->device() == x_q_in.device(), name, " is on ", t->device(), " but x_q is on ", x_q_in.device());
+    TORCH_CHECK(t->scalar_type() == at::kByte, name, " must have dtype uint8, got ", t->scalar_type());
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == n && t->size(1) == k / group_size, name, " must have shape [N, K/g] = [",
+                n, ", ", k / group_size, "], got ", t->sizes());
+    TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
+  }
+  check_per_row("s1", s1, at::kHalf, n, x_q_in);
+  const c10::cuda::CUDAGuard guard(x_q_in.device());
+  at::Tensor out = at::empty({x_q_in.size(0), n}, x_q_in.options().dtype(out_dtype));
+  if (x_q_in.size(0) == 0) return out;
+  const at::Tensor x_q = aligned(x_q_in), qweight = aligned(qweight_in);
+  GemmParams p = base_params(x_q, x_s, qweight, bias, out);
+  p.s2 = s2.data_ptr<uint8_t>();
+  p.z2 = z2.data_ptr<uint8_t>();
+  p.wscale = reinterpret_cast<const __half*>(s1.data_ptr<at::Half>());
+  p.group_size = static_cast<int>(group_size);
+  p.groups = static_cast<int>(k / group_size);
+  dispatch<true>(p, x_q.options());
+  return out;
+}
+
+at::Tensor w4a8_gemm_per_channel_cuda(const at::Tensor& x_q_in, const at::Tensor& x_s, const at::Tensor& x_sum,
+                                      const at::Tensor& qweight_in, const at::Tensor& scale, const at::Tensor& zero,
+                                      const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  check_common(x_q_in, x_s, qweight_in, bias, out_dtype);
+  const int64_t n = qweight_in.size(0);
+  check_per_row("x_sum", x_sum, at::kInt, x_q_in.size(0), x_q_in);
+  check_per_row("scale", scale, at::kHalf, n, x_q_in);
+  check_per_row("zero", zero, at::kByte, n, x_q_in);
+  const c10::cuda::CUDAGuard guard(x_q_in.device());
+  at::Tensor out = at::empty({x_q_in.size(0), n}, x_q_in.options().dtype(out_dtype));
+  if (x_q_in.size(0) == 0) return out;
+  const at::Tensor x_q = aligned(x_q_in), qweight = aligned(qweight_in);
+  GemmParams p = base_params(x_q, x_s, qweight, bias, out);
+  p.x_sum = x_sum.data_ptr<int32_t>();
+  p.wscale = reinterpret_cast<const __half*>(scale.data_ptr<at::Half>());
+  p.zero = zero.data_ptr<uint8_t>();
+  p.group_size = static_cast<int>(x_q.size(1));
+  p.groups = 1;
+  dispatch<false>(p, x_q.options());
+  return out;
+}
+
+}  // namespace
+}  // namespace qoq
+
+TORCH_LIBRARY_IMPL(qoq, CUDA, m) {
+  m.impl("w4a8_gemm_per_group", &qoq::w4a8_gemm_per_group_cuda);
+  m.impl("w4a8_gemm_per_channel", &qoq::w4a8_gemm_per_channel_cuda);
+}

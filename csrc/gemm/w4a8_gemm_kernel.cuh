@@ -1,0 +1,303 @@
+// W4A8 GEMM main kernel (sm_80+): INT8 mma.sync m16n8k32, cp.async multi-stage pipeline, 4-bit weights
+// turned into INT8 in registers, INT32 accumulation over the whole K, optional split-K with an exact INT32
+// reduction, and the float epilogue of docs/formats.md.
+//
+// Weight layout (qoq_torch/ops/packing.py): in each 32-wide k block of a row, byte i holds w[i] in its low
+// nibble and w[i+16] in its high nibble. The 16 bytes of a block are one ldmatrix row, so the word lane
+// (g, t) receives holds exactly its B fragment of mma.m16n8k32 (k 4t..4t+3 in the low nibbles, k 16+4t..
+// 16+4t+3 in the high ones, column g): unpacking is a mask and a shift, no shuffles.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "gemm/mma_ptx.cuh"
+
+namespace qoq {
+
+enum BiasKind : int { kNoBias = 0, kBiasF32 = 1, kBiasF16 = 2, kBiasBF16 = 3 };
+
+struct GemmParams {
+  const int8_t* x_q;         // [M, K]
+  const float* x_s;          // [M]
+  const int32_t* x_sum;      // [M]    (per channel)
+  const uint8_t* qweight;    // [N, K/2] packed
+  const uint8_t* s2;         // [N, K/g] (per group)
+  const uint8_t* z2;         // [N, K/g] (per group)
+  const __half* wscale;      // [N]    s1 (per group) or scale (per channel)
+  const uint8_t* zero;       // [N]    (per channel)
+  const void* bias;          // [N] or nullptr
+  int bias_kind;
+  void* out;                 // [M, N] float16 / bfloat16
+  bool out_bf16;
+  int M, N, K, group_size, groups;
+  int ktiles_per_split, splits;
+  int split_groups;          // row stride of the (s2, z2) shared-memory table: groups one split can touch
+  int32_t* workspace;        // [M, N] zeroed int32 (split-K only)
+  int32_t* counters;         // [tiles] zeroed (split-K only)
+};
+
+// XOR swizzle of 16-byte chunks in a shared-memory tile with rows of ROW_BYTES bytes: the 8 rows one
+// ldmatrix matrix reads (same logical chunk) land in 8 distinct bank groups.
+template <int ROW_BYTES>
+__device__ __forceinline__ int swizzle(int row, int chunk) {
+  constexpr int kChunks = ROW_BYTES / 16;
+  constexpr int kRowsPerLine = ROW_BYTES >= 128 ? 1 : 128 / ROW_BYTES;
+  constexpr int kMask = (kChunks < 8 ? kChunks : 8) - 1;
+  return row * ROW_BYTES + ((chunk ^ ((row / kRowsPerLine) & kMask)) << 4);
+}
+
+// Per (column, group) constants that turn w4 * s2 into (w4 - z2) * s2 with a carry-free bytewise add of
+// c = (256 - z2*s2) mod 256: bytes are split into their low 7 bits (added) and top bit (xored).
+struct GroupDequant {
+  uint32_t s, c_lo, c_hi;
+};
+
+__device__ __forceinline__ GroupDequant make_group_dequant(uint32_t s2, uint32_t z2) {
+  const uint32_t c = (256u - z2 * s2) & 0xFFu;
+  const uint32_t c4 = c * 0x01010101u;
+  return {s2, c4 & 0x7F7F7F7Fu, c4 & 0x80808080u};
+}
+
+// w4 * s2 <= 240 fits a byte, so one 32-bit multiply scales four weights; the add is exact mod 256 and
+// (w4 - z2) * s2 lies in [-128, 127] by construction of the format, so the byte is the INT8 weight.
+__device__ __forceinline__ uint32_t dequant4(uint32_t nibbles4, const GroupDequant& d) {
+  const uint32_t ws = nibbles4 * d.s;
+  return ((ws & 0x7F7F7F7Fu) + d.c_lo) ^ ((ws & 0x80808080u) ^ d.c_hi);
+}
+
+__device__ __forceinline__ float load_bias(const GemmParams& p, int n) {
+  switch (p.bias_kind) {
+    case kBiasF32: return static_cast<const float*>(p.bias)[n];
+    case kBiasF16: return __half2float(static_cast<const __half*>(p.bias)[n]);
+    case kBiasBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p.bias)[n]);
+    default: return 0.f;
+  }
+}
+
+// y = (float(acc) * x_s[m]) * float(s[n]) (+ bias[n]); explicit _rn ops so nvcc cannot fuse into FMAs and
+// the result matches the CPU reference bit for bit before the final cast.
+__device__ __forceinline__ float epilogue_value(const GemmParams& p, int32_t acc, float xs, int n) {
+  float y = __fmul_rn(__fmul_rn(__int2float_rn(acc), xs), __half2float(p.wscale[n]));
+  if (p.bias_kind != kNoBias) y = __fadd_rn(y, load_bias(p, n));
+  return y;
+}
+
+__device__ __forceinline__ void store_pair(const GemmParams& p, int m, int n, float y0, float y1) {
+  const size_t idx = static_cast<size_t>(m) * p.N + n;
+  if (p.out_bf16) {
+    *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.out) + idx) = __floats2bfloat162_rn(y0, y1);
+  } else {
+    *reinterpret_cast<__half2*>(static_cast<__half*>(p.out) + idx) = __floats2half2_rn(y0, y1);
+  }
+}
+
+template <int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES>
+struct TileConfig {
+  static constexpr int kThreads = WARPS_M * WARPS_N * 32;
+  static constexpr int kWarpM = BM / WARPS_M, kWarpN = BN / WARPS_N;
+  static constexpr int kMTiles = kWarpM / 16, kNTiles = kWarpN / 8;
+  static constexpr int kChunks64 = BK / 64;  // 64-wide k chunks per tile; a scale group spans >= 1
+  static constexpr int kARow = BK, kBRow = BK / 2;
+  static constexpr int kAStage = BM * kARow, kBStage = BN * kBRow;
+  static constexpr int kSmemBytes = STAGES * (kAStage + kBStage);
+  static_assert(kWarpM % 16 == 0 && kWarpN % 16 == 0, "warp tile must be a multiple of 16x16");
+  static_assert(BK % 64 == 0, "BK must be a multiple of 64");
+  static constexpr int kAChunks = BM * BK / 16, kBChunks = BN * BK / 32;  // 16-byte copies per stage
+};
+
+template <int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES, int MIN_BLOCKS, bool PER_GROUP>
+__global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, MIN_BLOCKS)
+    w4a8_gemm_kernel(const GemmParams p) {
+  using C = TileConfig<BM, BN, BK, WARPS_M, WARPS_N, STAGES>;
+  constexpr int MT = C::kMTiles, NT = C::kNTiles, KP = C::kChunks64;
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint8_t* smem_a = smem;
+  uint8_t* smem_b = smem + STAGES * C::kAStage;
+  // (s2 | z2 << 8) of the CTA's BN columns for every group its k range touches, loaded once up front so
+  // the main loop never waits on a global scale load.
+  uint16_t* smem_sz = reinterpret_cast<uint16_t*>(smem_b + STAGES * C::kBStage);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+  const int ktiles = p.K / BK;
+  const int kt_begin = blockIdx.z * p.ktiles_per_split;
+  const int kt_end = min(ktiles, kt_begin + p.ktiles_per_split);
+  const int nk = kt_end - kt_begin;  // >= 1: the launcher never makes an empty split
+
+  auto load_tile = [&](int stage, int kt) {
+    const int k0 = kt * BK;
+    uint8_t* a = smem_a + stage * C::kAStage;
+    uint8_t* b = smem_b + stage * C::kBStage;
+#pragma unroll
+    for (int it = 0; it < (C::kAChunks + C::kThreads - 1) / C::kThreads; ++it) {
+      const int i = tid + it * C::kThreads;
+      if (C::kAChunks % C::kThreads != 0 && i >= C::kAChunks) break;
+      const int row = i / (BK / 16), chunk = i % (BK / 16);
+      const bool ok = m0 + row < p.M;  // rows past M are zero-filled, never read
+      const int8_t* src = p.x_q + static_cast<size_t>(ok ? m0 + row : 0) * p.K + k0 + chunk * 16;
+      ptx::cp_async_16(a + swizzle<C::kARow>(row, chunk), src, ok);
+    }
+#pragma unroll
+    for (int it = 0; it < (C::kBChunks + C::kThreads - 1) / C::kThreads; ++it) {
+      const int i = tid + it * C::kThreads;
+      if (C::kBChunks % C::kThreads != 0 && i >= C::kBChunks) break;
+      const int row = i / (BK / 32), chunk = i % (BK / 32);
+      const bool ok = n0 + row < p.N;
+      const uint8_t* src = p.qweight + static_cast<size_t>(ok ? n0 + row : 0) * (p.K / 2) + k0 / 2 + chunk * 16;
+      ptx::cp_async_16(b + swizzle<C::kBRow>(row, chunk), src, ok);
+    }
+  };
+
+  const int group_begin = PER_GROUP ? kt_begin * BK / p.group_size : 0;
+  if constexpr (PER_GROUP) {
+    const int group_end = min(p.groups, (kt_end * BK + p.group_size - 1) / p.group_size);
+    const int ng = group_end - group_begin;  // <= p.split_groups by construction of the launch
+    for (int i = tid; i < BN * ng; i += C::kThreads) {
+      const int row = i / ng, j = i % ng;
+      const size_t idx = static_cast<size_t>(min(n0 + row, p.N - 1)) * p.groups + group_begin + j;
+      smem_sz[row * p.split_groups + j] =
+          static_cast<uint16_t>(__ldg(p.s2 + idx) | (static_cast<uint32_t>(__ldg(p.z2 + idx)) << 8));
+    }
+  }  // made visible by the first __syncthreads of the main loop
+
+  int32_t acc[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nk) load_tile(s, kt_begin + s);
+    ptx::cp_async_commit();
+  }
+
+  for (int it = 0; it < nk; ++it) {
+    ptx::cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    {  // refill the stage every thread finished with in the previous iteration
+      const int next = it + STAGES - 1;
+      if (next < nk) load_tile(next % STAGES, kt_begin + next);
+      ptx::cp_async_commit();
+    }
+    const uint8_t* a = smem_a + (it % STAGES) * C::kAStage;
+    const uint8_t* b = smem_b + (it % STAGES) * C::kBStage;
+#pragma unroll
+    for (int kp = 0; kp < KP; ++kp) {
+      uint32_t bw[NT][2];  // packed words: [n tile][k step of 32]
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        const int row = warp_n * C::kWarpN + np * 16 + (lane & 7) + ((lane >> 4) << 3);
+        const int chunk = 2 * kp + ((lane >> 3) & 1);
+        uint32_t r[4];
+        ptx::ldmatrix_x4(r, b + swizzle<C::kBRow>(row, chunk));
+        bw[2 * np][0] = r[0];
+        bw[2 * np][1] = r[1];
+        bw[2 * np + 1][0] = r[2];
+        bw[2 * np + 1][1] = r[3];
+      }
+      GroupDequant dq[NT];
+      if constexpr (PER_GROUP) {
+        const int j = ((kt_begin + it) * BK + kp * 64) / p.group_size - group_begin;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const uint32_t sz = smem_sz[(warp_n * C::kWarpN + nt * 8 + (lane >> 2)) * p.split_groups + j];
+          dq[nt] = make_group_dequant(sz & 0xFFu, sz >> 8);
+        }
+      }
+#pragma unroll
+      for (int ks = 0; ks < 2; ++ks) {
+        uint32_t af[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const int row = warp_m * C::kWarpM + mt * 16 + (lane & 15);
+          const int chunk = (2 * kp + ks) * 2 + (lane >> 4);
+          ptx::ldmatrix_x4(af[mt], a + swizzle<C::kARow>(row, chunk));
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          uint32_t b0 = bw[nt][ks] & 0x0F0F0F0Fu;
+          uint32_t b1 = (bw[nt][ks] >> 4) & 0x0F0F0F0Fu;
+          if constexpr (PER_GROUP) {
+            b0 = dequant4(b0, dq[nt]);
+            b1 = dequant4(b1, dq[nt]);
+          }  // per channel: the UINT4 values 0..15 are already valid s8 operands
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) ptx::mma_s8_16832(acc[mt][nt], af[mt], b0, b1);
+        }
+      }
+    }
+  }
+  ptx::cp_async_wait<0>();
+
+  const int row_base = m0 + warp_m * C::kWarpM + (lane >> 2);
+  const int col_base = n0 + warp_n * C::kWarpN + 2 * (lane & 3);
+
+  if (p.splits > 1) {
+    // Exact split-K: integer atomics into a zeroed workspace; the last CTA of the tile does the epilogue.
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int m = row_base + mt * 16 + 8 * h, n = col_base + nt * 8;
+          if (m < p.M && n < p.N) {
+            int32_t* w = p.workspace + static_cast<size_t>(m) * p.N + n;
+            atomicAdd(w, acc[mt][nt][2 * h]);
+            atomicAdd(w + 1, acc[mt][nt][2 * h + 1]);
+          }
+        }
+    __threadfence();
+    __syncthreads();
+    __shared__ int is_last;
+    if (tid == 0) {
+      const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+      is_last = atomicAdd(p.counters + tile, 1) == p.splits - 1;
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int m = row_base + mt * 16 + 8 * h, n = col_base + nt * 8;
+          if (m < p.M && n < p.N) {
+            const int32_t* w = p.workspace + static_cast<size_t>(m) * p.N + n;
+            acc[mt][nt][2 * h] = __ldcg(w);
+            acc[mt][nt][2 * h + 1] = __ldcg(w + 1);
+          }
+        }
+  }
+
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = row_base + mt * 16 + 8 * h;
+      if (m >= p.M) continue;
+      const float xs = p.x_s[m];
+      const int32_t zero_corr_sum = PER_GROUP ? 0 : p.x_sum[m];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int n = col_base + nt * 8;
+        if (n >= p.N) continue;  // N is even, so n + 1 < N too
+        int32_t a0 = acc[mt][nt][2 * h], a1 = acc[mt][nt][2 * h + 1];
+        if constexpr (!PER_GROUP) {
+          a0 -= static_cast<int32_t>(p.zero[n]) * zero_corr_sum;
+          a1 -= static_cast<int32_t>(p.zero[n + 1]) * zero_corr_sum;
+        }
+        store_pair(p, m, n, epilogue_value(p, a0, xs, n), epilogue_value(p, a1, xs, n + 1));
+      }
+    }
+}
+
+}  // namespace qoq
