@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
@@ -58,27 +57,38 @@ def cmd_generate(args) -> None:
         print(text)
 
 
-@torch.no_grad()
-def perplexity(model, tok, text: str, seq_len: int, max_tokens: int) -> float:
-    """Perplexity of ``text`` in non-overlapping windows of ``seq_len`` tokens (at most ``max_tokens``)."""
-    ids = tok(text, return_tensors="pt").input_ids[0][:max_tokens]
-    nll, count = 0.0, 0
-    for start in range(0, ids.numel() - 1, seq_len):
-        window = ids[start:start + seq_len].unsqueeze(0).to(model.device)
-        if window.shape[1] < 2:
-            break
-        logits = model(window, use_cache=False).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum")
-        nll, count = nll + loss.item(), count + window.shape[1] - 1
-    return math.exp(nll / count)
+def _load_any(args):
+    """A directory written by `qoq quantize` loads as is; any other HF checkpoint loads in float and, with
+    --quantize, is quantized with QoQ on the fly."""
+    from pathlib import Path
+
+    from .serialization import QOQ_CONFIG_NAME
+
+    if (Path(args.path) / QOQ_CONFIG_NAME).is_file():
+        return _load(args)
+    from transformers import AutoModelForCausalLM
+
+    import qoq_torch
+
+    tok = _tokenizer(args.path)
+    model = AutoModelForCausalLM.from_pretrained(args.path, dtype=DTYPES[args.dtype], device_map=_device(args.device))
+    if args.quantize:
+        qoq_torch.quantize(model, tok, config=qoq_torch.QoQConfig(group_size=args.group_size))
+    return model, tok
 
 
 def cmd_eval(args) -> None:
     from .data import load_eval_text
+    from .evaluation import perplexity
 
-    model, tok = _load(args)
-    ppl = perplexity(model, tok, load_eval_text(), args.seq_len, args.max_tokens)
-    print(f"perplexity {ppl:.3f} (held-out eval text, seq_len {args.seq_len}, <= {args.max_tokens} tokens)")
+    model, tok = _load_any(args)
+    if args.text:
+        with open(args.text, encoding="utf-8") as fh:
+            text, source = fh.read(), args.text
+    else:
+        text, source = load_eval_text(), "the held-out text shipped with qoq_torch"
+    ppl = perplexity(model, tok, text, seq_len=args.seq_len, max_windows=args.max_windows)
+    print(f"perplexity {ppl:.3f} ({source}, seq_len {args.seq_len})")
 
 
 def cmd_bench_e2e(args) -> None:
@@ -137,10 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     common(g)
     g.set_defaults(func=cmd_generate)
 
-    e = sub.add_parser("eval", help="perplexity on the held-out text shipped with qoq_torch")
-    e.add_argument("path")
+    e = sub.add_parser("eval", help="perplexity of a quantized or float checkpoint (held-out text shipped with "
+                                    "qoq_torch, or --text FILE)")
+    e.add_argument("path", help="directory written by `qoq quantize`, or any local Hugging Face checkpoint")
+    e.add_argument("--quantize", action="store_true", help="quantize a float checkpoint with QoQ before evaluating")
+    e.add_argument("--group-size", type=int, default=128, help="with --quantize: -1 for per-channel")
+    e.add_argument("--text", default=None, help="a UTF-8 text file to evaluate on")
     e.add_argument("--seq-len", type=int, default=512)
-    e.add_argument("--max-tokens", type=int, default=65536)
+    e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
     common(e)
     e.set_defaults(func=cmd_eval)
 

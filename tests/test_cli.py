@@ -27,9 +27,16 @@ def test_quantize_generate_eval_bench(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-2].startswith("The Python") and lines[-1].startswith("A list is")
     assert main(["eval", str(out), "--device", "cpu", "--dtype", "bfloat16", "--seq-len", "128",
-                 "--max-tokens", "512"]) == 0
+                 "--max-windows", "4"]) == 0
     ppl = float(capsys.readouterr().out.split()[1])
     assert 1.0 < ppl < 200.0  # a trained model, not noise (uniform over 4096 tokens would be 4096)
+    # Any float HF checkpoint evaluates too, on a user's own text file.
+    text = tmp_path / "text.txt"
+    text.write_text("The Python language has lists, dictionaries and sets. " * 40)
+    assert main(["eval", str(reference_model_path()), "--device", "cpu", "--dtype", "bfloat16", "--seq-len", "64",
+                 "--text", str(text), "--max-windows", "2"]) == 0
+    float_ppl = float(capsys.readouterr().out.split()[1])
+    assert 1.0 < float_ppl < 200.0
     assert main(["bench", str(out), "--device", "cpu", "--dtype", "bfloat16", "--prompt-len", "8",
                  "--new-tokens", "4"]) == 0
     assert "tokens/s" in capsys.readouterr().out

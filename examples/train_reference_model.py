@@ -1,0 +1,200 @@
+"""Train qoq_torch's reference model: a small Llama on the Python-documentation corpus.
+
+GPU (the shipped checkpoint; scripts/gpu_train.sh runs this):
+    python examples/train_reference_model.py --out OUT_DIR
+CPU smoke test (a few steps of a tiny model, well under a minute):
+    python examples/train_reference_model.py --tiny --steps 5 --out /tmp/ref_tiny
+
+Data: the train split (``python -m qoq_torch.data.build_corpus`` writes ``train.jsonl.gz``; default path
+``.cache/reference_corpus/train.jsonl.gz``), the shipped tokenizer, the shipped calib split as validation and the
+shipped eval split for the final held-out perplexity. The output directory is a Hugging Face checkpoint
+(config.json, float16 model.safetensors, tokenizer files) plus ``training_log.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
+
+import qoq_torch.data as qdata  # noqa: E402
+from qoq_torch.evaluation import encode_documents, perplexity  # noqa: E402
+
+# The shipped model: hidden 256 (a power of two, so a Hadamard rotation fits), GQA 4/2 heads of dim 64,
+# SwiGLU 4x, untied embeddings (as in Llama-3), about 7.9M parameters = 15.8 MB in float16.
+REFERENCE_CONFIG = dict(
+    vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=64, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
+    tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+)
+TINY_CONFIG = dict(REFERENCE_CONFIG, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+
+
+def load_token_stream(jsonl_gz: Path, tokenizer, max_docs: int | None = None) -> torch.Tensor:
+    """All documents' tokens, each followed by EOS, as one ``[N] int64`` tensor."""
+    if not jsonl_gz.is_file():
+        raise SystemExit(f"{jsonl_gz} not found: make it with `python -m qoq_torch.data.build_corpus --deb "
+                         "python3.11-doc_*.deb --out .cache/reference_corpus`")
+    with gzip.open(jsonl_gz, "rt", encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    return encode_documents(docs[:max_docs], tokenizer)
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int, floor_ratio: float = 0.1) -> float:
+    """Linear warm-up then cosine decay to ``floor_ratio * peak``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (floor_ratio + (1 - floor_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(args: argparse.Namespace, steps: int) -> tuple[LlamaForCausalLM, object, dict]:
+    """Train one model for ``steps`` steps; returns the float16 model, the tokenizer and its training log."""
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
+    train_ids = load_token_stream(args.train, tokenizer, max_docs=20 if args.tiny else None)
+    val_ids = encode_documents(qdata.load_calibration_documents(), tokenizer)
+    val_windows = 8 if args.tiny else None
+    config = LlamaConfig(**(TINY_CONFIG if args.tiny else REFERENCE_CONFIG))
+    model = LlamaForCausalLM(config).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params {n_params / 1e6:.2f}M, train tokens {train_ids.numel()}, device {device}", flush=True)
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    gen = torch.Generator().manual_seed(args.seed)
+    train_gpu = train_ids.to(device)
+    offsets = torch.arange(args.seq_len + 1, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    history, t0, loss_ema = [], time.time(), None
+    model.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, args.lr, args.warmup)
+        starts = torch.randint(0, train_ids.numel() - args.seq_len - 1, (args.batch_size,), generator=gen)
+        batch = train_gpu[starts.to(device)[:, None] + offsets]
+        with autocast:
+            loss = _lm_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % args.log_every == 0 or step == steps - 1:
+            value = loss.item()
+            loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
+            entry = {"step": step, "train_loss": round(value, 4), "lr": opt.param_groups[0]["lr"],
+                     "seconds": round(time.time() - t0, 1)}
+            if step % args.eval_every == 0 or step == steps - 1:
+                model.eval()
+                with autocast:
+                    entry["val_ppl"] = round(perplexity(model, val_ids, seq_len=args.seq_len, batch_size=16,
+                                                        max_windows=val_windows, progress=False), 3)
+                model.train()
+            history.append(entry)
+            print(json.dumps(entry), flush=True)
+    train_seconds = time.time() - t0
+
+    # Ship float16 weights; report the held-out perplexity of exactly what ships.
+    model = model.to(torch.float16).eval()
+    eval_ids = encode_documents(qdata.load_eval_documents(), tokenizer)
+    eval_ppl = perplexity(model, eval_ids, seq_len=args.seq_len, batch_size=16, max_windows=val_windows,
+                          progress=False)
+    val_ppl = perplexity(model, val_ids, seq_len=args.seq_len, batch_size=16, max_windows=val_windows,
+                         progress=False)
+    log = {
+        "data": {"corpus": "Debian python3.11-doc 3.11.2-6+deb12u9 HTML, prose only (PSF licence)",
+                 "train_tokens": train_ids.numel(), "val_tokens (calib split)": val_ids.numel(),
+                 "eval_tokens (eval split)": eval_ids.numel()},
+        "model": {"parameters": n_params, "config": {k: v for k, v in config.to_dict().items()
+                                                     if k in REFERENCE_CONFIG}},
+        "training": {"steps": steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                     "tokens_seen": steps * args.batch_size * args.seq_len,
+                     "epochs": steps * args.batch_size * args.seq_len / train_ids.numel(),
+                     "peak_lr": args.lr, "warmup": args.warmup, "weight_decay": args.weight_decay,
+                     "seed": args.seed, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                     "torch": torch.__version__, "seconds": round(train_seconds, 1),
+                     "final_train_loss": history[-1]["train_loss"]},
+        "float16": {"eval_perplexity": round(eval_ppl, 4), "val_perplexity": round(val_ppl, 4),
+                    "seq_len": args.seq_len, "windows": "non-overlapping, tail dropped"},
+        "history": history,
+    }
+    print(json.dumps({k: log[k] for k in ("training", "float16")}, indent=1), flush=True)
+    return model, tokenizer, log
+
+
+def train_and_select(args: argparse.Namespace) -> dict:
+    """Train once per entry of ``--steps`` (a comma list) and save the one with the best validation perplexity.
+
+    Validation is the calib split, so the eval split stays untouched by the choice. Runs that would not finish
+    inside ``--time-budget`` seconds (estimated from the first run's speed) are skipped.
+    """
+    t0, best, sweep = time.time(), None, []
+    seconds_per_step = None
+    for steps in args.steps:
+        if seconds_per_step is not None and time.time() - t0 + steps * seconds_per_step > args.time_budget:
+            print(f"skip steps={steps}: would exceed the time budget", flush=True)
+            continue
+        run_start = time.time()
+        model, tokenizer, log = train(args, steps)
+        seconds_per_step = (time.time() - run_start) / steps
+        sweep.append({"steps": steps, **log["float16"], "final_train_loss": log["training"]["final_train_loss"]})
+        if best is None or log["float16"]["val_perplexity"] < best[2]["float16"]["val_perplexity"]:
+            best = (model, tokenizer, log)
+    model, tokenizer, log = best
+    log["selection"] = {"rule": "lowest val (calib split) perplexity over the step counts tried", "runs": sweep}
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(args.out))
+    tokenizer.save_pretrained(str(args.out))
+    (args.out / "training_log.json").write_text(json.dumps(log, indent=1))
+    print(json.dumps(log["selection"], indent=1))
+    return log
+
+
+def _lm_loss(model: LlamaForCausalLM, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``batch [B, T+1]`` (inputs ``[:, :-1]``, targets ``[:, 1:]``)."""
+    logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--train", type=Path, default=REPO_ROOT / ".cache/reference_corpus/train.jsonl.gz")
+    ap.add_argument("--tokenizer", type=Path, default=qdata.reference_model_path())
+    ap.add_argument("--steps", type=lambda v: [int(x) for x in v.split(",")], default=[2000],
+                    help="training steps; a comma list trains one model per value and keeps the best on validation")
+    ap.add_argument("--time-budget", type=float, default=330.0, help="seconds for all runs of a --steps list")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--tiny", action="store_true", help="tiny model on 20 documents (CPU smoke test)")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.batch_size, args.seq_len, args.warmup = min(args.batch_size, 4), min(args.seq_len, 128), 2
+        args.log_every = args.eval_every = max(1, max(args.steps) // 2)
+    return args
+
+
+if __name__ == "__main__":
+    train_and_select(parse_args())
