@@ -4,9 +4,14 @@ Usage:
     python benchmarks/gemm.py --json out.json [--png out.png] [--ms 1,16,1024]
     python benchmarks/gemm.py --check-small     # a few small cases vs the reference (for compute-sanitizer)
 
+At M <= 16 the default path is the decode kernel (csrc/gemm/w4a8_gemv.cu); columns *_mma time the same calls on
+the mma.sync tile kernel (QOQ_GEMM_FORCE="0,0") in the same run.
+
 Times are medians of triton.testing.do_bench (which flushes L2 before every run, so weights come from HBM).
-Methods: ours per-group (g=128) and per-channel, bf16 F.linear, FP8 row-wise torch._scaled_mm, INT8
-torch._int_mm (+ its row/column scaling, as a real W8A8 layer would need), W4A16 torch._weight_int4pack_mm.
+Methods: ours per-group (g=128) and per-channel (mma.sync kernel), and on sm_90 the opt-in wgmma kernel
+(QOQ_GEMM_WGMMA, M >= 64; columns *_wgmma with 128 activation rows per CTA, *_wgmma256 with 256), bf16
+F.linear, FP8 row-wise torch._scaled_mm, INT8 torch._int_mm (+ its row/column scaling, as a real W8A8 layer
+would need), W4A16 torch._weight_int4pack_mm.
 """
 from __future__ import annotations
 
@@ -20,9 +25,22 @@ import torch.nn.functional as F
 import qoq_torch.ops as ops
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
-MS = (1, 4, 16, 64, 256, 1024, 4096)
+MS = (1, 4, 8, 16, 64, 256, 1024, 4096)
 BASELINES = ("bf16", "fp8_rowwise", "int8_int_mm", "w4a16_int4pack")
 OURS = ("qoq_per_group", "qoq_per_channel")
+# Same callables as OURS, timed with QOQ_GEMM_WGMMA set ("2,<bm>": the wgmma kernel or an error, never a silent
+# fallback); only on sm_90 and for M >= 64, the sizes that path takes.
+WGMMA = {"qoq_per_group_wgmma": ("qoq_per_group", "2,128"), "qoq_per_group_wgmma256": ("qoq_per_group", "2,256"),
+         "qoq_per_channel_wgmma": ("qoq_per_channel", "2,128")}
+
+
+# Same callables as OURS on the mma.sync tile kernel, for M <= DECODE_MAX_M where the decode kernel is the default.
+MMA_SMALL = {"qoq_per_group_mma": "qoq_per_group", "qoq_per_channel_mma": "qoq_per_channel"}
+DECODE_MAX_M = 16
+
+
+def wgmma_enabled(m: int) -> bool:
+    return m >= 64 and torch.cuda.get_device_capability() == (9, 0)
 
 
 def _rand_per_group(n: int, k: int, g: int, device: str):
@@ -72,9 +90,16 @@ def make_methods(m: int, n: int, k: int, only_ours: bool = False) -> dict:
     return methods
 
 
-def bench(fn) -> float | None:
+def bench(fn, wgmma_env: str | None = None, force_env: str | None = None) -> float | None:
+    """Median us of fn; with wgmma_env / force_env, QOQ_GEMM_WGMMA / QOQ_GEMM_FORCE is set to it for the duration."""
+    import os
+
     import triton.testing
 
+    if wgmma_env is not None:
+        os.environ["QOQ_GEMM_WGMMA"] = wgmma_env
+    if force_env is not None:
+        os.environ["QOQ_GEMM_FORCE"] = force_env
     try:
         fn()
         torch.cuda.synchronize()
@@ -82,6 +107,11 @@ def bench(fn) -> float | None:
     except Exception as exc:  # noqa: BLE001  (e.g. _int_mm's shape limits at tiny M)
         print(f"# failed: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
         return None
+    finally:
+        if wgmma_env is not None:
+            os.environ.pop("QOQ_GEMM_WGMMA")
+        if force_env is not None:
+            os.environ.pop("QOQ_GEMM_FORCE")
 
 
 def run(ms) -> dict:
@@ -89,8 +119,14 @@ def run(ms) -> dict:
     for m in ms:
         totals: dict[str, float | None] = {}
         for shape, (n, k) in SHAPES.items():
-            for name, fn in make_methods(m, n, k).items():
-                us = bench(fn)
+            methods = make_methods(m, n, k)
+            timed = [(name, fn, None, None) for name, fn in methods.items()]
+            if wgmma_enabled(m):
+                timed += [(name, methods[base], env, None) for name, (base, env) in WGMMA.items()]
+            if m <= DECODE_MAX_M:
+                timed += [(name, methods[base], None, "0,0") for name, base in MMA_SMALL.items()]
+            for name, fn, env, force in timed:
+                us = bench(fn, env, force)
                 results["rows"].append({"m": m, "shape": shape, "n": n, "k": k, "method": name, "us": us,
                                         "tflops": None if us is None else 2 * m * n * k / us / 1e6})
                 prev = totals.get(name, 0.0)
@@ -102,9 +138,10 @@ def run(ms) -> dict:
 
 def print_table(results: dict) -> None:
     print(f"# {results['device']}, torch {results['torch']}; median us (L2 flushed); speed-up = best baseline / ours")
-    names = OURS + BASELINES
-    print("| M | shape | " + " | ".join(names) + " | TFLOPS (per-group) | speed-up (per-group) |")
-    print("|" + "---|" * (len(names) + 4))
+    names = OURS + tuple(MMA_SMALL) + tuple(WGMMA) + BASELINES
+    print("| M | shape | " + " | ".join(names) + " | TFLOPS (per-group) | speed-up (per-group) | "
+          "speed-up (per-group wgmma) |")
+    print("|" + "---|" * (len(names) + 5))
     by_key = {(r["m"], r["shape"], r["method"]): r for r in results["rows"]}
     for m_str, totals in results["layer_sum_us"].items():
         m = int(m_str)
@@ -121,7 +158,23 @@ def print_table(results: dict) -> None:
             ours = us["qoq_per_group"]
             tf = "-" if ours is None else f"{flops / ours / 1e6:.1f}"
             sp = "-" if (ours is None or best is None) else f"{best / ours:.2f}x"
-            print(f"| {m} | {shape} | " + " | ".join(cells) + f" | {tf} | {sp} |")
+            wg = min((us[w] for w in ("qoq_per_group_wgmma", "qoq_per_group_wgmma256") if us[w] is not None),
+                     default=None)
+            sp_wg = "-" if (wg is None or best is None) else f"{best / wg:.2f}x"
+            print(f"| {m} | {shape} | " + " | ".join(cells) + f" | {tf} | {sp} | {sp_wg} |")
+    print_decode_summary(results)
+
+
+def print_decode_summary(results: dict) -> None:
+    """Decode kernel (default at M <= 16) against the mma.sync tile kernel, sum of the four GEMMs."""
+    for m_str, totals in results["layer_sum_us"].items():
+        cells = []
+        for ours, mma in zip(OURS, MMA_SMALL):
+            a, b = totals.get(ours), totals.get(mma)
+            if a is not None and b is not None:
+                cells.append(f"{ours[4:]} {a:.1f} vs {b:.1f} us ({b / a:.2f}x)")
+        if cells:
+            print(f"# decode vs mma, M={m_str}: " + "; ".join(cells))
 
 
 def plot(results: dict, path: str) -> None:
@@ -135,7 +188,7 @@ def plot(results: dict, path: str) -> None:
         return
     ms = [int(m) for m in results["layer_sum_us"]]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in OURS + BASELINES:
+    for name in OURS + tuple(MMA_SMALL) + tuple(WGMMA) + BASELINES:
         ys = [results["layer_sum_us"][str(m)].get(name) for m in ms]
         pts = [(m, y) for m, y in zip(ms, ys) if y is not None]
         if pts:
@@ -175,9 +228,15 @@ def sweep() -> dict:
 
 
 def check_small() -> None:
-    """Small cases covering every tile config, split-K and both formats; raises on any mismatch."""
+    """Small cases covering every tile config, split-K, the decode kernel and both formats; raises on any mismatch.
+    Cases with M <= 16 run twice: on the decode kernel (default) and on the mma.sync kernel (QOQ_GEMM_FORCE)."""
+    import os
+
     gen = torch.Generator().manual_seed(0)
-    for m, n, k in ((1, 64, 1024), (3, 48, 192), (20, 144, 256), (130, 272, 512)):
+    cases = [(1, 64, 1024), (3, 48, 192), (9, 32, 4160), (16, 16, 2048), (20, 144, 256), (130, 272, 512)]
+    for (m, n, k), force in [(c, f) for c in cases for f in ((None, "0,0") if c[0] <= DECODE_MAX_M else (None,))]:
+        if force is not None:
+            os.environ["QOQ_GEMM_FORCE"] = force
         x_q = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
         x_s = torch.rand(m, generator=gen) + 0.1
         x_sum = x_q.sum(1, dtype=torch.int32)
@@ -187,13 +246,44 @@ def check_small() -> None:
         ref = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qw, s2, z2, s1, bias, 64, torch.float16)
         cu = [t.cuda() for t in (x_q, x_s, qw, s2, z2, s1, bias)]
         out = torch.ops.qoq.w4a8_gemm_per_group(*cu, 64, torch.float16)
-        assert torch.equal(out.cpu(), ref), (m, n, k)
+        assert torch.equal(out.cpu(), ref), (m, n, k, force)
         ref = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qw, s1, z2[:, 0].contiguous(), None, torch.bfloat16)
         out = torch.ops.qoq.w4a8_gemm_per_channel(x_q.cuda(), x_s.cuda(), x_sum.cuda(), qw.cuda(), s1.cuda(),
                                                   z2[:, 0].contiguous().cuda(), None, torch.bfloat16)
         torch.cuda.synchronize()
-        assert torch.equal(out.cpu(), ref), (m, n, k)
+        os.environ.pop("QOQ_GEMM_FORCE", None)
+        assert torch.equal(out.cpu(), ref), (m, n, k, force)
+    if torch.cuda.get_device_capability() == (9, 0):
+        _check_small_wgmma(gen)
     print("check-small: OK")
+
+
+def _check_small_wgmma(gen: torch.Generator) -> None:
+    """The wgmma kernel (both tiles, both formats) on a small case with M, N and K tails of its tiles."""
+    import os
+
+    m, n, k, g = 130, 272, 384, 64
+    x_q = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+    x_s = torch.rand(m, generator=gen) + 0.1
+    x_sum = x_q.sum(1, dtype=torch.int32)
+    w4, s2, z2, s1 = _rand_per_group(n, k, g, "cpu")
+    qw = ops.pack_weights(w4)
+    bias = torch.randn(n, generator=gen).half()
+    ref_g = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qw, s2, z2, s1, bias, g, torch.bfloat16)
+    ref_c = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qw, s1, z2[:, 0].contiguous(), None, torch.float16)
+    cu = [t.cuda() for t in (x_q, x_s, x_sum, qw, s2, z2, s1, bias)]
+    x_q_c, x_s_c, x_sum_c, qw_c, s2_c, z2_c, s1_c, bias_c = cu
+    for bm in (128, 256):
+        os.environ["QOQ_GEMM_WGMMA"] = f"2,{bm}"
+        try:
+            out_g = torch.ops.qoq.w4a8_gemm_per_group(x_q_c, x_s_c, qw_c, s2_c, z2_c, s1_c, bias_c, g, torch.bfloat16)
+            out_c = torch.ops.qoq.w4a8_gemm_per_channel(x_q_c, x_s_c, x_sum_c, qw_c, s1_c, z2_c[:, 0].contiguous(),
+                                                        None, torch.float16)
+            torch.cuda.synchronize()
+        finally:
+            os.environ.pop("QOQ_GEMM_WGMMA")
+        assert torch.equal(out_g.cpu(), ref_g), ("wgmma per-group", bm)
+        assert torch.equal(out_c.cpu(), ref_c), ("wgmma per-channel", bm)
 
 
 def main() -> None:

@@ -54,4 +54,5 @@ echo "=== summary ==="
 grep -E "passed|failed" "$OUT/tests.txt" | tail -n 2
 grep "rc=" "$OUT/sanitizer.txt"
 grep "| sum |" "$OUT/bench.txt"
+grep "decode vs mma" "$OUT/bench.txt"
 echo "tests rc=$TEST_RC"

@@ -165,3 +165,249 @@ def test_bad_input_rejected(gen):
     with pytest.raises(RuntimeError, match="zero"):
         torch.ops.qoq.w4a8_gemm_per_channel(good["x_q"], good["x_s"], x_sum.cuda(), good["qweight"], good["s1"],
                                             good["s1"], None, torch.float16)
+
+
+# ---- Hopper wgmma path (opt-in: QOQ_GEMM_WGMMA="<mode>,<bm>", see csrc/gemm/w4a8_gemm.cu) ----
+
+def _hopper() -> bool:
+    return _cuda_kernels_built() and torch.cuda.get_device_capability() == (9, 0)
+
+
+needs_hopper = pytest.mark.skipif(not _hopper(), reason="the wgmma GEMM path needs an sm_90 GPU")
+
+WGMMA_MS = (64, 100, 128, 1000, 1024)
+WGMMA_NK = ((16, 128), (272, 1024), (128, 4096), (48, 192))  # N < tile, N tail, long K, K % 128 != 0 (fallback)
+LLAMA_NK = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))  # qkv, o, gate_up, down
+
+
+@pytest.fixture
+def wgmma(monkeypatch):
+    """Returns a switch routing eligible GEMMs to the wgmma kernel with `bm` activation rows per CTA; mode 2
+    makes an unavailable wgmma kernel an error, so a silent fallback cannot pass for the wgmma path."""
+    def use(bm: int) -> None:
+        monkeypatch.setenv("QOQ_GEMM_WGMMA", f"2,{bm}")
+    return use
+
+
+@needs_hopper
+@pytest.mark.parametrize("bm", (128, 256))
+@pytest.mark.parametrize("m", WGMMA_MS)
+@pytest.mark.parametrize("n,k", WGMMA_NK)
+@pytest.mark.parametrize("out_dtype", (torch.float16, torch.bfloat16))
+def test_wgmma_per_group_matches_reference(bm, m, n, k, out_dtype, gen, wgmma):
+    g = 64 if (k % 128 or m % 2) else 128  # g = 64: two scale groups inside one 128-wide k tile
+    x_q, x_s, _ = random_activations(m, k, gen)
+    w4, s2, z2, s1 = random_per_group(n, k, g, gen)
+    qweight = ops.pack_weights(w4)
+    bias = random_bias(n, (torch.float32, torch.float16, torch.bfloat16)[m % 3], gen) if m % 4 else None
+    ref = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, g, out_dtype)
+    wgmma(bm)
+    out = ops.w4a8_gemm_per_group(*_to("cuda", x_q, x_s, qweight, s2, z2, s1, bias), group_size=g,
+                                  out_dtype=out_dtype)
+    assert out.dtype == out_dtype and out.shape == (m, n)
+    assert torch.equal(out.cpu(), ref)
+
+
+@needs_hopper
+@pytest.mark.parametrize("bm", (128, 256))
+@pytest.mark.parametrize("m", WGMMA_MS)
+@pytest.mark.parametrize("n,k", WGMMA_NK)
+def test_wgmma_per_channel_matches_reference(bm, m, n, k, gen, wgmma):
+    x_q, x_s, x_sum = random_activations(m, k, gen)
+    w4 = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(n, generator=gen) * 0.05 + 1e-3).half()
+    zero = torch.randint(0, 16, (n,), generator=gen, dtype=torch.uint8)
+    qweight = ops.pack_weights(w4)
+    bias = random_bias(n, torch.bfloat16, gen) if m % 2 == 0 else None
+    out_dtype = (torch.float16, torch.bfloat16)[m % 2]
+    ref = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qweight, scale, zero, bias, out_dtype)
+    wgmma(bm)
+    out = ops.w4a8_gemm_per_channel(*_to("cuda", x_q, x_s, x_sum, qweight, scale, zero, bias), out_dtype=out_dtype)
+    assert torch.equal(out.cpu(), ref)
+
+
+@needs_hopper
+@pytest.mark.parametrize("n,k", LLAMA_NK)
+def test_wgmma_llama_shapes_match_reference(n, k, gen, monkeypatch):
+    """Llama-3-8B's layer shapes (M = 1000: an M tail) through both wgmma tiles, g = 128, with bias."""
+    m, g = 1000, 128
+    x_q, x_s, _ = random_activations(m, k, gen)
+    w4, s2, z2, s1 = random_per_group(n, k, g, gen)
+    qweight = ops.pack_weights(w4)
+    bias = random_bias(n, torch.float16, gen)
+    ref = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, g, torch.bfloat16)
+    dev = _to("cuda", x_q, x_s, qweight, s2, z2, s1, bias)
+    for bm in (128, 256):
+        monkeypatch.setenv("QOQ_GEMM_WGMMA", f"2,{bm}")
+        out = ops.w4a8_gemm_per_group(*dev, group_size=g, out_dtype=torch.bfloat16)
+        assert torch.equal(out.cpu(), ref), bm
+
+
+@needs_hopper
+def test_wgmma_off_by_default_and_small_m_falls_back(gen, monkeypatch):
+    """Unset or mode 0 (the mma.sync kernel) stays exact; M < 64 under mode 2 falls back to the mma.sync kernel
+    (the wgmma path does not take it) instead of raising."""
+    n, k, g = 64, 256, 128
+    w4, s2, z2, s1 = random_per_group(n, k, g, gen)
+    qweight = ops.pack_weights(w4)
+    for m, env in ((100, None), (100, "0,128"), (17, "2,128")):
+        if env is None:
+            monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
+        else:
+            monkeypatch.setenv("QOQ_GEMM_WGMMA", env)
+        x_q, x_s, _ = random_activations(m, k, gen)
+        ref = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, None, g, torch.float16)
+        out = ops.w4a8_gemm_per_group(*_to("cuda", x_q, x_s, qweight, s2, z2, s1), group_size=g)
+        assert torch.equal(out.cpu(), ref), (m, env)
+
+
+# ---- Decode kernel (M <= 16: csrc/gemm/w4a8_gemv.cu; the default unless QOQ_GEMM_DECODE=0) ----
+
+def _decode_enabled() -> bool:
+    import os
+
+    max_m = os.environ.get("QOQ_GEMM_DECODE_MAX_M", "")
+    return os.environ.get("QOQ_GEMM_DECODE", "1") != "0" and (max_m == "" or int(max_m) >= 16)
+
+
+needs_decode = pytest.mark.skipif(not (_cuda_kernels_built() and _decode_enabled()),
+                                  reason="qoq_torch._C not built, or the decode kernel disabled by QOQ_GEMM_DECODE*")
+
+DECODE_MS = tuple(range(1, 17))
+# (N, K): a single 16-row block, K % 128 != 0 (g = 64), N not a multiple of 32, a last K pass that only part of
+# the block's lanes reach (K/32 % 64 != 0), long K like Llama's down projection.
+DECODE_NK = ((16, 64), (48, 192), (272, 1024), (32, 4160), (80, 14336))
+_BIAS_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
+
+
+@needs_decode
+@pytest.mark.parametrize("m", DECODE_MS)
+@pytest.mark.parametrize("n,k", DECODE_NK)
+@pytest.mark.parametrize("out_dtype", (torch.float16, torch.bfloat16))
+def test_decode_per_group_matches_reference(m, n, k, out_dtype, gen):
+    g = 64 if (k % 128 or m % 2) else 128
+    x_q, x_s, _ = random_activations(m, k, gen)
+    w4, s2, z2, s1 = random_per_group(n, k, g, gen)
+    qweight = ops.pack_weights(w4)
+    bias_dtype = _BIAS_DTYPES[m % 4]
+    bias = None if bias_dtype is None else random_bias(n, bias_dtype, gen)
+    ref = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, g, out_dtype)
+    out = ops.w4a8_gemm_per_group(*_to("cuda", x_q, x_s, qweight, s2, z2, s1, bias), group_size=g,
+                                  out_dtype=out_dtype)
+    assert out.dtype == out_dtype and out.shape == (m, n)
+    assert torch.equal(out.cpu(), ref)
+
+
+@needs_decode
+@pytest.mark.parametrize("m", DECODE_MS)
+@pytest.mark.parametrize("n,k", DECODE_NK)
+@pytest.mark.parametrize("out_dtype", (torch.float16, torch.bfloat16))
+def test_decode_per_channel_matches_reference(m, n, k, out_dtype, gen):
+    x_q, x_s, x_sum = random_activations(m, k, gen)
+    w4 = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(n, generator=gen) * 0.05 + 1e-3).half()
+    zero = torch.randint(0, 16, (n,), generator=gen, dtype=torch.uint8)
+    qweight = ops.pack_weights(w4)
+    bias_dtype = _BIAS_DTYPES[(m + 1) % 4]
+    bias = None if bias_dtype is None else random_bias(n, bias_dtype, gen)
+    ref = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qweight, scale, zero, bias, out_dtype)
+    out = ops.w4a8_gemm_per_channel(*_to("cuda", x_q, x_s, x_sum, qweight, scale, zero, bias), out_dtype=out_dtype)
+    assert out.dtype == out_dtype and out.shape == (m, n)
+    assert torch.equal(out.cpu(), ref)
+
+
+@needs_decode
+@pytest.mark.parametrize("m", (1, 7, 16))
+def test_decode_extreme_values(m):
+    """Largest |acc| the formats allow at K = 14336: x_q = -127 against w8 = -128 (w4 = 0, z2 = 8, s2 = 16, the
+    0x80 byte of the in-register dequantization) and against UINT4 15 with zero point 0 (per channel)."""
+    n, k, g = 32, 14336, 128
+    x_q = torch.full((m, k), -127, dtype=torch.int8)
+    x_s = torch.full((m,), 1e-6)
+    x_sum = x_q.sum(dim=1, dtype=torch.int32)
+    qweight = ops.pack_weights(torch.zeros(n, k, dtype=torch.uint8))
+    s2 = torch.full((n, k // g), 16, dtype=torch.uint8)
+    z2 = torch.full((n, k // g), 8, dtype=torch.uint8)
+    s1 = torch.full((n,), 1e-3).half()
+    ref = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, None, g, torch.float16)
+    out = ops.w4a8_gemm_per_group(*_to("cuda", x_q, x_s, qweight, s2, z2, s1), group_size=g)
+    assert torch.equal(out.cpu(), ref) and bool((ref > 0).all())
+    qweight15 = ops.pack_weights(torch.full((n, k), 15, dtype=torch.uint8))
+    zero = torch.zeros(n, dtype=torch.uint8)
+    ref = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qweight15, s1, zero, None, torch.bfloat16)
+    out = ops.w4a8_gemm_per_channel(*_to("cuda", x_q, x_s, x_sum, qweight15, s1, zero), out_dtype=torch.bfloat16)
+    assert torch.equal(out.cpu(), ref) and bool((ref < 0).all())
+
+
+@needs_decode
+@pytest.mark.parametrize("n,k", ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)))  # Llama-3-8B layers
+def test_decode_llama_shapes_match_reference(n, k, gen):
+    """Llama-3-8B's qkv, o, gate_up and down at M = 1 and 16, both formats, g = 128, with and without bias."""
+    g = 128
+    w4, s2, z2, s1 = random_per_group(n, k, g, gen)
+    qweight = ops.pack_weights(w4)
+    scale = (torch.rand(n, generator=gen) * 0.05 + 1e-3).half()
+    zero = torch.randint(0, 16, (n,), generator=gen, dtype=torch.uint8)
+    bias = random_bias(n, torch.bfloat16, gen)
+    qw_c, s2_c, z2_c, s1_c, scale_c, zero_c, bias_c = _to("cuda", qweight, s2, z2, s1, scale, zero, bias)
+    for m in (1, 16):
+        x_q, x_s, x_sum = random_activations(m, k, gen)
+        x_q_c, x_s_c, x_sum_c = _to("cuda", x_q, x_s, x_sum)
+        b, b_c = (bias, bias_c) if m == 16 else (None, None)
+        ref = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, b, g, torch.bfloat16)
+        out = ops.w4a8_gemm_per_group(x_q_c, x_s_c, qw_c, s2_c, z2_c, s1_c, b_c, group_size=g,
+                                      out_dtype=torch.bfloat16)
+        assert torch.equal(out.cpu(), ref), ("per-group", m)
+        ref = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qweight, scale, zero, b, torch.float16)
+        out = ops.w4a8_gemm_per_channel(x_q_c, x_s_c, x_sum_c, qw_c, scale_c, zero_c, b_c, out_dtype=torch.float16)
+        assert torch.equal(out.cpu(), ref), ("per-channel", m)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", (1, 5, 16))
+@pytest.mark.parametrize("n,k", ((48, 192), (272, 1024), (128, 4096)))
+def test_tile_kernel_small_m_still_exact(m, n, k, gen, monkeypatch):
+    """QOQ_GEMM_FORCE="0,0" keeps the mma.sync tile kernel (its own config choice) reachable at M <= 16."""
+    monkeypatch.setenv("QOQ_GEMM_FORCE", "0,0")
+    g = 64 if k % 128 else 128
+    x_q, x_s, x_sum = random_activations(m, k, gen)
+    w4, s2, z2, s1 = random_per_group(n, k, g, gen)
+    qweight = ops.pack_weights(w4)
+    bias = random_bias(n, torch.float16, gen)
+    ref = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, g, torch.float16)
+    out = ops.w4a8_gemm_per_group(*_to("cuda", x_q, x_s, qweight, s2, z2, s1, bias), group_size=g)
+    assert torch.equal(out.cpu(), ref)
+    zero = z2[:, 0].contiguous()
+    ref = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qweight, s1, zero, None, torch.bfloat16)
+    out = ops.w4a8_gemm_per_channel(*_to("cuda", x_q, x_s, x_sum, qweight, s1, zero), out_dtype=torch.bfloat16)
+    assert torch.equal(out.cpu(), ref)
+
+
+@needs_decode
+def test_decode_kernel_is_dispatched(gen, monkeypatch):
+    """M <= 16 runs the decode kernel (and only it: no memset, no split-K workspace); M = 17 and a forced tile
+    config run the mma.sync tile kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n, k, g = 64, 1024, 128
+    w4, s2, z2, s1 = random_per_group(n, k, g, gen)
+    weights = _to("cuda", ops.pack_weights(w4), s2, z2, s1)
+
+    def kernels(m: int) -> list[str]:
+        x_q, x_s, _ = random_activations(m, k, gen)
+        x = _to("cuda", x_q, x_s)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            ops.w4a8_gemm_per_group(*x, *weights, group_size=g)
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]  # kernels, memsets
+
+    if not kernels(1):
+        pytest.skip("the profiler recorded no CUDA kernels here")
+    for m in (1, 2, 3, 4, 8, 9, 16):
+        names = kernels(m)
+        assert len(names) == 1 and "w4a8_gemv_kernel" in names[0], (m, names)
+    assert not any("w4a8_gemv_kernel" in name for name in kernels(17))
+    monkeypatch.setenv("QOQ_GEMM_FORCE", "0,0")
+    names = kernels(4)
+    assert any("w4a8_gemm_kernel" in name for name in names) and not any("w4a8_gemv_kernel" in x for x in names)

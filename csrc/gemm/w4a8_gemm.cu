@@ -1,5 +1,5 @@
 // CUDA impls of qoq::w4a8_gemm_per_group and qoq::w4a8_gemm_per_channel: argument checks, tile-config
-// choice by M, split-K choice, launch, and the TORCH_LIBRARY_IMPL registration.
+// choice by M, split-K choice, the opt-in Hopper wgmma path, launch, and the TORCH_LIBRARY_IMPL registration.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -7,6 +7,8 @@
 
 #include "common.cuh"
 #include "gemm/w4a8_gemm_kernel.cuh"
+#include "gemm/w4a8_gemm_wgmma.cuh"
+#include "gemm/w4a8_gemv.cuh"
 
 namespace qoq {
 namespace {
@@ -134,6 +136,7 @@ void launch(GemmParams p, const at::TensorOptions& options, int forced_splits) {
 
 // Tuning knob for benchmarks only: QOQ_GEMM_FORCE="<config>,<splits>" picks a tile config (index below)
 // and a split count (0 = automatic); the kernels' results do not depend on either.
+// Setting it also bypasses the decode kernel ("0,0" is this kernel's own choice at M <= 16).
 struct ForcedChoice {
   int config = -1, splits = 0;
 };
@@ -146,9 +149,87 @@ ForcedChoice forced_choice() {
   return f;
 }
 
+// Opt-in Hopper path: QOQ_GEMM_WGMMA="<mode>[,<bm>]", read at every call (a getenv, negligible next to a
+// GEMM; lets tests and benchmarks switch paths in one process). mode 0 (default): off; 1: the wgmma kernel
+// for shapes it takes (M >= 64, K % 128 == 0) on an sm_90a build running on sm_90, else the mma.sync kernel;
+// 2: as 1 but an error instead of the fallback when the device/build lacks the wgmma kernel (tests use it so
+// that a silent fallback cannot pass for the wgmma path). bm: activation rows per CTA, 128 or 256 (0: auto).
+struct WgmmaChoice {
+  int mode = 0, bm = 0;
+};
+
+WgmmaChoice wgmma_choice() {
+  WgmmaChoice c;
+  if (const char* env = std::getenv("QOQ_GEMM_WGMMA")) {
+    if (std::sscanf(env, "%d,%d", &c.mode, &c.bm) < 1) c.mode = 0;
+  }
+  return c;
+}
+
+// Whether the running device is sm_90 and this build carries the sm_90a image of the wgmma kernel (a probe
+// kernel reports the compile-time flag of the image the driver picked). Cached per device.
+bool wgmma_available(const at::TensorOptions& options) {
+  static int cached[64] = {0};  // 0: unknown, 1: yes, 2: no
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int& state = cached[device & 63];
+  if (state == 0) {
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    bool ok = false;
+    if (major == 9) {
+      at::Tensor flag = at::zeros({1}, options.dtype(at::kInt));
+      wgmma_probe_kernel<<<1, 1, 0, c10::cuda::getCurrentCUDAStream()>>>(flag.data_ptr<int>());
+      QOQ_CHECK_LAUNCH();
+      ok = flag.item<int>() == 1;
+    }
+    state = ok ? 1 : 2;
+  }
+  return state == 1;
+}
+
+template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP>
+void launch_wgmma(const GemmParams& p) {
+  using T = WgmmaTile<BM, STAGES>;
+  auto kernel = w4a8_gemm_wgmma_kernel<BM, STAGES, MIN_BLOCKS, PER_GROUP>;
+  static bool opted_in[64] = {false};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (!opted_in[device & 63]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes));
+    opted_in[device & 63] = true;
+  }
+  const dim3 grid((p.M + BM - 1) / BM, (p.N + T::kBN - 1) / T::kBN);
+  kernel<<<grid, T::kThreads, T::kSmemBytes, c10::cuda::getCurrentCUDAStream()>>>(p);
+  QOQ_CHECK_LAUNCH();
+}
+
+// True when the wgmma path computed the GEMM.
+template <bool PER_GROUP>
+bool try_wgmma(const GemmParams& p, const at::TensorOptions& options) {
+  const WgmmaChoice choice = wgmma_choice();
+  if (choice.mode <= 0 || p.M < 64 || p.K % 128 != 0 || (PER_GROUP && p.group_size % 64 != 0)) return false;
+  if (!wgmma_available(options)) {
+    TORCH_CHECK(choice.mode != 2, "QOQ_GEMM_WGMMA=2: the wgmma W4A8 kernel needs an sm_90 device and a build "
+                "with an sm_90a image (TORCH_CUDA_ARCH_LIST=9.0a)");
+    return false;
+  }
+  if (choice.bm == 256) {
+    launch_wgmma<256, 5, 1, PER_GROUP>(p);
+  } else {
+    launch_wgmma<128, 4, 2, PER_GROUP>(p);
+  }
+  return true;
+}
+
 template <bool PER_GROUP>
 void dispatch(GemmParams p, const at::TensorOptions& options) {
+  if (try_wgmma<PER_GROUP>(p, options)) return;
   const ForcedChoice forced = forced_choice();
+  if (forced.config < 0 && p.M <= gemv_max_m()) {  // decode: the memory-bound dp4a kernel (w4a8_gemv.cu)
+    launch_w4a8_gemv<PER_GROUP>(p);
+    return;
+  }
   int config = forced.config;
   if (config < 0 || config > 5 || (p.K % 256 != 0 && config == 0) || (p.K % 128 != 0 && config == 4)) {
     config = p.M <= 16 ? (p.K % 256 == 0 ? 0 : 1) : (p.M <= 64 ? 2 : 3);

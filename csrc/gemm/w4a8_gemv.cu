@@ -1,0 +1,198 @@
+// Decode path (M <= 16) of qoq::w4a8_gemm_per_group / w4a8_gemm_per_channel: at small M the GEMM only has
+// to stream the packed weights from HBM once, so this kernel is built around bytes in flight rather than
+// tensor cores:
+//   - a block owns BR = 4 * R output rows and all of K; its 8 warps split K, each lane owning R rows and
+//     one 16-byte chunk (32 weights) per 64-chunk stride; a lane issues R * U independent 16-byte loads
+//     (ld.global.nc, L1::no_allocate) before it uses any of them,
+//   - activations (M x K int8, small) are read through the L1 cache, which the weights bypass,
+//   - 4-bit -> 8-bit dequantization in registers on the v2 packed layout (a chunk's word j holds k 4j..4j+3
+//     in its low nibbles and k 16+4j..16+4j+3 in its high ones), then dp4a INT32 accumulation (exact),
+//   - the K split is reduced exactly in shared memory (fixed order), so there is no workspace and no memset;
+//     the epilogue is the contract's (float(acc) * x_s[m]) * float(s[n]) (+ bias[n]) with _rn float ops.
+#include <algorithm>
+#include <cstdlib>
+
+#include "common.cuh"
+#include "gemm/w4a8_gemv.cuh"
+
+namespace qoq {
+namespace {
+
+constexpr int kMaxM = 16;
+constexpr int kWarps = 8, kThreads = kWarps * 32;
+constexpr int kKLanes = 8;                      // lanes of a warp side by side along K (128 contiguous bytes)
+constexpr int kRowLanes = 32 / kKLanes;         // lanes of a warp side by side along N
+constexpr int kChunkStride = kKLanes * kWarps;  // 32-wide k chunks one pass of the block covers per row
+
+// 16 bytes of weights, read once: skip L1 so the activations stay cached there.
+__device__ __forceinline__ uint4 load_weights_16(const uint8_t* ptr) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr));
+  return v;
+}
+
+__device__ __forceinline__ void store_one(const GemmParams& p, int m, int n, float y) {
+  const size_t idx = static_cast<size_t>(m) * p.N + n;
+  if (p.out_bf16) {
+    static_cast<__nv_bfloat16*>(p.out)[idx] = __float2bfloat16_rn(y);
+  } else {
+    static_cast<__half*>(p.out)[idx] = __float2half_rn(y);
+  }
+}
+
+__device__ __forceinline__ int dot8(const uint32_t (&lo)[4], const uint32_t (&hi)[4], const int4& x_lo,
+                                    const int4& x_hi, int acc) {
+  acc = __dp4a(static_cast<int>(lo[0]), x_lo.x, acc);
+  acc = __dp4a(static_cast<int>(lo[1]), x_lo.y, acc);
+  acc = __dp4a(static_cast<int>(lo[2]), x_lo.z, acc);
+  acc = __dp4a(static_cast<int>(lo[3]), x_lo.w, acc);
+  acc = __dp4a(static_cast<int>(hi[0]), x_hi.x, acc);
+  acc = __dp4a(static_cast<int>(hi[1]), x_hi.y, acc);
+  acc = __dp4a(static_cast<int>(hi[2]), x_hi.z, acc);
+  acc = __dp4a(static_cast<int>(hi[3]), x_hi.w, acc);
+  return acc;
+}
+
+// MAXM: activation rows the accumulators hold (p.M <= MAXM); R: rows per lane; U: k chunks per lane per batch.
+template <bool PER_GROUP, int MAXM, int R, int U>
+__global__ void __launch_bounds__(kThreads, 2) w4a8_gemv_kernel(const GemmParams p) {
+  constexpr int BR = kRowLanes * R;
+  __shared__ int32_t partial[kWarps][MAXM][BR];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int kl = lane % kKLanes, rl = lane / kKLanes;
+  const int n0 = blockIdx.x * BR;
+  const int kchunks = p.K / 32;
+  const size_t row_bytes = static_cast<size_t>(p.K) / 2;
+  // Lane rows: n0 + rl + kRowLanes * r, so for each r the warp reads 4 whole 128-byte row segments.
+  const uint8_t* w_base = p.qweight + static_cast<size_t>(n0 + rl) * row_bytes;
+
+  int32_t acc[R][MAXM];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m) acc[r][m] = 0;
+
+  for (int c0 = warp * kKLanes + kl; c0 < kchunks; c0 += U * kChunkStride) {
+    // Issue every load of the batch first: R * U * 16 bytes in flight per lane.
+    uint4 w[U][R];
+    uint32_t sz[U][R];  // per group: s2 | z2 << 8
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + u * kChunkStride;
+      const bool ok = c < kchunks;
+      const int group = PER_GROUP && ok ? c * 32 / p.group_size : 0;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        w[u][r] = ok ? load_weights_16(w_base + r * kRowLanes * row_bytes + 16 * static_cast<size_t>(c))
+                     : make_uint4(0, 0, 0, 0);
+        if constexpr (PER_GROUP) {
+          const size_t idx = static_cast<size_t>(n0 + rl + r * kRowLanes) * p.groups + group;
+          sz[u][r] = ok ? (static_cast<uint32_t>(__ldg(p.s2 + idx)) | (static_cast<uint32_t>(__ldg(p.z2 + idx)) << 8))
+                        : 0u;
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + u * kChunkStride;
+      if (c >= kchunks) break;  // the later chunks of the batch are past K too
+      uint32_t lo[R][4], hi[R][4];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const uint32_t words[4] = {w[u][r].x, w[u][r].y, w[u][r].z, w[u][r].w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          lo[r][j] = words[j] & 0x0F0F0F0Fu;         // k = 32c + 4j .. 4j+3
+          hi[r][j] = (words[j] >> 4) & 0x0F0F0F0Fu;  // k = 32c + 16 + 4j .. 4j+3
+        }
+        if constexpr (PER_GROUP) {
+          const GroupDequant dq = make_group_dequant(sz[u][r] & 0xFFu, sz[u][r] >> 8);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            lo[r][j] = dequant4(lo[r][j], dq);
+            hi[r][j] = dequant4(hi[r][j], dq);
+          }
+        }  // per channel: UINT4 values 0..15 are valid s8 operands; the zero point is applied in the epilogue
+      }
+#pragma unroll
+      for (int m = 0; m < MAXM; ++m) {
+        if (m >= p.M) break;
+        const int4* x = reinterpret_cast<const int4*>(p.x_q + static_cast<size_t>(m) * p.K + 32 * c);
+        const int4 x_lo = __ldg(x), x_hi = __ldg(x + 1);
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r][m] = dot8(lo[r], hi[r], x_lo, x_hi, acc[r][m]);
+      }
+    }
+  }
+
+  // Exact reduction: over the 8 K lanes of the warp (shuffles), then over the warps in a fixed order.
+#pragma unroll
+  for (int m = 0; m < MAXM; ++m) {
+    if (m >= p.M) break;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      int32_t v = acc[r][m];
+#pragma unroll
+      for (int off = 1; off < kKLanes; off <<= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
+      if (kl == 0) partial[warp][m][rl + r * kRowLanes] = v;
+    }
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t < BR * p.M; t += kThreads) {
+    const int row = t % BR, m = t / BR, n = n0 + row;
+    int32_t sum = 0;
+#pragma unroll
+    for (int i = 0; i < kWarps; ++i) sum += partial[i][m][row];
+    if constexpr (!PER_GROUP) sum -= static_cast<int32_t>(p.zero[n]) * p.x_sum[m];
+    store_one(p, m, n, epilogue_value(p, sum, p.x_s[m], n));
+  }
+}
+
+template <bool PER_GROUP, int MAXM, int R, int U>
+void launch_bucket(const GemmParams& p) {
+  constexpr int BR = kRowLanes * R;
+  static_assert(16 % BR == 0, "N is only guaranteed to be a multiple of 16");
+  static_assert(BR * MAXM <= kThreads * 4, "epilogue loop bound");
+  w4a8_gemv_kernel<PER_GROUP, MAXM, R, U>
+      <<<p.N / BR, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+  QOQ_CHECK_LAUNCH();
+}
+
+int env_int(const char* name, int fallback) {
+  const char* env = std::getenv(name);
+  return env == nullptr || *env == '\0' ? fallback : std::atoi(env);
+}
+
+}  // namespace
+
+int gemv_max_m() {
+  static const int max_m =
+      env_int("QOQ_GEMM_DECODE", 1) == 0 ? 0 : std::clamp(env_int("QOQ_GEMM_DECODE_MAX_M", kMaxM), 0, kMaxM);
+  return max_m;
+}
+
+template <bool PER_GROUP>
+void launch_w4a8_gemv(const GemmParams& p) {
+  TORCH_CHECK(p.M >= 1 && p.M <= kMaxM, "w4a8 decode kernel takes 1 <= M <= ", kMaxM, ", got M=", p.M);
+  TORCH_CHECK(p.N % 16 == 0 && p.K % 64 == 0, "w4a8 decode kernel needs N % 16 == 0 and K % 64 == 0");
+  // More rows per lane reuse each activation load more; fewer keep the accumulators in registers at large M.
+  if (p.M <= 1) {
+    launch_bucket<PER_GROUP, 1, 4, 2>(p);
+  } else if (p.M <= 2) {
+    launch_bucket<PER_GROUP, 2, 4, 2>(p);
+  } else if (p.M <= 4) {
+    launch_bucket<PER_GROUP, 4, 4, 2>(p);
+  } else if (p.M <= 8) {
+    launch_bucket<PER_GROUP, 8, 2, 4>(p);
+  } else {
+    launch_bucket<PER_GROUP, 16, 2, 4>(p);
+  }
+}
+
+template void launch_w4a8_gemv<true>(const GemmParams& p);
+template void launch_w4a8_gemv<false>(const GemmParams& p);
+
+}  // namespace qoq
