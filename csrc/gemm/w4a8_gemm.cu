@@ -27,29 +27,32 @@ void check_common(const at::Tensor& x_q, const at::Tensor& x_s, const at::Tensor
   QOQ_CHECK_DIM(x_q, 2);
   QOQ_CHECK_CONTIGUOUS(x_q);
   const int64_t m = x_q.size(0), k = x_q.size(1);
-  TORCH_CHECK(k > 0 && k % 64 == 0, "x_q: K must be a positive multiple of 64 for the CUDA W4A8 GEMM, got K=", k);
+  TORCH_CHECK(k > 0 && k % 64 == 0, "x_q: K must be a positive multiple of 64 for the CUDA W4A8 GEMM, got K=", qoq::num(k));
   TORCH_CHECK(x_q.numel() < (int64_t(1) << 31), "x_q: more than 2^31 elements is not supported");
   QOQ_CHECK_CUDA(x_s);
   QOQ_CHECK_DTYPE(x_s, at::kFloat);
-  TORCH_CHECK(x_s.dim() == 1 && x_s.size(0) == m, "x_s must have shape [M] = [", m, "], got ", x_s.sizes());
+  TORCH_CHECK(x_s.dim() == 1 && x_s.size(0) == m, "x_s must have shape [M] = [", qoq::num(m), "], got ", qoq::shape_str(x_s));
   QOQ_CHECK_CONTIGUOUS(x_s);
   QOQ_CHECK_CUDA(qweight);
   QOQ_CHECK_DTYPE(qweight, at::kByte);
   QOQ_CHECK_DIM(qweight, 2);
   QOQ_CHECK_CONTIGUOUS(qweight);
-  TORCH_CHECK(qweight.size(1) * 2 == k, "qweight must have shape [N, K/2] = [N, ", k / 2, "], got ", qweight.sizes());
+  TORCH_CHECK(qweight.size(1) * 2 == k, "qweight must have shape [N, K/2] = [N, ", qoq::num(k / 2), "], got ",
+              qoq::shape_str(qweight));
   const int64_t n = qweight.size(0);
-  TORCH_CHECK(n > 0 && n % 16 == 0, "qweight: N must be a positive multiple of 16 for the CUDA W4A8 GEMM, got N=", n);
-  TORCH_CHECK(n < 65535 * 64, "qweight: N=", n, " is too large");
-  TORCH_CHECK(x_s.device() == x_q.device(), "x_s is on ", x_s.device(), " but x_q is on ", x_q.device());
-  TORCH_CHECK(qweight.device() == x_q.device(), "qweight is on ", qweight.device(), " but x_q is on ", x_q.device());
+  TORCH_CHECK(n > 0 && n % 16 == 0, "qweight: N must be a positive multiple of 16 for the CUDA W4A8 GEMM, got N=",
+              qoq::num(n));
+  TORCH_CHECK(n < 65535 * 64, "qweight: N=", qoq::num(n), " is too large");
+  TORCH_CHECK(x_s.device() == x_q.device(), "x_s is on ", qoq::device_str(x_s), " but x_q is on ", qoq::device_str(x_q));
+  TORCH_CHECK(qweight.device() == x_q.device(), "qweight is on ", qoq::device_str(qweight), " but x_q is on ",
+              qoq::device_str(x_q));
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
     QOQ_CHECK_CUDA(b);
-    TORCH_CHECK(b.device() == x_q.device(), "bias is on ", b.device(), " but x_q is on ", x_q.device());
+    TORCH_CHECK(b.device() == x_q.device(), "bias is on ", qoq::device_str(b), " but x_q is on ", qoq::device_str(x_q));
     TORCH_CHECK(b.scalar_type() == at::kFloat || b.scalar_type() == at::kHalf || b.scalar_type() == at::kBFloat16,
                 "bias must be float32, float16 or bfloat16, got ", b.scalar_type());
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == n, "bias must have shape [N] = [", n, "], got ", b.sizes());
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == n, "bias must have shape [N] = [", qoq::num(n), "], got ", qoq::shape_str(b));
     QOQ_CHECK_CONTIGUOUS(b);
   }
   TORCH_CHECK(out_dtype == at::kHalf || out_dtype == at::kBFloat16,
@@ -57,10 +60,10 @@ void check_common(const at::Tensor& x_q, const at::Tensor& x_s, const at::Tensor
 }
 
 void check_per_row(const char* name, const at::Tensor& t, at::ScalarType dtype, int64_t n, const at::Tensor& x_q) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.device() == x_q.device(), name, " is on ", t.device(), " but x_q is on ", x_q.device());
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", qoq::device_str(t));
+  TORCH_CHECK(t.device() == x_q.device(), name, " is on ", qoq::device_str(t), " but x_q is on ", qoq::device_str(x_q));
   TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, " must have shape [", n, "], got ", t.sizes());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, " must have shape [", qoq::num(n), "], got ", qoq::shape_str(t));
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
@@ -127,8 +130,8 @@ void launch(GemmParams p, const at::TensorOptions& options, int forced_splits) {
     limit -= 1024;  // room for the kernel's static shared memory
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
   }
-  TORCH_CHECK(smem_bytes <= limit, "w4a8 GEMM tile needs ", smem_bytes, " bytes of shared memory; this GPU allows ",
-              limit);
+  TORCH_CHECK(smem_bytes <= limit, "w4a8 GEMM tile needs ", qoq::num(smem_bytes), " bytes of shared memory; this GPU allows ",
+              qoq::num(limit));
   const dim3 grid(m_tiles, n_tiles, splits);
   kernel<<<grid, C::kThreads, smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(p);
   QOQ_CHECK_LAUNCH();
@@ -267,14 +270,17 @@ at::Tensor w4a8_gemm_per_group_cuda(const at::Tensor& x_q_in, const at::Tensor& 
                                     at::ScalarType out_dtype) {
   check_common(x_q_in, x_s, qweight_in, bias, out_dtype);
   const int64_t k = x_q_in.size(1), n = qweight_in.size(0);
-  TORCH_CHECK(group_size > 0 && k % group_size == 0, "group_size=", group_size, " must be positive and divide K=", k);
-  TORCH_CHECK(group_size % 64 == 0, "group_size must be a multiple of 64 for the CUDA W4A8 GEMM, got ", group_size);
+  TORCH_CHECK(group_size > 0 && k % group_size == 0, "group_size=", qoq::num(group_size), " must be positive and divide K=",
+              qoq::num(k));
+  TORCH_CHECK(group_size % 64 == 0, "group_size must be a multiple of 64 for the CUDA W4A8 GEMM, got ",
+              qoq::num(group_size));
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"s2", &s2}, {"z2", &z2}}) {
-    TORCH_CHECK(t->is_cuda(), name, " must be a CUDA tensor, got ", t->device());
-    TORCH_CHECK(t->device() == x_q_in.device(), name, " is on ", t->device(), " but x_q is on ", x_q_in.device());
+    TORCH_CHECK(t->is_cuda(), name, " must be a CUDA tensor, got ", qoq::device_str(*t));
+    TORCH_CHECK(t->device() == x_q_in.device(), name, " is on ", qoq::device_str(*t), " but x_q is on ",
+                qoq::device_str(x_q_in));
     TORCH_CHECK(t->scalar_type() == at::kByte, name, " must have dtype uint8, got ", t->scalar_type());
     TORCH_CHECK(t->dim() == 2 && t->size(0) == n && t->size(1) == k / group_size, name, " must have shape [N, K/g] = [",
-                n, ", ", k / group_size, "], got ", t->sizes());
+                qoq::num(n), ", ", qoq::num(k / group_size), "], got ", qoq::shape_str(*t));
     TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
   }
   check_per_row("s1", s1, at::kHalf, n, x_q_in);

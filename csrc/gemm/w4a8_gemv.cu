@@ -176,7 +176,8 @@ int gemv_max_m() {
 
 template <bool PER_GROUP>
 void launch_w4a8_gemv(const GemmParams& p) {
-  TORCH_CHECK(p.M >= 1 && p.M <= kMaxM, "w4a8 decode kernel takes 1 <= M <= ", kMaxM, ", got M=", p.M);
+  TORCH_CHECK(p.M >= 1 && p.M <= kMaxM, "w4a8 decode kernel takes 1 <= M <= ", qoq::num(kMaxM), ", got M=",
+              qoq::num(p.M));
   TORCH_CHECK(p.N % 16 == 0 && p.K % 64 == 0, "w4a8 decode kernel needs N % 16 == 0 and K % 64 == 0");
   // More rows per lane reuse each activation load more; fewer keep the accumulators in registers at large M.
   if (p.M <= 1) {

@@ -1,0 +1,630 @@
+// CUDA impl of qoq::kv4_decode_attention (docs/formats.md, "KV cache (KV4)"): flash-decoding over the
+// packed UINT4 cache.
+//
+// Grid: (B * H_kv * query-chunks, splits). A block owns one KV head of one row, the query rows of that
+// head's GQA group (up to 16 = heads x S_q; more rows take more blocks), and one contiguous slice of the
+// row's valid slots; so each cache byte is read once for up to 16 query rows. Its 4 warps take 16-slot
+// steps in turn; each lane copies its own operands of a step into shared memory with cp.async, through a
+// 4-stage ring (3 steps ahead of the one computed).
+// Lengths are read on the device (CUDA-graph safe): kv_lens is clamped to T and kv_starts to >= 0, so bad
+// values can never index out of bounds (a row with start >= len returns zeros).
+//
+// Arithmetic, with n the UINT4 codes, (s, m) a slot's fp16 (scale, min), and q a query row:
+//   q . k^ = s_K * (q . n_K) + m_K * sum(q)          (q . n_K on the tensor cores: exact 16-bit operands)
+//   sum_t p_t v^_t = sum_t (p_t s_V,t) n_V,t + sum_t p_t m_V,t
+// The first MMA puts query rows on M (16) and slots on N; its f32 accumulator layout is exactly the B
+// operand layout of the second MMA, which puts head_dim on M and slots on K (O^T = V^T P^T), so the
+// probabilities never leave registers. p is fp16 in the second MMA (as in FlashAttention); softmax and
+// all sums are float32. Splits are merged by a small second kernel (log-sum-exp weights).
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "attention/kv4_ptx.cuh"
+#include "common.cuh"
+
+namespace qoq {
+namespace {
+
+using kv4::cp_async;
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kStages = 4;
+constexpr int kStepSlots = 16;
+constexpr int kRowsPerBlock = 16;  // query rows (heads of one GQA group x S_q) per block
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Per-thread shares of one 16-slot step, for head_dim D. Lane = 4 * g + c (g = lane / 4, c = lane % 4).
+template <int D>
+struct Geometry {
+  static constexpr int kRowBytes = D / 2;      // packed bytes of one slot
+  static constexpr int kKBytes = D / 8;        // K bytes a lane reads per slot (slots g and 8 + g)
+  static constexpr int kKWords = kKBytes / 4;  // each word feeds two k-steps of the QK MMA
+  static constexpr int kKChunk = kKBytes < 16 ? kKBytes : 16;
+  static constexpr int kVBytes = D / 16;       // V bytes a lane reads per slot (slots 2c, 2c+1, 2c+8, 2c+9)
+  static constexpr int kVWords = kVBytes / 4;  // each byte is one m-tile of the PV MMA
+  static constexpr int kMTiles = D / 16;
+  // Shared memory of one warp's stage: K [2][32 lanes][kKBytes], V [4][32][kVBytes], params [32] x 4 bytes.
+  static constexpr int kKOffset = 0;
+  static constexpr int kVOffset = 2 * 32 * kKBytes;
+  static constexpr int kPOffset = kVOffset + 4 * 32 * kVBytes;
+  static constexpr int kStageBytes = kPOffset + 32 * 4;
+  static constexpr int kPipelineBytes = kWarps * kStages * kStageBytes;
+  // Epilogue (reuses the same memory): per warp, m / l / min-sum per row and O^T [rows][D].
+  static constexpr int kReduceBytes = kWarps * kRowsPerBlock * (3 + D) * 4;
+  static constexpr int kSmemBytes = kPipelineBytes > kReduceBytes ? kPipelineBytes : kReduceBytes;
+  static_assert(kVBytes >= 4, "head_dim must be at least 64");
+};
+
+struct DecodeArgs {
+  const void* q;            // [B, H_q, S_q, D], element strides below, stride 1 along D
+  int64_t q_stride[3];
+  const uint8_t* k_cache;   // [B, H_kv, T, D/2]
+  const uint8_t* v_cache;
+  const __half* k_params;   // [B, H_kv, T, 2] = (scale, min)
+  const __half* v_params;
+  const int32_t* kv_lens;   // [B]
+  const int32_t* kv_starts;
+  void* out;                // [B, H_q, S_q, D] contiguous, q's dtype (splits == 1)
+  float* part_o;            // [splits, rows, D] (splits > 1)
+  float* part_lse;          // [splits, rows], base-2 log-sum-exp, -inf when the split saw nothing
+  int b, h_q, h_kv, s_q, t, q_chunks, splits;
+  float scale_log2;         // sm_scale * log2(e)
+  bool q_vec16;             // q rows and strides allow 16-byte loads
+};
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+__device__ __forceinline__ float2 half2_bits_to_float2(uint32_t bits) {
+  __half2 h;
+  *reinterpret_cast<uint32_t*>(&h) = bits;
+  return __half22float2(h);
+}
+
+// NQ = number of 8-row query groups in use (1: rows 0..7, 2: rows 0..15).
+// 4 blocks (16 warps) a multiprocessor for the common shapes: at most 128 registers a thread there.
+template <typename T, int D, int NQ>
+__global__ void __launch_bounds__(kThreads, (NQ == 1 && D <= 128) ? 4 : 1) kv4_decode_kernel(const DecodeArgs a) {
+  using G = Geometry<D>;
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  const int qc = blockIdx.x % a.q_chunks;
+  const int hkv = (blockIdx.x / a.q_chunks) % a.h_kv;
+  const int b = blockIdx.x / (a.q_chunks * a.h_kv);
+  const int split = blockIdx.y;
+  const int group = a.h_q / a.h_kv;
+  const int rows = group * a.s_q;  // query rows of this KV head
+  const int row0 = qc * kRowsPerBlock;
+
+  // Valid slots [start, len) of this row, clamped to the cache (bad values never index out of bounds).
+  const int len = min(a.kv_lens[b], a.t);
+  const int start = max(a.kv_starts[b], 0);
+  const int first = start & ~(kStepSlots - 1);
+  const int span = len - first;
+  int split_begin = 0, split_end = 0;
+  if (span > 0) {
+    const int per_split = (span + a.splits - 1) / a.splits;
+    const int chunk = (per_split + kWarps * kStepSlots - 1) / (kWarps * kStepSlots) * (kWarps * kStepSlots);
+    split_begin = first + split * chunk;
+    split_end = min(split_begin + chunk, len);
+  }
+
+  // ---- query fragments (A operand of the QK MMA), the row sums, the rows' visible ends ----------------
+  // k-step ks = 2 * wi + jj covers, for lane (g, c), the dims base + {2jj, 4+2jj} (slots 2c, 2c+1) and
+  // base + {1+2jj, 5+2jj} (slots 2c+8, 2c+9) with base = c * D/4 + 8 * wi: the order in which the
+  // nibble conversion delivers the K codes (see kv4_ptx.cuh).
+  constexpr int kKSteps = 2 * G::kKWords;
+  uint32_t qa[kKSteps][4];
+  float qsum[2] = {0.f, 0.f};
+  int row_end[2] = {INT_MIN, INT_MIN};
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = row0 + g + 8 * half;
+    const bool valid = half < NQ && r < rows;
+    const T* qrow = nullptr;
+    if (valid) {
+      const int hq = hkv * group + r / a.s_q, i = r % a.s_q;
+      qrow = static_cast<const T*>(a.q) + b * a.q_stride[0] + hq * a.q_stride[1] + i * a.q_stride[2];
+      row_end[half] = len - (a.s_q - 1 - i);
+    }
+#pragma unroll
+    for (int wi = 0; wi < G::kKWords; ++wi) {
+      uint16_t e[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      if (valid) {
+        const T* src = qrow + c * (D / 4) + 8 * wi;
+        if (a.q_vec16) {
+          const uint4 raw = *reinterpret_cast<const uint4*>(src);
+          const uint32_t w4[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+          for (int j = 0; j < 8; ++j) e[j] = static_cast<uint16_t>(w4[j / 2] >> (16 * (j % 2)));
+        } else {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) e[j] = *reinterpret_cast<const uint16_t*>(src + j);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const uint16_t bits = e[j];
+        qsum[half] += to_float<T>(*reinterpret_cast<const T*>(&bits));
+      }
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        qa[2 * wi + jj][half] = uint32_t(e[2 * jj]) | (uint32_t(e[4 + 2 * jj]) << 16);
+        qa[2 * wi + jj][2 + half] = uint32_t(e[1 + 2 * jj]) | (uint32_t(e[5 + 2 * jj]) << 16);
+      }
+    }
+    qsum[half] += __shfl_xor_sync(0xffffffffu, qsum[half], 1);
+    qsum[half] += __shfl_xor_sync(0xffffffffu, qsum[half], 2);
+  }
+
+  // ---- state: running max / sum / min-sum per query row (rows g, g+8), O^T accumulators --------------
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, vmin_run[2] = {0.f, 0.f};
+  float acc[NQ][G::kMTiles][4];
+#pragma unroll
+  for (int n = 0; n < NQ; ++n)
+#pragma unroll
+    for (int i = 0; i < G::kMTiles; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[n][i][j] = 0.f;
+
+  const int64_t head = static_cast<int64_t>(b) * a.h_kv + hkv;
+  const uint8_t* k_base = a.k_cache + head * a.t * G::kRowBytes;
+  const uint8_t* v_base = a.v_cache + head * a.t * G::kRowBytes;
+  const __half* kp_base = a.k_params + head * a.t * 2;
+  const __half* vp_base = a.v_params + head * a.t * 2;
+  uint8_t* warp_smem = smem + warp * kStages * G::kStageBytes;
+  // This lane's operands at slot 0: K of slot g (chunk c), V of slot 2c (chunk g), params of slot lane % 16.
+  const uint8_t* k_lane = k_base + g * G::kRowBytes + c * G::kKBytes;
+  const uint8_t* v_lane = v_base + 2 * c * G::kRowBytes + g * G::kVBytes;
+  const __half* p_lane = (lane < 16 ? kp_base : vp_base) + (lane & 15) * 2;
+
+  const int steps_total = split_end > split_begin ? (split_end - split_begin + kStepSlots - 1) / kStepSlots : 0;
+  const int my_steps = steps_total > warp ? (steps_total - warp + kWarps - 1) / kWarps : 0;
+  const int last_slot = a.t - 1;
+
+  // Copies this lane's operands of step `k` into stage `k % kStages`; slots past the cache are clamped
+  // (their values are masked out below).
+  auto issue = [&](int k) {
+    uint8_t* st = warp_smem + (k % kStages) * G::kStageBytes;
+    const int t0 = split_begin + (warp + k * kWarps) * kStepSlots;
+    if (t0 + kStepSlots <= a.t) {  // whole step inside the cache (warp-uniform): no clamping
+      const int64_t off = static_cast<int64_t>(t0) * G::kRowBytes;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const uint8_t* src = k_lane + off + 8 * j * G::kRowBytes;
+        uint8_t* dst = st + G::kKOffset + (j * 32 + lane) * G::kKBytes;
+#pragma unroll
+        for (int o = 0; o < G::kKBytes; o += G::kKChunk) cp_async<G::kKChunk>(dst + o, src + o);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint8_t* src = v_lane + off + ((j & 1) + 8 * (j >> 1)) * G::kRowBytes;
+        cp_async<G::kVBytes>(st + G::kVOffset + (j * 32 + lane) * G::kVBytes, src);
+      }
+      cp_async<4>(st + G::kPOffset + lane * 4, p_lane + static_cast<int64_t>(t0) * 2);
+      return;
+    }
+    // Last step of the cache: slots past it are clamped to the last slot (their values are masked out).
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int slot = min(t0 + 8 * j + g, last_slot);
+      const uint8_t* src = k_base + static_cast<int64_t>(slot) * G::kRowBytes + c * G::kKBytes;
+      uint8_t* dst = st + G::kKOffset + (j * 32 + lane) * G::kKBytes;
+#pragma unroll
+      for (int o = 0; o < G::kKBytes; o += G::kKChunk) cp_async<G::kKChunk>(dst + o, src + o);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int slot = min(t0 + 2 * c + (j & 1) + 8 * (j >> 1), last_slot);
+      const uint8_t* src = v_base + static_cast<int64_t>(slot) * G::kRowBytes + g * G::kVBytes;
+      cp_async<G::kVBytes>(st + G::kVOffset + (j * 32 + lane) * G::kVBytes, src);
+    }
+    {
+      const int slot = min(t0 + (lane & 15), last_slot);
+      const __half* src = (lane < 16 ? kp_base : vp_base) + static_cast<int64_t>(slot) * 2;
+      cp_async<4>(st + G::kPOffset + lane * 4, src);
+    }
+  };
+
+  for (int k = 0; k < kStages - 1; ++k) {
+    if (k < my_steps) issue(k);
+    kv4::cp_async_commit();
+  }
+
+  for (int k = 0; k < my_steps; ++k) {
+    kv4::cp_async_wait<kStages - 2>();
+    __syncwarp();  // the params of a step are copied by other lanes
+    const uint8_t* st = warp_smem + (k % kStages) * G::kStageBytes;
+    const int t0 = split_begin + (warp + k * kWarps) * kStepSlots;
+    const uint32_t* params = reinterpret_cast<const uint32_t*>(st + G::kPOffset);
+
+    // -- scores: S[row][slot] for rows (g, g+8) and slots t0 + 8 nt + 2c + {0, 1} ----------------------
+    float s[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      float chain[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};  // two MMA chains: more ILP
+      const uint32_t* kw = reinterpret_cast<const uint32_t*>(st + G::kKOffset + (nt * 32 + lane) * G::kKBytes);
+      uint32_t words[G::kKWords];
+      if constexpr (G::kKWords % 4 == 0) {
+#pragma unroll
+        for (int wi = 0; wi < G::kKWords; wi += 4) {
+          const uint4 v4 = reinterpret_cast<const uint4*>(kw)[wi / 4];
+          words[wi] = v4.x; words[wi + 1] = v4.y; words[wi + 2] = v4.z; words[wi + 3] = v4.w;
+        }
+      } else {
+#pragma unroll
+        for (int wi = 0; wi < G::kKWords; wi += 2) {
+          const uint2 v2 = reinterpret_cast<const uint2*>(kw)[wi / 2];
+          words[wi] = v2.x; words[wi + 1] = v2.y;
+        }
+      }
+#pragma unroll
+      for (int wi = 0; wi < G::kKWords; ++wi) {
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+          const uint32_t x = jj ? (words[wi] >> 8) : words[wi];
+          kv4::mma_16816<T>(chain[jj], qa[2 * wi + jj], kv4::nibbles_0_16<T>(x), kv4::nibbles_4_20<T>(x));
+        }
+      }
+      float cacc[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) cacc[j] = chain[0][j] + chain[1][j];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int local = 8 * nt + 2 * c + e;
+        const float2 kp = half2_bits_to_float2(params[local]);  // (scale, min)
+        const int slot = t0 + local;
+        const bool in_range = slot >= start;
+#pragma unroll
+        for (int half = 0; half < NQ; ++half) {
+          const float dot = fmaf(kp.x, cacc[2 * half + e], kp.y * qsum[half]);
+          s[nt][2 * half + e] = (in_range && slot < row_end[half]) ? dot * a.scale_log2 : -INFINITY;
+        }
+      }
+    }
+
+    // -- online softmax per row; P' = p * s_V (fp16) feeds the PV MMA, p * m_V the min-sum ------------
+    uint32_t pb[2][2];  // [row half][slot half of the step]
+    float alpha[2];
+#pragma unroll
+    for (int half = 0; half < NQ; ++half) {
+      float tile_max = fmaxf(fmaxf(s[0][2 * half], s[0][2 * half + 1]), fmaxf(s[1][2 * half], s[1][2 * half + 1]));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+      const float m_new = fmaxf(m_run[half], tile_max);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no slot seen yet: avoid (-inf) - (-inf)
+      alpha[half] = m_new == m_run[half] ? 1.f : kv4::exp2_approx(m_run[half] - m_use);
+      m_run[half] = m_new;
+      float psum = 0.f, vmin_sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        float pv[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float p = kv4::exp2_approx(s[nt][2 * half + e] - m_use);
+          const float2 vp = half2_bits_to_float2(params[16 + 8 * nt + 2 * c + e]);
+          // Masked slots may hold stale params (even NaN): select, never multiply by 0.
+          pv[e] = p > 0.f ? p * vp.x : 0.f;
+          vmin_sum += p > 0.f ? p * vp.y : 0.f;
+          psum += p;
+        }
+        pb[half][nt] = kv4::pack_half2(pv[0], pv[1]);
+      }
+      l_run[half] = l_run[half] * alpha[half] + psum;
+      vmin_run[half] = vmin_run[half] * alpha[half] + vmin_sum;
+    }
+
+    // -- rescale O^T: its columns are rows 2c, 2c+1, whose alpha lanes 8c and 8c+4 hold ----------------
+#pragma unroll
+    for (int half = 0; half < NQ; ++half) {
+      if (__all_sync(0xffffffffu, alpha[half] == 1.f)) continue;  // the common case once the max settles
+      const float a0 = __shfl_sync(0xffffffffu, alpha[half], 8 * c);
+      const float a1 = __shfl_sync(0xffffffffu, alpha[half], 8 * c + 4);
+#pragma unroll
+      for (int i = 0; i < G::kMTiles; ++i) {
+        acc[half][i][0] *= a0;
+        acc[half][i][1] *= a1;
+        acc[half][i][2] *= a0;
+        acc[half][i][3] *= a1;
+      }
+    }
+
+    // -- O^T[d][row] += n_V^T[d][slot] * P'^T[slot][row]: m-tile i is byte i of each slot's V share -----
+    uint32_t vw[4][G::kVWords];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint8_t* src = st + G::kVOffset + (j * 32 + lane) * G::kVBytes;
+      if constexpr (G::kVWords == 4) {
+        const uint4 v4 = *reinterpret_cast<const uint4*>(src);
+        vw[j][0] = v4.x; vw[j][1] = v4.y; vw[j][2] = v4.z; vw[j][3] = v4.w;
+      } else if constexpr (G::kVWords == 2) {
+        const uint2 v2 = *reinterpret_cast<const uint2*>(src);
+        vw[j][0] = v2.x; vw[j][1] = v2.y;
+      } else {
+        vw[j][0] = *reinterpret_cast<const uint32_t*>(src);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < G::kMTiles; ++i) {
+      const uint32_t sel = (i & 3) | ((4 + (i & 3)) << 8);  // byte i of slot A -> byte 0, of slot B -> byte 2
+      const uint32_t x01 = __byte_perm(vw[0][i >> 2], vw[1][i >> 2], sel);  // slots 2c, 2c+1
+      const uint32_t x89 = __byte_perm(vw[2][i >> 2], vw[3][i >> 2], sel);  // slots 2c+8, 2c+9
+      const uint32_t va[4] = {kv4::nibbles_0_16<__half>(x01), kv4::nibbles_4_20<__half>(x01),
+                              kv4::nibbles_0_16<__half>(x89), kv4::nibbles_4_20<__half>(x89)};
+#pragma unroll
+      for (int half = 0; half < NQ; ++half) kv4::mma_16816<__half>(acc[half][i], va, pb[half][0], pb[half][1]);
+    }
+
+    if (k + kStages - 1 < my_steps) issue(k + kStages - 1);
+    kv4::cp_async_commit();
+  }
+  kv4::cp_async_wait<0>();
+
+  // ---- merge the warps (shared memory), then write the output or this split's partial ---------------
+#pragma unroll
+  for (int half = 0; half < NQ; ++half) {
+#pragma unroll
+    for (int o = 1; o <= 2; o <<= 1) {
+      l_run[half] += __shfl_xor_sync(0xffffffffu, l_run[half], o);
+      vmin_run[half] += __shfl_xor_sync(0xffffffffu, vmin_run[half], o);
+    }
+  }
+  __syncthreads();  // every warp is done with its pipeline memory
+  float* red_m = reinterpret_cast<float*>(smem);
+  float* red_l = red_m + kWarps * kRowsPerBlock;
+  float* red_vmin = red_l + kWarps * kRowsPerBlock;
+  float* red_o = red_vmin + kWarps * kRowsPerBlock;  // [warp][row][D]
+  if (c == 0) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = warp * kRowsPerBlock + g + 8 * half;
+      red_m[r] = half < NQ ? m_run[half] : -INFINITY;
+      red_l[r] = half < NQ ? l_run[half] : 0.f;
+      red_vmin[r] = half < NQ ? vmin_run[half] : 0.f;
+    }
+  }
+#pragma unroll
+  for (int half = 0; half < NQ; ++half) {
+#pragma unroll
+    for (int i = 0; i < G::kMTiles; ++i) {
+      const int d0 = (D / 8) * g + 2 * i;  // low nibble of byte i of lane group g's V share
+      const int r0 = 8 * half + 2 * c;
+      float* o = red_o + (warp * kRowsPerBlock) * D;
+      o[r0 * D + d0] = acc[half][i][0];
+      o[(r0 + 1) * D + d0] = acc[half][i][1];
+      o[r0 * D + d0 + 1] = acc[half][i][2];
+      o[(r0 + 1) * D + d0 + 1] = acc[half][i][3];
+    }
+  }
+  __syncthreads();
+
+  const int block_rows = min(8 * NQ, rows - row0);
+  const int64_t rows_total = static_cast<int64_t>(a.b) * a.h_q * a.s_q;
+  for (int idx = threadIdx.x; idx < block_rows * D; idx += kThreads) {
+    const int r = idx / D, d = idx % D;
+    float m_max = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m_max = fmaxf(m_max, red_m[w * kRowsPerBlock + r]);
+    float l_sum = 0.f, o_sum = 0.f;
+    if (m_max != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float mw = red_m[w * kRowsPerBlock + r];
+        if (mw == -INFINITY) continue;
+        const float e = kv4::exp2_approx(mw - m_max);
+        l_sum += e * red_l[w * kRowsPerBlock + r];
+        o_sum += e * (red_o[(w * kRowsPerBlock + r) * D + d] + red_vmin[w * kRowsPerBlock + r]);
+      }
+    }
+    const bool seen = l_sum > 0.f;
+    const float value = seen ? o_sum / l_sum : 0.f;
+    const int rg = row0 + r;
+    const int hq = hkv * group + rg / a.s_q, i = rg % a.s_q;
+    const int64_t row_id = (static_cast<int64_t>(b) * a.h_q + hq) * a.s_q + i;
+    if (a.splits == 1) {
+      static_cast<T*>(a.out)[row_id * D + d] = from_float<T>(value);
+    } else {
+      if (seen) a.part_o[(split * rows_total + row_id) * D + d] = value;
+      if (d == 0) a.part_lse[split * rows_total + row_id] = seen ? m_max + log2f(l_sum) : -INFINITY;
+    }
+  }
+}
+
+// Merges the splits of one query row: out = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse).
+// Every thread reads the (few, L1-resident) lse values itself; the loops over splits are unrolled so
+// that their loads are independent (a serial chain of global loads here once cost 20 µs at 64 splits).
+template <typename T>
+__global__ void __launch_bounds__(128) kv4_combine_kernel(const float* part_o, const float* part_lse, T* out,
+                                                          int64_t rows_total, int splits, int d_size) {
+  const int64_t row = blockIdx.x;
+  const float* lse = part_lse + row;  // lse of split s: lse[s * rows_total]
+  float m_max = -INFINITY;
+#pragma unroll 4
+  for (int s = 0; s < splits; ++s) m_max = fmaxf(m_max, lse[s * rows_total]);
+  for (int d = threadIdx.x; d < d_size; d += blockDim.x) {
+    const float* o = part_o + row * d_size + d;  // o of split s: o[s * rows_total * d_size]
+    float num = 0.f, den = 0.f;
+    if (m_max != -INFINITY) {
+#pragma unroll 4
+      for (int s = 0; s < splits; ++s) {
+        const float l = lse[s * rows_total];
+        const float v = o[s * rows_total * d_size];  // never written for an empty split: select, not multiply
+        const float w = l == -INFINITY ? 0.f : kv4::exp2_approx(l - m_max);
+        num += w > 0.f ? w * v : 0.f;
+        den += w;
+      }
+    }
+    out[row * d_size + d] = from_float<T>(den > 0.f ? num / den : 0.f);
+  }
+}
+
+int device_attribute(cudaDeviceAttr attr) {
+  static int cache[2][64] = {{0}};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const int which = attr == cudaDevAttrMultiProcessorCount ? 0 : 1;
+  int& v = cache[which][device & 63];
+  if (v == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, device));
+  return v;
+}
+
+template <typename T, int D, int NQ>
+void launch_decode(DecodeArgs& a, const at::Tensor& q, at::Tensor& out) {
+  using G = Geometry<D>;
+  auto kernel = kv4_decode_kernel<T, D, NQ>;
+  constexpr int smem = G::kSmemBytes;
+  static bool configured[64] = {false};  // per device: the attribute is per function and device
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (!configured[device & 63]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    configured[device & 63] = true;
+  }
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  const int64_t base_blocks = static_cast<int64_t>(a.b) * a.h_kv * a.q_chunks;
+  TORCH_CHECK(base_blocks < (int64_t(1) << 31), "too many (row, KV head) pairs for one launch");
+  // Enough splits for one full wave of resident blocks; a split covers at least 128 slots of the cache
+  // (shorter ones cost more in partial results and fixed per-block work than they gain in parallelism).
+  const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * device_attribute(cudaDevAttrMultiProcessorCount);
+  int64_t splits = std::max<int64_t>(1, resident / base_blocks);
+  splits = std::min<int64_t>(splits, std::max<int64_t>(1, (a.t + 127) / 128));
+  splits = std::min<int64_t>(splits, 1024);
+  a.splits = static_cast<int>(splits);
+
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t rows_total = static_cast<int64_t>(a.b) * a.h_q * a.s_q;
+  at::Tensor part_o, part_lse;
+  if (splits > 1) {
+    part_o = at::empty({splits, rows_total, D}, q.options().dtype(at::kFloat));
+    part_lse = at::empty({splits, rows_total}, q.options().dtype(at::kFloat));
+    a.part_o = part_o.data_ptr<float>();
+    a.part_lse = part_lse.data_ptr<float>();
+  }
+  a.out = out.data_ptr();
+  const dim3 grid(static_cast<unsigned>(base_blocks), static_cast<unsigned>(splits));
+  kernel<<<grid, kThreads, smem, stream>>>(a);
+  QOQ_CHECK_LAUNCH();
+  if (splits > 1) {
+    kv4_combine_kernel<T><<<static_cast<unsigned>(rows_total), 128, 0, stream>>>(
+        a.part_o, a.part_lse, static_cast<T*>(a.out), rows_total, a.splits, D);
+    QOQ_CHECK_LAUNCH();
+  }
+}
+
+template <typename T, int D>
+void launch_rows(DecodeArgs& a, const at::Tensor& q, at::Tensor& out) {
+  const int rows = (a.h_q / a.h_kv) * a.s_q;
+  if (rows <= 8) {
+    launch_decode<T, D, 1>(a, q, out);
+  } else {
+    launch_decode<T, D, 2>(a, q, out);
+  }
+}
+
+template <typename T>
+void launch_dim(DecodeArgs& a, const at::Tensor& q, at::Tensor& out, int64_t d) {
+  switch (d) {
+    case 64: launch_rows<T, 64>(a, q, out); break;
+    case 128: launch_rows<T, 128>(a, q, out); break;
+    case 256: launch_rows<T, 256>(a, q, out); break;
+    default: TORCH_CHECK(false, "head_dim ", num(d), " is not supported by the CUDA kv4_decode_attention (64, 128, 256)");
+  }
+}
+
+void check_cache(const char* cache_name, const at::Tensor& cache, const char* params_name, const at::Tensor& params,
+                 const at::Tensor& q) {
+  TORCH_CHECK(cache.is_cuda() && cache.device() == q.device(), cache_name, " is on ", device_str(cache), " but q is on ",
+              device_str(q));
+  TORCH_CHECK(cache.scalar_type() == at::kByte, cache_name, " must have dtype uint8, got ", cache.scalar_type());
+  TORCH_CHECK(cache.dim() == 4, cache_name, " must be 4-D [B, H_kv, T, D/2], got shape ", shape_str(cache));
+  TORCH_CHECK(cache.is_contiguous(), cache_name, " must be contiguous");
+  TORCH_CHECK(cache.size(0) == q.size(0) && cache.size(3) * 2 == q.size(3), cache_name, " has shape ", shape_str(cache),
+              " which does not match q ", shape_str(q), " (expected [B, H_kv, T, D/2])");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(cache.data_ptr()) % 16 == 0, cache_name, " must be 16-byte aligned");
+  TORCH_CHECK(params.is_cuda() && params.device() == q.device(), params_name, " is on ", device_str(params),
+              " but q is on ", device_str(q));
+  TORCH_CHECK(params.scalar_type() == at::kHalf, params_name, " must have dtype float16, got ", params.scalar_type());
+  TORCH_CHECK(params.dim() == 4 && params.size(0) == cache.size(0) && params.size(1) == cache.size(1) &&
+                  params.size(2) == cache.size(2) && params.size(3) == 2,
+              params_name, " must have shape [B, H_kv, T, 2] = [", num(cache.size(0)), ", ", num(cache.size(1)), ", ",
+              num(cache.size(2)), ", 2], got ", shape_str(params));
+  TORCH_CHECK(params.is_contiguous(), params_name, " must be contiguous");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(params.data_ptr()) % 4 == 0, params_name, " must be 4-byte aligned");
+}
+
+void check_lengths(const char* name, const at::Tensor& t, const at::Tensor& q) {
+  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), name, " is on ", device_str(t), " but q is on ", device_str(q));
+  TORCH_CHECK(t.scalar_type() == at::kInt, name, " must have dtype int32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == q.size(0), name, " must have shape [B] = [", num(q.size(0)), "], got ",
+              shape_str(t));
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+at::Tensor kv4_decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& k_params,
+                                     const at::Tensor& v_cache, const at::Tensor& v_params, const at::Tensor& kv_lens,
+                                     const at::Tensor& kv_starts, double sm_scale) {
+  TORCH_CHECK(q_in.is_cuda(), "q must be a CUDA tensor, got ", device_str(q_in));
+  TORCH_CHECK(q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16,
+              "q must have dtype float16 or bfloat16, got ", q_in.scalar_type());
+  TORCH_CHECK(q_in.dim() == 4, "q must be 4-D [B, H_q, S_q, D], got shape ", shape_str(q_in));
+  TORCH_CHECK(q_in.numel() > 0, "q must be non-empty, got shape ", shape_str(q_in));
+  check_cache("k_cache", k_cache, "k_params", k_params, q_in);
+  check_cache("v_cache", v_cache, "v_params", v_params, q_in);
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache has shape ", shape_str(v_cache), " but k_cache has ",
+              shape_str(k_cache));
+  check_lengths("kv_lens", kv_lens, q_in);
+  check_lengths("kv_starts", kv_starts, q_in);
+  const int64_t b = q_in.size(0), h_q = q_in.size(1), s_q = q_in.size(2), d = q_in.size(3);
+  const int64_t h_kv = k_cache.size(1), t = k_cache.size(2);
+  TORCH_CHECK(h_kv > 0 && h_q % h_kv == 0, "query heads (", num(h_q), ") must be a multiple of KV heads (", num(h_kv), ")");
+  TORCH_CHECK(d == 64 || d == 128 || d == 256, "head_dim ", num(d),
+              " is not supported by the CUDA kv4_decode_attention (64, 128 or 256)");
+  TORCH_CHECK(t < INT_MAX && b * h_q * s_q < INT_MAX && (h_q / h_kv) * s_q < INT_MAX / 2, "sizes too large");
+
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  at::Tensor out = at::empty({b, h_q, s_q, d}, q_in.options());
+  if (t == 0) return out.zero_();
+  const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
+
+  DecodeArgs a{};
+  a.q = q.data_ptr();
+  for (int i = 0; i < 3; ++i) a.q_stride[i] = q.stride(i);
+  a.k_cache = k_cache.data_ptr<uint8_t>();
+  a.v_cache = v_cache.data_ptr<uint8_t>();
+  a.k_params = reinterpret_cast<const __half*>(k_params.data_ptr<at::Half>());
+  a.v_params = reinterpret_cast<const __half*>(v_params.data_ptr<at::Half>());
+  a.kv_lens = kv_lens.data_ptr<int32_t>();
+  a.kv_starts = kv_starts.data_ptr<int32_t>();
+  a.b = static_cast<int>(b);
+  a.h_q = static_cast<int>(h_q);
+  a.h_kv = static_cast<int>(h_kv);
+  a.s_q = static_cast<int>(s_q);
+  a.t = static_cast<int>(t);
+  a.q_chunks = static_cast<int>(((h_q / h_kv) * s_q + kRowsPerBlock - 1) / kRowsPerBlock);
+  a.scale_log2 = static_cast<float>(sm_scale) * kLog2e;
+  a.q_vec16 = reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0 && q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 &&
+              q.stride(2) % 8 == 0;
+  if (q.scalar_type() == at::kHalf) {
+    launch_dim<__half>(a, q, out, d);
+  } else {
+    launch_dim<__nv_bfloat16>(a, q, out, d);
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace qoq
+
+TORCH_LIBRARY_IMPL(qoq, CUDA, m) { m.impl("kv4_decode_attention", &qoq::kv4_decode_attention_cuda); }

@@ -1,0 +1,299 @@
+// CUDA impls of qoq::quantize_per_token, qoq::rmsnorm_quantize and qoq::silu_mul_quantize
+// (docs/formats.md, "Activations"). One block per row: the row's float32 values y are staged in shared
+// memory (one global read of the input), reduced to amax, then quantized with the reference's exact
+// arithmetic: x_s = amax / 127 (IEEE division), x_q = clamp(rint(y / x_s), -127, 127), x_s == 0 -> 0.
+// Built without --use_fast_math, so '/' and sqrtf are IEEE and denormals are kept, like the CPU reference.
+#include <algorithm>
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "common.cuh"
+
+namespace qoq {
+namespace {
+
+constexpr int kMaxThreads = 512;
+constexpr int kMaxWarps = kMaxThreads / 32;
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// VEC consecutive elements moved with one load (16 bytes when VEC * sizeof(T) == 16).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_vec(const T* p, float (&out)[VEC]) {
+  const Vec<T, VEC> raw = *reinterpret_cast<const Vec<T, VEC>*>(p);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = to_float<T>(raw.v[i]);
+}
+
+// Block-wide reductions; every thread gets the result. `scratch` holds kMaxWarps entries and is reused,
+// hence the barrier on entry (a previous reduction may still be reading it).
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += scratch[w];
+  return total;
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total = fmaxf(total, scratch[w]);
+  return total;
+}
+
+__device__ __forceinline__ int block_sum_int(int v, int* scratch) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  __syncthreads();
+  int total = 0;
+  for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += scratch[w];
+  return total;
+}
+
+enum class RowOp { kIdentity, kRmsNorm, kSiluMul };
+
+struct Args {
+  const void* x;       // [M, K_in] input rows
+  const void* weight;  // [K] RMSNorm weight (kRmsNorm only)
+  float eps;
+  int64_t k_in;        // row length of the input (2I for kSiluMul)
+  int64_t k;           // row length of the output
+  int8_t* x_q;         // [M, K]
+  float* x_s;          // [M]
+  int32_t* x_sum;      // [M]
+};
+
+// Quantizes the float32 row `ys[0..k)` (shared memory) with amax `amax`; writes x_q, x_s, x_sum.
+template <int VEC>
+__device__ __forceinline__ void quantize_row(const float* ys, float amax, const Args& a, int64_t row, int* iscratch) {
+  const float scale = amax / 127.0f;  // IEEE division, as the reference
+  const int64_t nvec = a.k / VEC;
+  int8_t* out = a.x_q + row * a.k;
+  int sum = 0;
+  for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+    // Quantized bytes packed into 32-bit words (VEC is 1, 4 or 8) so a vector row writes 4 or 8 bytes at once.
+    uint32_t packed[(VEC + 3) / 4] = {};
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      float r = 0.f;
+      if (scale > 0.f) r = fminf(fmaxf(rintf(ys[v * VEC + i] / scale), -127.f), 127.f);
+      const int q = static_cast<int>(r);
+      sum += q;
+      packed[i / 4] |= (static_cast<uint32_t>(q) & 0xffu) << (8 * (i % 4));
+    }
+    if constexpr (VEC == 8) {
+      *reinterpret_cast<uint2*>(out + v * VEC) = make_uint2(packed[0], packed[1]);
+    } else if constexpr (VEC == 4) {
+      *reinterpret_cast<uint32_t*>(out + v * VEC) = packed[0];
+    } else {
+      out[v] = static_cast<int8_t>(packed[0] & 0xffu);
+    }
+  }
+  sum = block_sum_int(sum, iscratch);
+  if (threadIdx.x == 0) {
+    a.x_s[row] = scale;
+    a.x_sum[row] = sum;
+  }
+}
+
+// One block per row. Dynamic shared memory: k floats (the row's y values).
+template <typename T, int VEC, RowOp OP>
+__global__ void __launch_bounds__(kMaxThreads) quantize_rows_kernel(Args a) {
+  extern __shared__ float ys[];
+  __shared__ float fscratch[kMaxWarps];
+  __shared__ int iscratch[kMaxWarps];
+  const int64_t row = blockIdx.x;
+  const T* x = static_cast<const T*>(a.x) + row * a.k_in;
+  const int64_t nvec = a.k / VEC;
+  float amax = 0.f;
+
+  if constexpr (OP == RowOp::kIdentity) {
+    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+      float f[VEC];
+      load_vec<T, VEC>(x + v * VEC, f);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        ys[v * VEC + i] = f[i];
+        amax = fmaxf(amax, fabsf(f[i]));
+      }
+    }
+  } else if constexpr (OP == RowOp::kSiluMul) {
+    const T* up = x + a.k;
+    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+      float g[VEC], u[VEC];
+      load_vec<T, VEC>(x + v * VEC, g);
+      load_vec<T, VEC>(up + v * VEC, u);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        const float y = g[i] / (1.0f + expf(-g[i])) * u[i];  // the reference's F.silu(gate) * up
+        ys[v * VEC + i] = y;
+        amax = fmaxf(amax, fabsf(y));
+      }
+    }
+  } else {  // kRmsNorm: sum of squares first, then y = (x * r) * w
+    float ss = 0.f;
+    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+      float f[VEC];
+      load_vec<T, VEC>(x + v * VEC, f);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        ys[v * VEC + i] = f[i];
+        ss += f[i] * f[i];
+      }
+    }
+    ss = block_sum(ss, fscratch);
+    const float r = 1.0f / sqrtf(ss / static_cast<float>(a.k) + a.eps);
+    const T* w = static_cast<const T*>(a.weight);
+    // Each thread rewrites only the elements it wrote above: no barrier needed between the passes.
+    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+      float wf[VEC];
+      load_vec<T, VEC>(w + v * VEC, wf);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        const float y = __fmul_rn(__fmul_rn(ys[v * VEC + i], r), wf[i]);
+        ys[v * VEC + i] = y;
+        amax = fmaxf(amax, fabsf(y));
+      }
+    }
+  }
+  // quantize_row reads back only this thread's own elements (same v loop), so block_max's barriers suffice.
+  amax = block_max(amax, fscratch);
+  quantize_row<VEC>(ys, amax, a, row, iscratch);
+}
+
+int max_dynamic_smem() {
+  static int per_device[64] = {0};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int& v = per_device[device & 63];
+  if (v == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return v;
+}
+
+template <typename T, int VEC, RowOp OP>
+void launch_typed(const Args& a, int64_t m) {
+  const size_t smem = static_cast<size_t>(a.k) * sizeof(float);
+  const int64_t nvec = a.k / VEC;
+  // About two vectors per thread; whole warps; 64..512 threads.
+  int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, std::max<int64_t>(64, ((nvec + 1) / 2 + 31) / 32 * 32)));
+  auto kernel = quantize_rows_kernel<T, VEC, OP>;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  kernel<<<static_cast<unsigned>(m), threads, smem, c10::cuda::getCurrentCUDAStream()>>>(a);
+  QOQ_CHECK_LAUNCH();
+}
+
+// 16-byte vectors when every row start (and the weight / the `up` half) is 16-byte aligned, else scalars.
+template <typename T, RowOp OP>
+void launch(const Args& a, int64_t m) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool aligned = reinterpret_cast<uintptr_t>(a.x) % 16 == 0 &&
+                       (a.weight == nullptr || reinterpret_cast<uintptr_t>(a.weight) % 16 == 0) &&
+                       a.k_in % kVec == 0 && a.k % kVec == 0;
+  if (aligned) {
+    launch_typed<T, kVec, OP>(a, m);
+  } else {
+    launch_typed<T, 1, OP>(a, m);
+  }
+}
+
+template <RowOp OP>
+void dispatch(const at::Tensor& x, const Args& a, int64_t m) {
+  switch (x.scalar_type()) {
+    case at::kHalf: launch<__half, OP>(a, m); break;
+    case at::kBFloat16: launch<__nv_bfloat16, OP>(a, m); break;
+    case at::kFloat:
+      if constexpr (OP == RowOp::kIdentity) {
+        launch<float, OP>(a, m);
+        break;
+      }
+      [[fallthrough]];
+    default: TORCH_CHECK(false, "unsupported dtype ", x.scalar_type());
+  }
+}
+
+void check_input(const char* name, const at::Tensor& x, bool allow_float32) {
+  TORCH_CHECK(x.is_cuda(), name, " must be a CUDA tensor, got ", device_str(x));
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || (allow_float32 && dt == at::kFloat), name,
+              allow_float32 ? " must have dtype float16, bfloat16 or float32, got " : " must have dtype float16 or bfloat16, got ",
+              dt);
+  TORCH_CHECK(x.dim() == 2, name, " must be 2-D, got shape ", shape_str(x));
+  TORCH_CHECK(x.numel() > 0, name, " must be non-empty, got shape ", shape_str(x));
+  TORCH_CHECK(x.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(x.size(0) <= 0x7fffffff, name, " has too many rows (", num(x.size(0)), ")");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& x, const at::Tensor* weight, double eps,
+                                                   int64_t k_out, RowOp op) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t m = x.size(0);
+  const int64_t max_k = (max_dynamic_smem() - 1024) / static_cast<int64_t>(sizeof(float));  // 1 KB: static scratch
+  TORCH_CHECK(k_out <= max_k, "row length K=", num(k_out), " is too long for the CUDA quantize kernels (max ", num(max_k), ")");
+  at::Tensor x_q = at::empty({m, k_out}, x.options().dtype(at::kChar));
+  at::Tensor x_s = at::empty({m}, x.options().dtype(at::kFloat));
+  at::Tensor x_sum = at::empty({m}, x.options().dtype(at::kInt));
+  Args a{x.data_ptr(), weight ? weight->data_ptr() : nullptr, static_cast<float>(eps), x.size(1), k_out,
+         x_q.data_ptr<int8_t>(), x_s.data_ptr<float>(), x_sum.data_ptr<int32_t>()};
+  switch (op) {
+    case RowOp::kIdentity: dispatch<RowOp::kIdentity>(x, a, m); break;
+    case RowOp::kRmsNorm: dispatch<RowOp::kRmsNorm>(x, a, m); break;
+    case RowOp::kSiluMul: dispatch<RowOp::kSiluMul>(x, a, m); break;
+  }
+  return {x_q, x_s, x_sum};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x) {
+  check_input("x", x, /*allow_float32=*/true);
+  return run(x, nullptr, 0.0, x.size(1), RowOp::kIdentity);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rmsnorm_quantize_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                                     double eps) {
+  check_input("x", x, /*allow_float32=*/false);
+  TORCH_CHECK(weight.is_cuda() && weight.device() == x.device(), "weight is on ", device_str(weight), " but x is on ",
+              device_str(x));
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight must have dtype ", x.scalar_type(), " (x's), got ",
+              weight.scalar_type());
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1), "weight must have shape [", num(x.size(1)), "], got ",
+              shape_str(weight));
+  TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous");
+  TORCH_CHECK(eps > 0, "eps must be positive, got ", std::to_string(eps));
+  return run(x, &weight, eps, x.size(1), RowOp::kRmsNorm);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> silu_mul_quantize_cuda(const at::Tensor& gate_up) {
+  check_input("gate_up", gate_up, /*allow_float32=*/false);
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up must have an even number of columns [M, 2I], got ", shape_str(gate_up));
+  return run(gate_up, nullptr, 0.0, gate_up.size(1) / 2, RowOp::kSiluMul);
+}
+
+}  // namespace
+}  // namespace qoq
+
+TORCH_LIBRARY_IMPL(qoq, CUDA, m) {
+  m.impl("quantize_per_token", &qoq::quantize_per_token_cuda);
+  m.impl("rmsnorm_quantize", &qoq::rmsnorm_quantize_cuda);
+  m.impl("silu_mul_quantize", &qoq::silu_mul_quantize_cuda);
+}

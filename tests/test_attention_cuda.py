@@ -1,0 +1,235 @@
+"""CUDA KV4 kernels (kv4_append, kv4_decode_attention) against the CPU reference ops.
+
+kv4_append is bit-exact. kv4_decode_attention sums in another order and feeds p to the tensor cores
+in float16 (as FlashAttention does), so it is compared by relative error against the float32 reference.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import qoq_torch.ops as ops
+
+pytestmark = pytest.mark.cuda
+
+KV_OPS = ("kv4_append", "kv4_decode_attention")
+
+
+def _kernels_built() -> bool:
+    return torch.cuda.is_available() and set(KV_OPS) <= set(ops.extension_status()["cuda_ops"])
+
+
+needs_kernel = pytest.mark.skipif(not _kernels_built(), reason="qoq_torch._C KV4 kernels not built")
+
+# Relative Frobenius error and max error (as a fraction of max |ref|) allowed per output dtype: output
+# rounding (2^-11 / 2^-8) plus float16 probabilities in the PV product.
+TOLERANCE = {torch.float16: (2e-3, 4e-3), torch.bfloat16: (6e-3, 1.2e-2)}
+
+
+def random_cache(b: int, h: int, t: int, d: int, gen: torch.Generator):
+    """A KV4 cache of random codes and plausible random (scale, min) per slot: every slot holds data."""
+    caches = []
+    for _ in range(2):
+        packed = torch.randint(0, 256, (b, h, t, d // 2), generator=gen, dtype=torch.uint8)
+        scale = torch.rand(b, h, t, generator=gen) * 0.5 + 0.05
+        mn = -7.5 * scale + torch.randn(b, h, t, generator=gen) * 0.2
+        caches += [packed, torch.stack((scale, mn), -1).half()]
+    return caches
+
+
+def random_query(b: int, h_q: int, s_q: int, d: int, dtype, gen: torch.Generator, sharp: float = 2.0):
+    """Queries stored as HF stores them ([B, S, H, D] transposed: not contiguous); `sharp` peaks the softmax."""
+    return (torch.randn(b, s_q, h_q, d, generator=gen) * sharp).to(dtype).transpose(1, 2)
+
+
+def assert_attention_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    rel_tol, max_tol = TOLERANCE[ref.dtype]
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    o, r = out.float().cpu(), ref.float()
+    assert bool(torch.isfinite(o).all())
+    rel = float((o - r).norm() / r.norm().clamp_min(1e-30))
+    worst = float((o - r).abs().max() / r.abs().max().clamp_min(1e-30))
+    assert rel <= rel_tol and worst <= max_tol, f"relative error {rel:.2e}, max error {worst:.2e} of max |ref|"
+
+
+def run_both(q, caches, lens, starts, sm_scale):
+    """(CUDA kernel output, CPU reference output) for the same inputs."""
+    out = ops.kv4_decode_attention(q.cuda(), *[c.cuda() for c in caches], lens.cuda(), starts.cuda(), sm_scale)
+    ref = torch.ops.qoq.kv4_decode_attention(q, *caches, lens, starts, sm_scale)
+    return out, ref
+
+
+# ---- kv4_append -----------------------------------------------------------------------------------------
+
+@needs_kernel
+@pytest.mark.parametrize("d", (64, 96, 128, 256))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_append_bit_exact_and_touches_only_its_slots(d, dtype, gen):
+    b, h, t, s = 3, 4, 50, 7
+    caches = random_cache(b, h, t, d, gen)  # stale contents that must survive outside the written slots
+    # Rows with different ranges; strided like HF's (k after RoPE is [B, S, H, D].transpose(1, 2)).
+    k = (torch.randn(b, s, h, d, generator=gen) * torch.rand(b, s, h, 1, generator=gen) * 6).to(dtype).transpose(1, 2)
+    v = (torch.randn(b, s, h, d, generator=gen) + 3).to(dtype).transpose(1, 2)
+    k[0, 1, 2] = 0.25  # a constant vector: scale 0, all codes 0
+    pos = torch.randperm(t, generator=gen)[:s]
+    got = [c.cuda() for c in caches]
+    ops.kv4_append(*got, k.cuda(), v.cuda(), pos.cuda())
+    ref = [c.clone() for c in caches]
+    torch.ops.qoq.kv4_append(*ref, k, v, pos)
+    for name, g, r in zip(("k_cache", "k_params", "v_cache", "v_params"), got, ref):
+        assert torch.equal(g.cpu(), r), f"{name} differs"
+
+
+@needs_kernel
+def test_append_prefill_shape_bit_exact(gen):
+    b, h, s, d = 2, 8, 1000, 128
+    k = torch.randn(b, h, s, d, generator=gen).bfloat16()
+    v = torch.randn(b, h, s, d, generator=gen).bfloat16()
+    caches = random_cache(b, h, 1024, d, gen)
+    got = [c.cuda() for c in caches]
+    ops.kv4_append(*got, k.cuda(), v.cuda(), torch.arange(1000).cuda())
+    ref = [c.clone() for c in caches]
+    torch.ops.qoq.kv4_append(*ref, k, v, torch.arange(1000))
+    assert all(torch.equal(g.cpu(), r) for g, r in zip(got, ref))
+
+
+# ---- kv4_decode_attention -------------------------------------------------------------------------------
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("b,h_q,h_kv,s_q,d,t", [
+    (2, 32, 8, 1, 128, 300),   # Llama-3 GQA, decode
+    (3, 8, 8, 1, 64, 37),      # MHA, T not a multiple of 16
+    (2, 12, 4, 3, 128, 129),   # 9 query rows (two 8-row groups), causal multi-token
+    (2, 16, 2, 3, 64, 200),    # 24 query rows: two query chunks
+    (1, 4, 2, 2, 256, 90),     # head_dim 256
+    (1, 7, 1, 1, 128, 2000),   # odd GQA group (Qwen2-style), many splits
+])
+def test_decode_matches_reference(b, h_q, h_kv, s_q, d, t, dtype, gen):
+    caches = random_cache(b, h_kv, t, d, gen)
+    q = random_query(b, h_q, s_q, d, dtype, gen)
+    lens = torch.randint(max(1, t // 2), t + 1, (b,), generator=gen, dtype=torch.int32)
+    starts = torch.randint(0, max(1, t // 4), (b,), generator=gen, dtype=torch.int32)  # left padding
+    out, ref = run_both(q, caches, lens, starts, 1 / math.sqrt(d))
+    assert_attention_close(out, ref)
+
+
+@needs_kernel
+def test_decode_lengths_from_1_to_32k(gen):
+    d, h_q, h_kv = 128, 32, 8
+    t = 32768
+    caches = random_cache(1, h_kv, t, d, gen)
+    q = random_query(1, h_q, 1, d, torch.bfloat16, gen)
+    cuda_caches = [c.cuda() for c in caches]
+    for length in (1, 2, 15, 16, 17, 1000, 4096, 32768):
+        lens, starts = torch.tensor([length], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+        # The kernel sees the whole 32k cache (slots past the length masked); the reference only the prefix.
+        out = ops.kv4_decode_attention(q.cuda(), *cuda_caches, lens.cuda(), starts.cuda(), 1 / math.sqrt(d))
+        prefix = [c[:, :, :length].contiguous() for c in caches]
+        assert_attention_close(out, torch.ops.qoq.kv4_decode_attention(q, *prefix, lens, starts, 1 / math.sqrt(d)))
+
+
+@needs_kernel
+def test_decode_large_batch_ragged(gen):
+    b, h_q, h_kv, d, t = 256, 8, 2, 128, 160
+    caches = random_cache(b, h_kv, t, d, gen)
+    q = random_query(b, h_q, 1, d, torch.float16, gen)
+    lens = torch.randint(1, t + 1, (b,), generator=gen, dtype=torch.int32)
+    starts = (torch.rand(b, generator=gen) * lens.float()).int()
+    out, ref = run_both(q, caches, lens, starts, 1 / math.sqrt(d))
+    assert_attention_close(out, ref)
+
+
+@needs_kernel
+def test_decode_masked_slots_never_matter_and_empty_rows_are_zero(gen):
+    b, h_q, h_kv, d, t = 3, 8, 2, 128, 100
+    caches = random_cache(b, h_kv, t, d, gen)
+    q = random_query(b, h_q, 1, d, torch.float16, gen)
+    lens = torch.tensor([100, 60, 5], dtype=torch.int32)
+    starts = torch.tensor([0, 20, 5], dtype=torch.int32)  # row 2 sees nothing
+    cuda_caches = [c.cuda() for c in caches]
+    args = (lens.cuda(), starts.cuda(), 1 / math.sqrt(d))
+    out = ops.kv4_decode_attention(q.cuda(), *cuda_caches, *args)
+    assert int(out[2].abs().sum()) == 0
+    # NaN / inf params and other codes in the invisible slots: the output must not change at all.
+    for cache, params in ((cuda_caches[0], cuda_caches[1]), (cuda_caches[2], cuda_caches[3])):
+        cache[1, :, :20] = 0xAB
+        cache[1, :, 60:] = 0x5C
+        params[1, :, :20] = float("nan")
+        params[1, :, 60:] = float("inf")
+        params[2] = float("nan")
+    out2 = ops.kv4_decode_attention(q.cuda(), *cuda_caches, *args)
+    assert torch.equal(out, out2)
+
+
+@needs_kernel
+def test_decode_repeatable_and_graph_capturable(gen):
+    b, h_q, h_kv, d, t = 1, 32, 8, 128, 5000
+    caches = [c.cuda() for c in random_cache(b, h_kv, t, d, gen)]
+    q = random_query(b, h_q, 1, d, torch.bfloat16, gen).cuda()
+    lens = torch.tensor([4321], dtype=torch.int32, device="cuda")
+    starts = torch.tensor([3], dtype=torch.int32, device="cuda")
+    first = ops.kv4_decode_attention(q, *caches, lens, starts, 0.088)
+    assert torch.equal(first, ops.kv4_decode_attention(q, *caches, lens, starts, 0.088))
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph):
+            captured = ops.kv4_decode_attention(q, *caches, lens, starts, 0.088)
+    lens.fill_(5000)  # the graph reads the lengths on the device at replay time
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, ops.kv4_decode_attention(q, *caches, lens, starts, 0.088))
+    assert not torch.equal(captured, first)
+
+
+@needs_kernel
+def test_opcheck_cuda(gen):
+    caches = [c.cuda() for c in random_cache(2, 2, 40, 64, gen)]
+    q = random_query(2, 4, 1, 64, torch.float16, gen).contiguous().cuda()
+    lens = torch.tensor([40, 17], dtype=torch.int32, device="cuda")
+    starts = torch.tensor([0, 2], dtype=torch.int32, device="cuda")
+    torch.library.opcheck(torch.ops.qoq.kv4_decode_attention.default, (q, *caches, lens, starts, 0.125))
+    k = torch.randn(2, 2, 3, 64, generator=gen).half().cuda()
+    v = torch.randn(2, 2, 3, 64, generator=gen).half().cuda()
+    torch.library.opcheck(torch.ops.qoq.kv4_append.default,
+                          (*caches, k, v, torch.tensor([5, 6, 7], device="cuda")))
+
+
+@needs_kernel
+def test_bad_input_rejected(gen):
+    caches = [c.cuda() for c in random_cache(2, 2, 40, 64, gen)]
+    kc, kp, vc, vp = caches
+    q = random_query(2, 4, 1, 64, torch.float16, gen).cuda()
+    lens = torch.tensor([40, 17], dtype=torch.int32, device="cuda")
+    starts = torch.zeros(2, dtype=torch.int32, device="cuda")
+    k = torch.randn(2, 2, 3, 64, generator=gen).half().cuda()
+    pos = torch.tensor([1, 2, 3], device="cuda")
+    decode = torch.ops.qoq.kv4_decode_attention
+    append = torch.ops.qoq.kv4_append
+    cases = [
+        (lambda: decode(q.float(), *caches, lens, starts, 0.1), "q must have dtype"),
+        (lambda: decode(q, *caches, lens.long(), starts, 0.1), "kv_lens must have dtype"),
+        (lambda: decode(q, *caches, lens, starts[:1], 0.1), "kv_starts must have shape"),
+        (lambda: decode(q, kc.cpu(), kp, vc, vp, lens, starts, 0.1), "k_cache is on"),
+        (lambda: decode(q, kc, kp.float(), vc, vp, lens, starts, 0.1), "k_params must have dtype"),
+        (lambda: decode(q, kc, kp, vc[:, :, :20], vp, lens, starts, 0.1), "v_"),
+        (lambda: decode(q[:, :3], *caches, lens, starts, 0.1), "multiple of KV heads"),
+        (lambda: decode(torch.zeros(2, 4, 1, 48, dtype=torch.half, device="cuda"),
+                        *[c.cuda() for c in random_cache(2, 2, 40, 48, gen)], lens, starts, 0.1), "head_dim"),
+        (lambda: append(*caches, k, k.bfloat16(), pos), "v must have dtype"),
+        (lambda: append(*caches, k, k, pos.int()), "cache_position must have dtype"),
+        (lambda: append(*caches, k, k, pos[:2]), "cache_position must have shape"),
+        (lambda: append(kc, kp, vc, vp.transpose(0, 1).contiguous().transpose(0, 1), k, k, pos), "v_params"),
+        (lambda: append(*caches, k[..., :32], k[..., :32], pos), "k_cache"),
+    ]
+    for call, match in cases:
+        with pytest.raises((RuntimeError, ValueError, TypeError), match=match):
+            call()
+    # Slots out of range are skipped, never written out of bounds (checked on the data around them).
+    before = [c.clone() for c in caches]
+    append(*caches, k, k, torch.tensor([-1, 40, 1 << 40], device="cuda"))
+    assert all(torch.equal(a, b) for a, b in zip(before, caches))
