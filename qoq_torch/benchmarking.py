@@ -112,34 +112,39 @@ class GenerateResult:
     extra: dict = field(default_factory=dict)
 
 
-def _generate(model, input_ids, new_tokens: int, compile_decode: bool):
+COMPILE_MODES = ("reduce-overhead", "default")  # CUDA graphs first; plain inductor if capture fails
+
+
+def _generate(model, input_ids, new_tokens: int, compile_mode: str | None):
     from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import CompileConfig
 
     cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                            cache_implementation="static", pad_token_id=0, eos_token_id=None,
-                           disable_compile=not compile_decode)
+                           disable_compile=compile_mode is None,
+                           compile_config=CompileConfig(mode=compile_mode) if compile_mode else None)
     return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=cfg)
 
 
 def time_generate(model: nn.Module, name: str, variant: str, batch: int, prompt_len: int, new_tokens: int,
-                  compile_decode: bool = True, seed: int = 0) -> GenerateResult:
-    """Tokens/s of ``generate`` (static cache, compiled decode) after a warm-up run of the same shapes."""
-    result = GenerateResult(name, variant, batch, prompt_len, new_tokens)
+                  compile_mode: str | None = "reduce-overhead", seed: int = 0) -> GenerateResult:
+    """Tokens/s of ``generate`` (static cache; decode compiled by HF with ``compile_mode``) after a warm-up run."""
+    result = GenerateResult(name, variant, batch, prompt_len, new_tokens, extra={"compile_mode": compile_mode})
     device = next(model.buffers()).device if any(True for _ in model.buffers()) else next(model.parameters()).device
     vocab = model.config.vocab_size
     gen = torch.Generator(device="cpu").manual_seed(seed)
     input_ids = torch.randint(1, vocab, (batch, prompt_len), generator=gen).to(device)
     try:
         torch.cuda.synchronize()
-        _generate(model, input_ids, new_tokens, compile_decode)  # warm-up: compilation, graph capture
+        _generate(model, input_ids, new_tokens, compile_mode)  # warm-up: compilation, graph capture
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
         start = time.perf_counter()
-        _generate(model, input_ids, 1, compile_decode)
+        _generate(model, input_ids, 1, compile_mode)
         torch.cuda.synchronize()
         ttft = time.perf_counter() - start
         start = time.perf_counter()
-        out = _generate(model, input_ids, new_tokens, compile_decode)
+        out = _generate(model, input_ids, new_tokens, compile_mode)
         torch.cuda.synchronize()
         total = time.perf_counter() - start
         produced = (out.shape[1] - prompt_len) * batch
@@ -205,10 +210,16 @@ def run_e2e(shapes=("llama3-8b",), variants=("bf16", "qoq-g128", "qoq-channel"),
         wbytes = weight_bytes(model)
         for prompt_len, new_tokens in protocols:
             for batch in batches:
-                res = time_generate(model, shape, variant, batch, prompt_len, new_tokens)
-                res.extra = {"weights_gb": wbytes / 2**30,
-                             "largest_batch_estimate": largest_batch(shape, variant, wbytes, prompt_len + new_tokens,
-                                                                     total_mem)}
+                failed_modes = {}
+                for mode in COMPILE_MODES:
+                    res = time_generate(model, shape, variant, batch, prompt_len, new_tokens, compile_mode=mode)
+                    if res.error is None or "out of memory" in res.error:
+                        break
+                    failed_modes[mode] = res.error
+                    torch._dynamo.reset()
+                res.extra.update({"failed_modes": failed_modes, "weights_gb": wbytes / 2**30,
+                                  "largest_batch_estimate": largest_batch(shape, variant, wbytes,
+                                                                          prompt_len + new_tokens, total_mem)})
                 rows.append(asdict(res))
                 bar.update(1)
                 bar.set_postfix_str(f"{shape} {variant} b={batch}: {res.tokens_per_s or res.error}")

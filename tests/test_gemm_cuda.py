@@ -1,6 +1,8 @@
 """CUDA W4A8 GEMM kernels against the CPU reference ops (bit-exact: same INT32 sums, same float epilogue)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -244,13 +246,13 @@ def test_wgmma_llama_shapes_match_reference(n, k, gen, monkeypatch):
 
 
 @needs_hopper
-def test_wgmma_off_by_default_and_small_m_falls_back(gen, monkeypatch):
-    """Unset or mode 0 (the mma.sync kernel) stays exact; M < 64 under mode 2 falls back to the mma.sync kernel
-    (the wgmma path does not take it) instead of raising."""
+def test_wgmma_default_and_fallbacks_stay_exact(gen, monkeypatch):
+    """Unset: the wgmma kernel for M >= 128, the mma.sync kernel below; mode 0 (the mma.sync kernel) stays exact;
+    M < 64 under mode 2 falls back to the mma.sync kernel (the wgmma path does not take it) instead of raising."""
     n, k, g = 64, 256, 128
     w4, s2, z2, s1 = random_per_group(n, k, g, gen)
     qweight = ops.pack_weights(w4)
-    for m, env in ((100, None), (100, "0,128"), (17, "2,128")):
+    for m, env in ((100, None), (200, None), (100, "0,128"), (17, "2,128")):
         if env is None:
             monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
         else:
@@ -274,6 +276,13 @@ needs_decode = pytest.mark.skipif(not (_cuda_kernels_built() and _decode_enabled
                                   reason="qoq_torch._C not built, or the decode kernel disabled by QOQ_GEMM_DECODE*")
 
 DECODE_MS = tuple(range(1, 17))
+
+
+@pytest.fixture(autouse=True)
+def _decode_kernel_for_every_small_m(request, monkeypatch):
+    """The decode kernel serves M <= 2 by default; its own tests run it for every M it supports (1..16)."""
+    if request.node.name.startswith("test_decode") and "QOQ_GEMM_DECODE_MAX_M" not in os.environ:
+        monkeypatch.setenv("QOQ_GEMM_DECODE_MAX_M", "16")
 # (N, K): a single 16-row block, K % 128 != 0 (g = 64), N not a multiple of 32, a last K pass that only part of
 # the block's lanes reach (K/32 % 64 != 0), long K like Llama's down projection.
 DECODE_NK = ((16, 64), (48, 192), (272, 1024), (32, 4160), (80, 14336))
@@ -408,6 +417,10 @@ def test_decode_kernel_is_dispatched(gen, monkeypatch):
         names = kernels(m)
         assert len(names) == 1 and "w4a8_gemv_kernel" in names[0], (m, names)
     assert not any("w4a8_gemv_kernel" in name for name in kernels(17))
+    monkeypatch.delenv("QOQ_GEMM_DECODE_MAX_M")  # the default: decode kernel for M <= 2 only
+    assert any("w4a8_gemv_kernel" in name for name in kernels(2))
+    assert not any("w4a8_gemv_kernel" in name for name in kernels(3))
+    monkeypatch.setenv("QOQ_GEMM_DECODE_MAX_M", "16")
     monkeypatch.setenv("QOQ_GEMM_FORCE", "0,0")
     names = kernels(4)
     assert any("w4a8_gemm_kernel" in name for name in names) and not any("w4a8_gemv_kernel" in x for x in names)

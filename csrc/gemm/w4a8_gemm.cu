@@ -152,18 +152,21 @@ ForcedChoice forced_choice() {
   return f;
 }
 
-// Opt-in Hopper path: QOQ_GEMM_WGMMA="<mode>[,<bm>]", read at every call (a getenv, negligible next to a
-// GEMM; lets tests and benchmarks switch paths in one process). mode 0 (default): off; 1: the wgmma kernel
-// for shapes it takes (M >= 64, K % 128 == 0) on an sm_90a build running on sm_90, else the mma.sync kernel;
-// 2: as 1 but an error instead of the fallback when the device/build lacks the wgmma kernel (tests use it so
-// that a silent fallback cannot pass for the wgmma path). bm: activation rows per CTA, 128 or 256 (0: auto).
+// Hopper path. By default it serves M >= 128 (where it beat the mma.sync kernel on the H100, docs/benchmarks.md)
+// on an sm_90a build running on sm_90. QOQ_GEMM_WGMMA="<mode>[,<bm>]", read at every call (a getenv, negligible
+// next to a GEMM; lets tests and benchmarks switch paths in one process), overrides it: mode 0: off; 1: the wgmma
+// kernel for every shape it takes (M >= 64, K % 128 == 0), else the mma.sync kernel; 2: as 1 but an error
+// instead of the fallback when the device/build lacks the wgmma kernel (tests use it so that a silent fallback
+// cannot pass for the wgmma path). bm: activation rows per CTA, 128 or 256 (0: 128).
 struct WgmmaChoice {
-  int mode = 0, bm = 0;
+  int mode = 1, bm = 0, min_m = 128;
 };
 
 WgmmaChoice wgmma_choice() {
   WgmmaChoice c;
-  if (const char* env = std::getenv("QOQ_GEMM_WGMMA")) {
+  const char* env = std::getenv("QOQ_GEMM_WGMMA");
+  if (env != nullptr && *env != '\0') {
+    c.min_m = 64;
     if (std::sscanf(env, "%d,%d", &c.mode, &c.bm) < 1) c.mode = 0;
   }
   return c;
@@ -211,7 +214,7 @@ void launch_wgmma(const GemmParams& p) {
 template <bool PER_GROUP>
 bool try_wgmma(const GemmParams& p, const at::TensorOptions& options) {
   const WgmmaChoice choice = wgmma_choice();
-  if (choice.mode <= 0 || p.M < 64 || p.K % 128 != 0 || (PER_GROUP && p.group_size % 64 != 0)) return false;
+  if (choice.mode <= 0 || p.M < choice.min_m || p.K % 128 != 0 || (PER_GROUP && p.group_size % 64 != 0)) return false;
   if (!wgmma_available(options)) {
     TORCH_CHECK(choice.mode != 2, "QOQ_GEMM_WGMMA=2: the wgmma W4A8 kernel needs an sm_90 device and a build "
                 "with an sm_90a image (TORCH_CUDA_ARCH_LIST=9.0a)");

@@ -19,6 +19,7 @@ namespace qoq {
 namespace {
 
 constexpr int kMaxM = 16;
+constexpr int kDefaultMaxM = 2;
 constexpr int kWarps = 8, kThreads = kWarps * 32;
 constexpr int kKLanes = 8;                      // lanes of a warp side by side along K (128 contiguous bytes)
 constexpr int kRowLanes = 32 / kKLanes;         // lanes of a warp side by side along N
@@ -168,10 +169,12 @@ int env_int(const char* name, int fallback) {
 
 }  // namespace
 
+// The decode kernel takes M <= kMaxM; by default only M <= kDefaultMaxM, where it beat the tile kernel on the
+// H100 (docs/benchmarks.md). QOQ_GEMM_DECODE=0 / QOQ_GEMM_DECODE_MAX_M=<m> override it, read at each call (a
+// getenv, negligible next to the GEMM) so tests can reach every M.
 int gemv_max_m() {
-  static const int max_m =
-      env_int("QOQ_GEMM_DECODE", 1) == 0 ? 0 : std::clamp(env_int("QOQ_GEMM_DECODE_MAX_M", kMaxM), 0, kMaxM);
-  return max_m;
+  if (env_int("QOQ_GEMM_DECODE", 1) == 0) return 0;
+  return std::clamp(env_int("QOQ_GEMM_DECODE_MAX_M", kDefaultMaxM), 0, kMaxM);
 }
 
 template <bool PER_GROUP>
