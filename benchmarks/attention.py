@@ -205,12 +205,18 @@ def check_small() -> None:
     print("check-small ok")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def kernel_benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """Parser with the options every kernel benchmark takes (scripts/gpu_check.sh passes them): --json, --check-small."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--check-small", action="store_true", help="small correctness run (for the sanitizer)")
+    return parser
+
+
+def main() -> None:
+    parser = kernel_benchmark_parser(__doc__)
     parser.add_argument("--png", help="write a speed-up plot here")
     parser.add_argument("--quick", action="store_true", help="batch 1 and 64 at 4k and 32k only")
-    parser.add_argument("--check-small", action="store_true", help="small correctness run (for the sanitizer)")
     args = parser.parse_args()
     if args.check_small:
         check_small()

@@ -10,7 +10,6 @@ Median µs of CUDA-graph replays, rotating over input sets larger than L2.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -21,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qoq_torch.ops as ops  # noqa: E402
-from attention import ROTATE_BYTES, time_graph  # noqa: E402
+from attention import ROTATE_BYTES, kernel_benchmark_parser, time_graph  # noqa: E402
 from qoq_torch.ops import reference  # noqa: E402
 
 HIDDEN, INTERMEDIATE = 4096, 14336
@@ -80,10 +79,7 @@ def check_small() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write the rows here")
-    parser.add_argument("--check-small", action="store_true", help="small correctness run (for the sanitizer)")
-    args = parser.parse_args()
+    args = kernel_benchmark_parser(__doc__).parse_args()
     if args.check_small:
         check_small()
         return

@@ -26,6 +26,31 @@ inline std::string shape_str(const at::Tensor& t) {
   return s + "]";
 }
 
+// Checks shared by the KV4 ops (docs/formats.md, "KV cache (KV4)"); `ref` is the op's K/V or query tensor,
+// whose device the cache must be on, and `ref_name` its name in the messages.
+// A cache tensor: uint8, 4-D [B, H_kv, T, D/2], contiguous (the caller checks its sizes against `ref`).
+inline void check_kv4_cache_tensor(const char* cache_name, const at::Tensor& cache, const char* ref_name,
+                                   const at::Tensor& ref) {
+  TORCH_CHECK(cache.is_cuda() && cache.device() == ref.device(), cache_name, " is on ", device_str(cache), " but ",
+              ref_name, " is on ", device_str(ref));
+  TORCH_CHECK(cache.scalar_type() == at::kByte, cache_name, " must have dtype uint8, got ", cache.scalar_type());
+  TORCH_CHECK(cache.dim() == 4, cache_name, " must be 4-D [B, H_kv, T, D/2], got shape ", shape_str(cache));
+  TORCH_CHECK(cache.is_contiguous(), cache_name, " must be contiguous");
+}
+
+// Its params: float16 [B, H_kv, T, 2] matching `cache`, contiguous.
+inline void check_kv4_params(const char* params_name, const at::Tensor& params, const at::Tensor& cache,
+                             const char* ref_name, const at::Tensor& ref) {
+  TORCH_CHECK(params.is_cuda() && params.device() == ref.device(), params_name, " is on ", device_str(params),
+              " but ", ref_name, " is on ", device_str(ref));
+  TORCH_CHECK(params.scalar_type() == at::kHalf, params_name, " must have dtype float16, got ", params.scalar_type());
+  TORCH_CHECK(params.dim() == 4 && params.size(0) == cache.size(0) && params.size(1) == cache.size(1) &&
+                  params.size(2) == cache.size(2) && params.size(3) == 2,
+              params_name, " must have shape [B, H_kv, T, 2] = [", num(cache.size(0)), ", ", num(cache.size(1)), ", ",
+              num(cache.size(2)), ", 2], got ", shape_str(params));
+  TORCH_CHECK(params.is_contiguous(), params_name, " must be contiguous");
+}
+
 }  // namespace qoq
 
 #define QOQ_CHECK_CUDA(t) TORCH_CHECK((t).is_cuda(), #t " must be a CUDA tensor, got ", qoq::device_str(t))

@@ -109,21 +109,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) kv4_append_kernel(AppendA
 
 void check_cache(const char* cache_name, const at::Tensor& cache, const char* params_name, const at::Tensor& params,
                  const at::Tensor& k) {
-  TORCH_CHECK(cache.is_cuda() && cache.device() == k.device(), cache_name, " is on ", device_str(cache), " but k is on ",
-              device_str(k));
-  TORCH_CHECK(cache.scalar_type() == at::kByte, cache_name, " must have dtype uint8, got ", cache.scalar_type());
-  TORCH_CHECK(cache.dim() == 4, cache_name, " must be 4-D [B, H_kv, T, D/2], got shape ", shape_str(cache));
-  TORCH_CHECK(cache.is_contiguous(), cache_name, " must be contiguous");
+  check_kv4_cache_tensor(cache_name, cache, "k", k);
   TORCH_CHECK(cache.size(0) == k.size(0) && cache.size(1) == k.size(1) && cache.size(3) * 2 == k.size(3), cache_name,
               " has shape ", shape_str(cache), " which does not match k ", shape_str(k), " (expected [B, H_kv, T, D/2])");
-  TORCH_CHECK(params.is_cuda() && params.device() == k.device(), params_name, " is on ", device_str(params),
-              " but k is on ", device_str(k));
-  TORCH_CHECK(params.scalar_type() == at::kHalf, params_name, " must have dtype float16, got ", params.scalar_type());
-  TORCH_CHECK(params.dim() == 4 && params.size(0) == cache.size(0) && params.size(1) == cache.size(1) &&
-                  params.size(2) == cache.size(2) && params.size(3) == 2,
-              params_name, " must have shape [B, H_kv, T, 2] = [", num(cache.size(0)), ", ", num(cache.size(1)), ", ",
-              num(cache.size(2)), ", 2], got ", shape_str(params));
-  TORCH_CHECK(params.is_contiguous(), params_name, " must be contiguous");
+  check_kv4_params(params_name, params, cache, "k", k);
 }
 
 // Strided K/V are read in place when D is contiguous and 4-byte aligned (one pair per load); else copied.

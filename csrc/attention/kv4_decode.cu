@@ -545,22 +545,11 @@ void launch_dim(DecodeArgs& a, const at::Tensor& q, at::Tensor& out, int64_t d) 
 
 void check_cache(const char* cache_name, const at::Tensor& cache, const char* params_name, const at::Tensor& params,
                  const at::Tensor& q) {
-  TORCH_CHECK(cache.is_cuda() && cache.device() == q.device(), cache_name, " is on ", device_str(cache), " but q is on ",
-              device_str(q));
-  TORCH_CHECK(cache.scalar_type() == at::kByte, cache_name, " must have dtype uint8, got ", cache.scalar_type());
-  TORCH_CHECK(cache.dim() == 4, cache_name, " must be 4-D [B, H_kv, T, D/2], got shape ", shape_str(cache));
-  TORCH_CHECK(cache.is_contiguous(), cache_name, " must be contiguous");
+  check_kv4_cache_tensor(cache_name, cache, "q", q);
   TORCH_CHECK(cache.size(0) == q.size(0) && cache.size(3) * 2 == q.size(3), cache_name, " has shape ", shape_str(cache),
               " which does not match q ", shape_str(q), " (expected [B, H_kv, T, D/2])");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(cache.data_ptr()) % 16 == 0, cache_name, " must be 16-byte aligned");
-  TORCH_CHECK(params.is_cuda() && params.device() == q.device(), params_name, " is on ", device_str(params),
-              " but q is on ", device_str(q));
-  TORCH_CHECK(params.scalar_type() == at::kHalf, params_name, " must have dtype float16, got ", params.scalar_type());
-  TORCH_CHECK(params.dim() == 4 && params.size(0) == cache.size(0) && params.size(1) == cache.size(1) &&
-                  params.size(2) == cache.size(2) && params.size(3) == 2,
-              params_name, " must have shape [B, H_kv, T, 2] = [", num(cache.size(0)), ", ", num(cache.size(1)), ", ",
-              num(cache.size(2)), ", 2], got ", shape_str(params));
-  TORCH_CHECK(params.is_contiguous(), params_name, " must be contiguous");
+  check_kv4_params(params_name, params, cache, "q", q);
   TORCH_CHECK(reinterpret_cast<uintptr_t>(params.data_ptr()) % 4 == 0, params_name, " must be 4-byte aligned");
 }
 
