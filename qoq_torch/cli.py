@@ -89,6 +89,13 @@ def cmd_eval(args) -> None:
         text, source = load_eval_text(), "the held-out text shipped with qoq_torch"
     ppl = perplexity(model, tok, text, seq_len=args.seq_len, max_windows=args.max_windows)
     print(f"perplexity {ppl:.3f} ({source}, seq_len {args.seq_len})")
+    if args.zero_shot:
+        from .data import load_eval_documents
+        from .evaluation import choice_accuracy, sentence_completion_items
+
+        items = sentence_completion_items(load_eval_documents(), args.zero_shot)
+        acc = choice_accuracy(model, tok, items)
+        print(f"zero-shot sentence completion {100 * acc:.1f}% ({len(items)} two-choice items from the held-out text)")
 
 
 def cmd_bench_e2e(args) -> None:
@@ -155,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", default=None, help="a UTF-8 text file to evaluate on")
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
+    e.add_argument("--zero-shot", type=int, default=0, metavar="N",
+                   help="also score N two-choice sentence completions built from the held-out text")
     common(e)
     e.set_defaults(func=cmd_eval)
 

@@ -27,8 +27,10 @@ def test_quantize_generate_eval_bench(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-2].startswith("The Python") and lines[-1].startswith("A list is")
     assert main(["eval", str(out), "--device", "cpu", "--dtype", "bfloat16", "--seq-len", "128",
-                 "--max-windows", "4"]) == 0
-    ppl = float(capsys.readouterr().out.split()[1])
+                 "--max-windows", "4", "--zero-shot", "8"]) == 0
+    printed = capsys.readouterr().out
+    ppl = float(printed.split()[1])
+    assert "zero-shot sentence completion" in printed and "(8 two-choice items" in printed
     assert 1.0 < ppl < 200.0  # a trained model, not noise (uniform over 4096 tokens would be 4096)
     # Any float HF checkpoint evaluates too, on a user's own text file.
     text = tmp_path / "text.txt"
