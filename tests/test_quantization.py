@@ -22,11 +22,11 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from qoq_torch.data import load_calibration_documents
 from qoq_torch.ops.formats import PerChannelWeight, PerGroupWeight, quantize_weight_per_channel, quantize_weight_per_group
 from qoq_torch.quantization import (
     SUPPORTED_ARCHITECTURES,
     QoQConfig,
-    load_calibration_texts,
     prepare_qoq,
     rtn_weights,
     simulate_quantized_model,
@@ -317,22 +317,12 @@ def test_texts_with_a_tokenizer_calibrate():
 
 
 def test_tokenizer_alone_uses_the_shipped_corpus():
-    try:
-        texts = load_calibration_texts()
-    except FileNotFoundError:
-        pytest.skip("no calibration corpus shipped in this checkout")
+    texts = load_calibration_documents()
     assert len(texts) > 0 and all(isinstance(t, str) and t for t in texts)
     model = tiny_model("llama")
     weights = prepare_qoq(model, QoQConfig(group_size=32, num_samples=2, seq_len=32), tokenizer=CharTokenizer(),
                           progress=False)
     assert len(weights) == 14
-
-
-def test_calibration_texts_from_a_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="calibration corpus"):
-        load_calibration_texts(tmp_path)
-    (tmp_path / "calib_a.txt").write_text("hello world", encoding="utf-8")
-    assert load_calibration_texts(tmp_path) == ["hello world"]
 
 
 # ------------------------------------------------------------------------------- clear errors

@@ -4,7 +4,6 @@
 linear's weights in the logical integer format of docs/formats.md.
 """
 from .architecture import SUPPORTED_ARCHITECTURES
-from .calibration import load_calibration_texts
 from .config import QoQConfig
 from .pipeline import prepare_qoq, rtn_weights
 from .simulate import simulate_quantized_model
@@ -12,7 +11,6 @@ from .simulate import simulate_quantized_model
 __all__ = [
     "QoQConfig",
     "SUPPORTED_ARCHITECTURES",
-    "load_calibration_texts",
     "prepare_qoq",
     "rtn_weights",
     "simulate_quantized_model",

@@ -1,42 +1,14 @@
 """Calibration data: the shipped corpus, tokenization into fixed-length blocks, and the decoder-layer inputs."""
 from __future__ import annotations
 
-import gzip
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from ..data import load_calibration_documents
 from .architecture import base_model
-
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-
-
-def load_calibration_texts(data_dir: Path | str | None = None) -> list[str]:
-    """Texts of the calibration corpus shipped with the package.
-
-    Reads ``data/corpus/calib.jsonl.gz`` (one JSON object with a "text" field per line) and any
-    ``data/calib*.txt`` files. Raises FileNotFoundError when there is none.
-    """
-    root = Path(data_dir) if data_dir is not None else DATA_DIR
-    texts: list[str] = []
-    jsonl = root / "corpus" / "calib.jsonl.gz"
-    if jsonl.is_file():
-        with gzip.open(jsonl, "rt", encoding="utf-8") as f:
-            texts.extend(json.loads(line)["text"] for line in f if line.strip())
-    for path in sorted(root.glob("calib*.txt")):
-        texts.append(path.read_text(encoding="utf-8"))
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise FileNotFoundError(
-            f"no calibration corpus found under {root} (expected corpus/calib.jsonl.gz or calib*.txt); "
-            "pass calib_data= (token ids or texts) or no tokenizer for data-free quantization"
-        )
-    return texts
-
 
 def tokenize_blocks(texts: Sequence[str], tokenizer: Any, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
     """int64 ``[n, seq_len]`` blocks of the concatenated tokenized texts, ``n = min(num_samples, available)``.
@@ -64,7 +36,7 @@ def resolve_calibration_tokens(calib_data: Any, tokenizer: Any, num_samples: int
     if calib_data is None:
         if tokenizer is None:
             return None
-        return tokenize_blocks(load_calibration_texts(), tokenizer, num_samples, seq_len, seed)
+        return tokenize_blocks(load_calibration_documents(), tokenizer, num_samples, seq_len, seed)
     if isinstance(calib_data, torch.Tensor):
         if calib_data.dim() != 2 or calib_data.dtype not in (torch.int64, torch.int32) or calib_data.numel() == 0:
             raise ValueError(
