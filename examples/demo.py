@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import qoq_torch
+from qoq_torch.benchmarking import kv_bytes_per_token, weight_bytes
 from qoq_torch.data import reference_model_path
 
 
@@ -25,11 +26,6 @@ def load_float_model(device: str, dtype: torch.dtype):
     config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2)
     return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval(), None, "random tiny Llama"
-
-
-def weight_bytes(model) -> int:
-    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def tokens_per_second(model, ids, new_tokens: int, repeats: int = 3) -> tuple[float, torch.Tensor]:
@@ -73,10 +69,7 @@ def main() -> None:
         print("generated:", tok.decode(out[0], skip_special_tokens=True))
     print(f"weights+buffers: {float_bytes / 2**20:.1f} MiB ({dtype}) -> {weight_bytes(model) / 2**20:.1f} MiB (QoQ; "
           "embeddings and lm_head stay 16-bit)")
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv16 = 2 * 2 * head_dim * cfg.num_key_value_heads * cfg.num_hidden_layers
-    kv4 = 2 * (head_dim // 2 + 4) * cfg.num_key_value_heads * cfg.num_hidden_layers
+    kv16, kv4 = kv_bytes_per_token(model.config, kv4=False), kv_bytes_per_token(model.config, kv4=True)
     print(f"KV cache per token: {kv16} bytes (16-bit) -> {kv4} bytes (KV4)")
     print(f"decode: {float_speed:.1f} tokens/s (16-bit) vs {speed:.1f} tokens/s (QoQ) on {device}")
     if device == "cpu":

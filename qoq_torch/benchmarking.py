@@ -130,7 +130,7 @@ def time_generate(model: nn.Module, name: str, variant: str, batch: int, prompt_
                   compile_mode: str | None = "reduce-overhead", seed: int = 0) -> GenerateResult:
     """Tokens/s of ``generate`` (static cache; decode compiled by HF with ``compile_mode``) after a warm-up run."""
     result = GenerateResult(name, variant, batch, prompt_len, new_tokens, extra={"compile_mode": compile_mode})
-    device = next(model.buffers()).device if any(True for _ in model.buffers()) else next(model.parameters()).device
+    device = model.device
     vocab = model.config.vocab_size
     gen = torch.Generator(device="cpu").manual_seed(seed)
     input_ids = torch.randint(1, vocab, (batch, prompt_len), generator=gen).to(device)
@@ -163,27 +163,24 @@ def time_generate(model: nn.Module, name: str, variant: str, batch: int, prompt_
 
 
 def weight_bytes(model: nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
+    """Bytes of the model's parameters and buffers (shared tensors counted once)."""
+    tensors = {t.data_ptr(): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def kv_bytes_per_token(shape: str, variant: str) -> int:
-    """KV cache bytes per token of one sequence (all layers): float16 2*D per head, KV4 D/2+4 per head for K and V."""
-    cfg = SHAPES[shape]
-    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
-    per_head = 2 * (2 * head_dim if variant == "bf16" else head_dim // 2 + 4)
-    return cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * per_head
+def kv_bytes_per_token(config, kv4: bool) -> int:
+    """KV cache bytes per token of one sequence (all layers) for an HF ``config``: 16-bit K and V take 2*D bytes a
+    head each, KV4 D/2 + 4 (packed values + float16 scale and min)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_head = 2 * (head_dim // 2 + 4 if kv4 else 2 * head_dim)
+    return config.num_hidden_layers * config.num_key_value_heads * per_head
 
 
-def largest_batch(shape: str, variant: str, weights: int, seq_len: int, memory_bytes: int,
+def largest_batch(config, kv4: bool, weights: int, seq_len: int, memory_bytes: int,
                   activation_reserve: float = 0.1) -> int:
     """Largest batch whose weights + KV cache fit ``memory_bytes`` with a fraction kept for activations."""
     free = memory_bytes * (1 - activation_reserve) - weights
-    return max(0, int(free // (kv_bytes_per_token(shape, variant) * seq_len)))
+    return max(0, int(free // (kv_bytes_per_token(config, kv4) * seq_len)))
 
 
 def run_e2e(shapes=("llama3-8b",), variants=("bf16", "qoq-g128", "qoq-channel"), batches=(1, 16, 64, 256),
@@ -218,7 +215,7 @@ def run_e2e(shapes=("llama3-8b",), variants=("bf16", "qoq-g128", "qoq-channel"),
                     failed_modes[mode] = res.error
                     torch._dynamo.reset()
                 res.extra.update({"failed_modes": failed_modes, "weights_gb": wbytes / 2**30,
-                                  "largest_batch_estimate": largest_batch(shape, variant, wbytes,
+                                  "largest_batch_estimate": largest_batch(model.config, variant != "bf16", wbytes,
                                                                           prompt_len + new_tokens, total_mem)})
                 rows.append(asdict(res))
                 bar.update(1)

@@ -31,11 +31,12 @@ def test_random_float_model_has_working_rope():
 
 def test_kv_bytes_and_largest_batch():
     # Llama-3-8B: 32 layers x 8 KV heads; bf16 K+V = 2*2*128 bytes per head, KV4 = 2*(64+4).
-    assert benchmarking.kv_bytes_per_token("llama3-8b", "bf16") == 32 * 8 * 512
-    assert benchmarking.kv_bytes_per_token("llama3-8b", "qoq-g128") == 32 * 8 * 136
+    config = benchmarking.model_config("llama3-8b")
+    assert benchmarking.kv_bytes_per_token(config, kv4=False) == 32 * 8 * 512
+    assert benchmarking.kv_bytes_per_token(config, kv4=True) == 32 * 8 * 136
     gib = 2**30
-    bf16 = benchmarking.largest_batch("llama3-8b", "bf16", 15 * gib, 384, 80 * gib)
-    qoq = benchmarking.largest_batch("llama3-8b", "qoq-g128", 5 * gib, 384, 80 * gib)
+    bf16 = benchmarking.largest_batch(config, False, 15 * gib, 384, 80 * gib)
+    qoq = benchmarking.largest_batch(config, True, 5 * gib, 384, 80 * gib)
     assert qoq > 3 * bf16 > 0
 
 
