@@ -16,8 +16,14 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def csrc_sources() -> list[str]:
+    """Every .cu/.cpp under csrc/; ``QOQ_CSRC_ONLY=gemm,quant`` limits the build to those kernel families
+    (plus csrc/module.cpp), so a kernel developer's build is not broken by another family's work in progress."""
     files = glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True)
     files += glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True)
+    families = [f for f in os.environ.get("QOQ_CSRC_ONLY", "").split(",") if f]
+    if families:
+        files = [f for f in files if os.path.dirname(f) == "csrc"
+                 or any(f.startswith(os.path.join("csrc", fam) + os.sep) for fam in families)]
     return sorted(files)
 
 

@@ -13,23 +13,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --
 
 # Build qoq_torch._C from csrc/module.cpp + csrc/gemm only, so half-written kernels elsewhere cannot break it.
 t0=$(date +%s)
-python3 - <<'PY' 2>&1 | tail -n 30 | tee "$OUT/build.txt"
-import glob, os, sys
-from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CUDAExtension
-sys.path.insert(0, "qoq_torch/ops")
-from _source_hash import csrc_hash
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
-os.environ.setdefault("MAX_JOBS", "16")
-define = [f'-DQOQ_SOURCE_HASH="{csrc_hash(os.getcwd())}"']
-setup(name="qoq_torch_gemm_build", script_args=["build_ext", "--inplace"],
-      ext_modules=[CUDAExtension("qoq_torch._C", ["csrc/module.cpp"] + sorted(glob.glob("csrc/gemm/*.cu")),
-                                 include_dirs=[os.path.join(os.getcwd(), "csrc")],
-                                 extra_compile_args={"cxx": ["-O3", "-std=c++17"] + define,
-                                                     "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
-                                                              "-lineinfo", "-DNDEBUG", "-Xptxas=-v"] + define})],
-      cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
-PY
+QOQ_PTXAS_VERBOSE=1 QOQ_CSRC_ONLY=gemm MAX_JOBS=${MAX_JOBS:-16} python3 setup.py -q build_ext --inplace 2>&1 | tail -n 30 | tee "$OUT/build.txt"
 echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/build.txt"
 python3 -c "import qoq_torch.ops as o; s=o.extension_status(); print(s); assert 'w4a8_gemm_per_group' in s['cuda_ops']" \
   2>&1 | tee "$OUT/ext.txt" || { echo "extension did not load"; exit 1; }

@@ -17,23 +17,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --
 
 # Build qoq_torch._C from csrc/module.cpp + csrc/quant + csrc/attention only (other families cannot break it).
 t0=$(date +%s)
-python3 - <<'PY' >"$OUT/build.txt" 2>&1
-import glob, os, sys
-from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CUDAExtension
-sys.path.insert(0, "qoq_torch/ops")
-from _source_hash import csrc_hash
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
-os.environ.setdefault("MAX_JOBS", "16")
-define = [f'-DQOQ_SOURCE_HASH="{csrc_hash(os.getcwd())}"']
-sources = ["csrc/module.cpp"] + sorted(glob.glob("csrc/quant/*.cu") + glob.glob("csrc/attention/*.cu"))
-setup(name="qoq_torch_kernels_build", script_args=["build_ext", "--inplace"],
-      ext_modules=[CUDAExtension("qoq_torch._C", sources, include_dirs=[os.path.join(os.getcwd(), "csrc")],
-                                 extra_compile_args={"cxx": ["-O3", "-std=c++17"] + define,
-                                                     "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
-                                                              "-lineinfo", "-DNDEBUG", "-Xptxas=-v"] + define})],
-      cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
-PY
+QOQ_PTXAS_VERBOSE=1 QOQ_CSRC_ONLY=quant,attention MAX_JOBS=${MAX_JOBS:-16} python3 setup.py -q build_ext --inplace >"$OUT/build.txt" 2>&1
 BUILD_RC=$?
 echo "build rc=$BUILD_RC in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/build.txt"
 grep -E "error|spill stores" "$OUT/build.txt" | grep -v " 0 bytes spill stores" | head -n 20
