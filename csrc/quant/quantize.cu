@@ -14,7 +14,7 @@
 namespace qoq {
 namespace {
 
-constexpr int kMaxThreads = 512;
+constexpr int kMaxThreads = 1024;
 constexpr int kMaxWarps = kMaxThreads / 32;
 
 template <typename T> __device__ __forceinline__ float to_float(T v);
@@ -194,8 +194,11 @@ template <typename T, int VEC, RowOp OP>
 void launch_typed(const Args& a, int64_t m) {
   const size_t smem = static_cast<size_t>(a.k) * sizeof(float);
   const int64_t nvec = a.k / VEC;
-  // About two vectors per thread; whole warps; 64..512 threads.
-  int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, std::max<int64_t>(64, ((nvec + 1) / 2 + 31) / 32 * 32)));
+  // Few rows (decode) leave most SMs idle, so each row gets up to 1024 threads, one vector each: fewer
+  // dependent load rounds per thread. Many rows: about two vectors per thread, at most 512 threads.
+  const int64_t per_thread = m <= 64 ? 1 : 2;
+  const int64_t cap = m <= 64 ? kMaxThreads : 512;
+  int threads = static_cast<int>(std::min<int64_t>(cap, std::max<int64_t>(64, ((nvec + per_thread - 1) / per_thread + 31) / 32 * 32)));
   auto kernel = quantize_rows_kernel<T, VEC, OP>;
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
