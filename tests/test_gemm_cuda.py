@@ -425,3 +425,31 @@ def test_decode_kernel_is_dispatched(gen, monkeypatch):
     monkeypatch.setenv("QOQ_GEMM_FORCE", "0,0")
     names = kernels(4)
     assert any("w4a8_gemm_kernel" in name for name in names) and not any("w4a8_gemv_kernel" in x for x in names)
+
+
+@needs_kernel
+@pytest.mark.parametrize("per_group", (True, False))
+def test_more_than_2_31_activation_elements(per_group, gen):
+    """M * K >= 2^31 (a long batched prefill) runs in row chunks: rows on both sides of the first chunk
+    boundary and the last rows match the reference computed on those rows alone."""
+    k, n, g = 128, 32, 128
+    chunk = (2**31 - 1) // k // 256 * 256  # the CUDA entry's rows per launch
+    m = chunk + 300
+    torch.manual_seed(0)
+    x_q_c = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
+    x_s_c = torch.rand(m, device="cuda") * 0.02 + 1e-4
+    x_sum_c = x_q_c.sum(dim=1, dtype=torch.int32)
+    w4, s2, z2, s1 = random_per_group(n, k, g, gen)
+    qweight = ops.pack_weights(w4)
+    zero = z2[:, 0].contiguous()
+    if per_group:
+        out = ops.w4a8_gemm_per_group(x_q_c, x_s_c, *_to("cuda", qweight, s2, z2, s1), group_size=g)
+    else:
+        out = ops.w4a8_gemm_per_channel(x_q_c, x_s_c, x_sum_c, *_to("cuda", qweight, s1, zero))
+    rows = torch.cat([torch.arange(0, 3), torch.arange(chunk - 3, chunk + 3), torch.arange(m - 3, m)])
+    x_q, x_s, x_sum = x_q_c[rows.cuda()].cpu(), x_s_c[rows.cuda()].cpu(), x_sum_c[rows.cuda()].cpu()
+    if per_group:
+        ref = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, None, g, torch.float16)
+    else:
+        ref = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qweight, s1, zero, None, torch.float16)
+    assert torch.equal(out[rows.cuda()].cpu(), ref)

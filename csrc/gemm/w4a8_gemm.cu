@@ -28,7 +28,7 @@ void check_common(const at::Tensor& x_q, const at::Tensor& x_s, const at::Tensor
   QOQ_CHECK_CONTIGUOUS(x_q);
   const int64_t m = x_q.size(0), k = x_q.size(1);
   TORCH_CHECK(k > 0 && k % 64 == 0, "x_q: K must be a positive multiple of 64 for the CUDA W4A8 GEMM, got K=", qoq::num(k));
-  TORCH_CHECK(x_q.numel() < (int64_t(1) << 31), "x_q: more than 2^31 elements is not supported");
+  TORCH_CHECK(m < (int64_t(1) << 31), "x_q: more than 2^31 rows is not supported");
   QOQ_CHECK_CUDA(x_s);
   QOQ_CHECK_DTYPE(x_s, at::kFloat);
   TORCH_CHECK(x_s.dim() == 1 && x_s.size(0) == m, "x_s must have shape [M] = [", qoq::num(m), "], got ", qoq::shape_str(x_s));
@@ -251,6 +251,23 @@ void dispatch(GemmParams p, const at::TensorOptions& options) {
   }
 }
 
+// The kernels index x_q and out with 32-bit integers, so a long prefill (M * K or M * N >= 2^31, e.g. 256
+// prompts of 1024 tokens into a 14336-wide down projection) runs as several launches over row ranges.
+template <bool PER_GROUP>
+void dispatch_row_chunks(const GemmParams& p, const at::TensorOptions& options) {
+  const int64_t widest = std::max(p.K, p.N);
+  const int64_t chunk = std::max<int64_t>(256, ((int64_t(1) << 31) - 1) / widest / 256 * 256);  // whole M tiles
+  for (int64_t r0 = 0; r0 < p.M; r0 += chunk) {
+    GemmParams c = p;
+    c.M = static_cast<int>(std::min<int64_t>(chunk, p.M - r0));
+    c.x_q = p.x_q + r0 * p.K;
+    c.x_s = p.x_s + r0;
+    if (p.x_sum != nullptr) c.x_sum = p.x_sum + r0;
+    c.out = static_cast<char*>(p.out) + r0 * p.N * 2;  // float16 / bfloat16 rows
+    dispatch<PER_GROUP>(c, options);
+  }
+}
+
 GemmParams base_params(const at::Tensor& x_q, const at::Tensor& x_s, const at::Tensor& qweight,
                        const std::optional<at::Tensor>& bias, at::Tensor& out) {
   GemmParams p{};
@@ -297,7 +314,7 @@ at::Tensor w4a8_gemm_per_group_cuda(const at::Tensor& x_q_in, const at::Tensor& 
   p.wscale = reinterpret_cast<const __half*>(s1.data_ptr<at::Half>());
   p.group_size = static_cast<int>(group_size);
   p.groups = static_cast<int>(k / group_size);
-  dispatch<true>(p, x_q.options());
+  dispatch_row_chunks<true>(p, x_q.options());
   return out;
 }
 
@@ -319,7 +336,7 @@ at::Tensor w4a8_gemm_per_channel_cuda(const at::Tensor& x_q_in, const at::Tensor
   p.zero = zero.data_ptr<uint8_t>();
   p.group_size = static_cast<int>(x_q.size(1));
   p.groups = 1;
-  dispatch<false>(p, x_q.options());
+  dispatch_row_chunks<false>(p, x_q.options());
   return out;
 }
 
