@@ -48,13 +48,15 @@ def plot_e2e(path: str, out: str) -> None:
 
     data = json.load(open(path))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    series: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
     for r in data["rows"]:
         if r["tokens_per_s"]:
-            series.setdefault((r["model"], r["variant"]), []).append((r["batch"], r["tokens_per_s"]))
-    for (model, variant), pts in sorted(series.items()):
-        ax.plot(*zip(*sorted(pts)), marker="o", label=f"{model} {variant}")
-    ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="output tokens/s (prompt 128, 256 new)",
+            protocol = f"{r['prompt_len']}/{r['new_tokens']}"
+            series.setdefault((r["model"], r["variant"], protocol), []).append((r["batch"], r["tokens_per_s"]))
+    for (model, variant, protocol), pts in sorted(series.items()):
+        ax.plot(*zip(*sorted(pts)), marker="o", linestyle="-" if protocol == "128/256" else "--",
+                label=f"{model} {variant} {protocol}")
+    ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="output tokens/s (prompt/new tokens in the legend)",
            title=f"HF generate + torch.compile, {data['device']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
