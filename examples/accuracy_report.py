@@ -101,6 +101,8 @@ def rows(tokenizer) -> list[Row]:
         Row("rtn-g128", "RTN W4A8KV4 g128", lambda m: rtn_weights(m, 128), True, True),
         Row("rtn-pc", "RTN W4A8KV4 per-channel", lambda m: rtn_weights(m, -1), True, True),
         Row("qoq-g128", "QoQ W4A8KV4 g128", qoq(tokenizer), True, True),
+        Row("qoq-g128-seed1", "QoQ W4A8KV4 g128, calibration seed 1", qoq(tokenizer, seed=1), True, True),
+        Row("qoq-g128-seed2", "QoQ W4A8KV4 g128, calibration seed 2", qoq(tokenizer, seed=2), True, True),
         Row("qoq-pc", "QoQ W4A8KV4 per-channel", qoq(tokenizer, group_size=-1), True, True),
         Row("qoq-g128-kv16", "QoQ W4A8 g128, KV16 (cost of KV4)", qoq(tokenizer, kv_bits=16), True, False),
         Row("qoq-datafree", "QoQ W4A8KV4 g128, data-free (no calibration)", qoq(None), True, True),

@@ -4,11 +4,16 @@ GPU (the shipped checkpoint; scripts/gpu_train.sh runs this):
     python examples/train_reference_model.py --out OUT_DIR
 CPU smoke test (a few steps of a tiny model, well under a minute):
     python examples/train_reference_model.py --tiny --steps 5 --out /tmp/ref_tiny
+A larger model on the python + linux corpus (``build_corpus --deb python3.11-doc_*.deb linux-doc-6.1_*.deb``):
+    python examples/train_reference_model.py --corpus .cache/reference_corpus_v2 \
+        --hidden-size 512 --layers 8 --heads 8 --kv-heads 4 --intermediate-size 1536 --out OUT_DIR
 
 Data: the train split (``python -m qoq_torch.data.build_corpus`` writes ``train.jsonl.gz``; default path
 ``.cache/reference_corpus/train.jsonl.gz``), the shipped tokenizer, the shipped calib split as validation and the
-shipped eval split for the final held-out perplexity. The output directory is a Hugging Face checkpoint
-(config.json, float16 model.safetensors, tokenizer files) plus ``training_log.json``.
+shipped eval split for the final held-out perplexity; ``--corpus DIR`` takes all three splits and the tokenizer
+(``DIR/tokenizer``, from ``build_tokenizer``) from a corpus directory instead. The vocabulary size and special
+tokens come from the tokenizer. The output directory is a Hugging Face checkpoint (config.json, float16
+model.safetensors, tokenizer files) plus ``training_log.json``.
 """
 
 from __future__ import annotations
@@ -39,16 +44,63 @@ REFERENCE_CONFIG = dict(
 )
 TINY_CONFIG = dict(REFERENCE_CONFIG, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+# Size options of the command line -> LlamaConfig keys (unset: the base config's value).
+SIZE_OPTIONS = {"hidden_size": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
+                "kv_heads": "num_key_value_heads", "intermediate_size": "intermediate_size"}
+# Document path prefix (build_corpus) -> where the text comes from.
+CORPUS_SOURCES = {"linux-doc-6.1/": "Debian linux-doc-6.1 6.1.192-2 HTML, prose only (GPL-2)",
+                  "": "Debian python3.11-doc 3.11.2-6+deb12u9 HTML, prose only (PSF licence)"}
 
 
-def load_token_stream(jsonl_gz: Path, tokenizer, max_docs: int | None = None) -> torch.Tensor:
-    """All documents' tokens, each followed by EOS, as one ``[N] int64`` tensor."""
+def read_documents(jsonl_gz: Path) -> list[dict[str, str]]:
+    """The ``{"path", "text"}`` records of a split written by ``build_corpus``."""
     if not jsonl_gz.is_file():
         raise SystemExit(f"{jsonl_gz} not found: make it with `python -m qoq_torch.data.build_corpus --deb "
                          "python3.11-doc_*.deb --out .cache/reference_corpus`")
     with gzip.open(jsonl_gz, "rt", encoding="utf-8") as f:
-        docs = [json.loads(line)["text"] for line in f]
-    return encode_documents(docs[:max_docs], tokenizer)
+        return [json.loads(line) for line in f]
+
+
+def load_token_stream(jsonl_gz: Path, tokenizer, max_docs: int | None = None) -> torch.Tensor:
+    """All documents' tokens, each followed by EOS, as one ``[N] int64`` tensor."""
+    return encode_documents([d["text"] for d in read_documents(jsonl_gz)[:max_docs]], tokenizer)
+
+
+def corpus_sources(jsonl_gz: Path) -> dict[str, int]:
+    """Documents of a split per source (``CORPUS_SOURCES``)."""
+    counts: dict[str, int] = {}
+    for d in read_documents(jsonl_gz):
+        source = next(v for k, v in CORPUS_SOURCES.items() if d["path"].startswith(k))
+        counts[source] = counts.get(source, 0) + 1
+    return counts
+
+
+def model_config(args: argparse.Namespace, tokenizer) -> LlamaConfig:
+    """``REFERENCE_CONFIG`` (``TINY_CONFIG`` with ``--tiny``) with the size options applied.
+
+    The head dimension is hidden size / heads; the vocabulary size and special token ids are the tokenizer's.
+    """
+    config = dict(TINY_CONFIG if args.tiny else REFERENCE_CONFIG)
+    config.update({key: getattr(args, opt) for opt, key in SIZE_OPTIONS.items() if getattr(args, opt) is not None})
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    if config["hidden_size"] % heads or heads % kv_heads:
+        raise SystemExit(f"hidden size {config['hidden_size']}, {heads} heads, {kv_heads} KV heads: the hidden "
+                         "size must be a multiple of the heads and the heads a multiple of the KV heads")
+    config.update(head_dim=config["hidden_size"] // heads, vocab_size=len(tokenizer),
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    return LlamaConfig(**config)
+
+
+def load_data(args: argparse.Namespace) -> tuple[object, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tokenizer and the train, validation (calib) and eval token streams (each document + EOS)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
+    train_ids = load_token_stream(args.train, tokenizer, max_docs=20 if args.tiny else None)
+    val_ids = (load_token_stream(args.calib, tokenizer) if args.calib
+               else encode_documents(qdata.load_calibration_documents(), tokenizer))
+    eval_ids = (load_token_stream(args.eval, tokenizer) if args.eval
+                else encode_documents(qdata.load_eval_documents(), tokenizer))
+    return tokenizer, train_ids, val_ids, eval_ids
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int, floor_ratio: float = 0.1) -> float:
@@ -59,15 +111,16 @@ def lr_at(step: int, steps: int, peak: float, warmup: int, floor_ratio: float = 
     return peak * (floor_ratio + (1 - floor_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(args: argparse.Namespace, steps: int) -> tuple[LlamaForCausalLM, object, dict]:
-    """Train one model for ``steps`` steps; returns the float16 model, the tokenizer and its training log."""
+def train(args: argparse.Namespace, steps: int, data: tuple | None = None) -> tuple[LlamaForCausalLM, object, dict]:
+    """Train one model for ``steps`` steps; returns the float16 model, the tokenizer and its training log.
+
+    ``data`` is ``load_data(args)``, loaded here when not given.
+    """
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
-    train_ids = load_token_stream(args.train, tokenizer, max_docs=20 if args.tiny else None)
-    val_ids = encode_documents(qdata.load_calibration_documents(), tokenizer)
+    tokenizer, train_ids, val_ids, eval_ids = data or load_data(args)
     val_windows = 8 if args.tiny else None
-    config = LlamaConfig(**(TINY_CONFIG if args.tiny else REFERENCE_CONFIG))
+    config = model_config(args, tokenizer)
     model = LlamaForCausalLM(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f}M, train tokens {train_ids.numel()}, device {device}", flush=True)
@@ -108,18 +161,19 @@ def train(args: argparse.Namespace, steps: int) -> tuple[LlamaForCausalLM, objec
             history.append(entry)
             print(json.dumps(entry), flush=True)
     train_seconds = time.time() - t0
+    sources = corpus_sources(args.train)
 
     # Ship float16 weights; report the held-out perplexity of exactly what ships.
     model = model.to(torch.float16).eval()
-    eval_ids = encode_documents(qdata.load_eval_documents(), tokenizer)
     eval_ppl = perplexity(model, eval_ids, seq_len=args.seq_len, batch_size=16, max_windows=val_windows,
                           progress=False)
     val_ppl = perplexity(model, val_ids, seq_len=args.seq_len, batch_size=16, max_windows=val_windows,
                          progress=False)
     log = {
-        "data": {"corpus": "Debian python3.11-doc 3.11.2-6+deb12u9 HTML, prose only (PSF licence)",
-                 "train_tokens": train_ids.numel(), "val_tokens (calib split)": val_ids.numel(),
-                 "eval_tokens (eval split)": eval_ids.numel()},
+        "data": {"corpus": " + ".join(sources), "train_file_documents": sources, "train_tokens": train_ids.numel(),
+                 "val_tokens (calib split)": val_ids.numel(), "eval_tokens (eval split)": eval_ids.numel(),
+                 "files": {"train": str(args.train), "calib": str(args.calib or "shipped"),
+                           "eval": str(args.eval or "shipped"), "tokenizer": str(args.tokenizer)}},
         "model": {"parameters": n_params, "config": {k: v for k, v in config.to_dict().items()
                                                      if k in REFERENCE_CONFIG}},
         "training": {"steps": steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
@@ -145,14 +199,19 @@ def train_and_select(args: argparse.Namespace) -> dict:
     """
     t0, best, sweep = time.time(), None, []
     seconds_per_step = None
+    data = load_data(args)
+    print(f"data loaded in {time.time() - t0:.1f} s", flush=True)
     for steps in args.steps:
         if seconds_per_step is not None and time.time() - t0 + steps * seconds_per_step > args.time_budget:
             print(f"skip steps={steps}: would exceed the time budget", flush=True)
             continue
         run_start = time.time()
-        model, tokenizer, log = train(args, steps)
-        seconds_per_step = (time.time() - run_start) / steps
-        sweep.append({"steps": steps, **log["float16"], "final_train_loss": log["training"]["final_train_loss"]})
+        model, tokenizer, log = train(args, steps, data)
+        run_seconds = time.time() - run_start
+        seconds_per_step = run_seconds / steps
+        print(f"run steps={steps}: {run_seconds:.1f} s (training {log['training']['seconds']} s)", flush=True)
+        sweep.append({"steps": steps, **log["float16"], "final_train_loss": log["training"]["final_train_loss"],
+                      "seconds": round(run_seconds, 1)})
         if best is None or log["float16"]["val_perplexity"] < best[2]["float16"]["val_perplexity"]:
             best = (model, tokenizer, log)
     model, tokenizer, log = best
@@ -174,8 +233,18 @@ def _lm_loss(model: LlamaForCausalLM, batch: torch.Tensor) -> torch.Tensor:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--train", type=Path, default=REPO_ROOT / ".cache/reference_corpus/train.jsonl.gz")
-    ap.add_argument("--tokenizer", type=Path, default=qdata.reference_model_path())
+    ap.add_argument("--corpus", type=Path, default=None, help="a build_corpus directory: the default --train, "
+                    "--calib and --eval are its splits, the default --tokenizer is DIR/tokenizer")
+    ap.add_argument("--train", type=Path, default=None, help="default .cache/reference_corpus/train.jsonl.gz")
+    ap.add_argument("--calib", type=Path, default=None, help="validation split (default: the shipped calib split)")
+    ap.add_argument("--eval", type=Path, default=None, help="held-out split (default: the shipped eval split)")
+    ap.add_argument("--tokenizer", type=Path, default=None, help="default: the shipped reference model's")
+    size = ap.add_argument_group("model size (default: the reference model's; with --tiny, the tiny model's)")
+    size.add_argument("--hidden-size", type=int, default=None)
+    size.add_argument("--layers", type=int, default=None)
+    size.add_argument("--heads", type=int, default=None, help="query heads; head dimension = hidden size / heads")
+    size.add_argument("--kv-heads", type=int, default=None)
+    size.add_argument("--intermediate-size", type=int, default=None)
     ap.add_argument("--steps", type=lambda v: [int(x) for x in v.split(",")], default=[2000],
                     help="training steps; a comma list trains one model per value and keeps the best on validation")
     ap.add_argument("--time-budget", type=float, default=330.0, help="seconds for all runs of a --steps list")
@@ -190,6 +259,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default=None)
     ap.add_argument("--tiny", action="store_true", help="tiny model on 20 documents (CPU smoke test)")
     args = ap.parse_args(argv)
+    corpus = args.corpus
+    args.train = args.train or (corpus or REPO_ROOT / ".cache/reference_corpus") / "train.jsonl.gz"
+    args.calib = args.calib or (corpus and corpus / "calib.jsonl.gz")
+    args.eval = args.eval or (corpus and corpus / "eval.jsonl.gz")
+    args.tokenizer = args.tokenizer or (corpus / "tokenizer" if corpus else qdata.reference_model_path())
     if args.tiny:
         args.batch_size, args.seq_len, args.warmup = min(args.batch_size, 4), min(args.seq_len, 128), 2
         args.log_every = args.eval_every = max(1, max(args.steps) // 2)

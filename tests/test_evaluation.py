@@ -190,7 +190,8 @@ def test_train_reference_model_smoke(tmp_path):
     assert [r["steps"] for r in log["selection"]["runs"]] == [2, 3]
     assert log["training"]["steps"] == min(log["selection"]["runs"], key=lambda r: r["val_perplexity"])["steps"]
     saved = json.loads((tmp_path / "training_log.json").read_text())
-    assert saved["float16"]["eval_perplexity"] == log["float16"]["eval_perplexity"] < 4096
     model = LlamaForCausalLM.from_pretrained(str(tmp_path))
+    # below the vocabulary size: better than a uniform guess after a few steps
+    assert saved["float16"]["eval_perplexity"] == log["float16"]["eval_perplexity"] < model.config.vocab_size
     assert model.dtype == torch.float16 and model.config.hidden_size == trainer.TINY_CONFIG["hidden_size"]
     AutoTokenizer.from_pretrained(str(tmp_path))
