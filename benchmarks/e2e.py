@@ -18,9 +18,11 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["bf16", "qoq-g128", "qoq-channel"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256])
     parser.add_argument("--protocols", nargs="+", default=["128x256"], help="PROMPTxOUTPUT, e.g. 128x256 1024x512")
+    parser.add_argument("--measure-max-batch", action="store_true", help="also find the largest batch that fits")
     args = parser.parse_args()
     protocols = [tuple(int(v) for v in p.split("x")) for p in args.protocols]
-    rows = run_e2e(args.shapes, args.variants, args.batches, protocols, json_path=args.json)
+    rows = run_e2e(args.shapes, args.variants, args.batches, protocols, json_path=args.json,
+                   measure_max_batch=args.measure_max_batch)
     print(format_table(rows))
     if args.json:
         with open(args.json) as fh:

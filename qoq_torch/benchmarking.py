@@ -10,6 +10,7 @@ import gc
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -183,9 +184,67 @@ def largest_batch(config, kv4: bool, weights: int, seq_len: int, memory_bytes: i
     return max(0, int(free // (kv_bytes_per_token(config, kv4) * seq_len)))
 
 
+def search_largest(fits: Callable[[int], bool], upper: int, rel_tol: float = 0.03) -> int:
+    """Largest n in [0, upper] with ``fits(n)``, assuming fits is monotone (True up to a threshold, then False).
+
+    Bisection stops once the bracket is within ``rel_tol`` of its lower end, so a probe count of about
+    log2(1 / rel_tol) + log2(upper / answer) suffices; returns 0 when even n = 1 does not fit.
+    """
+    lo, hi = 0, upper + 1  # fits(lo) is assumed, fits(hi) is not
+    if upper >= 1 and fits(upper):
+        return upper
+    while hi - lo > max(1, int(lo * rel_tol)):
+        mid = (lo + hi) // 2 if lo else max(1, hi // 2)
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+class _StopAfter:
+    """Stopping criterion: end ``generate`` after ``n`` new tokens although the cache was sized for more."""
+
+    def __init__(self, prompt_len: int, n: int):
+        self.limit = prompt_len + n
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.limit, dtype=torch.bool,
+                          device=input_ids.device)
+
+
+def fits_in_memory(model: nn.Module, batch: int, prompt_len: int, new_tokens: int) -> bool:
+    """Whether ``generate`` at this batch fits the GPU: the static cache is allocated for prompt + new tokens, the
+    whole prompt is prefilled at once (as HF does) and two decode steps run (eager), then generation stops."""
+    from transformers import GenerationConfig, StoppingCriteriaList
+
+    cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
+                           pad_token_id=0, eos_token_id=None, disable_compile=True)
+    ids = torch.randint(1, model.config.vocab_size, (batch, prompt_len), device=model.device)
+    try:
+        model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
+                       stopping_criteria=StoppingCriteriaList([_StopAfter(prompt_len, 2)]))
+        torch.cuda.synchronize()
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        del ids
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def measure_largest_batch(model: nn.Module, prompt_len: int, new_tokens: int, upper: int) -> int:
+    """Largest batch for which ``fits_in_memory`` holds (bisection up to ``upper``, within 3%)."""
+    return search_largest(lambda b: fits_in_memory(model, b, prompt_len, new_tokens), upper)
+
+
 def run_e2e(shapes=("llama3-8b",), variants=("bf16", "qoq-g128", "qoq-channel"), batches=(1, 16, 64, 256),
-            protocols=((128, 256),), json_path: str | None = None, progress: bool = True) -> list[dict]:
-    """Run every (shape, variant, batch, protocol) and return (and optionally write) the rows."""
+            protocols=((128, 256),), json_path: str | None = None, progress: bool = True,
+            measure_max_batch: bool = False) -> list[dict]:
+    """Run every (shape, variant, batch, protocol) and return (and optionally write) the rows. With
+    ``measure_max_batch``, each (shape, variant, protocol) also gets a row (batch = the measured largest batch,
+    no timing) from ``measure_largest_batch``, searched up to 1.25x the estimate."""
     from tqdm.auto import tqdm
 
     if not torch.cuda.is_available():
@@ -220,15 +279,25 @@ def run_e2e(shapes=("llama3-8b",), variants=("bf16", "qoq-g128", "qoq-channel"),
                 rows.append(asdict(res))
                 bar.update(1)
                 bar.set_postfix_str(f"{shape} {variant} b={batch}: {res.tokens_per_s or res.error}")
-                if json_path:
-                    with open(json_path, "w") as fh:
-                        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows},
-                                  fh, indent=1)
+                _write_rows(json_path, rows)
+            if measure_max_batch:
+                estimate = largest_batch(model.config, variant != "bf16", wbytes, prompt_len + new_tokens, total_mem)
+                bar.set_postfix_str(f"{shape} {variant}: searching the largest batch (estimate {estimate})")
+                measured = measure_largest_batch(model, prompt_len, new_tokens, max(1, int(estimate * 1.25)))
+                rows.append(asdict(GenerateResult(shape, variant, measured, prompt_len, new_tokens, extra={
+                    "measured_largest_batch": measured, "largest_batch_estimate": estimate})))
+                _write_rows(json_path, rows)
         del model
         gc.collect()
         torch.cuda.empty_cache()
     bar.close()
     return rows
+
+
+def _write_rows(json_path: str | None, rows: list[dict]) -> None:
+    if json_path:  # rewritten after every row, so a run cut by a time limit keeps what it measured
+        with open(json_path, "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, fh, indent=1)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -238,7 +307,9 @@ def format_table(rows: list[dict]) -> str:
         def f(v, fmt="{:.0f}"):
             return "-" if v is None else fmt.format(v)
         err = f" ({r['error']})" if r.get("error") else ""
-        lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['prompt_len']}/{r['new_tokens']} | "
+        batch = f"{r['batch']} (largest that fits, measured)" if "measured_largest_batch" in r.get("extra", {}) \
+            else r["batch"]
+        lines.append(f"| {r['model']} | {r['variant']} | {batch} | {r['prompt_len']}/{r['new_tokens']} | "
                      f"{f(r['tokens_per_s'])}{err} | {f(r['decode_tokens_per_s'])} | {f(r['ttft_ms'], '{:.1f}')} | "
                      f"{f(r['peak_mem_gb'], '{:.1f}')} | {r.get('extra', {}).get('largest_batch_estimate', '-')} |")
     return "\n".join(lines)

@@ -102,7 +102,8 @@ def cmd_bench_e2e(args) -> None:
     from .benchmarking import format_table, run_e2e
 
     protocols = [tuple(int(v) for v in p.split("x")) for p in args.protocols]
-    rows = run_e2e(args.shapes, args.variants, args.batches, protocols, json_path=args.json)
+    rows = run_e2e(args.shapes, args.variants, args.batches, protocols, json_path=args.json,
+                   measure_max_batch=args.measure_max_batch)
     print(format_table(rows))
 
 
@@ -174,9 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("path", help="directory written by `qoq quantize`, or `e2e`")
     b.add_argument("--shapes", nargs="+", default=["llama3-8b"], help="e2e: llama3-8b, qwen1.5-72b, tiny")
     b.add_argument("--variants", nargs="+", default=["bf16", "qoq-g128", "qoq-channel"], help="e2e variants")
-    b.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256], help="e2e batch sizes")
+    b.add_argument("--batches", nargs="*", type=int, default=[1, 16, 64, 256],
+                   help="e2e batch sizes (none: only --measure-max-batch)")
     b.add_argument("--protocols", nargs="+", default=["128x256"], help="e2e PROMPTxOUTPUT lengths")
     b.add_argument("--json", default=None, help="e2e: write the rows to this JSON file")
+    b.add_argument("--measure-max-batch", action="store_true",
+                   help="e2e: also find the largest batch that fits the GPU (bisection with short generate calls)")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--prompt-len", type=int, default=128)
     b.add_argument("--new-tokens", type=int, default=64)

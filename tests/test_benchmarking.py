@@ -46,3 +46,31 @@ def test_unknown_shape_and_cpu_only_e2e(capsys):
     if not torch.cuda.is_available():
         assert main(["bench", "e2e", "--shapes", "tiny"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("threshold,upper", [(1, 10), (7, 10), (10, 10), (37, 5000), (4321, 5000), (0, 64), (90, 64)])
+def test_search_largest_finds_the_threshold(threshold, upper):
+    probes = []
+
+    def fits(n):
+        probes.append(n)
+        return n <= threshold
+
+    found = benchmarking.search_largest(fits, upper, rel_tol=0.03)
+    expected = min(threshold, upper)
+    assert expected * 0.97 - 1 <= found <= expected
+    assert found == 0 or fits(found)
+    assert len(probes) <= 30
+
+
+def test_stop_after_ends_generate_early_with_the_full_cache():
+    """The largest-batch probe sizes the static cache for all new tokens but stops after two."""
+    from transformers import GenerationConfig, StoppingCriteriaList
+
+    model = benchmarking.build_float_model("tiny", dtype=torch.float32, device="cpu")
+    ids = torch.randint(2, 500, (2, 5))
+    cfg = GenerationConfig(max_new_tokens=20, do_sample=False, cache_implementation="static", pad_token_id=0,
+                           eos_token_id=None, disable_compile=True)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
+                         stopping_criteria=StoppingCriteriaList([benchmarking._StopAfter(5, 2)]))
+    assert out.shape == (2, 7)

@@ -103,6 +103,12 @@ def test_mlp_is_norm_then_swiglu_of_quantized_linears(gen):
     assert torch.equal(y.view(6, hidden), q[2].gemm(h_q, h_s, h_sum, torch.bfloat16))
     with pytest.raises(ValueError, match="2 x"):
         QoQMLP(q[0], q[2], norm_w, 1e-6)
+    # a prefill longer than max_rows_per_pass runs in row chunks (here 4, 4 and 2 rows): the same output
+    x_long = torch.randn(2, 5, hidden, generator=gen).bfloat16()
+    whole = mlp(x_long)
+    mlp.max_rows_per_pass = 4
+    chunked = mlp(x_long)
+    assert chunked.shape == whole.shape and torch.equal(chunked, whole)
 
 
 def _kv(b, h, s, d, gen):
