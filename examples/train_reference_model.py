@@ -1,12 +1,13 @@
-"""Train qoq_torch's reference model: a small Llama on the Python-documentation corpus.
+"""Train qoq_torch's reference model: a small Llama on the Python and Linux kernel documentation.
 
-GPU (the shipped checkpoint; scripts/gpu_train.sh runs this):
+GPU (scripts/gpu_train.sh runs this), the Python manual alone:
     python examples/train_reference_model.py --out OUT_DIR
 CPU smoke test (a few steps of a tiny model, well under a minute):
     python examples/train_reference_model.py --tiny --steps 5 --out /tmp/ref_tiny
-A larger model on the python + linux corpus (``build_corpus --deb python3.11-doc_*.deb linux-doc-6.1_*.deb``):
-    python examples/train_reference_model.py --corpus .cache/reference_corpus_v2 \
-        --hidden-size 512 --layers 8 --heads 8 --kv-heads 4 --intermediate-size 1536 --out OUT_DIR
+The shipped model, on the python + linux corpus (``build_corpus --deb python3.11-doc_*.deb linux-doc-6.1_*.deb``
+and ``build_tokenizer --vocab-size 8192``; docs/reference_model.md):
+    python examples/train_reference_model.py --corpus .cache/reference_corpus_v2 --steps 1500,3000,4500 --out OUT_DIR
+Other sizes: --hidden-size, --layers, --heads, --kv-heads, --intermediate-size.
 
 Data: the train split (``python -m qoq_torch.data.build_corpus`` writes ``train.jsonl.gz``; default path
 ``.cache/reference_corpus/train.jsonl.gz``), the shipped tokenizer, the shipped calib split as validation and the
@@ -35,10 +36,11 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 import qoq_torch.data as qdata  # noqa: E402
 from qoq_torch.evaluation import encode_documents, perplexity  # noqa: E402
 
-# The shipped model: hidden 256 (a power of two, so a Hadamard rotation fits), GQA 4/2 heads of dim 64,
-# SwiGLU 4x, untied embeddings (as in Llama-3), about 7.9M parameters = 15.8 MB in float16.
+# The shipped model: hidden 384, GQA 6/2 heads of dim 64, SwiGLU intermediate 1024, untied embeddings (as in
+# Llama-3); with the 8192-entry tokenizer 15.7M parameters = 31.5 MB in float16 (the vocabulary size and the
+# special token ids are replaced by the tokenizer's at run time).
 REFERENCE_CONFIG = dict(
-    vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
+    vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
     num_key_value_heads=2, head_dim=64, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
     tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=1,
 )

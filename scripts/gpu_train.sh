@@ -13,10 +13,9 @@
 #   STEPS TIME_BUDGET EXTRA_ARGS                step counts, seconds for all of them, other options
 # A model with a file over 16 MiB (what one file back from $OUT may be) comes back as
 # $OUT/reference_model.tar.gz.part-NN (15 MiB each; `cat reference_model.tar.gz.part-* | tar xzf -`)
-# plus $OUT/training_log.json. Example, the larger model on the python + linux corpus
-# (carry: [".cache/reference_corpus_v2"]):
-#   CORPUS=.cache/reference_corpus_v2 HIDDEN=512 LAYERS=8 HEADS=8 KV_HEADS=4 INTERMEDIATE=1536 \
-#     STEPS=1000,2000,3000 TIME_BUDGET=480 bash scripts/gpu_train.sh
+# plus $OUT/training_log.json. The shipped model (python + linux corpus; carry: [".cache/reference_corpus_v2"]):
+#   CORPUS=.cache/reference_corpus_v2 HIDDEN=384 LAYERS=6 HEADS=6 KV_HEADS=2 INTERMEDIATE=1024 \
+#     STEPS=1500,3000,4500 TIME_BUDGET=340 bash scripts/gpu_train.sh
 set -euo pipefail
 OUT=${OUT:-/tmp/qoq_train_out}
 STEPS=${STEPS:-600,1200,2400,4800}
