@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from qoq_torch.benchmarking import _generate, build_float_model, build_quantized_model
+from qoq_torch.benchmarking import build_float_model, build_quantized_model, run_generate
 
 
 def profile_variant(variant: str, shape: str, batch: int, prompt_len: int, steps: int, top: int) -> dict:
@@ -22,17 +22,17 @@ def profile_variant(variant: str, shape: str, batch: int, prompt_len: int, steps
     ids = torch.randint(1, model.config.vocab_size, (batch, prompt_len), device="cuda")
     wall = {}
     for n in (1, steps):
-        _generate(model, ids, n, "reduce-overhead")  # compile + capture for this cache length
+        run_generate(model, ids, n, "reduce-overhead")  # compile + capture for this cache length
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        _generate(model, ids, n, "reduce-overhead")
+        run_generate(model, ids, n, "reduce-overhead")
         torch.cuda.synchronize()
         wall[n] = time.perf_counter() - t0
     step_ms = (wall[steps] - wall[1]) / (steps - 1) * 1e3
     counters = {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if k in ("stats", "graph_break")}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
-        _generate(model, ids, steps, "reduce-overhead")
+        run_generate(model, ids, steps, "reduce-overhead")
         torch.cuda.synchronize()
     kernels = {}
     for evt in prof.events():

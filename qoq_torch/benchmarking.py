@@ -116,15 +116,31 @@ class GenerateResult:
 COMPILE_MODES = ("reduce-overhead", "default")  # CUDA graphs first; plain inductor if capture fails
 
 
-def _generate(model, input_ids, new_tokens: int, compile_mode: str | None):
-    from transformers import GenerationConfig
+class _StopAfter:
+    """Stopping criterion: end ``generate`` after ``n`` new tokens although the cache was sized for more."""
+
+    def __init__(self, prompt_len: int, n: int):
+        self.limit = prompt_len + n
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.limit, dtype=torch.bool,
+                          device=input_ids.device)
+
+
+def run_generate(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, compile_mode: str | None,
+                 stop_after: int | None = None) -> torch.Tensor:
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens with a static cache sized for them (compiled by
+    transformers with ``compile_mode``, eager when None); ``stop_after`` ends it after that many tokens."""
+    from transformers import GenerationConfig, StoppingCriteriaList
     from transformers.generation.configuration_utils import CompileConfig
 
     cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                            cache_implementation="static", pad_token_id=0, eos_token_id=None,
                            disable_compile=compile_mode is None,
                            compile_config=CompileConfig(mode=compile_mode) if compile_mode else None)
-    return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=cfg)
+    stop = StoppingCriteriaList([_StopAfter(input_ids.shape[1], stop_after)]) if stop_after else None
+    return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=cfg,
+                          stopping_criteria=stop)
 
 
 def time_generate(model: nn.Module, name: str, variant: str, batch: int, prompt_len: int, new_tokens: int,
@@ -137,15 +153,15 @@ def time_generate(model: nn.Module, name: str, variant: str, batch: int, prompt_
     input_ids = torch.randint(1, vocab, (batch, prompt_len), generator=gen).to(device)
     try:
         torch.cuda.synchronize()
-        _generate(model, input_ids, new_tokens, compile_mode)  # warm-up: compilation, graph capture
+        run_generate(model, input_ids, new_tokens, compile_mode)  # warm-up: compilation, graph capture
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
         start = time.perf_counter()
-        _generate(model, input_ids, 1, compile_mode)
+        run_generate(model, input_ids, 1, compile_mode)
         torch.cuda.synchronize()
         ttft = time.perf_counter() - start
         start = time.perf_counter()
-        out = _generate(model, input_ids, new_tokens, compile_mode)
+        out = run_generate(model, input_ids, new_tokens, compile_mode)
         torch.cuda.synchronize()
         total = time.perf_counter() - start
         produced = (out.shape[1] - prompt_len) * batch
@@ -202,28 +218,12 @@ def search_largest(fits: Callable[[int], bool], upper: int, rel_tol: float = 0.0
     return lo
 
 
-class _StopAfter:
-    """Stopping criterion: end ``generate`` after ``n`` new tokens although the cache was sized for more."""
-
-    def __init__(self, prompt_len: int, n: int):
-        self.limit = prompt_len + n
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.limit, dtype=torch.bool,
-                          device=input_ids.device)
-
-
 def fits_in_memory(model: nn.Module, batch: int, prompt_len: int, new_tokens: int) -> bool:
     """Whether ``generate`` at this batch fits the GPU: the static cache is allocated for prompt + new tokens, the
     whole prompt is prefilled at once (as HF does) and two decode steps run (eager), then generation stops."""
-    from transformers import GenerationConfig, StoppingCriteriaList
-
-    cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
-                           pad_token_id=0, eos_token_id=None, disable_compile=True)
     ids = torch.randint(1, model.config.vocab_size, (batch, prompt_len), device=model.device)
     try:
-        model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
-                       stopping_criteria=StoppingCriteriaList([_StopAfter(prompt_len, 2)]))
+        run_generate(model, ids, new_tokens, None, stop_after=2)
         torch.cuda.synchronize()
         return True
     except torch.cuda.OutOfMemoryError:

@@ -64,13 +64,9 @@ def test_search_largest_finds_the_threshold(threshold, upper):
 
 
 def test_stop_after_ends_generate_early_with_the_full_cache():
-    """The largest-batch probe sizes the static cache for all new tokens but stops after two."""
-    from transformers import GenerationConfig, StoppingCriteriaList
-
+    """The largest-batch probe (run_generate with stop_after) sizes the static cache for all new tokens but
+    stops after two; without stop_after every requested token is generated."""
     model = benchmarking.build_float_model("tiny", dtype=torch.float32, device="cpu")
     ids = torch.randint(2, 500, (2, 5))
-    cfg = GenerationConfig(max_new_tokens=20, do_sample=False, cache_implementation="static", pad_token_id=0,
-                           eos_token_id=None, disable_compile=True)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
-                         stopping_criteria=StoppingCriteriaList([benchmarking._StopAfter(5, 2)]))
-    assert out.shape == (2, 7)
+    assert benchmarking.run_generate(model, ids, 20, None, stop_after=2).shape == (2, 7)
+    assert benchmarking.run_generate(model, ids, 6, None).shape == (2, 11)
