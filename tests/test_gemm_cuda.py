@@ -43,6 +43,14 @@ def random_per_group(n: int, k: int, g: int, gen: torch.Generator):
     return w4, s2.to(torch.uint8), z2.to(torch.uint8), s1
 
 
+def random_per_channel(n: int, k: int, gen: torch.Generator):
+    """Random per-channel weights: UINT4 values, float16 scales and UINT4 zero points."""
+    w4 = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(n, generator=gen) * 0.05 + 1e-3).half()
+    zero = torch.randint(0, 16, (n,), generator=gen, dtype=torch.uint8)
+    return w4, scale, zero
+
+
 def random_bias(n: int, dtype, gen: torch.Generator):
     return (torch.randn(n, generator=gen) * 0.5).to(dtype)
 
@@ -51,19 +59,28 @@ def _to(device, *ts):
     return [None if t is None else t.to(device) for t in ts]
 
 
-@needs_kernel
-@pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("n,k", NK)
-@pytest.mark.parametrize("out_dtype", (torch.float16, torch.bfloat16))
-def test_per_group_matches_reference(m, n, k, out_dtype, gen):
-    g = 64 if k % 128 else 128
+def assert_per_group_matches(m: int, n: int, k: int, g: int, bias_dtype, out_dtype, gen: torch.Generator) -> None:
+    """Random per-group operands through the CUDA op (whatever kernel the dispatch, or the caller's environment,
+    picks) equal the CPU reference bit for bit."""
     x_q, x_s, _ = random_activations(m, k, gen)
     w4, s2, z2, s1 = random_per_group(n, k, g, gen)
     qweight = ops.pack_weights(w4)
-    bias = random_bias(n, (torch.float32, torch.float16, torch.bfloat16)[m % 3], gen) if m % 2 else None
+    bias = None if bias_dtype is None else random_bias(n, bias_dtype, gen)
     ref = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, g, out_dtype)
     out = ops.w4a8_gemm_per_group(*_to("cuda", x_q, x_s, qweight, s2, z2, s1, bias), group_size=g,
                                   out_dtype=out_dtype)
+    assert out.dtype == out_dtype and out.shape == (m, n) and out.is_cuda
+    assert torch.equal(out.cpu(), ref)
+
+
+def assert_per_channel_matches(m: int, n: int, k: int, bias_dtype, out_dtype, gen: torch.Generator) -> None:
+    """The same for the per-channel format (zero point corrected with the activation row sums)."""
+    x_q, x_s, x_sum = random_activations(m, k, gen)
+    w4, scale, zero = random_per_channel(n, k, gen)
+    qweight = ops.pack_weights(w4)
+    bias = None if bias_dtype is None else random_bias(n, bias_dtype, gen)
+    ref = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qweight, scale, zero, bias, out_dtype)
+    out = ops.w4a8_gemm_per_channel(*_to("cuda", x_q, x_s, x_sum, qweight, scale, zero, bias), out_dtype=out_dtype)
     assert out.dtype == out_dtype and out.shape == (m, n) and out.is_cuda
     assert torch.equal(out.cpu(), ref)
 
@@ -72,16 +89,17 @@ def test_per_group_matches_reference(m, n, k, out_dtype, gen):
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("n,k", NK)
 @pytest.mark.parametrize("out_dtype", (torch.float16, torch.bfloat16))
+def test_per_group_matches_reference(m, n, k, out_dtype, gen):
+    bias_dtype = (torch.float32, torch.float16, torch.bfloat16)[m % 3] if m % 2 else None
+    assert_per_group_matches(m, n, k, 64 if k % 128 else 128, bias_dtype, out_dtype, gen)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("n,k", NK)
+@pytest.mark.parametrize("out_dtype", (torch.float16, torch.bfloat16))
 def test_per_channel_matches_reference(m, n, k, out_dtype, gen):
-    x_q, x_s, x_sum = random_activations(m, k, gen)
-    w4 = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-    scale = (torch.rand(n, generator=gen) * 0.05 + 1e-3).half()
-    zero = torch.randint(0, 16, (n,), generator=gen, dtype=torch.uint8)
-    qweight = ops.pack_weights(w4)
-    bias = random_bias(n, torch.bfloat16, gen) if m % 2 == 0 else None
-    ref = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qweight, scale, zero, bias, out_dtype)
-    out = ops.w4a8_gemm_per_channel(*_to("cuda", x_q, x_s, x_sum, qweight, scale, zero, bias), out_dtype=out_dtype)
-    assert torch.equal(out.cpu(), ref)
+    assert_per_channel_matches(m, n, k, torch.bfloat16 if m % 2 == 0 else None, out_dtype, gen)
 
 
 @needs_kernel
@@ -198,16 +216,9 @@ def wgmma(monkeypatch):
 @pytest.mark.parametrize("out_dtype", (torch.float16, torch.bfloat16))
 def test_wgmma_per_group_matches_reference(bm, m, n, k, out_dtype, gen, wgmma):
     g = 64 if (k % 128 or m % 2) else 128  # g = 64: two scale groups inside one 128-wide k tile
-    x_q, x_s, _ = random_activations(m, k, gen)
-    w4, s2, z2, s1 = random_per_group(n, k, g, gen)
-    qweight = ops.pack_weights(w4)
-    bias = random_bias(n, (torch.float32, torch.float16, torch.bfloat16)[m % 3], gen) if m % 4 else None
-    ref = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, g, out_dtype)
     wgmma(bm)
-    out = ops.w4a8_gemm_per_group(*_to("cuda", x_q, x_s, qweight, s2, z2, s1, bias), group_size=g,
-                                  out_dtype=out_dtype)
-    assert out.dtype == out_dtype and out.shape == (m, n)
-    assert torch.equal(out.cpu(), ref)
+    bias_dtype = (torch.float32, torch.float16, torch.bfloat16)[m % 3] if m % 4 else None
+    assert_per_group_matches(m, n, k, g, bias_dtype, out_dtype, gen)
 
 
 @needs_hopper
@@ -215,17 +226,9 @@ def test_wgmma_per_group_matches_reference(bm, m, n, k, out_dtype, gen, wgmma):
 @pytest.mark.parametrize("m", WGMMA_MS)
 @pytest.mark.parametrize("n,k", WGMMA_NK)
 def test_wgmma_per_channel_matches_reference(bm, m, n, k, gen, wgmma):
-    x_q, x_s, x_sum = random_activations(m, k, gen)
-    w4 = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-    scale = (torch.rand(n, generator=gen) * 0.05 + 1e-3).half()
-    zero = torch.randint(0, 16, (n,), generator=gen, dtype=torch.uint8)
-    qweight = ops.pack_weights(w4)
-    bias = random_bias(n, torch.bfloat16, gen) if m % 2 == 0 else None
-    out_dtype = (torch.float16, torch.bfloat16)[m % 2]
-    ref = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qweight, scale, zero, bias, out_dtype)
     wgmma(bm)
-    out = ops.w4a8_gemm_per_channel(*_to("cuda", x_q, x_s, x_sum, qweight, scale, zero, bias), out_dtype=out_dtype)
-    assert torch.equal(out.cpu(), ref)
+    assert_per_channel_matches(m, n, k, torch.bfloat16 if m % 2 == 0 else None, (torch.float16, torch.bfloat16)[m % 2],
+                               gen)
 
 
 @needs_hopper
@@ -294,17 +297,7 @@ _BIAS_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
 @pytest.mark.parametrize("n,k", DECODE_NK)
 @pytest.mark.parametrize("out_dtype", (torch.float16, torch.bfloat16))
 def test_decode_per_group_matches_reference(m, n, k, out_dtype, gen):
-    g = 64 if (k % 128 or m % 2) else 128
-    x_q, x_s, _ = random_activations(m, k, gen)
-    w4, s2, z2, s1 = random_per_group(n, k, g, gen)
-    qweight = ops.pack_weights(w4)
-    bias_dtype = _BIAS_DTYPES[m % 4]
-    bias = None if bias_dtype is None else random_bias(n, bias_dtype, gen)
-    ref = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, g, out_dtype)
-    out = ops.w4a8_gemm_per_group(*_to("cuda", x_q, x_s, qweight, s2, z2, s1, bias), group_size=g,
-                                  out_dtype=out_dtype)
-    assert out.dtype == out_dtype and out.shape == (m, n)
-    assert torch.equal(out.cpu(), ref)
+    assert_per_group_matches(m, n, k, 64 if (k % 128 or m % 2) else 128, _BIAS_DTYPES[m % 4], out_dtype, gen)
 
 
 @needs_decode
@@ -312,17 +305,7 @@ def test_decode_per_group_matches_reference(m, n, k, out_dtype, gen):
 @pytest.mark.parametrize("n,k", DECODE_NK)
 @pytest.mark.parametrize("out_dtype", (torch.float16, torch.bfloat16))
 def test_decode_per_channel_matches_reference(m, n, k, out_dtype, gen):
-    x_q, x_s, x_sum = random_activations(m, k, gen)
-    w4 = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-    scale = (torch.rand(n, generator=gen) * 0.05 + 1e-3).half()
-    zero = torch.randint(0, 16, (n,), generator=gen, dtype=torch.uint8)
-    qweight = ops.pack_weights(w4)
-    bias_dtype = _BIAS_DTYPES[(m + 1) % 4]
-    bias = None if bias_dtype is None else random_bias(n, bias_dtype, gen)
-    ref = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qweight, scale, zero, bias, out_dtype)
-    out = ops.w4a8_gemm_per_channel(*_to("cuda", x_q, x_s, x_sum, qweight, scale, zero, bias), out_dtype=out_dtype)
-    assert out.dtype == out_dtype and out.shape == (m, n)
-    assert torch.equal(out.cpu(), ref)
+    assert_per_channel_matches(m, n, k, _BIAS_DTYPES[(m + 1) % 4], out_dtype, gen)
 
 
 @needs_decode
