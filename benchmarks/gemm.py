@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/gemm.py --json out.json [--png out.png] [--ms 1,16,1024]
     python benchmarks/gemm.py --check-small     # a few small cases vs the reference (for compute-sanitizer)
+    python benchmarks/gemm.py --sweep-decode    # decode kernel variants and M <= 16 vs the tile kernel
 
 At M <= 16 the default path is the decode kernel (csrc/gemm/w4a8_gemv.cu); columns *_mma time the same calls on
 the mma.sync tile kernel (QOQ_GEMM_FORCE="0,0") in the same run.
@@ -227,6 +228,39 @@ def sweep() -> dict:
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
 
 
+DECODE_SWEEP_MS = (1, 2, 3, 4, 8, 16)
+DECODE_CONFIGS = range(5)  # QOQ_GEMM_DECODE_CONFIG variants (M <= 2)
+
+
+def sweep_decode() -> dict:
+    """Decode kernel at M <= 16 (QOQ_GEMM_DECODE_MAX_M=16), each of its M <= 2 variants, against the mma.sync
+    tile kernel; prints the layer sums of both formats."""
+    import os
+
+    rows = []
+    os.environ["QOQ_GEMM_DECODE_MAX_M"] = "16"
+    try:
+        for m in DECODE_SWEEP_MS:
+            variants = [(f"decode{c}", str(c), None) for c in (DECODE_CONFIGS if m <= 2 else (0,))]
+            variants.append(("mma", None, "0,0"))
+            for label, config, force in variants:
+                if config is not None:
+                    os.environ["QOQ_GEMM_DECODE_CONFIG"] = config
+                sums = {}
+                for fmt in OURS:
+                    per_shape = {shape: bench(make_methods(m, n, k, only_ours=True)[fmt], force_env=force)
+                                 for shape, (n, k) in SHAPES.items()}
+                    total = None if None in per_shape.values() else sum(per_shape.values())
+                    rows.append({"m": m, "variant": label, "method": fmt, "us": per_shape, "sum_us": total})
+                    sums[fmt] = total
+                os.environ.pop("QOQ_GEMM_DECODE_CONFIG", None)
+                print(f"sweep-decode M={m} {label}: " + "  ".join(
+                    f"{fmt[4:]}={'-' if v is None else f'{v:.1f}'} us" for fmt, v in sums.items()), flush=True)
+    finally:
+        os.environ.pop("QOQ_GEMM_DECODE_MAX_M", None)
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+
+
 def check_small() -> None:
     """Small cases covering every tile config, split-K, the decode kernel and both formats; raises on any mismatch.
     Cases with M <= 16 run twice: on the decode kernel (default) and on the mma.sync kernel (QOQ_GEMM_FORCE)."""
@@ -253,9 +287,31 @@ def check_small() -> None:
         torch.cuda.synchronize()
         os.environ.pop("QOQ_GEMM_FORCE", None)
         assert torch.equal(out.cpu(), ref), (m, n, k, force)
+    _check_small_decode_configs(gen)
     if torch.cuda.get_device_capability() == (9, 0):
         _check_small_wgmma(gen)
     print("check-small: OK")
+
+
+def _check_small_decode_configs(gen: torch.Generator) -> None:
+    """Every M <= 2 decode variant (QOQ_GEMM_DECODE_CONFIG), per-group, on a case with a partial last K pass."""
+    import os
+
+    for m, config in [(m, c) for m in (1, 2) for c in DECODE_CONFIGS]:
+        n, k, g = 48, 4160, 64
+        x_q = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+        x_s = torch.rand(m, generator=gen) + 0.1
+        w4, s2, z2, s1 = _rand_per_group(n, k, g, "cpu")
+        qw = ops.pack_weights(w4)
+        ref = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qw, s2, z2, s1, None, g, torch.float16)
+        os.environ["QOQ_GEMM_DECODE_CONFIG"] = str(config)
+        try:
+            out = torch.ops.qoq.w4a8_gemm_per_group(*[t.cuda() for t in (x_q, x_s, qw, s2, z2, s1)], None, g,
+                                                    torch.float16)
+            torch.cuda.synchronize()
+        finally:
+            os.environ.pop("QOQ_GEMM_DECODE_CONFIG")
+        assert torch.equal(out.cpu(), ref), ("decode config", m, config)
 
 
 def _check_small_wgmma(gen: torch.Generator) -> None:
@@ -292,6 +348,8 @@ def main() -> None:
     ap.add_argument("--png", help="write a plot here (needs matplotlib)")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values")
     ap.add_argument("--sweep", action="store_true", help="tile-config / split-K sweep of the per-group kernel")
+    ap.add_argument("--sweep-decode", action="store_true",
+                    help="decode kernel variants (QOQ_GEMM_DECODE_CONFIG) and M <= 16 against the tile kernel")
     ap.add_argument("--check-small", action="store_true", help="only run small correctness cases")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -299,11 +357,16 @@ def main() -> None:
     if args.check_small:
         check_small()
         return
-    results = sweep() if args.sweep else run([int(m) for m in args.ms.split(",")])
+    if args.sweep_decode:
+        results = sweep_decode()
+    elif args.sweep:
+        results = sweep()
+    else:
+        results = run([int(m) for m in args.ms.split(",")])
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
-    if args.sweep:
+    if args.sweep or args.sweep_decode:
         return
     if args.png:
         plot(results, args.png)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU call for the W4A8 GEMM: build the gemm kernels only, CUDA tests, compute-sanitizer (memcheck +
 # racecheck) on small cases, tile/split sweep, full benchmark. Logs and JSON go to $OUT.
-# Usage on the device machine (repo root, carry .whl):  bash scripts/gpu_gemm.sh [--no-sweep]
+# Usage on the device machine (repo root, carry .whl):  bash scripts/gpu_gemm.sh [--no-sweep | --decode]
+# --decode: the decode-kernel sweep (benchmarks/gemm.py --sweep-decode) and the benchmark at M <= 16 only.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/qoq_gemm_out}
@@ -29,10 +30,14 @@ command -v $SAN >/dev/null || SAN=/usr/local/cuda/bin/compute-sanitizer
   $SAN --tool racecheck --error-exitcode 9 python3 benchmarks/gemm.py --check-small 2>&1 | tail -n 8; echo "racecheck rc=${PIPESTATUS[0]}"
 } | tee "$OUT/sanitizer.txt"
 
-if [ "${1:-}" != "--no-sweep" ]; then
+MS_ARG=()
+if [ "${1:-}" = "--decode" ]; then
+  python3 benchmarks/gemm.py --sweep-decode --json "$OUT/sweep_decode.json" 2>&1 | tee "$OUT/sweep_decode.txt"
+  MS_ARG=(--ms 1,2,4,8,16)
+elif [ "${1:-}" != "--no-sweep" ]; then
   python3 benchmarks/gemm.py --sweep --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.txt" | tail -n 60
 fi
-python3 benchmarks/gemm.py --json "$OUT/gemm.json" --png "$OUT/gemm.png" 2>&1 | tee "$OUT/bench.txt"
+python3 benchmarks/gemm.py "${MS_ARG[@]}" --json "$OUT/gemm.json" --png "$OUT/gemm.png" 2>&1 | tee "$OUT/bench.txt"
 
 echo "=== summary ==="
 grep -E "passed|failed" "$OUT/tests.txt" | tail -n 2

@@ -311,8 +311,12 @@ def test_decode_per_channel_matches_reference(m, n, k, out_dtype, gen):
 @needs_decode
 @pytest.mark.parametrize("m", (1, 7, 16))
 def test_decode_extreme_values(m):
-    """Largest |acc| the formats allow at K = 14336: x_q = -127 against w8 = -128 (w4 = 0, z2 = 8, s2 = 16, the
-    0x80 byte of the in-register dequantization) and against UINT4 15 with zero point 0 (per channel)."""
+    _assert_extreme_values(m)
+
+
+def _assert_extreme_values(m: int) -> None:
+    """Largest |acc| the formats allow at K = 14336: x_q = -127 against w8 = -128 (w4 = 0, z2 = 8, s2 = 16)
+    and against UINT4 15 with zero point 0 (per channel)."""
     n, k, g = 32, 14336, 128
     x_q = torch.full((m, k), -127, dtype=torch.int8)
     x_s = torch.full((m,), 1e-6)
@@ -354,6 +358,21 @@ def test_decode_llama_shapes_match_reference(n, k, gen):
         ref = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qweight, scale, zero, b, torch.float16)
         out = ops.w4a8_gemm_per_channel(x_q_c, x_s_c, x_sum_c, qw_c, scale_c, zero_c, b_c, out_dtype=torch.float16)
         assert torch.equal(out.cpu(), ref), ("per-channel", m)
+
+
+@needs_decode
+@pytest.mark.parametrize("config", range(5))
+@pytest.mark.parametrize("m", (1, 2))
+@pytest.mark.parametrize("n,k", ((16, 64), (48, 192), (32, 4160), (80, 14336), (6144, 4096)))
+def test_decode_configs_match_reference(config, m, n, k, gen, monkeypatch):
+    """Every (rows per lane, chunks per batch, blocks per SM) variant of the M <= 2 decode kernel
+    (QOQ_GEMM_DECODE_CONFIG) is exact in both formats, including the largest |acc| the formats allow."""
+    monkeypatch.setenv("QOQ_GEMM_DECODE_CONFIG", str(config))
+    g = 64 if k % 128 else 128
+    assert_per_group_matches(m, n, k, g, torch.float16 if m == 2 else None, torch.bfloat16, gen)
+    assert_per_channel_matches(m, n, k, torch.bfloat16 if m == 1 else None, torch.float16, gen)
+    if k == 14336:
+        _assert_extreme_values(m)
 
 
 @needs_kernel

@@ -5,8 +5,12 @@
 //     one 16-byte chunk (32 weights) per 64-chunk stride; a lane issues R * U independent 16-byte loads
 //     (ld.global.nc, L1::no_allocate) before it uses any of them,
 //   - activations (M x K int8, small) are read through the L1 cache, which the weights bypass,
-//   - 4-bit -> 8-bit dequantization in registers on the v2 packed layout (a chunk's word j holds k 4j..4j+3
-//     in its low nibbles and k 16+4j..16+4j+3 in its high ones), then dp4a INT32 accumulation (exact),
+//   - no dequantization: dp4a multiplies the raw UINT4 values (v2 packed layout: a chunk's word j holds k
+//     4j..4j+3 in its low nibbles and k 16+4j..16+4j+3 in its high ones) with the activations, and the
+//     per-group scale and zero are applied once per chunk in integers:
+//       sum_k x * (w4 - z2) * s2 = s2 * (sum_k x * w4 - z2 * sum_k x),
+//     which is the contract's INT32 accumulation exactly (uint32 arithmetic: wrap-around is harmless because
+//     the final sum fits in int32),
 //   - the K split is reduced exactly in shared memory (fixed order), so there is no workspace and no memset;
 //     the epilogue is the contract's (float(acc) * x_s[m]) * float(s[n]) (+ bias[n]) with _rn float ops.
 #include <algorithm>
@@ -56,11 +60,25 @@ __device__ __forceinline__ int dot8(const uint32_t (&lo)[4], const uint32_t (&hi
   return acc;
 }
 
-// MAXM: activation rows the accumulators hold (p.M <= MAXM); R: rows per lane; U: k chunks per lane per batch.
-template <bool PER_GROUP, int MAXM, int R, int U>
-__global__ void __launch_bounds__(kThreads, 2) w4a8_gemv_kernel(const GemmParams p) {
+// Sum of the 32 activations of a chunk (the zero-point term of the per-group factorization).
+__device__ __forceinline__ int sum32(const int4& x_lo, const int4& x_hi) {
+  constexpr int kOnes = 0x01010101;
+  int s = __dp4a(x_lo.x, kOnes, 0);
+  s = __dp4a(x_lo.y, kOnes, s);
+  s = __dp4a(x_lo.z, kOnes, s);
+  s = __dp4a(x_lo.w, kOnes, s);
+  s = __dp4a(x_hi.x, kOnes, s);
+  s = __dp4a(x_hi.y, kOnes, s);
+  s = __dp4a(x_hi.z, kOnes, s);
+  return __dp4a(x_hi.w, kOnes, s);
+}
+
+// MAXM: activation rows the accumulators hold (p.M <= MAXM); R: rows per lane; U: k chunks per lane per batch;
+// MINB: blocks per SM the registers are limited for (more blocks: more loads in flight per SM).
+template <bool PER_GROUP, int MAXM, int R, int U, int MINB>
+__global__ void __launch_bounds__(kThreads, MINB) w4a8_gemv_kernel(const GemmParams p) {
   constexpr int BR = kRowLanes * R;
-  __shared__ int32_t partial[kWarps][MAXM][BR];
+  __shared__ uint32_t partial[kWarps][MAXM][BR];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int kl = lane % kKLanes, rl = lane / kKLanes;
@@ -70,7 +88,7 @@ __global__ void __launch_bounds__(kThreads, 2) w4a8_gemv_kernel(const GemmParams
   // Lane rows: n0 + rl + kRowLanes * r, so for each r the warp reads 4 whole 128-byte row segments.
   const uint8_t* w_base = p.qweight + static_cast<size_t>(n0 + rl) * row_bytes;
 
-  int32_t acc[R][MAXM];
+  uint32_t acc[R][MAXM];
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -79,7 +97,7 @@ __global__ void __launch_bounds__(kThreads, 2) w4a8_gemv_kernel(const GemmParams
   for (int c0 = warp * kKLanes + kl; c0 < kchunks; c0 += U * kChunkStride) {
     // Issue every load of the batch first: R * U * 16 bytes in flight per lane.
     uint4 w[U][R];
-    uint32_t sz[U][R];  // per group: s2 | z2 << 8
+    uint32_t sz[U][R];  // per group: s2 | z2 << 16
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + u * kChunkStride;
@@ -91,7 +109,7 @@ __global__ void __launch_bounds__(kThreads, 2) w4a8_gemv_kernel(const GemmParams
                      : make_uint4(0, 0, 0, 0);
         if constexpr (PER_GROUP) {
           const size_t idx = static_cast<size_t>(n0 + rl + r * kRowLanes) * p.groups + group;
-          sz[u][r] = ok ? (static_cast<uint32_t>(__ldg(p.s2 + idx)) | (static_cast<uint32_t>(__ldg(p.z2 + idx)) << 8))
+          sz[u][r] = ok ? (static_cast<uint32_t>(__ldg(p.s2 + idx)) | (static_cast<uint32_t>(__ldg(p.z2 + idx)) << 16))
                         : 0u;
         }
       }
@@ -109,22 +127,24 @@ __global__ void __launch_bounds__(kThreads, 2) w4a8_gemv_kernel(const GemmParams
           lo[r][j] = words[j] & 0x0F0F0F0Fu;         // k = 32c + 4j .. 4j+3
           hi[r][j] = (words[j] >> 4) & 0x0F0F0F0Fu;  // k = 32c + 16 + 4j .. 4j+3
         }
-        if constexpr (PER_GROUP) {
-          const GroupDequant dq = make_group_dequant(sz[u][r] & 0xFFu, sz[u][r] >> 8);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            lo[r][j] = dequant4(lo[r][j], dq);
-            hi[r][j] = dequant4(hi[r][j], dq);
-          }
-        }  // per channel: UINT4 values 0..15 are valid s8 operands; the zero point is applied in the epilogue
       }
 #pragma unroll
       for (int m = 0; m < MAXM; ++m) {
         if (m >= p.M) break;
         const int4* x = reinterpret_cast<const int4*>(p.x_q + static_cast<size_t>(m) * p.K + 32 * c);
         const int4 x_lo = __ldg(x), x_hi = __ldg(x + 1);
+        if constexpr (PER_GROUP) {
+          const uint32_t xs = static_cast<uint32_t>(sum32(x_lo, x_hi));
 #pragma unroll
-        for (int r = 0; r < R; ++r) acc[r][m] = dot8(lo[r], hi[r], x_lo, x_hi, acc[r][m]);
+          for (int r = 0; r < R; ++r) {
+            const uint32_t dot = static_cast<uint32_t>(dot8(lo[r], hi[r], x_lo, x_hi, 0));
+            acc[r][m] += (sz[u][r] & 0xFFFFu) * (dot - (sz[u][r] >> 16) * xs);
+          }
+        } else {  // per channel: the zero point is applied once, in the epilogue
+#pragma unroll
+          for (int r = 0; r < R; ++r)
+            acc[r][m] = static_cast<uint32_t>(dot8(lo[r], hi[r], x_lo, x_hi, static_cast<int>(acc[r][m])));
+        }
       }
     }
   }
@@ -135,7 +155,7 @@ __global__ void __launch_bounds__(kThreads, 2) w4a8_gemv_kernel(const GemmParams
     if (m >= p.M) break;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      int32_t v = acc[r][m];
+      uint32_t v = acc[r][m];
 #pragma unroll
       for (int off = 1; off < kKLanes; off <<= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
       if (kl == 0) partial[warp][m][rl + r * kRowLanes] = v;
@@ -144,20 +164,20 @@ __global__ void __launch_bounds__(kThreads, 2) w4a8_gemv_kernel(const GemmParams
   __syncthreads();
   for (int t = threadIdx.x; t < BR * p.M; t += kThreads) {
     const int row = t % BR, m = t / BR, n = n0 + row;
-    int32_t sum = 0;
+    uint32_t sum = 0;
 #pragma unroll
     for (int i = 0; i < kWarps; ++i) sum += partial[i][m][row];
-    if constexpr (!PER_GROUP) sum -= static_cast<int32_t>(p.zero[n]) * p.x_sum[m];
-    store_one(p, m, n, epilogue_value(p, sum, p.x_s[m], n));
+    if constexpr (!PER_GROUP) sum -= static_cast<uint32_t>(p.zero[n]) * static_cast<uint32_t>(p.x_sum[m]);
+    store_one(p, m, n, epilogue_value(p, static_cast<int32_t>(sum), p.x_s[m], n));
   }
 }
 
-template <bool PER_GROUP, int MAXM, int R, int U>
+template <bool PER_GROUP, int MAXM, int R, int U, int MINB>
 void launch_bucket(const GemmParams& p) {
   constexpr int BR = kRowLanes * R;
   static_assert(16 % BR == 0, "N is only guaranteed to be a multiple of 16");
   static_assert(BR * MAXM <= kThreads * 4, "epilogue loop bound");
-  w4a8_gemv_kernel<PER_GROUP, MAXM, R, U>
+  w4a8_gemv_kernel<PER_GROUP, MAXM, R, U, MINB>
       <<<p.N / BR, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
   QOQ_CHECK_LAUNCH();
 }
@@ -165,6 +185,24 @@ void launch_bucket(const GemmParams& p) {
 int env_int(const char* name, int fallback) {
   const char* env = std::getenv(name);
   return env == nullptr || *env == '\0' ? fallback : std::atoi(env);
+}
+
+// The (R, U, MINB) variants compiled for M <= 2: 0 = (4, 2, 2), 1 = (4, 2, 4), 2 = (2, 4, 4), 3 = (2, 2, 4),
+// 4 = (4, 4, 2). Defaults from the H100 sweep (benchmarks/gemm.py --sweep-decode, docs/benchmarks.md): M = 1 runs
+// 1 (four blocks per SM keep more loads in flight: layer sum 70.1 vs 77.9 us per-group), M = 2 runs 0 (config 1
+// needs more registers there and spills).
+constexpr int kDecodeConfigs = 5;
+constexpr int kDefaultConfig[2] = {1, 0};
+
+template <bool PER_GROUP, int MAXM>
+void launch_small_m(const GemmParams& p, int config) {
+  switch (config) {
+    case 1: return launch_bucket<PER_GROUP, MAXM, 4, 2, 4>(p);
+    case 2: return launch_bucket<PER_GROUP, MAXM, 2, 4, 4>(p);
+    case 3: return launch_bucket<PER_GROUP, MAXM, 2, 2, 4>(p);
+    case 4: return launch_bucket<PER_GROUP, MAXM, 4, 4, 2>(p);
+    default: return launch_bucket<PER_GROUP, MAXM, 4, 2, 2>(p);
+  }
 }
 
 }  // namespace
@@ -182,17 +220,21 @@ void launch_w4a8_gemv(const GemmParams& p) {
   TORCH_CHECK(p.M >= 1 && p.M <= kMaxM, "w4a8 decode kernel takes 1 <= M <= ", qoq::num(kMaxM), ", got M=",
               qoq::num(p.M));
   TORCH_CHECK(p.N % 16 == 0 && p.K % 64 == 0, "w4a8 decode kernel needs N % 16 == 0 and K % 64 == 0");
+  // QOQ_GEMM_DECODE_CONFIG=<0..4> overrides the M <= 2 variant (benchmarks and tests).
+  const int config = env_int("QOQ_GEMM_DECODE_CONFIG", p.M <= 1 ? kDefaultConfig[0] : kDefaultConfig[1]);
+  TORCH_CHECK(config >= 0 && config < kDecodeConfigs, "QOQ_GEMM_DECODE_CONFIG must be 0..",
+              qoq::num(kDecodeConfigs - 1), ", got ", qoq::num(config));
   // More rows per lane reuse each activation load more; fewer keep the accumulators in registers at large M.
   if (p.M <= 1) {
-    launch_bucket<PER_GROUP, 1, 4, 2>(p);
+    launch_small_m<PER_GROUP, 1>(p, config);
   } else if (p.M <= 2) {
-    launch_bucket<PER_GROUP, 2, 4, 2>(p);
+    launch_small_m<PER_GROUP, 2>(p, config);
   } else if (p.M <= 4) {
-    launch_bucket<PER_GROUP, 4, 4, 2>(p);
+    launch_bucket<PER_GROUP, 4, 4, 2, 2>(p);
   } else if (p.M <= 8) {
-    launch_bucket<PER_GROUP, 8, 2, 4>(p);
+    launch_bucket<PER_GROUP, 8, 2, 4, 2>(p);
   } else {
-    launch_bucket<PER_GROUP, 16, 2, 4>(p);
+    launch_bucket<PER_GROUP, 16, 2, 4, 2>(p);
   }
 }
 
