@@ -6,6 +6,7 @@ weights quantized in the real formats, so a model whose float weights do not fit
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import time
@@ -127,6 +128,39 @@ class _StopAfter:
                           device=input_ids.device)
 
 
+class DeferredStopOnCuda:
+    """Context manager: transformers' own ``DeferredStopCheck`` (the stop decision read one step late, so the host
+    queues the next decode step while the GPU runs this one) also on CUDA; transformers 5.x enables it only on
+    ``mps``. The condition is otherwise transformers' (no assistant model; a returned cache must be croppable).
+    ``used`` counts the ``generate`` calls that took the deferred check."""
+
+    def __init__(self):
+        self.used = 0
+        self._original = None
+
+    def __enter__(self) -> "DeferredStopOnCuda":
+        from transformers.generation import utils as gen_utils
+
+        cls = getattr(gen_utils, "DeferredStopCheck", None)
+        if cls is None or "is_supported" not in cls.__dict__:
+            raise RuntimeError("this transformers version has no DeferredStopCheck.is_supported to extend")
+        self._cls, self._original = cls, cls.__dict__["is_supported"]
+        original = self._original.__func__
+
+        def is_supported(device, cache, cache_is_returned, is_assistant):
+            if torch.device(device).type != "cuda":
+                return original(device, cache, cache_is_returned, is_assistant)
+            ok = not is_assistant and (cache is None or cache.is_croppable or not cache_is_returned)
+            self.used += int(ok)
+            return ok
+
+        cls.is_supported = staticmethod(is_supported)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._cls.is_supported = self._original
+
+
 def run_generate(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, compile_mode: str | None,
                  stop_after: int | None = None) -> torch.Tensor:
     """Greedy ``generate`` of exactly ``new_tokens`` tokens with a static cache sized for them (compiled by
@@ -144,31 +178,21 @@ def run_generate(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, com
 
 
 def time_generate(model: nn.Module, name: str, variant: str, batch: int, prompt_len: int, new_tokens: int,
-                  compile_mode: str | None = "reduce-overhead", seed: int = 0) -> GenerateResult:
-    """Tokens/s of ``generate`` (static cache; decode compiled by HF with ``compile_mode``) after a warm-up run."""
+                  compile_mode: str | None = "reduce-overhead", seed: int = 0,
+                  defer_stop: bool = False) -> GenerateResult:
+    """Tokens/s of ``generate`` (static cache; decode compiled by HF with ``compile_mode``) after a warm-up run;
+    ``defer_stop``: with transformers' deferred stop check on CUDA (``DeferredStopOnCuda``)."""
     result = GenerateResult(name, variant, batch, prompt_len, new_tokens, extra={"compile_mode": compile_mode})
+    deferred = DeferredStopOnCuda() if defer_stop else contextlib.nullcontext()
     device = model.device
     vocab = model.config.vocab_size
     gen = torch.Generator(device="cpu").manual_seed(seed)
     input_ids = torch.randint(1, vocab, (batch, prompt_len), generator=gen).to(device)
     try:
-        torch.cuda.synchronize()
-        run_generate(model, input_ids, new_tokens, compile_mode)  # warm-up: compilation, graph capture
-        torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        run_generate(model, input_ids, 1, compile_mode)
-        torch.cuda.synchronize()
-        ttft = time.perf_counter() - start
-        start = time.perf_counter()
-        out = run_generate(model, input_ids, new_tokens, compile_mode)
-        torch.cuda.synchronize()
-        total = time.perf_counter() - start
-        produced = (out.shape[1] - prompt_len) * batch
-        result.tokens_per_s = produced / total
-        result.decode_tokens_per_s = batch * (new_tokens - 1) / max(total - ttft, 1e-9)
-        result.ttft_ms = ttft * 1e3
-        result.peak_mem_gb = torch.cuda.max_memory_allocated() / 2**30
+        with deferred:
+            _timed_runs(model, input_ids, new_tokens, compile_mode, result)
+        if defer_stop:
+            result.extra["stop_check"] = "deferred" if deferred.used else "per-step (deferred check not applicable)"
     except torch.cuda.OutOfMemoryError as exc:
         result.error = f"out of memory: {str(exc).splitlines()[0]}"
     except Exception as exc:  # a benchmark row records its failure and the run goes on
@@ -177,6 +201,29 @@ def time_generate(model: nn.Module, name: str, variant: str, batch: int, prompt_
         gc.collect()
         torch.cuda.empty_cache()
     return result
+
+
+def _timed_runs(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, compile_mode: str | None,
+                result: GenerateResult) -> None:
+    """Warm-up (compilation, graph capture), a one-token run (TTFT), then the timed run; fills ``result``."""
+    batch, prompt_len = input_ids.shape
+    torch.cuda.synchronize()
+    run_generate(model, input_ids, new_tokens, compile_mode)
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    run_generate(model, input_ids, 1, compile_mode)
+    torch.cuda.synchronize()
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    out = run_generate(model, input_ids, new_tokens, compile_mode)
+    torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    produced = (out.shape[1] - prompt_len) * batch
+    result.tokens_per_s = produced / total
+    result.decode_tokens_per_s = batch * (new_tokens - 1) / max(total - ttft, 1e-9)
+    result.ttft_ms = ttft * 1e3
+    result.peak_mem_gb = torch.cuda.max_memory_allocated() / 2**30
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -239,12 +286,22 @@ def measure_largest_batch(model: nn.Module, prompt_len: int, new_tokens: int, up
     return search_largest(lambda b: fits_in_memory(model, b, prompt_len, new_tokens), upper)
 
 
+STOP_CHECKS = ("per-step", "deferred")  # transformers' default on CUDA; DeferredStopOnCuda
+
+
 def run_e2e(shapes=("llama3-8b",), variants=("bf16", "qoq-g128", "qoq-channel"), batches=(1, 16, 64, 256),
             protocols=((128, 256),), json_path: str | None = None, progress: bool = True,
-            measure_max_batch: bool = False) -> list[dict]:
-    """Run every (shape, variant, batch, protocol) and return (and optionally write) the rows. With
-    ``measure_max_batch``, each (shape, variant, protocol) also gets a row (batch = the measured largest batch,
-    no timing) from ``measure_largest_batch``, searched up to 1.25x the estimate."""
+            measure_max_batch: bool = False, time_max_batch: bool = False,
+            stop_checks=("per-step",)) -> list[dict]:
+    """Run every (shape, variant, batch, protocol, stop check) and return (and optionally write) the rows. With
+    ``measure_max_batch``, each (shape, variant, protocol) also gets a row (batch = the measured largest batch)
+    from ``measure_largest_batch``, searched up to 1.25x the estimate; ``time_max_batch`` also times ``generate``
+    there (10% smaller, up to three times, if the compiled run does not fit)."""
+    unknown = set(stop_checks) - set(STOP_CHECKS)
+    if unknown:
+        raise ValueError(f"unknown stop checks {sorted(unknown)}; choose from {STOP_CHECKS}")
+    if time_max_batch and not measure_max_batch:
+        raise ValueError("time_max_batch needs measure_max_batch")
     from tqdm.auto import tqdm
 
     if not torch.cuda.is_available():
@@ -252,46 +309,63 @@ def run_e2e(shapes=("llama3-8b",), variants=("bf16", "qoq-g128", "qoq-channel"),
     rows: list[dict] = []
     total_mem = torch.cuda.get_device_properties(0).total_memory
     jobs = [(s, v) for s in shapes for v in variants]
-    bar = tqdm(total=len(jobs) * len(batches) * len(protocols), disable=not progress, desc="e2e")
+    per_model = len(batches) * len(protocols) * len(stop_checks)
+    bar = tqdm(total=len(jobs) * per_model, disable=not progress, desc="e2e")
     for shape, variant in jobs:
         try:
             model = (build_float_model(shape) if variant == "bf16"
                      else build_quantized_model(shape, group_size=-1 if variant == "qoq-channel" else 128))
         except torch.cuda.OutOfMemoryError as exc:
             rows.append(asdict(GenerateResult(shape, variant, 0, 0, 0, error=f"model does not fit: {exc}")))
-            bar.update(len(batches) * len(protocols))
+            bar.update(per_model)
             gc.collect()
             torch.cuda.empty_cache()
             continue
         wbytes = weight_bytes(model)
         for prompt_len, new_tokens in protocols:
-            for batch in batches:
-                failed_modes = {}
-                for mode in COMPILE_MODES:
-                    res = time_generate(model, shape, variant, batch, prompt_len, new_tokens, compile_mode=mode)
-                    if res.error is None or "out of memory" in res.error:
-                        break
-                    failed_modes[mode] = res.error
-                    torch._dynamo.reset()
-                res.extra.update({"failed_modes": failed_modes, "weights_gb": wbytes / 2**30,
-                                  "largest_batch_estimate": largest_batch(model.config, variant != "bf16", wbytes,
-                                                                          prompt_len + new_tokens, total_mem)})
+            estimate = largest_batch(model.config, variant != "bf16", wbytes, prompt_len + new_tokens, total_mem)
+            for batch, stop_check in [(b, c) for b in batches for c in stop_checks]:
+                res = _time_with_fallback(model, shape, variant, batch, prompt_len, new_tokens, stop_check)
+                res.extra.update({"weights_gb": wbytes / 2**30, "largest_batch_estimate": estimate})
                 rows.append(asdict(res))
                 bar.update(1)
-                bar.set_postfix_str(f"{shape} {variant} b={batch}: {res.tokens_per_s or res.error}")
+                bar.set_postfix_str(f"{shape} {variant} b={batch} {stop_check}: {res.tokens_per_s or res.error}")
                 _write_rows(json_path, rows)
             if measure_max_batch:
-                estimate = largest_batch(model.config, variant != "bf16", wbytes, prompt_len + new_tokens, total_mem)
                 bar.set_postfix_str(f"{shape} {variant}: searching the largest batch (estimate {estimate})")
                 measured = measure_largest_batch(model, prompt_len, new_tokens, max(1, int(estimate * 1.25)))
-                rows.append(asdict(GenerateResult(shape, variant, measured, prompt_len, new_tokens, extra={
-                    "measured_largest_batch": measured, "largest_batch_estimate": estimate})))
+                res = GenerateResult(shape, variant, measured, prompt_len, new_tokens)
+                batch = measured
+                for _ in range(3 if time_max_batch else 0):
+                    bar.set_postfix_str(f"{shape} {variant}: timing the largest batch ({batch})")
+                    res = _time_with_fallback(model, shape, variant, batch, prompt_len, new_tokens, "per-step")
+                    if res.error is None or "out of memory" not in res.error:
+                        break
+                    batch = max(1, int(batch * 0.9))
+                res.extra.update({"measured_largest_batch": measured, "largest_batch_estimate": estimate})
+                rows.append(asdict(res))
                 _write_rows(json_path, rows)
         del model
         gc.collect()
         torch.cuda.empty_cache()
     bar.close()
     return rows
+
+
+def _time_with_fallback(model: nn.Module, shape: str, variant: str, batch: int, prompt_len: int, new_tokens: int,
+                        stop_check: str) -> GenerateResult:
+    """``time_generate`` with CUDA graphs, or plain inductor where graph capture fails (recorded in the row)."""
+    failed_modes = {}
+    for mode in COMPILE_MODES:
+        res = time_generate(model, shape, variant, batch, prompt_len, new_tokens, compile_mode=mode,
+                            defer_stop=stop_check == "deferred")
+        if res.error is None or "out of memory" in res.error:
+            break
+        failed_modes[mode] = res.error
+        torch._dynamo.reset()
+    res.extra["failed_modes"] = failed_modes
+    res.extra.setdefault("stop_check", stop_check)
+    return res
 
 
 def _write_rows(json_path: str | None, rows: list[dict]) -> None:
@@ -307,9 +381,14 @@ def format_table(rows: list[dict]) -> str:
         def f(v, fmt="{:.0f}"):
             return "-" if v is None else fmt.format(v)
         err = f" ({r['error']})" if r.get("error") else ""
-        batch = f"{r['batch']} (largest that fits, measured)" if "measured_largest_batch" in r.get("extra", {}) \
-            else r["batch"]
-        lines.append(f"| {r['model']} | {r['variant']} | {batch} | {r['prompt_len']}/{r['new_tokens']} | "
+        extra = r.get("extra", {})
+        batch = r["batch"]
+        if "measured_largest_batch" in extra:
+            batch = f"{extra['measured_largest_batch']} (largest that fits, measured)"
+            if r["tokens_per_s"] is not None and r["batch"] != extra["measured_largest_batch"]:
+                batch += f", timed at {r['batch']}"
+        variant = r["variant"] + (" (deferred stop)" if extra.get("stop_check") == "deferred" else "")
+        lines.append(f"| {r['model']} | {variant} | {batch} | {r['prompt_len']}/{r['new_tokens']} | "
                      f"{f(r['tokens_per_s'])}{err} | {f(r['decode_tokens_per_s'])} | {f(r['ttft_ms'], '{:.1f}')} | "
                      f"{f(r['peak_mem_gb'], '{:.1f}')} | {r.get('extra', {}).get('largest_batch_estimate', '-')} |")
     return "\n".join(lines)

@@ -103,7 +103,8 @@ def cmd_bench_e2e(args) -> None:
 
     protocols = [tuple(int(v) for v in p.split("x")) for p in args.protocols]
     rows = run_e2e(args.shapes, args.variants, args.batches, protocols, json_path=args.json,
-                   measure_max_batch=args.measure_max_batch)
+                   measure_max_batch=args.measure_max_batch or args.time_max_batch,
+                   time_max_batch=args.time_max_batch, stop_checks=args.stop_checks)
     print(format_table(rows))
 
 
@@ -181,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, help="e2e: write the rows to this JSON file")
     b.add_argument("--measure-max-batch", action="store_true",
                    help="e2e: also find the largest batch that fits the GPU (bisection with short generate calls)")
+    b.add_argument("--time-max-batch", action="store_true",
+                   help="e2e: also time generate at the largest batch found (implies --measure-max-batch)")
+    b.add_argument("--stop-checks", nargs="+", default=["per-step"], choices=["per-step", "deferred"],
+                   help="e2e: transformers' per-step stop check (its CUDA default) and/or its deferred one, which "
+                        "lets the host queue the next step while the GPU runs (a row each)")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--prompt-len", type=int, default=128)
     b.add_argument("--new-tokens", type=int, default=64)

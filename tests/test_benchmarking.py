@@ -70,3 +70,44 @@ def test_stop_after_ends_generate_early_with_the_full_cache():
     ids = torch.randint(2, 500, (2, 5))
     assert benchmarking.run_generate(model, ids, 20, None, stop_after=2).shape == (2, 7)
     assert benchmarking.run_generate(model, ids, 6, None).shape == (2, 11)
+
+
+def test_deferred_stop_on_cuda_extends_transformers_check_and_restores_it():
+    from transformers.generation import utils as gen_utils
+
+    check = gen_utils.DeferredStopCheck.is_supported
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+
+    class Cache:
+        def __init__(self, croppable):
+            self.is_croppable = croppable
+
+    assert not check(cuda, None, False, False)  # transformers' own rule: mps only
+    with benchmarking.DeferredStopOnCuda() as deferred:
+        patched = gen_utils.DeferredStopCheck.is_supported
+        assert patched(cuda, None, False, False)
+        assert patched(cuda, Cache(False), False, False)  # a cache that is not returned need not be croppable
+        assert not patched(cuda, Cache(False), True, False)
+        assert patched(cuda, Cache(True), True, False)
+        assert not patched(cuda, None, False, True)  # never with an assistant model
+        assert not patched(cpu, None, False, False)  # other devices keep transformers' rule
+        assert deferred.used == 3
+    assert gen_utils.DeferredStopCheck.is_supported(cuda, None, False, False) is False
+    assert gen_utils.DeferredStopCheck.__dict__["is_supported"].__func__ is check
+
+
+def test_e2e_option_checks_and_table_rows():
+    with pytest.raises(ValueError, match="unknown stop checks"):
+        benchmarking.run_e2e(stop_checks=("sometimes",))
+    with pytest.raises(ValueError, match="needs measure_max_batch"):
+        benchmarking.run_e2e(time_max_batch=True)
+    rows = [
+        dict(model="m", variant="qoq-g128", batch=1, prompt_len=128, new_tokens=256, tokens_per_s=200.0,
+             decode_tokens_per_s=201.0, ttft_ms=20.0, peak_mem_gb=5.0, error=None, extra={"stop_check": "deferred"}),
+        dict(model="m", variant="bf16", batch=760, prompt_len=128, new_tokens=256, tokens_per_s=4000.0,
+             decode_tokens_per_s=4100.0, ttft_ms=900.0, peak_mem_gb=70.0, error=None,
+             extra={"measured_largest_batch": 844, "largest_batch_estimate": 800}),
+    ]
+    table = benchmarking.format_table(rows).splitlines()
+    assert "| qoq-g128 (deferred stop) | 1 |" in table[2]
+    assert "| 844 (largest that fits, measured), timed at 760 | 128/256 | 4000 |" in table[3]
