@@ -35,39 +35,32 @@ __device__ __forceinline__ void load_vec(const T* p, float (&out)[VEC]) {
   for (int i = 0; i < VEC; ++i) out[i] = to_float<T>(raw.v[i]);
 }
 
-// Block-wide reductions; every thread gets the result. `scratch` holds kMaxWarps entries and is reused,
-// hence the barrier on entry (a previous reduction may still be reading it).
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+struct SumOp {
+  template <typename V> __device__ __forceinline__ V operator()(V a, V b) const { return a + b; }
+};
+struct MaxOp {  // only used on non-negative values (|y|), so 0 is its identity
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+template <typename V, typename Op>
+__device__ __forceinline__ V warp_reduce(V v, Op op) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
-  __syncthreads();
-  float total = 0.f;
-  for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += scratch[w];
-  return total;
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
 }
 
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+// Block-wide reduction (sum, or max of non-negative values); every thread gets the result, in a fixed order
+// (deterministic). `scratch` holds kMaxWarps entries and is reused, hence the barrier on entry (a previous
+// reduction may still be reading it). Each warp then folds the per-warp partials itself with shuffles: no
+// serial loop over the warps and no third barrier.
+template <typename V, typename Op>
+__device__ __forceinline__ V block_reduce(V v, V* scratch, Op op) {
+  v = warp_reduce(v, op);
   __syncthreads();
-  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  const int lane = threadIdx.x & 31;
+  if (lane == 0) scratch[threadIdx.x >> 5] = v;
   __syncthreads();
-  float total = 0.f;
-  for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total = fmaxf(total, scratch[w]);
-  return total;
-}
-
-__device__ __forceinline__ int block_sum_int(int v, int* scratch) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
-  __syncthreads();
-  int total = 0;
-  for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += scratch[w];
-  return total;
+  return warp_reduce(lane < static_cast<int>(blockDim.x >> 5) ? scratch[lane] : V(0), op);
 }
 
 enum class RowOp { kIdentity, kRmsNorm, kSiluMul };
@@ -109,7 +102,7 @@ __device__ __forceinline__ void quantize_row(const float* ys, float amax, const 
       out[v] = static_cast<int8_t>(packed[0] & 0xffu);
     }
   }
-  sum = block_sum_int(sum, iscratch);
+  sum = block_reduce(sum, iscratch, SumOp{});
   if (threadIdx.x == 0) {
     a.x_s[row] = scale;
     a.x_sum[row] = sum;
@@ -161,7 +154,7 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_kernel(Args a) {
         ss += f[i] * f[i];
       }
     }
-    ss = block_sum(ss, fscratch);
+    ss = block_reduce(ss, fscratch, SumOp{});
     const float r = 1.0f / sqrtf(ss / static_cast<float>(a.k) + a.eps);
     const T* w = static_cast<const T*>(a.weight);
     // Each thread rewrites only the elements it wrote above: no barrier needed between the passes.
@@ -176,8 +169,8 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_kernel(Args a) {
       }
     }
   }
-  // quantize_row reads back only this thread's own elements (same v loop), so block_max's barriers suffice.
-  amax = block_max(amax, fscratch);
+  // quantize_row reads back only this thread's own elements (same v loop), so block_reduce's barriers suffice.
+  amax = block_reduce(amax, fscratch, MaxOp{});
   quantize_row<VEC>(ys, amax, a, row, iscratch);
 }
 
