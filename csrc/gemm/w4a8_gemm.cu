@@ -284,6 +284,21 @@ GemmParams base_params(const at::Tensor& x_q, const at::Tensor& x_s, const at::T
   return p;
 }
 
+// The part both entry points share once their arguments are checked: the output, 16-byte aligned operands, the
+// common parameters, the format's own (set_format), then the row-chunked dispatch.
+template <bool PER_GROUP, typename SetFormat>
+at::Tensor run_checked(const at::Tensor& x_q_in, const at::Tensor& x_s, const at::Tensor& qweight_in,
+                       const std::optional<at::Tensor>& bias, at::ScalarType out_dtype, SetFormat&& set_format) {
+  const c10::cuda::CUDAGuard guard(x_q_in.device());
+  at::Tensor out = at::empty({x_q_in.size(0), qweight_in.size(0)}, x_q_in.options().dtype(out_dtype));
+  if (x_q_in.size(0) == 0) return out;
+  const at::Tensor x_q = aligned(x_q_in), qweight = aligned(qweight_in);
+  GemmParams p = base_params(x_q, x_s, qweight, bias, out);
+  set_format(p);
+  dispatch_row_chunks<PER_GROUP>(p, x_q.options());
+  return out;
+}
+
 at::Tensor w4a8_gemm_per_group_cuda(const at::Tensor& x_q_in, const at::Tensor& x_s, const at::Tensor& qweight_in,
                                     const at::Tensor& s2, const at::Tensor& z2, const at::Tensor& s1,
                                     const std::optional<at::Tensor>& bias, int64_t group_size,
@@ -304,18 +319,13 @@ at::Tensor w4a8_gemm_per_group_cuda(const at::Tensor& x_q_in, const at::Tensor& 
     TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
   }
   check_per_row("s1", s1, at::kHalf, n, x_q_in);
-  const c10::cuda::CUDAGuard guard(x_q_in.device());
-  at::Tensor out = at::empty({x_q_in.size(0), n}, x_q_in.options().dtype(out_dtype));
-  if (x_q_in.size(0) == 0) return out;
-  const at::Tensor x_q = aligned(x_q_in), qweight = aligned(qweight_in);
-  GemmParams p = base_params(x_q, x_s, qweight, bias, out);
-  p.s2 = s2.data_ptr<uint8_t>();
-  p.z2 = z2.data_ptr<uint8_t>();
-  p.wscale = reinterpret_cast<const __half*>(s1.data_ptr<at::Half>());
-  p.group_size = static_cast<int>(group_size);
-  p.groups = static_cast<int>(k / group_size);
-  dispatch_row_chunks<true>(p, x_q.options());
-  return out;
+  return run_checked<true>(x_q_in, x_s, qweight_in, bias, out_dtype, [&](GemmParams& p) {
+    p.s2 = s2.data_ptr<uint8_t>();
+    p.z2 = z2.data_ptr<uint8_t>();
+    p.wscale = reinterpret_cast<const __half*>(s1.data_ptr<at::Half>());
+    p.group_size = static_cast<int>(group_size);
+    p.groups = static_cast<int>(k / group_size);
+  });
 }
 
 at::Tensor w4a8_gemm_per_channel_cuda(const at::Tensor& x_q_in, const at::Tensor& x_s, const at::Tensor& x_sum,
@@ -326,18 +336,13 @@ at::Tensor w4a8_gemm_per_channel_cuda(const at::Tensor& x_q_in, const at::Tensor
   check_per_row("x_sum", x_sum, at::kInt, x_q_in.size(0), x_q_in);
   check_per_row("scale", scale, at::kHalf, n, x_q_in);
   check_per_row("zero", zero, at::kByte, n, x_q_in);
-  const c10::cuda::CUDAGuard guard(x_q_in.device());
-  at::Tensor out = at::empty({x_q_in.size(0), n}, x_q_in.options().dtype(out_dtype));
-  if (x_q_in.size(0) == 0) return out;
-  const at::Tensor x_q = aligned(x_q_in), qweight = aligned(qweight_in);
-  GemmParams p = base_params(x_q, x_s, qweight, bias, out);
-  p.x_sum = x_sum.data_ptr<int32_t>();
-  p.wscale = reinterpret_cast<const __half*>(scale.data_ptr<at::Half>());
-  p.zero = zero.data_ptr<uint8_t>();
-  p.group_size = static_cast<int>(x_q.size(1));
-  p.groups = 1;
-  dispatch_row_chunks<false>(p, x_q.options());
-  return out;
+  return run_checked<false>(x_q_in, x_s, qweight_in, bias, out_dtype, [&](GemmParams& p) {
+    p.x_sum = x_sum.data_ptr<int32_t>();
+    p.wscale = reinterpret_cast<const __half*>(scale.data_ptr<at::Half>());
+    p.zero = zero.data_ptr<uint8_t>();
+    p.group_size = static_cast<int>(p.K);
+    p.groups = 1;
+  });
 }
 
 }  // namespace

@@ -238,8 +238,8 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, MIN_BLOCKS)
   const int row_base = m0 + warp_m * C::kWarpM + (lane >> 2);
   const int col_base = n0 + warp_n * C::kWarpN + 2 * (lane & 3);
 
-  if (p.splits > 1) {
-    // Exact split-K: integer atomics into a zeroed workspace; the last CTA of the tile does the epilogue.
+  // Calls f(m, n, acc pair) for each pair of adjacent accumulators this thread holds inside the output.
+  auto for_each_pair = [&](auto&& f) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -247,12 +247,17 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, MIN_BLOCKS)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int m = row_base + mt * 16 + 8 * h, n = col_base + nt * 8;
-          if (m < p.M && n < p.N) {
-            int32_t* w = p.workspace + static_cast<size_t>(m) * p.N + n;
-            atomicAdd(w, acc[mt][nt][2 * h]);
-            atomicAdd(w + 1, acc[mt][nt][2 * h + 1]);
-          }
+          if (m < p.M && n < p.N) f(m, n, acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
         }
+  };
+
+  if (p.splits > 1) {
+    // Exact split-K: integer atomics into a zeroed workspace; the last CTA of the tile does the epilogue.
+    for_each_pair([&](int m, int n, int32_t& a0, int32_t& a1) {
+      int32_t* w = p.workspace + static_cast<size_t>(m) * p.N + n;
+      atomicAdd(w, a0);
+      atomicAdd(w + 1, a1);
+    });
     __threadfence();
     __syncthreads();
     __shared__ int is_last;
@@ -263,19 +268,11 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, MIN_BLOCKS)
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int m = row_base + mt * 16 + 8 * h, n = col_base + nt * 8;
-          if (m < p.M && n < p.N) {
-            const int32_t* w = p.workspace + static_cast<size_t>(m) * p.N + n;
-            acc[mt][nt][2 * h] = __ldcg(w);
-            acc[mt][nt][2 * h + 1] = __ldcg(w + 1);
-          }
-        }
+    for_each_pair([&](int m, int n, int32_t& a0, int32_t& a1) {
+      const int32_t* w = p.workspace + static_cast<size_t>(m) * p.N + n;
+      a0 = __ldcg(w);
+      a1 = __ldcg(w + 1);
+    });
   }
 
 #pragma unroll
