@@ -1,22 +1,32 @@
 """Where a decode step's time goes: wall time per generated token vs GPU kernel time, and the top kernels.
 
-Usage: python benchmarks/profile_decode.py [--variants bf16 qoq-g128] [--batch 1] [--json OUT.json]
+Usage: python benchmarks/profile_decode.py [--variants bf16 qoq-g128] [--batch 1] [--deferred] [--json OUT.json]
 Runs HF generate (static cache, reduce-overhead compile, as `qoq bench e2e`) on the Llama-3-8B-shaped
-random-weight model, then profiles a short generate with torch.profiler. Needs a CUDA GPU.
+random-weight model, then profiles a short generate with torch.profiler. --deferred: every generate runs with
+transformers' deferred stop check enabled on CUDA (qoq_torch.benchmarking.DeferredStopOnCuda). Needs a CUDA GPU.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import time
 
 import torch
 
-from qoq_torch.benchmarking import build_float_model, build_quantized_model, run_generate
+from qoq_torch.benchmarking import DeferredStopOnCuda, build_float_model, build_quantized_model, run_generate
 
 
-def profile_variant(variant: str, shape: str, batch: int, prompt_len: int, steps: int, top: int) -> dict:
+def profile_variant(variant: str, shape: str, batch: int, prompt_len: int, steps: int, top: int,
+                    deferred: bool = False) -> dict:
+    with DeferredStopOnCuda() if deferred else contextlib.nullcontext():
+        result = _profile(variant, shape, batch, prompt_len, steps, top)
+    result["stop_check"] = "deferred" if deferred else "per-step"
+    return result
+
+
+def _profile(variant: str, shape: str, batch: int, prompt_len: int, steps: int, top: int) -> dict:
     model = (build_float_model(shape) if variant == "bf16"
              else build_quantized_model(shape, group_size=-1 if variant == "qoq-channel" else 128))
     ids = torch.randint(1, model.config.vocab_size, (batch, prompt_len), device="cuda")
@@ -74,9 +84,11 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--deferred", action="store_true", help="transformers' deferred stop check on CUDA")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    rows = [profile_variant(v, args.shape, args.batch, args.prompt, args.steps, args.top) for v in args.variants]
+    rows = [profile_variant(v, args.shape, args.batch, args.prompt, args.steps, args.top, args.deferred)
+            for v in args.variants]
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, fh, indent=1)
