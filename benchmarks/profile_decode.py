@@ -1,6 +1,6 @@
 """Where a decode step's time goes: wall time per generated token vs GPU kernel time, and the top kernels.
 
-Usage: python benchmarks/profile_decode.py [--variants bf16 qoq-g128] [--batch 1] [--deferred] [--json OUT.json]
+Usage: python benchmarks/profile_decode.py [--variants bf16 qoq-g128] [--batch 1 [16 ...]] [--deferred] [--json OUT.json]
 Runs HF generate (static cache, reduce-overhead compile, as `qoq bench e2e`) on the Llama-3-8B-shaped
 random-weight model, then profiles a short generate with torch.profiler. --deferred: every generate runs with
 transformers' deferred stop check enabled on CUDA (qoq_torch.benchmarking.DeferredStopOnCuda). Needs a CUDA GPU.
@@ -80,15 +80,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["bf16", "qoq-g128"])
     parser.add_argument("--shape", default="llama3-8b")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--deferred", action="store_true", help="transformers' deferred stop check on CUDA")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    rows = [profile_variant(v, args.shape, args.batch, args.prompt, args.steps, args.top, args.deferred)
-            for v in args.variants]
+    rows = [profile_variant(v, args.shape, b, args.prompt, args.steps, args.top, args.deferred)
+            for b in args.batch for v in args.variants]
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, fh, indent=1)
