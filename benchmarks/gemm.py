@@ -4,9 +4,11 @@ Usage:
     python benchmarks/gemm.py --json out.json [--png out.png] [--ms 1,16,1024]
     python benchmarks/gemm.py --check-small     # a few small cases vs the reference (for compute-sanitizer)
     python benchmarks/gemm.py --sweep-decode    # decode kernel variants and M <= 16 vs the tile kernel
+    python benchmarks/gemm.py --sweep-skinny    # small-M kernel (rows per block) vs decode and tile kernels
 
-At M <= 16 the default path is the decode kernel (csrc/gemm/w4a8_gemv.cu); columns *_mma time the same calls on
-the mma.sync tile kernel (QOQ_GEMM_FORCE="0,0") in the same run.
+At M <= 2 the default path is the decode kernel (csrc/gemm/w4a8_gemv.cu), at 3 <= M <= 64 the small-M kernel
+(csrc/gemm/w4a8_skinny.cu); columns *_mma time the same calls on the mma.sync tile kernel (QOQ_GEMM_FORCE="0,0")
+in the same run.
 
 Times are medians of triton.testing.do_bench (which flushes L2 before every run, so weights come from HBM).
 Methods: ours per-group (g=128) and per-channel (mma.sync kernel), and on sm_90 the opt-in wgmma kernel
@@ -35,9 +37,9 @@ WGMMA = {"qoq_per_group_wgmma": ("qoq_per_group", "2,128"), "qoq_per_group_wgmma
          "qoq_per_channel_wgmma": ("qoq_per_channel", "2,128")}
 
 
-# Same callables as OURS on the mma.sync tile kernel, for M <= DECODE_MAX_M where the decode kernel is the default.
+# Same callables as OURS on the mma.sync tile kernel, for M <= SMALL_M_MAX (decode / small-M kernels by default).
 MMA_SMALL = {"qoq_per_group_mma": "qoq_per_group", "qoq_per_channel_mma": "qoq_per_channel"}
-DECODE_MAX_M = 16
+SMALL_M_MAX = 64  # the decode and small-M kernels' range: the tile kernel is timed beside them up to here
 
 
 def wgmma_enabled(m: int) -> bool:
@@ -124,7 +126,7 @@ def run(ms) -> dict:
             timed = [(name, fn, None, None) for name, fn in methods.items()]
             if wgmma_enabled(m):
                 timed += [(name, methods[base], env, None) for name, (base, env) in WGMMA.items()]
-            if m <= DECODE_MAX_M:
+            if m <= SMALL_M_MAX:
                 timed += [(name, methods[base], None, "0,0") for name, base in MMA_SMALL.items()]
             for name, fn, env, force in timed:
                 us = bench(fn, env, force)
@@ -167,7 +169,7 @@ def print_table(results: dict) -> None:
 
 
 def print_decode_summary(results: dict) -> None:
-    """Decode kernel (default at M <= 16) against the mma.sync tile kernel, sum of the four GEMMs."""
+    """Default small-M path (decode / small-M kernel) against the mma.sync tile kernel, sum of the four GEMMs."""
     for m_str, totals in results["layer_sum_us"].items():
         cells = []
         for ours, mma in zip(OURS, MMA_SMALL):
@@ -175,7 +177,7 @@ def print_decode_summary(results: dict) -> None:
             if a is not None and b is not None:
                 cells.append(f"{ours[4:]} {a:.1f} vs {b:.1f} us ({b / a:.2f}x)")
         if cells:
-            print(f"# decode vs mma, M={m_str}: " + "; ".join(cells))
+            print(f"# default vs mma tile kernel, M={m_str}: " + "; ".join(cells))
 
 
 def plot(results: dict, path: str) -> None:
@@ -204,7 +206,8 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-SWEEP = {1: (0, 4), 16: (0, 4), 64: (0, 2, 3), 256: (2, 3, 5), 1024: (3, 5), 4096: (3, 5)}  # M -> tile configs
+SWEEP = {1: (0, 4), 16: (0, 4, 7), 32: (2, 6, 7), 48: (2, 6, 7), 64: (0, 2, 3, 6, 7), 256: (2, 3, 5, 6),
+         1024: (3, 5), 4096: (3, 5)}  # M -> tile configs
 SWEEP_SPLITS = {1: (0, 2, 4, 8), 16: (0, 2, 4, 8)}
 
 
@@ -232,20 +235,15 @@ DECODE_SWEEP_MS = (1, 2, 3, 4, 8, 16)
 DECODE_CONFIGS = range(5)  # QOQ_GEMM_DECODE_CONFIG variants (M <= 2)
 
 
-def sweep_decode() -> dict:
-    """Decode kernel at M <= 16 (QOQ_GEMM_DECODE_MAX_M=16), each of its M <= 2 variants, against the mma.sync
-    tile kernel; prints the layer sums of both formats."""
+def _sweep_variants(ms, variants_of, tag: str) -> dict:
+    """Layer sums of both formats for each M and each (label, environment, QOQ_GEMM_FORCE) of variants_of(m)."""
     import os
 
     rows = []
-    os.environ["QOQ_GEMM_DECODE_MAX_M"] = "16"
-    try:
-        for m in DECODE_SWEEP_MS:
-            variants = [(f"decode{c}", str(c), None) for c in (DECODE_CONFIGS if m <= 2 else (0,))]
-            variants.append(("mma", None, "0,0"))
-            for label, config, force in variants:
-                if config is not None:
-                    os.environ["QOQ_GEMM_DECODE_CONFIG"] = config
+    for m in ms:
+        for label, env, force in variants_of(m):
+            os.environ.update(env)
+            try:
                 sums = {}
                 for fmt in OURS:
                     per_shape = {shape: bench(make_methods(m, n, k, only_ours=True)[fmt], force_env=force)
@@ -253,12 +251,38 @@ def sweep_decode() -> dict:
                     total = None if None in per_shape.values() else sum(per_shape.values())
                     rows.append({"m": m, "variant": label, "method": fmt, "us": per_shape, "sum_us": total})
                     sums[fmt] = total
-                os.environ.pop("QOQ_GEMM_DECODE_CONFIG", None)
-                print(f"sweep-decode M={m} {label}: " + "  ".join(
-                    f"{fmt[4:]}={'-' if v is None else f'{v:.1f}'} us" for fmt, v in sums.items()), flush=True)
-    finally:
-        os.environ.pop("QOQ_GEMM_DECODE_MAX_M", None)
+            finally:
+                for name in env:
+                    os.environ.pop(name, None)
+            print(f"{tag} M={m} {label}: " + "  ".join(
+                f"{fmt[4:]}={'-' if v is None else f'{v:.1f}'} us" for fmt, v in sums.items()), flush=True)
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+
+
+def sweep_decode() -> dict:
+    """Decode kernel at M <= 16 (QOQ_GEMM_DECODE_MAX_M=16), each of its M <= 2 variants, against the mma.sync
+    tile kernel; prints the layer sums of both formats."""
+    def variants(m):
+        configs = DECODE_CONFIGS if m <= 2 else (0,)
+        return [(f"decode{c}", {"QOQ_GEMM_DECODE_MAX_M": "16", "QOQ_GEMM_DECODE_CONFIG": str(c)}, None)
+                for c in configs] + [("mma", {}, "0,0")]
+    return _sweep_variants(DECODE_SWEEP_MS, variants, "sweep-decode")
+
+
+SKINNY_SWEEP_MS = (1, 2, 3, 4, 8, 16, 24, 32, 48, 64)
+
+
+def sweep_skinny() -> dict:
+    """Small-M kernel with its own rows-per-block choice and with 16 / 32 / 64 rows forced (QOQ_GEMM_SKINNY_RT),
+    against the decode kernel (M <= 2) and the mma.sync tile kernel; prints the layer sums of both formats."""
+    def variants(m):
+        on = {"QOQ_GEMM_DECODE": "0", "QOQ_GEMM_SKINNY_MAX_M": "64"}
+        out = [("skinny-auto", on, None)] + [(f"skinny-rt{rt}", {**on, "QOQ_GEMM_SKINNY_RT": str(rt)}, None)
+                                             for rt in (1, 2, 4)]
+        if m <= 2:
+            out.append(("decode", {}, None))
+        return out + [("mma", {}, "0,0")]
+    return _sweep_variants(SKINNY_SWEEP_MS, variants, "sweep-skinny")
 
 
 def check_small() -> None:
@@ -268,7 +292,7 @@ def check_small() -> None:
 
     gen = torch.Generator().manual_seed(0)
     cases = [(1, 64, 1024), (3, 48, 192), (9, 32, 4160), (16, 16, 2048), (20, 144, 256), (130, 272, 512)]
-    for (m, n, k), force in [(c, f) for c in cases for f in ((None, "0,0") if c[0] <= DECODE_MAX_M else (None,))]:
+    for (m, n, k), force in [(c, f) for c in cases for f in ((None, "0,0") if c[0] <= SMALL_M_MAX else (None,))]:
         if force is not None:
             os.environ["QOQ_GEMM_FORCE"] = force
         x_q = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
@@ -288,6 +312,7 @@ def check_small() -> None:
         os.environ.pop("QOQ_GEMM_FORCE", None)
         assert torch.equal(out.cpu(), ref), (m, n, k, force)
     _check_small_decode_configs(gen)
+    _check_small_skinny(gen)
     if torch.cuda.get_device_capability() == (9, 0):
         _check_small_wgmma(gen)
     print("check-small: OK")
@@ -312,6 +337,33 @@ def _check_small_decode_configs(gen: torch.Generator) -> None:
         finally:
             os.environ.pop("QOQ_GEMM_DECODE_CONFIG")
         assert torch.equal(out.cpu(), ref), ("decode config", m, config)
+
+
+def _check_small_skinny(gen: torch.Generator) -> None:
+    """The small-M kernel at each rows-per-block choice, both formats, M in every token-tile bucket."""
+    import os
+
+    for m, rt in [(m, rt) for m in (3, 16, 33) for rt in (1, 2, 4)]:
+        n, k, g = 128, 1152, 64
+        x_q = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+        x_s = torch.rand(m, generator=gen) + 0.1
+        x_sum = x_q.sum(1, dtype=torch.int32)
+        w4, s2, z2, s1 = _rand_per_group(n, k, g, "cpu")
+        qw = ops.pack_weights(w4)
+        ref_g = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qw, s2, z2, s1, None, g, torch.float16)
+        ref_c = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qw, s1, z2[:, 0].contiguous(), None,
+                                                    torch.bfloat16)
+        os.environ["QOQ_GEMM_SKINNY_RT"] = str(rt)
+        try:
+            out_g = torch.ops.qoq.w4a8_gemm_per_group(*[t.cuda() for t in (x_q, x_s, qw, s2, z2, s1)], None, g,
+                                                      torch.float16)
+            out_c = torch.ops.qoq.w4a8_gemm_per_channel(*[t.cuda() for t in (x_q, x_s, x_sum, qw, s1)],
+                                                        z2[:, 0].contiguous().cuda(), None, torch.bfloat16)
+            torch.cuda.synchronize()
+        finally:
+            os.environ.pop("QOQ_GEMM_SKINNY_RT")
+        assert torch.equal(out_g.cpu(), ref_g), ("small-M per-group", m, rt)
+        assert torch.equal(out_c.cpu(), ref_c), ("small-M per-channel", m, rt)
 
 
 def _check_small_wgmma(gen: torch.Generator) -> None:
@@ -350,6 +402,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="tile-config / split-K sweep of the per-group kernel")
     ap.add_argument("--sweep-decode", action="store_true",
                     help="decode kernel variants (QOQ_GEMM_DECODE_CONFIG) and M <= 16 against the tile kernel")
+    ap.add_argument("--sweep-skinny", action="store_true",
+                    help="small-M kernel rows per block (QOQ_GEMM_SKINNY_RT) against the decode and tile kernels")
     ap.add_argument("--check-small", action="store_true", help="only run small correctness cases")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -359,6 +413,8 @@ def main() -> None:
         return
     if args.sweep_decode:
         results = sweep_decode()
+    elif args.sweep_skinny:
+        results = sweep_skinny()
     elif args.sweep:
         results = sweep()
     else:
@@ -366,7 +422,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
-    if args.sweep or args.sweep_decode:
+    if args.sweep or args.sweep_decode or args.sweep_skinny:
         return
     if args.png:
         plot(results, args.png)

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <string>
 
 // Numbers, shapes and devices in check messages go through std::to_string: in the device build (torch 2.11 +
@@ -14,6 +15,12 @@
 namespace qoq {
 
 inline std::string num(int64_t v) { return std::to_string(v); }
+
+// An integer tuning/test override from the environment; `fallback` when unset or empty.
+inline int env_int(const char* name, int fallback) {
+  const char* env = std::getenv(name);
+  return env == nullptr || *env == '\0' ? fallback : std::atoi(env);
+}
 
 inline std::string device_str(const at::Tensor& t) { return t.device().str(); }
 

@@ -455,3 +455,119 @@ def test_more_than_2_31_activation_elements(per_group, gen):
     else:
         ref = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qweight, s1, zero, None, torch.float16)
     assert torch.equal(out[rows.cuda()].cpu(), ref)
+
+
+# ---- Small-M kernel (3 <= M <= 64: csrc/gemm/w4a8_skinny.cu; QOQ_GEMM_SKINNY=0 turns it off) ----
+
+def _skinny_enabled() -> bool:
+    max_m = os.environ.get("QOQ_GEMM_SKINNY_MAX_M", "")
+    return os.environ.get("QOQ_GEMM_SKINNY", "1") != "0" and (max_m == "" or int(max_m) >= 64)
+
+
+needs_skinny = pytest.mark.skipif(not (_cuda_kernels_built() and _skinny_enabled()),
+                                  reason="qoq_torch._C not built, or the small-M kernel disabled by QOQ_GEMM_SKINNY*")
+
+@pytest.fixture(autouse=True)
+def _skinny_kernel_for_every_m(request, monkeypatch):
+    """The small-M kernel serves M <= 32 per group and M <= 16 per channel by default; its own tests run it for
+    every M it takes (1..64 in both formats)."""
+    if request.node.name.startswith("test_skinny") and "QOQ_GEMM_SKINNY_MAX_M" not in os.environ:
+        monkeypatch.setenv("QOQ_GEMM_SKINNY_MAX_M", "64")
+
+
+# M in every 8-token-tile bucket and at its edges; (N, K): one 16-row block, N = 48 (not a multiple of 32: fewer
+# rows per block), a K whose 128-wide blocks do not fill the 8 warps' passes, long K like Llama's down projection.
+SKINNY_MS = (3, 5, 8, 9, 15, 16, 17, 24, 31, 32, 33, 47, 63, 64)
+SKINNY_NK = ((16, 128), (48, 384), (64, 1152), (256, 2048), (80, 14336))
+
+
+@needs_skinny
+@pytest.mark.parametrize("rt", (1, 2, 4))
+@pytest.mark.parametrize("m", SKINNY_MS)
+@pytest.mark.parametrize("n,k", SKINNY_NK)
+def test_skinny_matches_reference(rt, m, n, k, gen, monkeypatch):
+    """Each forced rows-per-block choice (QOQ_GEMM_SKINNY_RT; the kernel lowers it where N needs) is exact in both
+    formats, group sizes 64 and 128, every bias dtype and both output dtypes."""
+    monkeypatch.setenv("QOQ_GEMM_SKINNY_RT", str(rt))
+    monkeypatch.setenv("QOQ_GEMM_DECODE", "0")
+    out_dtype = (torch.float16, torch.bfloat16)[m % 2]
+    assert_per_group_matches(m, n, k, 64 if (m + rt) % 2 else 128, _BIAS_DTYPES[m % 4], out_dtype, gen)
+    assert_per_channel_matches(m, n, k, _BIAS_DTYPES[(m + rt) % 4], out_dtype, gen)
+
+
+@needs_skinny
+@pytest.mark.parametrize("m", (1, 2))
+def test_skinny_takes_m_1_and_2(m, gen, monkeypatch):
+    """With the decode kernel off, M = 1 and 2 run on the small-M kernel, exactly."""
+    monkeypatch.setenv("QOQ_GEMM_DECODE", "0")
+    assert_per_group_matches(m, 272, 1024, 128, torch.bfloat16, torch.bfloat16, gen)
+    assert_per_channel_matches(m, 272, 1024, None, torch.float16, gen)
+
+
+@needs_skinny
+@pytest.mark.parametrize("m", (3, 33, 64))
+def test_skinny_extreme_values(m):
+    _assert_extreme_values(m)
+
+
+@needs_skinny
+@pytest.mark.parametrize("n,k", ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)))
+def test_skinny_llama_shapes_match_reference(n, k, gen):
+    """Llama-3-8B's qkv, o, gate_up and down at M = 4, 16 and 64 (the kernel's own rows-per-block choice)."""
+    for m in (4, 16, 64):
+        assert_per_group_matches(m, n, k, 128, None, torch.bfloat16, gen)
+    assert_per_channel_matches(16, n, k, torch.bfloat16, torch.float16, gen)
+
+
+@needs_skinny
+def test_skinny_kernel_is_dispatched(gen, monkeypatch):
+    """3 <= M <= 64 runs the small-M kernel alone (no memset, no workspace); M = 65, K % 128 != 0, a forced tile
+    config and QOQ_GEMM_SKINNY=0 do not; by default it serves M <= 32 per group and M <= 16 per channel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = 64
+
+    def kernels(m: int, n: int = 64, k: int = 1024, per_group: bool = True) -> list[str]:
+        w4, s2, z2, s1 = random_per_group(n, k, g, gen)
+        x_q, x_s, x_sum = random_activations(m, k, gen)
+        qweight = ops.pack_weights(w4)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            if per_group:
+                ops.w4a8_gemm_per_group(*_to("cuda", x_q, x_s, qweight, s2, z2, s1), group_size=g)
+            else:
+                ops.w4a8_gemm_per_channel(*_to("cuda", x_q, x_s, x_sum, qweight, s1, z2[:, 0].contiguous()))
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    if not kernels(3):
+        pytest.skip("the profiler recorded no CUDA kernels here")
+    for m in (3, 8, 17, 64):
+        names = kernels(m)
+        assert len(names) == 1 and "w4a8_skinny_kernel" in names[0], (m, names)
+    assert not any("w4a8_skinny_kernel" in x for x in kernels(65))
+    assert not any("w4a8_skinny_kernel" in x for x in kernels(8, k=192))  # K % 128 != 0: the tile kernel
+    assert any("w4a8_gemv_kernel" in x for x in kernels(2))
+    monkeypatch.setenv("QOQ_GEMM_FORCE", "0,0")
+    assert not any("w4a8_skinny_kernel" in x for x in kernels(8))
+    monkeypatch.delenv("QOQ_GEMM_FORCE")
+    monkeypatch.setenv("QOQ_GEMM_SKINNY", "0")
+    assert not any("w4a8_skinny_kernel" in x for x in kernels(8))
+    monkeypatch.delenv("QOQ_GEMM_SKINNY")
+    monkeypatch.delenv("QOQ_GEMM_SKINNY_MAX_M")  # the defaults: M <= 32 per group, M <= 16 per channel
+    assert any("w4a8_skinny_kernel" in x for x in kernels(32))
+    assert not any("w4a8_skinny_kernel" in x for x in kernels(33))
+    assert any("w4a8_skinny_kernel" in x for x in kernels(16, per_group=False))
+    assert not any("w4a8_skinny_kernel" in x for x in kernels(17, per_group=False))
+
+
+@needs_kernel
+@pytest.mark.parametrize("config", range(8))
+@pytest.mark.parametrize("splits", (0, 3))
+@pytest.mark.parametrize("m,n,k", ((5, 272, 1024), (40, 144, 2048), (70, 400, 512)))
+def test_every_tile_config_matches_reference(config, splits, m, n, k, gen, monkeypatch):
+    """Each mma.sync tile config (QOQ_GEMM_FORCE="<config>,<splits>"; configs 0 and 4 need K % 256 / % 128 and
+    fall back to the kernel's own choice otherwise), with and without a forced split-K, in both formats."""
+    monkeypatch.setenv("QOQ_GEMM_FORCE", f"{config},{splits}")
+    assert_per_group_matches(m, n, k, 128 if config % 2 else 64, torch.float16, torch.bfloat16, gen)
+    assert_per_channel_matches(m, n, k, None, torch.float16, gen)

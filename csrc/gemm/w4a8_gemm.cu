@@ -9,6 +9,7 @@
 #include "gemm/w4a8_gemm_kernel.cuh"
 #include "gemm/w4a8_gemm_wgmma.cuh"
 #include "gemm/w4a8_gemv.cuh"
+#include "gemm/w4a8_skinny.cuh"
 
 namespace qoq {
 namespace {
@@ -139,7 +140,7 @@ void launch(GemmParams p, const at::TensorOptions& options, int forced_splits) {
 
 // Tuning knob for benchmarks only: QOQ_GEMM_FORCE="<config>,<splits>" picks a tile config (index below)
 // and a split count (0 = automatic); the kernels' results do not depend on either.
-// Setting it also bypasses the decode kernel ("0,0" is this kernel's own choice at M <= 16).
+// Setting it also bypasses the decode and small-M kernels ("0,0" is this kernel's own choice at M <= 16).
 struct ForcedChoice {
   int config = -1, splits = 0;
 };
@@ -236,9 +237,17 @@ void dispatch(GemmParams p, const at::TensorOptions& options) {
     launch_w4a8_gemv<PER_GROUP>(p);
     return;
   }
+  if (forced.config < 0 && p.M <= skinny_max_m(PER_GROUP) && skinny_supports(p)) {  // small M: w4a8_skinny.cu
+    launch_w4a8_skinny<PER_GROUP>(p, multiprocessor_count());
+    return;
+  }
   int config = forced.config;
-  if (config < 0 || config > 5 || (p.K % 256 != 0 && config == 0) || (p.K % 128 != 0 && config == 4)) {
-    config = p.M <= 16 ? (p.K % 256 == 0 ? 0 : 1) : (p.M <= 64 ? 2 : 3);
+  if (config < 0 || config > 7 || (p.K % 256 != 0 && config == 0) || (p.K % 128 != 0 && config == 4)) {
+    // H100 sweep (docs/benchmarks.md): at 16 < M <= 64 the 64 x 128 tile with all 8 warps along N (config 6:
+    // each weight fragment dequantized once per 64 rows) is the fastest per group, and the 16-row tile over
+    // several M tiles (0) per channel, where nothing is dequantized.
+    const int small = p.K % 256 == 0 ? 0 : 1;
+    config = p.M <= 16 ? small : (p.M <= 64 ? (PER_GROUP ? 6 : small) : 3);
   }
   const int splits = std::max(0, forced.splits);
   switch (config) {
@@ -247,6 +256,8 @@ void dispatch(GemmParams p, const at::TensorOptions& options) {
     case 2: launch<64, 128, 64, 2, 4, 4, 2, PER_GROUP>(p, options, splits); break;
     case 3: launch<128, 128, 64, 2, 4, 4, 2, PER_GROUP>(p, options, splits); break;
     case 4: launch<16, 64, 128, 1, 4, 6, 4, PER_GROUP>(p, options, splits); break;
+    case 6: launch<64, 128, 64, 1, 8, 4, 2, PER_GROUP>(p, options, splits); break;
+    case 7: launch<32, 128, 64, 1, 8, 4, 2, PER_GROUP>(p, options, splits); break;
     default: launch<128, 256, 64, 2, 4, 4, 1, PER_GROUP>(p, options, splits); break;
   }
 }

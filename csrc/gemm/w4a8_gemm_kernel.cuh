@@ -93,6 +93,24 @@ __device__ __forceinline__ void store_pair(const GemmParams& p, int m, int n, fl
   }
 }
 
+__device__ __forceinline__ void store_one(const GemmParams& p, int m, int n, float y) {
+  const size_t idx = static_cast<size_t>(m) * p.N + n;
+  if (p.out_bf16) {
+    static_cast<__nv_bfloat16*>(p.out)[idx] = __float2bfloat16_rn(y);
+  } else {
+    static_cast<__half*>(p.out)[idx] = __float2half_rn(y);
+  }
+}
+
+// 16 bytes of weights, read once (the small-M kernels): skip L1 so the activations stay cached there.
+__device__ __forceinline__ uint4 load_weights_16(const uint8_t* ptr) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr));
+  return v;
+}
+
 template <int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES>
 struct TileConfig {
   static constexpr int kThreads = WARPS_M * WARPS_N * 32;

@@ -14,7 +14,6 @@
 //   - the K split is reduced exactly in shared memory (fixed order), so there is no workspace and no memset;
 //     the epilogue is the contract's (float(acc) * x_s[m]) * float(s[n]) (+ bias[n]) with _rn float ops.
 #include <algorithm>
-#include <cstdlib>
 
 #include "common.cuh"
 #include "gemm/w4a8_gemv.cuh"
@@ -28,24 +27,6 @@ constexpr int kWarps = 8, kThreads = kWarps * 32;
 constexpr int kKLanes = 8;                      // lanes of a warp side by side along K (128 contiguous bytes)
 constexpr int kRowLanes = 32 / kKLanes;         // lanes of a warp side by side along N
 constexpr int kChunkStride = kKLanes * kWarps;  // 32-wide k chunks one pass of the block covers per row
-
-// 16 bytes of weights, read once: skip L1 so the activations stay cached there.
-__device__ __forceinline__ uint4 load_weights_16(const uint8_t* ptr) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(ptr));
-  return v;
-}
-
-__device__ __forceinline__ void store_one(const GemmParams& p, int m, int n, float y) {
-  const size_t idx = static_cast<size_t>(m) * p.N + n;
-  if (p.out_bf16) {
-    static_cast<__nv_bfloat16*>(p.out)[idx] = __float2bfloat16_rn(y);
-  } else {
-    static_cast<__half*>(p.out)[idx] = __float2half_rn(y);
-  }
-}
 
 __device__ __forceinline__ int dot8(const uint32_t (&lo)[4], const uint32_t (&hi)[4], const int4& x_lo,
                                     const int4& x_hi, int acc) {
@@ -180,11 +161,6 @@ void launch_bucket(const GemmParams& p) {
   w4a8_gemv_kernel<PER_GROUP, MAXM, R, U, MINB>
       <<<p.N / BR, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
   QOQ_CHECK_LAUNCH();
-}
-
-int env_int(const char* name, int fallback) {
-  const char* env = std::getenv(name);
-  return env == nullptr || *env == '\0' ? fallback : std::atoi(env);
 }
 
 // The (R, U, MINB) variants compiled for M <= 2: 0 = (4, 2, 2), 1 = (4, 2, 4), 2 = (2, 4, 4), 3 = (2, 2, 4),

@@ -1,0 +1,223 @@
+// Small-M tensor-core path (3 <= M <= 64) of qoq::w4a8_gemm_per_group / w4a8_gemm_per_channel. At these sizes the
+// GEMM still only has to stream the packed weights once, so, like the decode kernel, a block owns a few output
+// rows and all of K and its 8 warps split K; but the products run on INT8 mma.sync with the operands swapped:
+//   - the weights are the A operand (16 output rows x 32 k) and the activations the B operand (32 k x 8 tokens),
+//     so one weight fragment serves up to 8 token tiles and nothing is padded to a 16-row activation tile,
+//   - a lane (g, t) loads the 16-byte chunk 4q + t of weight rows g and g + 8 (one 128-wide k block q per
+//     warp step, the 4 lanes of a row reading 64 contiguous bytes, the next k block in the same batch). Word w of that chunk holds k 4w..4w+3
+//     (low nibbles) and 16+4w..16+4w+3 (high nibbles) of the chunk, which is exactly an mma A fragment once
+//     the k order inside an mma is permuted; the activations are loaded under the same permutation (lane
+//     (g, t) reads the 32 bytes of chunk 4q + t of token g), and a dot product does not depend on k order,
+//   - per group, each lane's chunk lies in one group, so the weights are dequantized to INT8 in registers
+//     with the same bytewise (w4 - z2) * s2 as the tile kernel; per channel the UINT4 values are used as
+//     they are and the zero point is applied in the epilogue with the activation row sum,
+//   - the 8 warps' INT32 sums are reduced in shared memory in a fixed order (exact, deterministic, no workspace)
+//     and the epilogue is the contract's (float(acc) * x_s[m]) * float(s[n]) (+ bias[n]).
+#include <algorithm>
+
+#include "common.cuh"
+#include "gemm/mma_ptx.cuh"
+#include "gemm/w4a8_skinny.cuh"
+
+namespace qoq {
+namespace {
+
+constexpr int kMaxM = 64;
+// Defaults from the H100 sweep (benchmarks/gemm.py --sweep-skinny, docs/benchmarks.md): per group the kernel beats
+// the tile kernel up to M = 32 (no shared-memory staging of the weights to dequantize), per channel up to M = 16.
+constexpr int kDefaultMaxM[2] = {16, 32};  // [per channel, per group]
+constexpr int kWarps = 8, kThreads = kWarps * 32;
+// 128-wide k blocks a warp loads before it uses any: 4 while the accumulators are few, else 2 (registers).
+constexpr int quads_in_flight(int tt, int rt) { return tt * rt <= 4 ? 4 : 2; }
+
+// TT: 8-token tiles the accumulators hold (p.M <= 8 * TT); RT: 16-row tiles per block (rows per block 16 * RT).
+template <bool PER_GROUP, int TT, int RT>
+__global__ void __launch_bounds__(kThreads, 1) w4a8_skinny_kernel(const GemmParams p) {
+  constexpr int BR = 16 * RT, BT = 8 * TT, kStride = BR + 1;  // odd stride: conflict-free partial writes
+  constexpr int U = quads_in_flight(TT, RT);
+  extern __shared__ int32_t partial[];  // [kWarps][BT][kStride]
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * BR;
+  const int quads = p.K / 128;
+  const size_t row_bytes = static_cast<size_t>(p.K) / 2;
+
+  int32_t acc[RT][TT][4];
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int j = 0; j < TT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][j][i] = 0;
+
+  // Batch u of a warp reads k block q0 + u % 2 + (u / 2) * 2 * kWarps: each warp reads 2 adjacent 128-wide k blocks
+  // (128 contiguous bytes of each row) per pair, the 8 warps together 16 adjacent ones.
+  static_assert(U % 2 == 0, "k blocks are read in adjacent pairs");
+  for (int q0 = 2 * warp; q0 < quads; q0 += U * kWarps) {
+    uint4 w[U][RT][2];      // [k block][row tile][row g, row g + 8]
+    uint32_t sz[U][RT][2];  // per group: s2 | z2 << 8
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int q = q0 + (u & 1) + (u >> 1) * 2 * kWarps;
+      const bool ok = q < quads;
+      const int chunk = 4 * q + t;
+      const int group = PER_GROUP && ok ? chunk * 32 / p.group_size : 0;
+#pragma unroll
+      for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = n0 + 16 * r + 8 * h + g;
+          w[u][r][h] = ok ? load_weights_16(p.qweight + row * row_bytes + 16 * static_cast<size_t>(chunk))
+                          : make_uint4(0, 0, 0, 0);
+          if constexpr (PER_GROUP) {
+            const size_t idx = static_cast<size_t>(row) * p.groups + group;
+            sz[u][r][h] = ok ? (static_cast<uint32_t>(__ldg(p.s2 + idx)) | (static_cast<uint32_t>(__ldg(p.z2 + idx)) << 8))
+                             : 0u;
+          }
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int q = q0 + (u & 1) + (u >> 1) * 2 * kWarps;
+      if (q >= quads) break;  // q grows with u: the later blocks of the batch are past K too
+      uint32_t xb[TT][8];     // words of the lane's 32 activations: [0..3] k 0..15, [4..7] k 16..31 of the chunk
+#pragma unroll
+      for (int j = 0; j < TT; ++j) {
+        const int tok = 8 * j + g;
+        int4 lo = make_int4(0, 0, 0, 0), hi = lo;
+        if (tok < p.M) {
+          const int4* x = reinterpret_cast<const int4*>(p.x_q + static_cast<size_t>(tok) * p.K + 128 * q + 32 * t);
+          lo = __ldg(x);
+          hi = __ldg(x + 1);
+        }
+        xb[j][0] = lo.x, xb[j][1] = lo.y, xb[j][2] = lo.z, xb[j][3] = lo.w;
+        xb[j][4] = hi.x, xb[j][5] = hi.y, xb[j][6] = hi.z, xb[j][7] = hi.w;
+      }
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        const uint32_t w0[4] = {w[u][r][0].x, w[u][r][0].y, w[u][r][0].z, w[u][r][0].w};
+        const uint32_t w1[4] = {w[u][r][1].x, w[u][r][1].y, w[u][r][1].z, w[u][r][1].w};
+        GroupDequant dq0{}, dq1{};
+        if constexpr (PER_GROUP) {
+          dq0 = make_group_dequant(sz[u][r][0] & 0xFFu, sz[u][r][0] >> 8);
+          dq1 = make_group_dequant(sz[u][r][1] & 0xFFu, sz[u][r][1] >> 8);
+        }
+#pragma unroll
+        for (int wd = 0; wd < 4; ++wd) {
+          // A fragment of m16n8k32: {row g, k 0..3}, {row g+8, k 0..3}, {row g, k 16..19}, {row g+8, k 16..19}
+          uint32_t a[4] = {w0[wd] & 0x0F0F0F0Fu, w1[wd] & 0x0F0F0F0Fu, (w0[wd] >> 4) & 0x0F0F0F0Fu,
+                           (w1[wd] >> 4) & 0x0F0F0F0Fu};
+          if constexpr (PER_GROUP) {
+            a[0] = dequant4(a[0], dq0);
+            a[1] = dequant4(a[1], dq1);
+            a[2] = dequant4(a[2], dq0);
+            a[3] = dequant4(a[3], dq1);
+          }
+#pragma unroll
+          for (int j = 0; j < TT; ++j) {
+            if (8 * j >= p.M) break;  // warp-uniform: token tiles past M hold only zeros
+            ptx::mma_s8_16832(acc[r][j], a, xb[j][wd], xb[j][4 + wd]);
+          }
+        }
+      }
+    }
+  }
+
+  // D fragment: acc[r][j][i] is row 16r + g + 8 * (i / 2), token 8j + 2t + i % 2.
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int j = 0; j < TT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = 16 * r + g + 8 * (i >> 1), tok = 8 * j + 2 * t + (i & 1);
+        partial[(warp * BT + tok) * kStride + row] = acc[r][j][i];
+      }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < BR * p.M; idx += kThreads) {
+    const int row = idx % BR, m = idx / BR, n = n0 + row;
+    uint32_t sum = 0;  // wrap-around is harmless: the exact sum fits in int32
+#pragma unroll
+    for (int i = 0; i < kWarps; ++i) sum += static_cast<uint32_t>(partial[(i * BT + m) * kStride + row]);
+    if constexpr (!PER_GROUP) sum -= static_cast<uint32_t>(p.zero[n]) * static_cast<uint32_t>(p.x_sum[m]);
+    store_one(p, m, n, epilogue_value(p, static_cast<int32_t>(sum), p.x_s[m], n));
+  }
+}
+
+template <bool PER_GROUP, int TT, int RT>
+void launch_tiles(const GemmParams& p) {
+  constexpr int BR = 16 * RT;
+  constexpr int kSmemBytes = kWarps * 8 * TT * (BR + 1) * 4;
+  auto kernel = w4a8_skinny_kernel<PER_GROUP, TT, RT>;
+  if constexpr (kSmemBytes > 48 * 1024) {  // opt in above the default dynamic shared memory cap, once per device
+    static bool opted_in[64] = {false};
+    int device = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    if (!opted_in[device & 63]) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+      opted_in[device & 63] = true;
+    }
+  }
+  kernel<<<p.N / BR, kThreads, kSmemBytes, c10::cuda::getCurrentCUDAStream()>>>(p);
+  QOQ_CHECK_LAUNCH();
+}
+
+template <bool PER_GROUP, int TT>
+void launch_rows(const GemmParams& p, int rt) {
+  switch (rt) {
+    case 4: return launch_tiles<PER_GROUP, TT, (TT < 8 ? 4 : 2)>(p);  // (8 token tiles x 4 row tiles: too many registers)
+    case 2: return launch_tiles<PER_GROUP, TT, 2>(p);
+    default: return launch_tiles<PER_GROUP, TT, 1>(p);
+  }
+}
+
+}  // namespace
+
+int skinny_max_m(bool per_group) {
+  if (env_int("QOQ_GEMM_SKINNY", 1) == 0) return 0;
+  return std::clamp(env_int("QOQ_GEMM_SKINNY_MAX_M", kDefaultMaxM[per_group ? 1 : 0]), 0, kMaxM);
+}
+
+bool skinny_supports(const GemmParams& p) { return p.M <= kMaxM && p.N % 16 == 0 && p.K % 128 == 0; }
+
+int skinny_row_tiles(const GemmParams& p, int sms) {
+  const int forced = env_int("QOQ_GEMM_SKINNY_RT", 0);
+  int rt = 1;
+  if (forced == 1 || forced == 2 || forced == 4) {
+    rt = forced;
+  } else if (p.M > 32) {
+    // Up to M = 32, 16 rows a block (the most blocks) was fastest on the H100; beyond, the activation loads
+    // dominate: the most rows per block (each activation load serves more rows) that still fill the SMs.
+    for (int cand : {4, 2}) {
+      if (p.N % (16 * cand) == 0 && p.N / (16 * cand) >= sms * 7 / 8) {
+        rt = cand;
+        break;
+      }
+    }
+  }
+  if (p.M > 32 && rt == 4) rt = 2;  // 8 token tiles take at most 2 row tiles (registers)
+  while (p.N % (16 * rt) != 0) rt /= 2;
+  return rt;
+}
+
+template <bool PER_GROUP>
+void launch_w4a8_skinny(const GemmParams& p, int sms) {
+  TORCH_CHECK(p.M >= 1 && skinny_supports(p), "w4a8 small-M kernel takes 1 <= M <= ", qoq::num(kMaxM),
+              ", N % 16 == 0 and K % 128 == 0; got M=", qoq::num(p.M), ", N=", qoq::num(p.N), ", K=", qoq::num(p.K));
+  const int rt = skinny_row_tiles(p, sms);
+  if (p.M <= 8) {
+    launch_rows<PER_GROUP, 1>(p, rt);
+  } else if (p.M <= 16) {
+    launch_rows<PER_GROUP, 2>(p, rt);
+  } else if (p.M <= 32) {
+    launch_rows<PER_GROUP, 4>(p, rt);
+  } else {
+    launch_rows<PER_GROUP, 8>(p, rt);
+  }
+}
+
+template void launch_w4a8_skinny<true>(const GemmParams& p, int sms);
+template void launch_w4a8_skinny<false>(const GemmParams& p, int sms);
+
+}  // namespace qoq
