@@ -531,12 +531,16 @@ def test_skinny_kernel_is_dispatched(gen, monkeypatch):
         w4, s2, z2, s1 = random_per_group(n, k, g, gen)
         x_q, x_s, x_sum = random_activations(m, k, gen)
         qweight = ops.pack_weights(w4)
+        if per_group:
+            args = _to("cuda", x_q, x_s, qweight, s2, z2, s1)
+        else:
+            args = _to("cuda", x_q, x_s, x_sum, qweight, s1, z2[:, 0].contiguous())
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             if per_group:
-                ops.w4a8_gemm_per_group(*_to("cuda", x_q, x_s, qweight, s2, z2, s1), group_size=g)
+                ops.w4a8_gemm_per_group(*args, group_size=g)
             else:
-                ops.w4a8_gemm_per_channel(*_to("cuda", x_q, x_s, x_sum, qweight, s1, z2[:, 0].contiguous()))
+                ops.w4a8_gemm_per_channel(*args)
             torch.cuda.synchronize()
         return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
