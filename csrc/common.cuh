@@ -22,6 +22,18 @@ inline int env_int(const char* name, int fallback) {
   return env == nullptr || *env == '\0' ? fallback : std::atoi(env);
 }
 
+// Lets `kernel` launch with `bytes` of dynamic shared memory (above the 48 KB default) on the current device.
+// `done` is the call site's per-device flag (a static array), so the attribute is set once per device.
+template <typename Kernel>
+void allow_dynamic_smem(Kernel kernel, int bytes, bool (&done)[64]) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (!done[device & 63]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    done[device & 63] = true;
+  }
+}
+
 inline std::string device_str(const at::Tensor& t) { return t.device().str(); }
 
 inline std::string shape_str(const at::Tensor& t) {

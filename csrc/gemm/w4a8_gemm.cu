@@ -200,12 +200,7 @@ void launch_wgmma(const GemmParams& p) {
   using T = WgmmaTile<BM, STAGES>;
   auto kernel = w4a8_gemm_wgmma_kernel<BM, STAGES, MIN_BLOCKS, PER_GROUP>;
   static bool opted_in[64] = {false};
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (!opted_in[device & 63]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes));
-    opted_in[device & 63] = true;
-  }
+  allow_dynamic_smem(kernel, T::kSmemBytes, opted_in);
   const dim3 grid((p.M + BM - 1) / BM, (p.N + T::kBN - 1) / T::kBN);
   kernel<<<grid, T::kThreads, T::kSmemBytes, c10::cuda::getCurrentCUDAStream()>>>(p);
   QOQ_CHECK_LAUNCH();

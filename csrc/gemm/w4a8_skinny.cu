@@ -43,13 +43,7 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_skinny_kernel(const GemmPara
   const int quads = p.K / 128;
   const size_t row_bytes = static_cast<size_t>(p.K) / 2;
 
-  int32_t acc[RT][TT][4];
-#pragma unroll
-  for (int r = 0; r < RT; ++r)
-#pragma unroll
-    for (int j = 0; j < TT; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[r][j][i] = 0;
+  int32_t acc[RT][TT][4] = {};
 
   // Batch u of a warp reads k block q0 + u % 2 + (u / 2) * 2 * kWarps: each warp reads 2 adjacent 128-wide k blocks
   // (128 contiguous bytes of each row) per pair, the 8 warps together 16 adjacent ones.
@@ -152,12 +146,7 @@ void launch_tiles(const GemmParams& p) {
   auto kernel = w4a8_skinny_kernel<PER_GROUP, TT, RT>;
   if constexpr (kSmemBytes > 48 * 1024) {  // opt in above the default dynamic shared memory cap, once per device
     static bool opted_in[64] = {false};
-    int device = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    if (!opted_in[device & 63]) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-      opted_in[device & 63] = true;
-    }
+    allow_dynamic_smem(kernel, kSmemBytes, opted_in);
   }
   kernel<<<p.N / BR, kThreads, kSmemBytes, c10::cuda::getCurrentCUDAStream()>>>(p);
   QOQ_CHECK_LAUNCH();
