@@ -5,9 +5,11 @@ Usage:
     python benchmarks/gemm.py --check-small     # a few small cases vs the reference (for compute-sanitizer)
     python benchmarks/gemm.py --sweep-decode    # decode kernel variants and M <= 16 vs the tile kernel
     python benchmarks/gemm.py --sweep-skinny    # small-M kernel (rows per block) vs decode and tile kernels
+    python benchmarks/gemm.py --sweep-stream    # streaming kernel (sm_90) variants vs the other small-M paths
 
-At M <= 2 the default path is the decode kernel (csrc/gemm/w4a8_gemv.cu), at 3 <= M <= 64 the small-M kernel
-(csrc/gemm/w4a8_skinny.cu); columns *_mma time the same calls on the mma.sync tile kernel (QOQ_GEMM_FORCE="0,0")
+Default small-M paths: M = 1 the decode kernel (csrc/gemm/w4a8_gemv.cu); on sm_90 2 <= M <= 16 the streaming kernel
+(csrc/gemm/w4a8_stream.cu); otherwise up to M = 32 per group / 16 per channel the small-M kernel
+(csrc/gemm/w4a8_skinny.cu). Columns *_mma time the same calls on the mma.sync tile kernel (QOQ_GEMM_FORCE="0,0")
 in the same run.
 
 Times are medians of triton.testing.do_bench (which flushes L2 before every run, so weights come from HBM).
@@ -264,7 +266,8 @@ def sweep_decode() -> dict:
     tile kernel; prints the layer sums of both formats."""
     def variants(m):
         configs = DECODE_CONFIGS if m <= 2 else (0,)
-        return [(f"decode{c}", {"QOQ_GEMM_DECODE_MAX_M": "16", "QOQ_GEMM_DECODE_CONFIG": str(c)}, None)
+        return [(f"decode{c}", {"QOQ_GEMM_DECODE_MAX_M": "16", "QOQ_GEMM_DECODE_CONFIG": str(c), "QOQ_GEMM_STREAM": "0"},
+                 None)
                 for c in configs] + [("mma", {}, "0,0")]
     return _sweep_variants(DECODE_SWEEP_MS, variants, "sweep-decode")
 
@@ -276,13 +279,27 @@ def sweep_skinny() -> dict:
     """Small-M kernel with its own rows-per-block choice and with 16 / 32 / 64 rows forced (QOQ_GEMM_SKINNY_RT),
     against the decode kernel (M <= 2) and the mma.sync tile kernel; prints the layer sums of both formats."""
     def variants(m):
-        on = {"QOQ_GEMM_DECODE": "0", "QOQ_GEMM_SKINNY_MAX_M": "64"}
+        on = {"QOQ_GEMM_DECODE": "0", "QOQ_GEMM_SKINNY_MAX_M": "64", "QOQ_GEMM_STREAM": "0"}
         out = [("skinny-auto", on, None)] + [(f"skinny-rt{rt}", {**on, "QOQ_GEMM_SKINNY_RT": str(rt)}, None)
                                              for rt in (1, 2, 4)]
         if m <= 2:
-            out.append(("decode", {}, None))
+            out.append(("decode", {"QOQ_GEMM_STREAM": "0"}, None))
         return out + [("mma", {}, "0,0")]
     return _sweep_variants(SKINNY_SWEEP_MS, variants, "sweep-skinny")
+
+
+STREAM_SWEEP_MS = (1, 2, 3, 4, 8, 16, 24, 32)
+STREAM_VARIANTS = range(4)  # QOQ_GEMM_STREAM_VARIANT: (rows per tile, consumer warps, blocks per SM)
+
+
+def sweep_stream() -> dict:
+    """Streaming kernel (sm_90), each variant forced (QOQ_GEMM_STREAM_VARIANT), against the dispatch without
+    it (decode / small-M kernels) and the mma.sync tile kernel; prints the layer sums of both formats."""
+    def variants(m):
+        on = {"QOQ_GEMM_STREAM_MIN_M": "1", "QOQ_GEMM_STREAM_MAX_M": "32"}
+        return ([(f"stream-v{v}", {**on, "QOQ_GEMM_STREAM_VARIANT": str(v)}, None) for v in STREAM_VARIANTS]
+                + [("no-stream", {"QOQ_GEMM_STREAM": "0"}, None), ("mma", {}, "0,0")])
+    return _sweep_variants(STREAM_SWEEP_MS, variants, "sweep-stream")
 
 
 def check_small() -> None:
@@ -313,6 +330,8 @@ def check_small() -> None:
         assert torch.equal(out.cpu(), ref), (m, n, k, force)
     _check_small_decode_configs(gen)
     _check_small_skinny(gen)
+    if torch.cuda.get_device_capability()[0] >= 9:
+        _check_small_stream(gen)
     if torch.cuda.get_device_capability() == (9, 0):
         _check_small_wgmma(gen)
     print("check-small: OK")
@@ -329,13 +348,14 @@ def _check_small_decode_configs(gen: torch.Generator) -> None:
         w4, s2, z2, s1 = _rand_per_group(n, k, g, "cpu")
         qw = ops.pack_weights(w4)
         ref = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qw, s2, z2, s1, None, g, torch.float16)
-        os.environ["QOQ_GEMM_DECODE_CONFIG"] = str(config)
+        os.environ.update({"QOQ_GEMM_DECODE_CONFIG": str(config), "QOQ_GEMM_STREAM": "0"})
         try:
             out = torch.ops.qoq.w4a8_gemm_per_group(*[t.cuda() for t in (x_q, x_s, qw, s2, z2, s1)], None, g,
                                                     torch.float16)
             torch.cuda.synchronize()
         finally:
             os.environ.pop("QOQ_GEMM_DECODE_CONFIG")
+            os.environ.pop("QOQ_GEMM_STREAM")
         assert torch.equal(out.cpu(), ref), ("decode config", m, config)
 
 
@@ -353,7 +373,7 @@ def _check_small_skinny(gen: torch.Generator) -> None:
         ref_g = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qw, s2, z2, s1, None, g, torch.float16)
         ref_c = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qw, s1, z2[:, 0].contiguous(), None,
                                                     torch.bfloat16)
-        os.environ["QOQ_GEMM_SKINNY_RT"] = str(rt)
+        os.environ.update({"QOQ_GEMM_SKINNY_RT": str(rt), "QOQ_GEMM_STREAM": "0"})
         try:
             out_g = torch.ops.qoq.w4a8_gemm_per_group(*[t.cuda() for t in (x_q, x_s, qw, s2, z2, s1)], None, g,
                                                       torch.float16)
@@ -362,8 +382,39 @@ def _check_small_skinny(gen: torch.Generator) -> None:
             torch.cuda.synchronize()
         finally:
             os.environ.pop("QOQ_GEMM_SKINNY_RT")
+            os.environ.pop("QOQ_GEMM_STREAM")
         assert torch.equal(out_g.cpu(), ref_g), ("small-M per-group", m, rt)
         assert torch.equal(out_c.cpu(), ref_c), ("small-M per-channel", m, rt)
+
+
+def _check_small_stream(gen: torch.Generator) -> None:
+    """The streaming kernel in each variant, both formats, group sizes 64 and 128, with blocks that walk several tiles
+    (more tiles than SMs) and tiles whose stages wrap around the shared-memory ring (K = 14336)."""
+    import os
+
+    cases = ((1, 2240, 2560), (9, 32, 14336), (32, 4480, 1024))
+    for (m, n, k), variant, g in [(c, v, g) for c in cases for v in STREAM_VARIANTS for g in (64, 128)]:
+        x_q = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+        x_s = torch.rand(m, generator=gen) + 0.1
+        x_sum = x_q.sum(1, dtype=torch.int32)
+        w4, s2, z2, s1 = _rand_per_group(n, k, g, "cpu")
+        qw = ops.pack_weights(w4)
+        ref_g = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qw, s2, z2, s1, None, g, torch.float16)
+        ref_c = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qw, s1, z2[:, 0].contiguous(), None,
+                                                    torch.bfloat16)
+        os.environ.update({"QOQ_GEMM_STREAM_MIN_M": "1", "QOQ_GEMM_STREAM_MAX_M": "32",
+                           "QOQ_GEMM_STREAM_VARIANT": str(variant)})
+        try:
+            out_g = torch.ops.qoq.w4a8_gemm_per_group(*[t.cuda() for t in (x_q, x_s, qw, s2, z2, s1)], None, g,
+                                                      torch.float16)
+            out_c = torch.ops.qoq.w4a8_gemm_per_channel(*[t.cuda() for t in (x_q, x_s, x_sum, qw, s1)],
+                                                        z2[:, 0].contiguous().cuda(), None, torch.bfloat16)
+            torch.cuda.synchronize()
+        finally:
+            for name in ("QOQ_GEMM_STREAM_MIN_M", "QOQ_GEMM_STREAM_MAX_M", "QOQ_GEMM_STREAM_VARIANT"):
+                os.environ.pop(name)
+        assert torch.equal(out_g.cpu(), ref_g), ("streaming per-group", m, n, k, variant, g)
+        assert torch.equal(out_c.cpu(), ref_c), ("streaming per-channel", m, n, k, variant)
 
 
 def _check_small_wgmma(gen: torch.Generator) -> None:
@@ -404,6 +455,8 @@ def main() -> None:
                     help="decode kernel variants (QOQ_GEMM_DECODE_CONFIG) and M <= 16 against the tile kernel")
     ap.add_argument("--sweep-skinny", action="store_true",
                     help="small-M kernel rows per block (QOQ_GEMM_SKINNY_RT) against the decode and tile kernels")
+    ap.add_argument("--sweep-stream", action="store_true",
+                    help="streaming kernel variants (QOQ_GEMM_STREAM_VARIANT) against the other small-M paths")
     ap.add_argument("--check-small", action="store_true", help="only run small correctness cases")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -415,6 +468,8 @@ def main() -> None:
         results = sweep_decode()
     elif args.sweep_skinny:
         results = sweep_skinny()
+    elif args.sweep_stream:
+        results = sweep_stream()
     elif args.sweep:
         results = sweep()
     else:
@@ -422,7 +477,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
-    if args.sweep or args.sweep_decode or args.sweep_skinny:
+    if args.sweep or args.sweep_decode or args.sweep_skinny or args.sweep_stream:
         return
     if args.png:
         plot(results, args.png)

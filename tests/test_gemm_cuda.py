@@ -286,6 +286,8 @@ def _decode_kernel_for_every_small_m(request, monkeypatch):
     """The decode kernel serves M <= 2 by default; its own tests run it for every M it supports (1..16)."""
     if request.node.name.startswith("test_decode") and "QOQ_GEMM_DECODE_MAX_M" not in os.environ:
         monkeypatch.setenv("QOQ_GEMM_DECODE_MAX_M", "16")
+    if request.node.name.startswith("test_decode"):
+        monkeypatch.setenv("QOQ_GEMM_STREAM", "0")  # the streaming kernel comes first where it is on
 # (N, K): a single 16-row block, K % 128 != 0 (g = 64), N not a multiple of 32, a last K pass that only part of
 # the block's lanes reach (K/32 % 64 != 0), long K like Llama's down projection.
 DECODE_NK = ((16, 64), (48, 192), (272, 1024), (32, 4160), (80, 14336))
@@ -473,6 +475,8 @@ def _skinny_kernel_for_every_m(request, monkeypatch):
     every M it takes (1..64 in both formats)."""
     if request.node.name.startswith("test_skinny") and "QOQ_GEMM_SKINNY_MAX_M" not in os.environ:
         monkeypatch.setenv("QOQ_GEMM_SKINNY_MAX_M", "64")
+    if request.node.name.startswith("test_skinny"):
+        monkeypatch.setenv("QOQ_GEMM_STREAM", "0")
 
 
 # M in every 8-token-tile bucket and at its edges; (N, K): one 16-row block, N = 48 (not a multiple of 32: fewer
@@ -575,3 +579,126 @@ def test_every_tile_config_matches_reference(config, splits, m, n, k, gen, monke
     monkeypatch.setenv("QOQ_GEMM_FORCE", f"{config},{splits}")
     assert_per_group_matches(m, n, k, 128 if config % 2 else 64, torch.float16, torch.bfloat16, gen)
     assert_per_channel_matches(m, n, k, None, torch.float16, gen)
+
+
+# ---- Streaming small-M kernel (sm_90: csrc/gemm/w4a8_stream.cu; QOQ_GEMM_STREAM=0 turns it off) ----
+
+def _stream_enabled() -> bool:
+    return _hopper() and os.environ.get("QOQ_GEMM_STREAM", "1") != "0"
+
+
+needs_stream = pytest.mark.skipif(not _stream_enabled(),
+                                  reason="the streaming GEMM kernel needs an sm_90 GPU (or QOQ_GEMM_STREAM=0 is set)")
+
+
+@pytest.fixture(autouse=True)
+def _stream_kernel_for_every_m(request, monkeypatch):
+    """Its own tests run the streaming kernel for every M it takes (1..32), whatever its default range (2..16)."""
+    if request.node.name.startswith("test_stream") and "QOQ_GEMM_STREAM_MAX_M" not in os.environ:
+        monkeypatch.setenv("QOQ_GEMM_STREAM_MAX_M", "32")
+        monkeypatch.setenv("QOQ_GEMM_STREAM_MIN_M", "1")
+
+
+# M in every 8-token-tile bucket and at its edges. (N, K): one 16-row tile (N % 32 != 0: 32-row tiles fall back),
+# K of a single partial stage (fewer k blocks than warps), K with a partial last stage, more tiles than SMs (each
+# block walks several tiles, the producer runs ahead across them), long K like Llama's down projection.
+STREAM_MS = (1, 2, 3, 7, 8, 9, 16, 17, 24, 31, 32)
+STREAM_NK = ((16, 512), (48, 1024), (96, 2560), (4160, 1024), (80, 14336))
+
+
+@needs_stream
+@pytest.mark.parametrize("variant", range(4))
+@pytest.mark.parametrize("m", STREAM_MS)
+@pytest.mark.parametrize("n,k", STREAM_NK)
+def test_stream_matches_reference(variant, m, n, k, gen, monkeypatch):
+    """Each forced variant (QOQ_GEMM_STREAM_VARIANT: rows per tile, consumer warps, blocks per SM; N % 32 != 0 falls
+    back to 16-row tiles) is exact in both formats, group sizes 64 (dequantized) and 128 (raw UINT4 products), every
+    bias dtype and both output dtypes."""
+    monkeypatch.setenv("QOQ_GEMM_STREAM_VARIANT", str(variant))
+    out_dtype = (torch.float16, torch.bfloat16)[m % 2]
+    for g in (64, 128):
+        assert_per_group_matches(m, n, k, g, _BIAS_DTYPES[(m + g // 64) % 4], out_dtype, gen)
+    assert_per_channel_matches(m, n, k, _BIAS_DTYPES[(m + variant) % 4], out_dtype, gen)
+
+
+@needs_stream
+@pytest.mark.parametrize("m", (1, 16, 32))
+def test_stream_extreme_values(m):
+    _assert_extreme_values(m)
+
+
+@needs_stream
+@pytest.mark.parametrize("n,k", LLAMA_NK)
+def test_stream_llama_shapes_match_reference(n, k, gen):
+    """Llama-3-8B's qkv, o, gate_up and down at M = 1, 4, 16 and 32 (the kernel's own variant choice)."""
+    for m in (1, 4, 16, 32):
+        assert_per_group_matches(m, n, k, 128, None, torch.bfloat16, gen)
+    assert_per_group_matches(3, n, k, 64, torch.float16, torch.float16, gen)
+    assert_per_channel_matches(16, n, k, torch.bfloat16, torch.float16, gen)
+
+
+@needs_stream
+def test_stream_misaligned_scales_fall_back_exactly(gen):
+    """s2 / z2 views that are not 4-byte aligned (the stage copies move 4-byte words) take another kernel, exactly."""
+    m, n, k, g = 4, 64, 1024, 128
+    x_q, x_s, _ = random_activations(m, k, gen)
+    w4, s2, z2, s1 = random_per_group(n, k, g, gen)
+    ref = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, ops.pack_weights(w4), s2, z2, s1, None, g, torch.float16)
+    cuda = _to("cuda", x_q, x_s, ops.pack_weights(w4), s2, z2, s1)
+    odd = []
+    for t in cuda[3:5]:
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
+        view = buf[1:].view(t.shape)
+        view.copy_(t)
+        odd.append(view)
+    assert odd[0].data_ptr() % 4 != 0
+    out = ops.w4a8_gemm_per_group(cuda[0], cuda[1], cuda[2], odd[0], odd[1], cuda[5], group_size=g)
+    assert torch.equal(out.cpu(), ref)
+
+
+@needs_stream
+def test_stream_kernel_is_dispatched(gen, monkeypatch):
+    """Within its M range the streaming kernel runs alone (no memset, no workspace); group size 256, K % (4 g) != 0,
+    M = 33, a forced tile config and QOQ_GEMM_STREAM=0 do not take it; by default it serves 2 <= M <= 16."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def kernels(m: int, n: int = 64, k: int = 1024, g: int = 128, per_group: bool = True) -> list[str]:
+        w4, s2, z2, s1 = random_per_group(n, k, g, gen)
+        x_q, x_s, x_sum = random_activations(m, k, gen)
+        qweight = ops.pack_weights(w4)
+        if per_group:
+            args = _to("cuda", x_q, x_s, qweight, s2, z2, s1)
+        else:
+            args = _to("cuda", x_q, x_s, x_sum, qweight, s1, z2[:, 0].contiguous())
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            if per_group:
+                ops.w4a8_gemm_per_group(*args, group_size=g)
+            else:
+                ops.w4a8_gemm_per_channel(*args)
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    if not kernels(1):
+        pytest.skip("the profiler recorded no CUDA kernels here")
+    for m in (1, 2, 8, 17, 32):
+        for per_group in (True, False):
+            names = kernels(m, per_group=per_group)
+            assert len(names) == 1 and "w4a8_stream_kernel" in names[0], (m, per_group, names)
+    assert not any("w4a8_stream_kernel" in x for x in kernels(33))
+    assert not any("w4a8_stream_kernel" in x for x in kernels(4, g=256))
+    assert not any("w4a8_stream_kernel" in x for x in kernels(4, k=384, g=64))  # 384 % 256 != 0
+    assert any("w4a8_stream_kernel" in x for x in kernels(4, k=384, per_group=False))
+    monkeypatch.setenv("QOQ_GEMM_FORCE", "0,0")
+    assert not any("w4a8_stream_kernel" in x for x in kernels(4))
+    monkeypatch.delenv("QOQ_GEMM_FORCE")
+    monkeypatch.setenv("QOQ_GEMM_STREAM", "0")
+    assert not any("w4a8_stream_kernel" in x for x in kernels(4))
+    monkeypatch.delenv("QOQ_GEMM_STREAM")
+    monkeypatch.delenv("QOQ_GEMM_STREAM_MIN_M")
+    monkeypatch.delenv("QOQ_GEMM_STREAM_MAX_M")  # the defaults: 2 <= M <= 16 in both formats, the decode kernel at 1
+    assert any("w4a8_gemv_kernel" in x for x in kernels(1))
+    for m in (2, 9, 16):
+        assert any("w4a8_stream_kernel" in x for x in kernels(m)), m
+        assert any("w4a8_stream_kernel" in x for x in kernels(m, per_group=False)), m
+    assert not any("w4a8_stream_kernel" in x for x in kernels(17))

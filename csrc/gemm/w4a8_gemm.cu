@@ -10,6 +10,7 @@
 #include "gemm/w4a8_gemm_wgmma.cuh"
 #include "gemm/w4a8_gemv.cuh"
 #include "gemm/w4a8_skinny.cuh"
+#include "gemm/w4a8_stream.cuh"
 
 namespace qoq {
 namespace {
@@ -228,6 +229,11 @@ template <bool PER_GROUP>
 void dispatch(GemmParams p, const at::TensorOptions& options) {
   if (try_wgmma<PER_GROUP>(p, options)) return;
   const ForcedChoice forced = forced_choice();
+  if (forced.config < 0 && p.M >= stream_min_m() && p.M <= stream_max_m() && stream_supports(p, PER_GROUP)) {
+    // small M on sm_90: the streaming kernel (w4a8_stream.cu)
+    launch_w4a8_stream<PER_GROUP>(p, multiprocessor_count());
+    return;
+  }
   if (forced.config < 0 && p.M <= gemv_max_m()) {  // decode: the memory-bound dp4a kernel (w4a8_gemv.cu)
     launch_w4a8_gemv<PER_GROUP>(p);
     return;

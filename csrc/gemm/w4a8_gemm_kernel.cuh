@@ -78,10 +78,42 @@ __device__ __forceinline__ float load_bias(const GemmParams& p, int n) {
 
 // y = (float(acc) * x_s[m]) * float(s[n]) (+ bias[n]); explicit _rn ops so nvcc cannot fuse into FMAs and
 // the result matches the CPU reference bit for bit before the final cast.
-__device__ __forceinline__ float epilogue_value(const GemmParams& p, int32_t acc, float xs, int n) {
-  float y = __fmul_rn(__fmul_rn(__int2float_rn(acc), xs), __half2float(p.wscale[n]));
-  if (p.bias_kind != kNoBias) y = __fadd_rn(y, load_bias(p, n));
+__device__ __forceinline__ float epilogue_value(int32_t acc, float xs, float ws, bool has_bias, float bias) {
+  float y = __fmul_rn(__fmul_rn(__int2float_rn(acc), xs), ws);
+  if (has_bias) y = __fadd_rn(y, bias);
   return y;
+}
+
+__device__ __forceinline__ float epilogue_value(const GemmParams& p, int32_t acc, float xs, int n) {
+  return epilogue_value(acc, xs, __half2float(p.wscale[n]), p.bias_kind != kNoBias,
+                        p.bias_kind != kNoBias ? load_bias(p, n) : 0.f);
+}
+
+// The epilogue operands of the outputs one thread stores after a K loop, loaded before the loop so that their
+// latency (a DRAM round trip for the per-row ones) hides behind it instead of following it. Output i of thread
+// `tid` is idx = tid + i * nthreads when idx < rows * M: row idx % rows, token idx / rows.
+template <int ITERS>
+struct EpilogueOperands {
+  float xs[ITERS], ws[ITERS], bias[ITERS];
+  uint32_t zero_sum[ITERS];  // per channel: zero[n] * x_sum[m], subtracted from the accumulator
+};
+
+template <bool PER_GROUP, int ITERS>
+__device__ __forceinline__ void load_epilogue(EpilogueOperands<ITERS>& e, const GemmParams& p, int n0, int rows,
+                                              int tid, int nthreads) {
+#pragma unroll
+  for (int i = 0; i < ITERS; ++i) {
+    const int idx = tid + i * nthreads;
+    e.xs[i] = e.ws[i] = e.bias[i] = 0.f;
+    e.zero_sum[i] = 0;
+    if (idx < rows * p.M) {
+      const int row = idx % rows, m = idx / rows, n = n0 + row;
+      e.xs[i] = p.x_s[m];
+      e.ws[i] = __half2float(p.wscale[n]);
+      if (p.bias_kind != kNoBias) e.bias[i] = load_bias(p, n);
+      if constexpr (!PER_GROUP) e.zero_sum[i] = static_cast<uint32_t>(p.zero[n]) * static_cast<uint32_t>(p.x_sum[m]);
+    }
+  }
 }
 
 __device__ __forceinline__ void store_pair(const GemmParams& p, int m, int n, float y0, float y1) {

@@ -69,6 +69,10 @@ __global__ void __launch_bounds__(kThreads, MINB) w4a8_gemv_kernel(const GemmPar
   // Lane rows: n0 + rl + kRowLanes * r, so for each r the warp reads 4 whole 128-byte row segments.
   const uint8_t* w_base = p.qweight + static_cast<size_t>(n0 + rl) * row_bytes;
 
+  constexpr int kEpilogueIters = (BR * MAXM + kThreads - 1) / kThreads;
+  EpilogueOperands<kEpilogueIters> epi;
+  load_epilogue<PER_GROUP>(epi, p, n0, BR, threadIdx.x, kThreads);
+
   uint32_t acc[R][MAXM];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -143,13 +147,17 @@ __global__ void __launch_bounds__(kThreads, MINB) w4a8_gemv_kernel(const GemmPar
     }
   }
   __syncthreads();
-  for (int t = threadIdx.x; t < BR * p.M; t += kThreads) {
-    const int row = t % BR, m = t / BR, n = n0 + row;
+#pragma unroll
+  for (int it = 0; it < kEpilogueIters; ++it) {
+    const int t = threadIdx.x + it * kThreads;
+    if (t >= BR * p.M) break;
+    const int row = t % BR, m = t / BR;
     uint32_t sum = 0;
 #pragma unroll
     for (int i = 0; i < kWarps; ++i) sum += partial[i][m][row];
-    if constexpr (!PER_GROUP) sum -= static_cast<uint32_t>(p.zero[n]) * static_cast<uint32_t>(p.x_sum[m]);
-    store_one(p, m, n, epilogue_value(p, static_cast<int32_t>(sum), p.x_s[m], n));
+    if constexpr (!PER_GROUP) sum -= epi.zero_sum[it];
+    store_one(p, m, n0 + row,
+              epilogue_value(static_cast<int32_t>(sum), epi.xs[it], epi.ws[it], p.bias_kind != kNoBias, epi.bias[it]));
   }
 }
 

@@ -1,22 +1,16 @@
 // Small-M tensor-core path (3 <= M <= 64) of qoq::w4a8_gemm_per_group / w4a8_gemm_per_channel. At these sizes the
 // GEMM still only has to stream the packed weights once, so, like the decode kernel, a block owns a few output
-// rows and all of K and its 8 warps split K; but the products run on INT8 mma.sync with the operands swapped:
-//   - the weights are the A operand (16 output rows x 32 k) and the activations the B operand (32 k x 8 tokens),
-//     so one weight fragment serves up to 8 token tiles and nothing is padded to a 16-row activation tile,
-//   - a lane (g, t) loads the 16-byte chunk 4q + t of weight rows g and g + 8 (one 128-wide k block q per
-//     warp step, the 4 lanes of a row reading 64 contiguous bytes, the next k block in the same batch). Word w of that chunk holds k 4w..4w+3
-//     (low nibbles) and 16+4w..16+4w+3 (high nibbles) of the chunk, which is exactly an mma A fragment once
-//     the k order inside an mma is permuted; the activations are loaded under the same permutation (lane
-//     (g, t) reads the 32 bytes of chunk 4q + t of token g), and a dot product does not depend on k order,
-//   - per group, each lane's chunk lies in one group, so the weights are dequantized to INT8 in registers
-//     with the same bytewise (w4 - z2) * s2 as the tile kernel; per channel the UINT4 values are used as
-//     they are and the zero point is applied in the epilogue with the activation row sum,
-//   - the 8 warps' INT32 sums are reduced in shared memory in a fixed order (exact, deterministic, no workspace)
-//     and the epilogue is the contract's (float(acc) * x_s[m]) * float(s[n]) (+ bias[n]).
+// rows and all of K and its 8 warps split K; but the products run on INT8 mma.sync with the operands swapped
+// (swapped_mma.cuh: the weights are the 16-row A operand, the tokens the 8-column B operand, so one weight fragment
+// serves up to 8 token tiles and nothing is padded to a 16-row activation tile). Each lane loads its weight chunks
+// straight from global memory (one 128-wide k block per warp step, the 4 lanes of a row reading 64 contiguous
+// bytes, the next k block in the same batch); the 8 warps' INT32 sums are reduced in shared memory in a fixed order
+// (exact, deterministic, no workspace) and the epilogue is the contract's (float(acc) * x_s[m]) * float(s[n])
+// (+ bias[n]).
 #include <algorithm>
 
 #include "common.cuh"
-#include "gemm/mma_ptx.cuh"
+#include "gemm/swapped_mma.cuh"
 #include "gemm/w4a8_skinny.cuh"
 
 namespace qoq {
@@ -33,9 +27,9 @@ constexpr int quads_in_flight(int tt, int rt) { return tt * rt <= 4 ? 4 : 2; }
 // TT: 8-token tiles the accumulators hold (p.M <= 8 * TT); RT: 16-row tiles per block (rows per block 16 * RT).
 template <bool PER_GROUP, int TT, int RT>
 __global__ void __launch_bounds__(kThreads, 1) w4a8_skinny_kernel(const GemmParams p) {
-  constexpr int BR = 16 * RT, BT = 8 * TT, kStride = BR + 1;  // odd stride: conflict-free partial writes
+  constexpr int BR = 16 * RT;
   constexpr int U = quads_in_flight(TT, RT);
-  extern __shared__ int32_t partial[];  // [kWarps][BT][kStride]
+  extern __shared__ int32_t partial[];  // [kWarps][8 * TT][BR + 1] (swapped::store_partials)
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -44,13 +38,16 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_skinny_kernel(const GemmPara
   const size_t row_bytes = static_cast<size_t>(p.K) / 2;
 
   int32_t acc[RT][TT][4] = {};
+  constexpr int kEpilogueIters = swapped::epilogue_iters(RT, TT, kThreads);
+  EpilogueOperands<kEpilogueIters> epi;
+  load_epilogue<PER_GROUP>(epi, p, n0, BR, threadIdx.x, kThreads);
 
   // Batch u of a warp reads k block q0 + u % 2 + (u / 2) * 2 * kWarps: each warp reads 2 adjacent 128-wide k blocks
   // (128 contiguous bytes of each row) per pair, the 8 warps together 16 adjacent ones.
   static_assert(U % 2 == 0, "k blocks are read in adjacent pairs");
   for (int q0 = 2 * warp; q0 < quads; q0 += U * kWarps) {
     uint4 w[U][RT][2];      // [k block][row tile][row g, row g + 8]
-    uint32_t sz[U][RT][2];  // per group: s2 | z2 << 8
+    uint32_t sz[U][RT][2] = {};  // per group: s2 | z2 << 8
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int q = q0 + (u & 1) + (u >> 1) * 2 * kWarps;
@@ -75,68 +72,17 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_skinny_kernel(const GemmPara
     for (int u = 0; u < U; ++u) {
       const int q = q0 + (u & 1) + (u >> 1) * 2 * kWarps;
       if (q >= quads) break;  // q grows with u: the later blocks of the batch are past K too
-      uint32_t xb[TT][8];     // words of the lane's 32 activations: [0..3] k 0..15, [4..7] k 16..31 of the chunk
+      uint32_t xb[TT][8];
+      swapped::load_activations<TT>(xb, p, q, g, t);
 #pragma unroll
-      for (int j = 0; j < TT; ++j) {
-        const int tok = 8 * j + g;
-        int4 lo = make_int4(0, 0, 0, 0), hi = lo;
-        if (tok < p.M) {
-          const int4* x = reinterpret_cast<const int4*>(p.x_q + static_cast<size_t>(tok) * p.K + 128 * q + 32 * t);
-          lo = __ldg(x);
-          hi = __ldg(x + 1);
-        }
-        xb[j][0] = lo.x, xb[j][1] = lo.y, xb[j][2] = lo.z, xb[j][3] = lo.w;
-        xb[j][4] = hi.x, xb[j][5] = hi.y, xb[j][6] = hi.z, xb[j][7] = hi.w;
-      }
-#pragma unroll
-      for (int r = 0; r < RT; ++r) {
-        const uint32_t w0[4] = {w[u][r][0].x, w[u][r][0].y, w[u][r][0].z, w[u][r][0].w};
-        const uint32_t w1[4] = {w[u][r][1].x, w[u][r][1].y, w[u][r][1].z, w[u][r][1].w};
-        GroupDequant dq0{}, dq1{};
-        if constexpr (PER_GROUP) {
-          dq0 = make_group_dequant(sz[u][r][0] & 0xFFu, sz[u][r][0] >> 8);
-          dq1 = make_group_dequant(sz[u][r][1] & 0xFFu, sz[u][r][1] >> 8);
-        }
-#pragma unroll
-        for (int wd = 0; wd < 4; ++wd) {
-          // A fragment of m16n8k32: {row g, k 0..3}, {row g+8, k 0..3}, {row g, k 16..19}, {row g+8, k 16..19}
-          uint32_t a[4] = {w0[wd] & 0x0F0F0F0Fu, w1[wd] & 0x0F0F0F0Fu, (w0[wd] >> 4) & 0x0F0F0F0Fu,
-                           (w1[wd] >> 4) & 0x0F0F0F0Fu};
-          if constexpr (PER_GROUP) {
-            a[0] = dequant4(a[0], dq0);
-            a[1] = dequant4(a[1], dq1);
-            a[2] = dequant4(a[2], dq0);
-            a[3] = dequant4(a[3], dq1);
-          }
-#pragma unroll
-          for (int j = 0; j < TT; ++j) {
-            if (8 * j >= p.M) break;  // warp-uniform: token tiles past M hold only zeros
-            ptx::mma_s8_16832(acc[r][j], a, xb[j][wd], xb[j][4 + wd]);
-          }
-        }
-      }
+      for (int r = 0; r < RT; ++r)
+        swapped::mma_chunk<PER_GROUP, TT>(acc[r], w[u][r][0], w[u][r][1], sz[u][r][0], sz[u][r][1], xb, p.M);
     }
   }
 
-  // D fragment: acc[r][j][i] is row 16r + g + 8 * (i / 2), token 8j + 2t + i % 2.
-#pragma unroll
-  for (int r = 0; r < RT; ++r)
-#pragma unroll
-    for (int j = 0; j < TT; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = 16 * r + g + 8 * (i >> 1), tok = 8 * j + 2 * t + (i & 1);
-        partial[(warp * BT + tok) * kStride + row] = acc[r][j][i];
-      }
+  swapped::store_partials<RT, TT>(partial, acc, warp, g, t);
   __syncthreads();
-  for (int idx = threadIdx.x; idx < BR * p.M; idx += kThreads) {
-    const int row = idx % BR, m = idx / BR, n = n0 + row;
-    uint32_t sum = 0;  // wrap-around is harmless: the exact sum fits in int32
-#pragma unroll
-    for (int i = 0; i < kWarps; ++i) sum += static_cast<uint32_t>(partial[(i * BT + m) * kStride + row]);
-    if constexpr (!PER_GROUP) sum -= static_cast<uint32_t>(p.zero[n]) * static_cast<uint32_t>(p.x_sum[m]);
-    store_one(p, m, n, epilogue_value(p, static_cast<int32_t>(sum), p.x_s[m], n));
-  }
+  swapped::reduce_and_store<PER_GROUP, kWarps, RT, TT>(partial, p, n0, threadIdx.x, kThreads, epi);
 }
 
 template <bool PER_GROUP, int TT, int RT>

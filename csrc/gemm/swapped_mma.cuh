@@ -1,0 +1,154 @@
+// Device helpers of the small-M W4A8 kernels that swap the mma operands (w4a8_skinny.cu, w4a8_stream.cu): the
+// weights are the A operand (16 output rows x 32 k) and the activations the B operand (32 k x 8 tokens).
+//
+// Lane (g, t) holds the 16-byte chunk 4q + t of weight rows g and g + 8 for a 128-wide k block q. Word w of a
+// chunk holds k 4w..4w+3 (low nibbles) and 16+4w..16+4w+3 (high nibbles) of the chunk (packed layout v2), which
+// is exactly an mma A fragment once the k order inside an mma is permuted; the activations are loaded under the
+// same permutation (lane (g, t) reads the 32 bytes of chunk 4q + t of token g), and a dot product does not depend
+// on the k order. Per group, a chunk lies in one group (group_size % 64 == 0), so the weights are dequantized to
+// INT8 in registers with the bytewise (w4 - z2) * s2 of the tile kernel; per channel the UINT4 values are used as
+// they are and the zero point is applied in the epilogue with the activation row sum.
+#pragma once
+#include "gemm/mma_ptx.cuh"
+#include "gemm/w4a8_gemm_kernel.cuh"
+
+namespace qoq {
+namespace swapped {
+
+// xb[j][0..3]: k 0..15, xb[j][4..7]: k 16..31 of chunk 4q + t of token 8j + g (zeros past M).
+template <int TT>
+__device__ __forceinline__ void load_activations(uint32_t (&xb)[TT][8], const GemmParams& p, int q, int g, int t) {
+#pragma unroll
+  for (int j = 0; j < TT; ++j) {
+    const int tok = 8 * j + g;
+    int4 lo = make_int4(0, 0, 0, 0), hi = lo;
+    if (tok < p.M) {
+      const int4* x = reinterpret_cast<const int4*>(p.x_q + static_cast<size_t>(tok) * p.K + 128 * q + 32 * t);
+      lo = __ldg(x);
+      hi = __ldg(x + 1);
+    }
+    xb[j][0] = lo.x, xb[j][1] = lo.y, xb[j][2] = lo.z, xb[j][3] = lo.w;
+    xb[j][4] = hi.x, xb[j][5] = hi.y, xb[j][6] = hi.z, xb[j][7] = hi.w;
+  }
+}
+
+// acc[j] += W * X_j over one 128-wide k block: w_g / w_g8 are the lane's chunks of rows g / g + 8; sz_g / sz_g8
+// their group's s2 | z2 << 8 (per group only). Token tiles past M are skipped (warp-uniform).
+template <bool PER_GROUP, int TT>
+__device__ __forceinline__ void mma_chunk(int32_t (&acc)[TT][4], const uint4& w_g, const uint4& w_g8, uint32_t sz_g,
+                                          uint32_t sz_g8, const uint32_t (&xb)[TT][8], int M) {
+  const uint32_t w0[4] = {w_g.x, w_g.y, w_g.z, w_g.w};
+  const uint32_t w1[4] = {w_g8.x, w_g8.y, w_g8.z, w_g8.w};
+  GroupDequant dq0{}, dq1{};
+  if constexpr (PER_GROUP) {
+    dq0 = make_group_dequant(sz_g & 0xFFu, sz_g >> 8);
+    dq1 = make_group_dequant(sz_g8 & 0xFFu, sz_g8 >> 8);
+  }
+#pragma unroll
+  for (int wd = 0; wd < 4; ++wd) {
+    // A fragment of m16n8k32: {row g, k 0..3}, {row g+8, k 0..3}, {row g, k 16..19}, {row g+8, k 16..19}
+    uint32_t a[4] = {w0[wd] & 0x0F0F0F0Fu, w1[wd] & 0x0F0F0F0Fu, (w0[wd] >> 4) & 0x0F0F0F0Fu,
+                     (w1[wd] >> 4) & 0x0F0F0F0Fu};
+    if constexpr (PER_GROUP) {
+      a[0] = dequant4(a[0], dq0);
+      a[1] = dequant4(a[1], dq1);
+      a[2] = dequant4(a[2], dq0);
+      a[3] = dequant4(a[3], dq1);
+    }
+#pragma unroll
+    for (int j = 0; j < TT; ++j) {
+      if (8 * j >= M) break;  // warp-uniform: token tiles past M hold only zeros
+      ptx::mma_s8_16832(acc[j], a, xb[j][wd], xb[j][4 + wd]);
+    }
+  }
+}
+
+// Per group with group_size 128, a 128-wide k block is one group for every lane, so the raw UINT4 values are
+// multiplied as they are (0..15 as INT8, no dequantization) and the group's scale and zero are applied to the block's
+// INT32 sums: sum_k x (w4 - z2) s2 = s2 (sum_k x w4 - z2 sum_k x), exact in wrapping 32-bit arithmetic (the final
+// sum fits in int32). xsum[j] = sum_k x over the block for the D fragment's tokens (an mma against an all-ones A).
+template <int TT>
+__device__ __forceinline__ void activation_sums(int32_t (&xsum)[TT][4], const uint32_t (&xb)[TT][8], int M) {
+  const uint32_t ones[4] = {0x01010101u, 0x01010101u, 0x01010101u, 0x01010101u};
+#pragma unroll
+  for (int j = 0; j < TT; ++j) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) xsum[j][i] = 0;
+    if (8 * j >= M) continue;  // warp-uniform
+#pragma unroll
+    for (int wd = 0; wd < 4; ++wd) ptx::mma_s8_16832(xsum[j], ones, xb[j][wd], xb[j][4 + wd]);
+  }
+}
+
+template <int TT>
+__device__ __forceinline__ void mma_block_g128(int32_t (&acc)[TT][4], const uint4& w_g, const uint4& w_g8,
+                                               uint32_t sz_g, uint32_t sz_g8, const uint32_t (&xb)[TT][8],
+                                               const int32_t (&xsum)[TT][4], int M) {
+  const uint32_t w0[4] = {w_g.x, w_g.y, w_g.z, w_g.w};
+  const uint32_t w1[4] = {w_g8.x, w_g8.y, w_g8.z, w_g8.w};
+  int32_t dot[TT][4] = {};
+#pragma unroll
+  for (int wd = 0; wd < 4; ++wd) {
+    const uint32_t a[4] = {w0[wd] & 0x0F0F0F0Fu, w1[wd] & 0x0F0F0F0Fu, (w0[wd] >> 4) & 0x0F0F0F0Fu,
+                           (w1[wd] >> 4) & 0x0F0F0F0Fu};
+#pragma unroll
+    for (int j = 0; j < TT; ++j) {
+      if (8 * j >= M) break;
+      ptx::mma_s8_16832(dot[j], a, xb[j][wd], xb[j][4 + wd]);
+    }
+  }
+  // D element i is row g (i < 2) or g + 8 (i >= 2).
+  const uint32_t s[2] = {sz_g & 0xFFu, sz_g8 & 0xFFu}, z[2] = {sz_g >> 8, sz_g8 >> 8};
+#pragma unroll
+  for (int j = 0; j < TT; ++j) {
+    if (8 * j >= M) break;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t centered = static_cast<uint32_t>(dot[j][i]) - z[i >> 1] * static_cast<uint32_t>(xsum[j][i]);
+      acc[j][i] = static_cast<int32_t>(static_cast<uint32_t>(acc[j][i]) + s[i >> 1] * centered);
+    }
+  }
+}
+
+// Writes a warp's D fragments to partial[(warp * BT + token) * (BR + 1) + row] (odd stride: conflict-free).
+// acc[r][j][i] is row 16r + g + 8 * (i / 2), token 8j + 2t + i % 2.
+template <int RT, int TT>
+__device__ __forceinline__ void store_partials(int32_t* partial, const int32_t (&acc)[RT][TT][4], int warp, int g,
+                                               int t) {
+  constexpr int BR = 16 * RT, BT = 8 * TT, kStride = BR + 1;
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int j = 0; j < TT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = 16 * r + g + 8 * (i >> 1), tok = 8 * j + 2 * t + (i & 1);
+        partial[(warp * BT + tok) * kStride + row] = acc[r][j][i];
+      }
+}
+
+constexpr int epilogue_iters(int rt, int tt, int nthreads) { return (16 * rt * 8 * tt + nthreads - 1) / nthreads; }
+
+// Sums the WARPS partials of each (token, row) in a fixed order (exact, deterministic) and stores the contract's
+// epilogue for output rows n0 .. n0 + BR; thread `tid` of `nthreads` stores the outputs `e` was loaded for
+// (load_epilogue with the same n0, 16 * RT rows, tid and nthreads).
+template <bool PER_GROUP, int WARPS, int RT, int TT, int ITERS>
+__device__ __forceinline__ void reduce_and_store(const int32_t* partial, const GemmParams& p, int n0, int tid,
+                                                 int nthreads, const EpilogueOperands<ITERS>& e) {
+  constexpr int BR = 16 * RT, BT = 8 * TT, kStride = BR + 1;
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it) {
+    const int idx = tid + it * nthreads;
+    if (idx >= BR * p.M) break;
+    const int row = idx % BR, m = idx / BR;
+    uint32_t sum = 0;  // wrap-around is harmless: the exact sum fits in int32
+#pragma unroll
+    for (int i = 0; i < WARPS; ++i) sum += static_cast<uint32_t>(partial[(i * BT + m) * kStride + row]);
+    if constexpr (!PER_GROUP) sum -= e.zero_sum[it];
+    store_one(p, m, n0 + row,
+              epilogue_value(static_cast<int32_t>(sum), e.xs[it], e.ws[it], p.bias_kind != kNoBias, e.bias[it]));
+  }
+}
+
+}  // namespace swapped
+}  // namespace qoq

@@ -1,0 +1,268 @@
+// Streaming small-M path (sm_90) of qoq::w4a8_gemm_per_group / w4a8_gemm_per_channel. At small M the GEMM only has
+// to read the packed weights once, so what matters is keeping HBM busy. The older small-M kernels (w4a8_gemv.cu,
+// w4a8_skinny.cu) give each block one batch of register loads and then retire it, so a block's life is one DRAM
+// round trip and the SMs idle between blocks (~1.5-2 TB/s). Here:
+//   - the grid is persistent (one or two blocks per SM); a block walks its 16- or 32-row tiles of the output in turn,
+//   - one producer warp streams each tile's weights, stages of the tile's rows x 2048 k (1 KB a row), into a ring
+//     of shared-memory stages with the bulk copy engine (one copy per weight row, completion counted on the stage's
+//     mbarrier; L2 evict-first, so the reused activations stay in L2); per group it also copies the stage's (s2, z2)
+//     bytes with 4-byte cp.async tracked by the same mbarrier. It runs up to a ring's worth of stages (64-96 KB an SM) ahead,
+//     across tile boundaries, so the next tile's loads are in flight while the consumers finish a tile,
+//   - 8 or 16 consumer warps split each stage's k blocks and multiply on INT8 mma.sync with the operands swapped
+//     (swapped_mma.cuh), release the stage through a second mbarrier, and at the end of a tile reduce their INT32
+//     sums in shared memory in a fixed order (exact, deterministic, no workspace) and store the contract's epilogue,
+//     whose per-row operands they loaded when the tile started. Per group with group_size 128 the weights are not
+//     dequantized: each 128-wide k block is one group, whose scale and zero are applied to its INT32 sums.
+// Shared-memory weight rows are padded by 64 bytes so that the 8 lanes of each 16-byte access phase (rows g, g + 1,
+// chunks t = 0..3) fall in distinct banks.
+#include <algorithm>
+
+#include <cuda_runtime.h>
+
+#include "common.cuh"
+#include "gemm/bulk_ptx.cuh"
+#include "gemm/swapped_mma.cuh"
+#include "gemm/w4a8_stream.cuh"
+
+namespace qoq {
+namespace {
+
+constexpr int kMaxM = 32;
+// Defaults from the H100 sweep (benchmarks/gemm.py --sweep-stream, docs/benchmarks.md): 2 <= M <= 16 in both formats.
+// At M = 1 the dp4a decode kernel is still faster (68.8 vs 76.8 us a Llama-3-8B layer per group), above M = 16 the
+// small-M and tile kernels are.
+constexpr int kDefaultMinM = 2, kDefaultMaxM = 16;
+// Arrivals that complete a full stage: the producer's expect_tx, plus per group each producer lane's cp.async.
+constexpr int full_arrivals(bool per_group) { return per_group ? 1 + 32 : 1; }
+
+// Block geometry and shared-memory layout: TT token tiles of 8 (M <= 8 TT), RT row tiles of 16 (16 RT rows per
+// tile), CW consumer warps (+ 1 producer warp), BLOCKS resident blocks per SM.
+template <int TT, int RT, int CW, int BLOCKS>
+struct StreamLayout {
+  static constexpr int BR = 16 * RT, BT = 8 * TT;
+  static constexpr int kConsumerWarps = CW, kConsumerThreads = 32 * CW, kThreads = kConsumerThreads + 32;
+  static constexpr int KS = 2048;                         // k values of a stage: 16 RT KB of weights
+  static constexpr int kStages = 6 / (RT * BLOCKS) > 2 ? 6 / (RT * BLOCKS) : 2;  // 64-96 KB in flight per SM
+  static constexpr int kQuadsPerWarp = KS / 128 / CW;
+  static constexpr int kRowStride = KS / 2 + 64;          // padded weight row (bank spread, see the header)
+  static constexpr int kStageWeightBytes = BR * kRowStride;
+  static constexpr int kMaxGroups = KS / 64;              // groups of a stage row (group_size >= 64)
+  static constexpr int kScaleArrayBytes = BR * kMaxGroups;
+  static constexpr int kStageScaleBytes = 2 * kScaleArrayBytes;  // s2 then z2
+  static constexpr int kBarrierBytes = 128;
+  static constexpr int kWeightsOffset = kBarrierBytes;
+  static constexpr int kScalesOffset = kWeightsOffset + kStages * kStageWeightBytes;
+  static constexpr int kPartialOffset = kScalesOffset + kStages * kStageScaleBytes;
+  static constexpr int kSmemBytes = kPartialOffset + CW * BT * (BR + 1) * 4;
+  static_assert(2 * kStages * 8 <= kBarrierBytes, "mbarriers fit their area");
+  static_assert(kQuadsPerWarp >= 1 && kRowStride % 16 == 0 && kScalesOffset % 16 == 0, "stage geometry");
+};
+
+// G128: per group with group_size 128, multiplied without dequantization (swapped::mma_block_g128).
+template <bool PER_GROUP, bool G128, int TT, int RT, int CW, int BLOCKS>
+__global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BLOCKS)
+    w4a8_stream_kernel(const GemmParams p) {
+#if QOQ_BULK_ENABLED
+  using L = StreamLayout<TT, RT, CW, BLOCKS>;
+  constexpr int kStages = L::kStages, kConsumerWarps = CW, kConsumerThreads = L::kConsumerThreads;
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem);
+  uint64_t* empty = full + kStages;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      bulk::mbar_init(full + s, full_arrivals(PER_GROUP));
+      bulk::mbar_init(empty + s, kConsumerWarps);
+    }
+    bulk::fence_mbar_init();
+  }
+  __syncthreads();
+
+  const int tiles = p.N / L::BR;
+  const int kstages = (p.K + L::KS - 1) / L::KS;
+
+  if (warp == kConsumerWarps) {  // producer
+    const uint64_t policy = bulk::evict_first_policy();
+    const size_t row_bytes = static_cast<size_t>(p.K) / 2;
+    const int gps = PER_GROUP ? L::KS / p.group_size : 0;  // shared-memory row stride of (s2, z2)
+    uint32_t it = 0;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      const int n0 = tile * L::BR;
+      for (int ks = 0; ks < kstages; ++ks, ++it) {
+        const int slot = it % kStages;
+        if (it >= kStages) bulk::mbar_wait(empty + slot, ((it / kStages) & 1) ^ 1);  // its previous use released
+        const int k0 = ks * L::KS, klen = min(L::KS, p.K - k0);
+        if (lane == 0) bulk::mbar_arrive_expect_tx(full + slot, L::BR * klen / 2);
+        __syncwarp();
+        uint8_t* wdst = smem + L::kWeightsOffset + slot * L::kStageWeightBytes;
+        for (int r = lane; r < L::BR; r += 32)
+          bulk::copy_bulk(wdst + r * L::kRowStride, p.qweight + (n0 + r) * row_bytes + k0 / 2, klen / 2, full + slot,
+                          policy);
+        if constexpr (PER_GROUP) {
+          // The stage's groups of each row, as 4-byte words (the host checks K % (4 * group_size) == 0).
+          const int words = klen / p.group_size / 4, per_array = L::BR * words;
+          const int g0 = k0 / p.group_size;
+          uint8_t* sdst = smem + L::kScalesOffset + slot * L::kStageScaleBytes;
+          for (int i = lane; i < 2 * per_array; i += 32) {
+            const int arr = i / per_array, j = i - arr * per_array, r = j / words, w = j - r * words;
+            const uint8_t* src = (arr ? p.z2 : p.s2) + static_cast<size_t>(n0 + r) * p.groups + g0 + 4 * w;
+            bulk::copy_4(sdst + arr * L::kScaleArrayBytes + r * gps + 4 * w, src);
+          }
+          bulk::arrive_after_copies(full + slot);
+        }
+      }
+    }
+    return;
+  }
+
+  // Consumers.
+  const int g = lane >> 2, t = lane & 3;
+  int32_t* partial = reinterpret_cast<int32_t*>(smem + L::kPartialOffset);
+  const int gps = PER_GROUP ? L::KS / p.group_size : 0;
+  uint32_t it = 0;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int n0 = tile * L::BR;
+    int32_t acc[RT][TT][4] = {};
+    constexpr int kEpilogueIters = swapped::epilogue_iters(RT, TT, kConsumerThreads);
+    EpilogueOperands<kEpilogueIters> epi;
+    load_epilogue<PER_GROUP>(epi, p, n0, L::BR, threadIdx.x, kConsumerThreads);
+    for (int ks = 0; ks < kstages; ++ks, ++it) {
+      const int slot = it % kStages;
+      const int k0 = ks * L::KS, quads = min(L::KS, p.K - k0) / 128;
+      // The activations do not depend on the stage: their loads overlap the wait for it.
+      uint32_t xb[L::kQuadsPerWarp][TT][8];
+#pragma unroll
+      for (int u = 0; u < L::kQuadsPerWarp; ++u) {
+        const int qq = warp + u * kConsumerWarps;
+        if (qq < quads) swapped::load_activations<TT>(xb[u], p, k0 / 128 + qq, g, t);
+      }
+      bulk::mbar_wait(full + slot, (it / kStages) & 1);
+      const uint8_t* wsrc = smem + L::kWeightsOffset + slot * L::kStageWeightBytes;
+      const uint8_t* s2s = smem + L::kScalesOffset + slot * L::kStageScaleBytes;
+      const uint8_t* z2s = s2s + L::kScaleArrayBytes;
+#pragma unroll
+      for (int u = 0; u < L::kQuadsPerWarp; ++u) {
+        const int qq = warp + u * kConsumerWarps;
+        if (qq >= quads) break;  // qq grows with u
+        const int chunk = 4 * qq + t;  // the lane's 32-wide k chunk within the stage
+        int32_t xsum[G128 ? TT : 1][4];
+        if constexpr (G128) swapped::activation_sums<TT>(xsum, xb[u], p.M);
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+          const int row = 16 * r + g;
+          const uint8_t* src = wsrc + row * L::kRowStride + 16 * chunk;
+          const uint4 w_g = *reinterpret_cast<const uint4*>(src);
+          const uint4 w_g8 = *reinterpret_cast<const uint4*>(src + 8 * L::kRowStride);
+          uint32_t sz_g = 0, sz_g8 = 0;
+          if constexpr (PER_GROUP) {
+            const int grp = chunk * 32 / p.group_size;
+            sz_g = s2s[row * gps + grp] | (static_cast<uint32_t>(z2s[row * gps + grp]) << 8);
+            sz_g8 = s2s[(row + 8) * gps + grp] | (static_cast<uint32_t>(z2s[(row + 8) * gps + grp]) << 8);
+          }
+          if constexpr (G128) {
+            swapped::mma_block_g128<TT>(acc[r], w_g, w_g8, sz_g, sz_g8, xb[u], xsum, p.M);
+          } else {
+            swapped::mma_chunk<PER_GROUP, TT>(acc[r], w_g, w_g8, sz_g, sz_g8, xb[u], p.M);
+          }
+        }
+      }
+      __syncwarp();
+      if (lane == 0) bulk::mbar_arrive(empty + slot);
+    }
+    bulk::named_barrier(1, kConsumerThreads);  // the previous tile's reduction is done reading `partial`
+    swapped::store_partials<RT, TT>(partial, acc, warp, g, t);
+    bulk::named_barrier(1, kConsumerThreads);
+    swapped::reduce_and_store<PER_GROUP, kConsumerWarps, RT, TT>(partial, p, n0, threadIdx.x, kConsumerThreads, epi);
+  }
+#endif
+}
+
+// Whether the kernel image the driver picked for this device was built for sm_90+ (the bulk copy path); no launch,
+// so it is safe inside CUDA graph capture. Cached per device.
+bool stream_image_available() {
+  static int cached[64] = {0};  // 0: unknown, 1: yes, 2: no
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int& state = cached[device & 63];
+  if (state == 0) {
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, w4a8_stream_kernel<true, false, 1, 1, 8, 1>));
+    state = attr.binaryVersion >= 90 ? 1 : 2;
+  }
+  return state == 1;
+}
+
+template <bool PER_GROUP, bool G128, int TT, int RT, int CW, int BLOCKS>
+void launch_tiles(const GemmParams& p, int sms) {
+  using L = StreamLayout<TT, RT, CW, BLOCKS>;
+  auto kernel = w4a8_stream_kernel<PER_GROUP, G128, TT, RT, CW, BLOCKS>;
+  static bool opted_in[64] = {false};
+  allow_dynamic_smem(kernel, L::kSmemBytes, opted_in);
+  const int tiles = p.N / L::BR;
+  kernel<<<std::min(tiles, BLOCKS * sms), L::kThreads, L::kSmemBytes, c10::cuda::getCurrentCUDAStream()>>>(p);
+  QOQ_CHECK_LAUNCH();
+}
+
+// Variants (rows per tile, consumer warps, blocks per SM): 0 = (16, 8, 1), 1 = (32, 8, 1), 2 = (32, 8, 2),
+// 3 = (32, 16, 1). Every variant computes the same sums.
+constexpr int kVariants = 4;
+
+template <bool PER_GROUP, bool G128, int TT>
+void launch_variant(const GemmParams& p, int sms, int variant) {
+  switch (variant) {
+    case 1: return launch_tiles<PER_GROUP, G128, TT, 2, 8, 1>(p, sms);
+    case 2: return launch_tiles<PER_GROUP, G128, TT, 2, 8, 2>(p, sms);
+    case 3: return launch_tiles<PER_GROUP, G128, TT, 2, 16, 1>(p, sms);
+    default: return launch_tiles<PER_GROUP, G128, TT, 1, 8, 1>(p, sms);
+  }
+}
+
+template <bool PER_GROUP, bool G128>
+void launch_m(const GemmParams& p, int sms, int variant) {
+  if (p.M <= 8) {
+    launch_variant<PER_GROUP, G128, 1>(p, sms, variant);
+  } else if (p.M <= 16) {
+    launch_variant<PER_GROUP, G128, 2>(p, sms, variant);
+  } else {
+    launch_variant<PER_GROUP, G128, 4>(p, sms, variant);
+  }
+}
+
+}  // namespace
+
+int stream_max_m() {
+  if (env_int("QOQ_GEMM_STREAM", 1) == 0) return 0;
+  return std::clamp(env_int("QOQ_GEMM_STREAM_MAX_M", kDefaultMaxM), 0, kMaxM);
+}
+
+int stream_min_m() { return std::max(1, env_int("QOQ_GEMM_STREAM_MIN_M", kDefaultMinM)); }
+
+bool stream_supports(const GemmParams& p, bool per_group) {
+  if (p.M < 1 || p.M > kMaxM || p.N % 16 != 0 || p.K % 128 != 0) return false;
+  if (per_group) {
+    if ((p.group_size != 64 && p.group_size != 128) || p.K % (4 * p.group_size) != 0) return false;
+    if (reinterpret_cast<uintptr_t>(p.s2) % 4 != 0 || reinterpret_cast<uintptr_t>(p.z2) % 4 != 0) return false;
+  }
+  return stream_image_available();
+}
+
+template <bool PER_GROUP>
+void launch_w4a8_stream(const GemmParams& p, int sms) {
+  TORCH_CHECK(stream_supports(p, PER_GROUP), "w4a8 streaming kernel: unsupported shape or device (M=", qoq::num(p.M),
+              ", N=", qoq::num(p.N), ", K=", qoq::num(p.K), ")");
+  // QOQ_GEMM_STREAM_VARIANT=<0..3> overrides the variant (benchmarks and tests); 32-row tiles need N % 32 == 0.
+  // Defaults from the H100 sweep: two blocks an SM (2) up to M = 8 and per channel; 16 consumer warps (3) per group
+  // at 8 < M <= 16 (M = 16: 90.0 us a layer against 97.9 for variant 2).
+  int variant = env_int("QOQ_GEMM_STREAM_VARIANT", PER_GROUP && p.M > 8 ? 3 : 2);
+  if (variant < 0 || variant >= kVariants || p.N % 32 != 0) variant = 0;
+  if (PER_GROUP && p.group_size == 128) {
+    launch_m<true, true>(p, sms, variant);
+  } else {
+    launch_m<PER_GROUP, false>(p, sms, variant);
+  }
+}
+
+template void launch_w4a8_stream<true>(const GemmParams& p, int sms);
+template void launch_w4a8_stream<false>(const GemmParams& p, int sms);
+
+}  // namespace qoq

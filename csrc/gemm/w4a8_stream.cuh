@@ -1,0 +1,22 @@
+// Streaming small-M path of the W4A8 GEMM (sm_90: persistent blocks, bulk-copy weight stages), see w4a8_stream.cu.
+#pragma once
+#include "gemm/w4a8_gemm_kernel.cuh"
+
+namespace qoq {
+
+// The M range the streaming kernel serves by default (2..16; 0: never). QOQ_GEMM_STREAM=0 disables it,
+// QOQ_GEMM_STREAM_MIN_M / QOQ_GEMM_STREAM_MAX_M=<m> change the bounds (the kernel takes 1..32); read at each call.
+int stream_max_m();
+int stream_min_m();
+
+// Whether the kernel takes these operands on the current device: 1 <= M <= 32, N % 16 == 0, K % 128 == 0, per
+// group a group size of 64 or 128 with K % (4 * group_size) == 0 and 4-byte aligned s2 / z2, and an sm_90+ image.
+bool stream_supports(const GemmParams& p, bool per_group);
+
+// Computes p.out (same contract and parameters as w4a8_gemm_kernel; no workspace); `sms`: the device's
+// multiprocessor count (one or two persistent blocks each). QOQ_GEMM_STREAM_VARIANT=<0..3> forces a variant (rows per
+// tile, consumer warps, blocks per SM; see w4a8_stream.cu).
+template <bool PER_GROUP>
+void launch_w4a8_stream(const GemmParams& p, int sms);
+
+}  // namespace qoq
