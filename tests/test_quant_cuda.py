@@ -133,3 +133,152 @@ def test_bad_input_rejected(gen):
     for call, match in cases:
         with pytest.raises((RuntimeError, ValueError, TypeError), match=match):
             call()
+
+
+# Small-M cluster split (csrc/quant/quantize.cu): on sm_90, M <= QOQ_QUANT_SPLIT (default 64) rows with 16-byte
+# aligned rows are each split over a cluster of CTAs; QOQ_QUANT_SPLIT=0 keeps the one-block-per-row kernel.
+SPLIT_MS = (1, 2, 3, 16, 63, 64)
+SPLIT_KS = (4096, 14336, 896, 5120, 128)
+FALLBACK_KS = (4099, 1001, 13)  # K % 8 != 0 (K % 4 != 0 for float32): the scalar path, never split
+OP_DTYPES = [(op, dt) for op in QUANT_OPS for dt in (torch.float16, torch.bfloat16)] + [
+    ("quantize_per_token", torch.float32)
+]
+
+
+def check_op_against_reference(op: str, m: int, k: int, dtype, gen: torch.Generator) -> None:
+    """One call of `op` on [m, k] (gate_up [m, 2k]) against the CPU reference, with the existing tests' checks."""
+    if op == "quantize_per_token":
+        x = random_rows(m, k, dtype, gen)
+        got = ops.quantize_per_token(x.cuda())
+        ref = torch.ops.qoq.quantize_per_token(x)
+        for g, r in zip(got, ref):
+            assert g.is_cuda and g.dtype == r.dtype
+            assert torch.equal(g.cpu(), r), (op, m, k, dtype)
+    elif op == "rmsnorm_quantize":
+        x = random_rows(m, k, dtype, gen)
+        w = (torch.rand(k, generator=gen) + 0.5).to(dtype)
+        got = ops.rmsnorm_quantize(x.cuda(), w.cuda(), 1e-6)
+        assert_close_quantization(got, torch.ops.qoq.rmsnorm_quantize(x, w, 1e-6))
+    else:
+        gate_up = random_rows(m, 2 * k, dtype, gen)
+        got = ops.silu_mul_quantize(gate_up.cuda())
+        assert got[0].shape == (m, k)
+        assert_close_quantization(got, torch.ops.qoq.silu_mul_quantize(gate_up))
+
+
+@needs_kernel
+@pytest.mark.parametrize("split", (True, False), ids=("split", "row_kernel"))
+@pytest.mark.parametrize("k", SPLIT_KS + FALLBACK_KS)
+@pytest.mark.parametrize("op,dtype", OP_DTYPES)
+def test_small_m_matches_reference(op, dtype, k, split, gen, monkeypatch):
+    """M = 1..64 on the cluster-split path (every op, QOQ_QUANT_SPLIT=64) and on the one-block-per-row kernel."""
+    monkeypatch.delenv("QOQ_QUANT_SPLIT_CTAS", raising=False)
+    if split:
+        monkeypatch.setenv("QOQ_QUANT_SPLIT", "64")
+    else:
+        monkeypatch.setenv("QOQ_QUANT_SPLIT", "0")
+    for m in SPLIT_MS:
+        check_op_against_reference(op, m, k, dtype, gen)
+
+
+@needs_kernel
+@pytest.mark.parametrize("ctas", (1, 2, 3, 4, 5, 7, 8))
+@pytest.mark.parametrize("op", QUANT_OPS)
+def test_split_forced_cluster_sizes(op, ctas, gen, monkeypatch):
+    """Every cluster size, including ones that leave CTAs without a vector (K = 8, 24) and one too small for the
+    row (1 CTA at K = 14336 falls back to the row kernel); M above the default threshold through QOQ_QUANT_SPLIT."""
+    monkeypatch.setenv("QOQ_QUANT_SPLIT", "200")
+    monkeypatch.setenv("QOQ_QUANT_SPLIT_CTAS", str(ctas))
+    for m, k in ((1, 4096), (3, 896), (2, 8), (5, 24), (4, 14336), (130, 2048)):
+        check_op_against_reference(op, m, k, torch.float16, gen)
+
+
+@needs_kernel
+@pytest.mark.parametrize("ctas", ("", "1", "8"))
+def test_split_zero_and_tiny_rows(ctas, gen, monkeypatch):
+    """Zero, denormal and all-underflow rows on the split path stay bit-exact (scale 0 -> codes 0, no NaN)."""
+    monkeypatch.setenv("QOQ_QUANT_SPLIT", "64")
+    monkeypatch.setenv("QOQ_QUANT_SPLIT_CTAS", ctas)
+    x = random_rows(6, 4096, torch.float32, gen)
+    x[1] = 0.0
+    x[3] = 1e-42
+    x[4] = 0.0
+    x[4, 4000] = -1e-45
+    got = ops.quantize_per_token(x.cuda())
+    ref = torch.ops.qoq.quantize_per_token(x)
+    for g, r in zip(got, ref):
+        assert torch.equal(g.cpu(), r)
+    assert float(got[1][1]) == 0.0 and not bool(torch.isnan(got[1]).any())
+
+
+@needs_kernel
+def test_split_under_cuda_graph(gen, monkeypatch):
+    """The cluster launch captures into a CUDA graph and replays with new inputs (decode runs in graphs)."""
+    monkeypatch.setenv("QOQ_QUANT_SPLIT", "64")
+    x = random_rows(2, 4096, torch.float16, gen).cuda()
+    w = (torch.rand(4096, generator=gen) + 0.5).half().cuda()
+    gate_up = random_rows(2, 2 * 14336, torch.float16, gen).cuda()
+
+    def step():
+        return (ops.quantize_per_token(x), ops.rmsnorm_quantize(x, w, 1e-6), ops.silu_mul_quantize(gate_up))
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    x.copy_(random_rows(2, 4096, torch.float16, gen).cuda())
+    gate_up.copy_(random_rows(2, 2 * 14336, torch.float16, gen).cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    for g, r in zip(outs[0], torch.ops.qoq.quantize_per_token(x.cpu())):
+        assert torch.equal(g.cpu(), r)
+    assert_close_quantization(outs[1], torch.ops.qoq.rmsnorm_quantize(x.cpu(), w.cpu(), 1e-6))
+    assert_close_quantization(outs[2], torch.ops.qoq.silu_mul_quantize(gate_up.cpu()))
+
+
+@needs_kernel
+def test_split_kernel_is_dispatched(gen, monkeypatch):
+    """On sm_90 silu_mul_quantize at M <= 64 with aligned rows runs the cluster kernel alone, the other two ops the
+    row kernel (their default); with QOQ_QUANT_SPLIT=64 every op splits; M = 65, K % 8 != 0, an unaligned view and
+    QOQ_QUANT_SPLIT=0 run the row kernel; QOQ_QUANT_SPLIT=<m> moves the threshold."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the cluster split needs an sm_90 device")
+    monkeypatch.delenv("QOQ_QUANT_SPLIT", raising=False)
+    monkeypatch.delenv("QOQ_QUANT_SPLIT_CTAS", raising=False)
+
+    def kernels(op: str, m: int, k: int, offset: int = 0) -> list[str]:
+        width = 2 * k if op == "silu_mul_quantize" else k
+        base = random_rows(1, m * width + offset, torch.float16, gen).cuda()
+        x = base.view(-1)[offset:offset + m * width].view(m, width)
+        args = (x, (torch.rand(k, generator=gen) + 0.5).half().cuda(), 1e-6) if op == "rmsnorm_quantize" else (x,)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            getattr(ops, op)(*args)
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    if not kernels("quantize_per_token", 1, 4096):
+        pytest.skip("the profiler recorded no CUDA kernels here")
+    for m, k in ((1, 4096), (64, 14336)):
+        assert "quantize_rows_cluster_kernel" in kernels("silu_mul_quantize", m, k)[0], (m, k)
+        for op in ("quantize_per_token", "rmsnorm_quantize"):
+            assert "quantize_rows_kernel" in kernels(op, m, k)[0], (op, m, k)
+    monkeypatch.setenv("QOQ_QUANT_SPLIT", "64")
+    for op in QUANT_OPS:
+        for m, k in ((1, 4096), (64, 4096), (1, 14336), (3, 128)):
+            names = kernels(op, m, k)
+            assert len(names) == 1 and "quantize_rows_cluster_kernel" in names[0], (op, m, k, names)
+        for m, k, offset in ((65, 4096, 0), (1, 4099, 0), (2, 4096, 1)):
+            names = kernels(op, m, k, offset)
+            assert len(names) == 1 and "quantize_rows_kernel" in names[0], (op, m, k, offset, names)
+    monkeypatch.setenv("QOQ_QUANT_SPLIT", "0")
+    assert "quantize_rows_kernel" in kernels("rmsnorm_quantize", 1, 4096)[0]
+    monkeypatch.setenv("QOQ_QUANT_SPLIT", "128")
+    assert "quantize_rows_cluster_kernel" in kernels("rmsnorm_quantize", 128, 4096)[0]
+    assert "quantize_rows_kernel" in kernels("rmsnorm_quantize", 129, 4096)[0]

@@ -1,11 +1,21 @@
 // CUDA impls of qoq::quantize_per_token, qoq::rmsnorm_quantize and qoq::silu_mul_quantize
-// (docs/formats.md, "Activations"). One block per row: the row's float32 values y are staged in shared
-// memory (one global read of the input), reduced to amax, then quantized with the reference's exact
-// arithmetic: x_s = amax / 127 (IEEE division), x_q = clamp(rint(y / x_s), -127, 127), x_s == 0 -> 0.
+// (docs/formats.md, "Activations"). Both kernels quantize with the reference's exact arithmetic:
+// x_s = amax / 127 (IEEE division), x_q = clamp(rint(y / x_s), -127, 127), x_s == 0 -> 0.
 // Built without --use_fast_math, so '/' and sqrtf are IEEE and denormals are kept, like the CPU reference.
+//
+// Many rows: one block per row, the row's float32 values staged in shared memory (one global read).
+// Few rows (decode, M <= kSplitMaxM; by default silu_mul_quantize only, whose rows are 14336+ wide) on sm_90: one
+// block per row would leave almost every SM idle and make a long row take several dependent load rounds plus four
+// block barriers, so each row is split over a thread-block
+// cluster of up to 8 CTAs, one 16-byte vector per thread kept in registers. The CTAs combine their partial
+// reductions through distributed shared memory, each warp's partial in a fixed slot, folded in slot order: the
+// result does not depend on scheduling. Only rmsnorm's float sum of squares depends on that order (amax and the
+// integer code sum do not), so quantize_per_token stays bit-exact and rmsnorm may move by an ulp, as the docs allow.
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -16,6 +26,14 @@ namespace {
 
 constexpr int kMaxThreads = 1024;
 constexpr int kMaxWarps = kMaxThreads / 32;
+
+// Cluster split (small M). kSplitMaxM: default largest M (QOQ_QUANT_SPLIT overrides it, 0 turns the split off).
+// A cluster has at most 8 CTAs (the portable limit); a row gets the fewest of 1, 2, 4, 8 CTAs that leave at most
+// kSplitVecsPerCta vectors per CTA (QOQ_QUANT_SPLIT_CTAS=<1..8> forces the count, for tuning and tests).
+constexpr int kSplitMaxM = 64;
+constexpr int kMaxClusterCtas = 8;
+constexpr int kSplitVecsPerCta = 256;
+constexpr int kMaxPartials = kMaxClusterCtas * kMaxWarps;  // one slot per warp of a cluster
 
 template <typename T> __device__ __forceinline__ float to_float(T v);
 template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
@@ -76,6 +94,31 @@ struct Args {
   int32_t* x_sum;      // [M]
 };
 
+// Quantizes VEC values with scale `scale`, stores the codes at `out` (one 4- or 8-byte store for VEC 4 / 8) and
+// returns their sum. Shared by both kernels so they cannot drift apart.
+template <int VEC>
+__device__ __forceinline__ int quantize_store(const float* y, float scale, int8_t* out) {
+  // Quantized bytes packed into 32-bit words (VEC is 1, 4 or 8) so a vector row writes 4 or 8 bytes at once.
+  uint32_t packed[(VEC + 3) / 4] = {};
+  int sum = 0;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    float r = 0.f;
+    if (scale > 0.f) r = fminf(fmaxf(rintf(y[i] / scale), -127.f), 127.f);
+    const int q = static_cast<int>(r);
+    sum += q;
+    packed[i / 4] |= (static_cast<uint32_t>(q) & 0xffu) << (8 * (i % 4));
+  }
+  if constexpr (VEC == 8) {
+    *reinterpret_cast<uint2*>(out) = make_uint2(packed[0], packed[1]);
+  } else if constexpr (VEC == 4) {
+    *reinterpret_cast<uint32_t*>(out) = packed[0];
+  } else {
+    *out = static_cast<int8_t>(packed[0] & 0xffu);
+  }
+  return sum;
+}
+
 // Quantizes the float32 row `ys[0..k)` (shared memory) with amax `amax`; writes x_q, x_s, x_sum.
 template <int VEC>
 __device__ __forceinline__ void quantize_row(const float* ys, float amax, const Args& a, int64_t row, int* iscratch) {
@@ -84,23 +127,7 @@ __device__ __forceinline__ void quantize_row(const float* ys, float amax, const 
   int8_t* out = a.x_q + row * a.k;
   int sum = 0;
   for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-    // Quantized bytes packed into 32-bit words (VEC is 1, 4 or 8) so a vector row writes 4 or 8 bytes at once.
-    uint32_t packed[(VEC + 3) / 4] = {};
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      float r = 0.f;
-      if (scale > 0.f) r = fminf(fmaxf(rintf(ys[v * VEC + i] / scale), -127.f), 127.f);
-      const int q = static_cast<int>(r);
-      sum += q;
-      packed[i / 4] |= (static_cast<uint32_t>(q) & 0xffu) << (8 * (i % 4));
-    }
-    if constexpr (VEC == 8) {
-      *reinterpret_cast<uint2*>(out + v * VEC) = make_uint2(packed[0], packed[1]);
-    } else if constexpr (VEC == 4) {
-      *reinterpret_cast<uint32_t*>(out + v * VEC) = packed[0];
-    } else {
-      out[v] = static_cast<int8_t>(packed[0] & 0xffu);
-    }
+    sum += quantize_store<VEC>(ys + v * VEC, scale, out + v * VEC);
   }
   sum = block_reduce(sum, iscratch, SumOp{});
   if (threadIdx.x == 0) {
@@ -174,6 +201,109 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_kernel(Args a) {
   quantize_row<VEC>(ys, amax, a, row, iscratch);
 }
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+namespace cg = cooperative_groups;
+
+// Where this thread sits in its cluster; `nwarps` is per CTA (every CTA of a launch has the same size).
+struct ClusterPos {
+  int ctas, rank, nwarps, warp, lane;
+};
+
+// Folds the cluster's `n` per-warp partials in slot order (lane l takes slots l, l + 32, ...; then a fixed
+// shuffle tree): every CTA gets the same bits in every run.
+template <typename V, typename Op>
+__device__ __forceinline__ V fold_slots(const V* slots, int n, int lane, Op op) {
+  V acc = V(0);
+  for (int i = lane; i < n; i += 32) acc = op(acc, slots[i]);
+  return warp_reduce(acc, op);
+}
+
+// All-reduce over the cluster. Each warp pushes its partial into slot [rank * nwarps + warp] of every CTA (lane j
+// stores CTA j's copy, so the remote stores go out in parallel); after one cluster barrier every CTA folds its
+// local copy. One barrier instead of __syncthreads + cluster barrier + remote reads. Each call site passes its
+// own `slots` array, so no barrier is needed before the stores (nothing reads an array twice).
+template <typename V, typename Op>
+__device__ __forceinline__ V cluster_all_reduce(V v, V* slots, const ClusterPos& p, Op op) {
+  const cg::cluster_group cluster = cg::this_cluster();
+  v = warp_reduce(v, op);
+  if (p.lane < p.ctas) *cluster.map_shared_rank(slots + p.rank * p.nwarps + p.warp, p.lane) = v;
+  cluster.sync();
+  return fold_slots(slots, p.ctas * p.nwarps, p.lane, op);
+}
+#endif
+
+// Small-M kernel: row blockIdx.x / C is split over the C CTAs of a cluster (launch_split); CTA `rank` covers the
+// vectors [rank * per_cta, (rank + 1) * per_cta) of the row, one vector per thread, held in registers.
+template <typename T, int VEC, RowOp OP>
+__global__ void __launch_bounds__(kMaxThreads) quantize_rows_cluster_kernel(Args a, int per_cta) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __shared__ float ss_slots[kMaxPartials];
+  __shared__ float amax_slots[kMaxPartials];
+  __shared__ int sum_slots[kMaxPartials];
+  const cg::cluster_group cluster = cg::this_cluster();
+  // A CTA may touch another's shared memory only once every CTA of the cluster runs: arrive here and wait just
+  // before the first remote store, so the wait hides behind the global loads.
+  __cluster_barrier_arrive_relaxed();
+  const ClusterPos p{static_cast<int>(cluster.num_blocks()), static_cast<int>(cluster.block_rank()),
+                     static_cast<int>(blockDim.x >> 5), static_cast<int>(threadIdx.x >> 5),
+                     static_cast<int>(threadIdx.x & 31)};
+  const int64_t row = blockIdx.x / p.ctas;
+  const int64_t v = static_cast<int64_t>(p.rank) * per_cta + threadIdx.x;
+  const bool active = static_cast<int>(threadIdx.x) < per_cta && v < a.k / VEC;
+  const T* x = static_cast<const T*>(a.x) + row * a.k_in + v * VEC;
+  float y[VEC] = {};  // inactive threads keep zeros: neutral for the sum of squares, amax and the code sum
+  float amax = 0.f;
+
+  if constexpr (OP == RowOp::kIdentity) {
+    if (active) load_vec<T, VEC>(x, y);
+  } else if constexpr (OP == RowOp::kSiluMul) {
+    if (active) {
+      float u[VEC];
+      load_vec<T, VEC>(x, y);
+      load_vec<T, VEC>(x + a.k, u);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) y[i] = y[i] / (1.0f + expf(-y[i])) * u[i];  // the reference's F.silu(gate) * up
+    }
+  } else {  // kRmsNorm: the weight is loaded with x, not after the sum of squares, to keep one load round
+    float w[VEC] = {};
+    float ss = 0.f;
+    if (active) {
+      load_vec<T, VEC>(x, y);
+      load_vec<T, VEC>(static_cast<const T*>(a.weight) + v * VEC, w);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) ss += y[i] * y[i];
+    }
+    cluster.barrier_wait();  // the start barrier above
+    ss = cluster_all_reduce(ss, ss_slots, p, SumOp{});
+    const float r = 1.0f / sqrtf(ss / static_cast<float>(a.k) + a.eps);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) y[i] = __fmul_rn(__fmul_rn(y[i], r), w[i]);
+  }
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) amax = fmaxf(amax, fabsf(y[i]));
+  if constexpr (OP != RowOp::kRmsNorm) cluster.barrier_wait();  // the start barrier above
+  amax = cluster_all_reduce(amax, amax_slots, p, MaxOp{});
+
+  const float scale = amax / 127.0f;  // IEEE division, as the reference
+  int sum = 0;
+  if (active) sum = quantize_store<VEC>(y, scale, a.x_q + row * a.k + v * VEC);
+  // The code sum is needed by rank 0 only: each warp stores its partial straight into rank 0's slots. After this
+  // barrier no CTA touches another's shared memory, so every CTA may exit.
+  sum = warp_reduce(sum, SumOp{});
+  if (p.lane == 0) *cluster.map_shared_rank(sum_slots + p.rank * p.nwarps + p.warp, 0) = sum;
+  cluster.sync();
+  if (p.rank == 0 && p.warp == 0) {
+    sum = fold_slots(sum_slots, p.ctas * p.nwarps, p.lane, SumOp{});
+    if (p.lane == 0) {
+      a.x_s[row] = scale;
+      a.x_sum[row] = sum;
+    }
+  }
+#else
+  __trap();  // never launched: the host only picks this kernel when its image was built for sm_90+
+#endif
+}
+
 int max_dynamic_smem() {
   static int per_device[64] = {0};
   int device = 0;
@@ -200,7 +330,78 @@ void launch_typed(const Args& a, int64_t m) {
   QOQ_CHECK_LAUNCH();
 }
 
-// 16-byte vectors when every row start (and the weight / the `up` half) is 16-byte aligned, else scalars.
+// Whether the cluster kernel can run on the current device: an sm_90+ device, and the image the driver picked
+// was compiled for sm_90+ (ptxVersion is that image's virtual arch: a build with only sm_80 PTX, JIT-compiled on
+// an H100, would pick the __trap body). cudaFuncGetAttributes does no stream work, so a first call during CUDA
+// graph capture is safe. Cached per device.
+bool cluster_split_available() {
+  static int8_t cached[64] = {0};  // 0: unknown, 1: yes, 2: no
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int8_t& state = cached[device & 63];
+  if (state == 0) {
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    bool ok = false;
+    if (major >= 9) {
+      cudaFuncAttributes attr{};
+      if (cudaFuncGetAttributes(&attr, quantize_rows_cluster_kernel<__half, 8, RowOp::kIdentity>) == cudaSuccess) {
+        ok = attr.ptxVersion >= 90;
+      } else {
+        (void)cudaGetLastError();  // no image for this device: not an error of this op, use the fallback
+      }
+    }
+    state = ok ? 1 : 2;
+  }
+  return state == 1;
+}
+
+struct SplitPlan {
+  int ctas = 0;  // 0: no split, use the one-block-per-row kernel
+  int threads = 0;
+  int per_cta = 0;  // vectors of the row per CTA, one per thread
+};
+
+// QOQ_QUANT_SPLIT=<m> (largest M, 0: off) and QOQ_QUANT_SPLIT_CTAS=<1..8> are read at every call (a getenv,
+// negligible next to the launch; lets tests and benchmarks switch paths in one process).
+// By default only silu_mul_quantize is split: on the H100 it went from 6.3 to 4.5 us at M = 1 (7.1 to 5.2 at M = 16),
+// while the 4096-wide rows of the other two ops took longer split (quantize_per_token 2.6 -> 3.7 us, rmsnorm_quantize
+// 3.5 -> 4.8 us at M = 1: the cluster barriers cost more than the one block's load rounds; docs/benchmarks.md).
+SplitPlan plan_split(int64_t m, int64_t nvec, bool split_by_default) {
+  SplitPlan plan;
+  if (m > env_int("QOQ_QUANT_SPLIT", split_by_default ? kSplitMaxM : 0)) return plan;
+  int ctas = env_int("QOQ_QUANT_SPLIT_CTAS", 0);
+  if (ctas < 1 || ctas > kMaxClusterCtas) {
+    ctas = 1;
+    while (ctas < kMaxClusterCtas && (nvec + ctas - 1) / ctas > kSplitVecsPerCta) ctas *= 2;
+  }
+  const int64_t per_cta = (nvec + ctas - 1) / ctas;
+  if (per_cta > kMaxThreads || m * ctas > INT_MAX || !cluster_split_available()) return plan;
+  plan.ctas = ctas;
+  plan.per_cta = static_cast<int>(per_cta);
+  plan.threads = static_cast<int>((per_cta + 31) / 32 * 32);
+  return plan;
+}
+
+template <typename T, int VEC, RowOp OP>
+void launch_split(const Args& a, int64_t m, const SplitPlan& plan) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(plan.ctas);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(m * plan.ctas));
+  config.blockDim = dim3(static_cast<unsigned>(plan.threads));
+  config.dynamicSmemBytes = 0;
+  config.stream = c10::cuda::getCurrentCUDAStream();
+  config.attrs = attr;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, quantize_rows_cluster_kernel<T, VEC, OP>, a, plan.per_cta));
+}
+
+// 16-byte vectors when every row start (and the weight / the `up` half) is 16-byte aligned, else scalars. The
+// cluster split takes only the vector path; the scalar one is the rare unaligned view, left to the row kernel.
 template <typename T, RowOp OP>
 void launch(const Args& a, int64_t m) {
   constexpr int kVec = 16 / sizeof(T);
@@ -208,7 +409,12 @@ void launch(const Args& a, int64_t m) {
                        (a.weight == nullptr || reinterpret_cast<uintptr_t>(a.weight) % 16 == 0) &&
                        a.k_in % kVec == 0 && a.k % kVec == 0;
   if (aligned) {
-    launch_typed<T, kVec, OP>(a, m);
+    const SplitPlan plan = plan_split(m, a.k / kVec, OP == RowOp::kSiluMul);
+    if (plan.ctas > 0) {
+      launch_split<T, kVec, OP>(a, m, plan);
+    } else {
+      launch_typed<T, kVec, OP>(a, m);
+    }
   } else {
     launch_typed<T, 1, OP>(a, m);
   }
