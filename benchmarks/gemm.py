@@ -359,62 +359,45 @@ def _check_small_decode_configs(gen: torch.Generator) -> None:
         assert torch.equal(out.cpu(), ref), ("decode config", m, config)
 
 
-def _check_small_skinny(gen: torch.Generator) -> None:
-    """The small-M kernel at each rows-per-block choice, both formats, M in every token-tile bucket."""
+def _check_small_both_formats(gen: torch.Generator, m: int, n: int, k: int, g: int, env: dict, label) -> None:
+    """One random case in both formats through the CUDA ops with `env` set for the calls; equal to the reference."""
     import os
 
+    x_q = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+    x_s = torch.rand(m, generator=gen) + 0.1
+    x_sum = x_q.sum(1, dtype=torch.int32)
+    w4, s2, z2, s1 = _rand_per_group(n, k, g, "cpu")
+    qw = ops.pack_weights(w4)
+    ref_g = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qw, s2, z2, s1, None, g, torch.float16)
+    ref_c = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qw, s1, z2[:, 0].contiguous(), None, torch.bfloat16)
+    os.environ.update(env)
+    try:
+        out_g = torch.ops.qoq.w4a8_gemm_per_group(*[t.cuda() for t in (x_q, x_s, qw, s2, z2, s1)], None, g,
+                                                  torch.float16)
+        out_c = torch.ops.qoq.w4a8_gemm_per_channel(*[t.cuda() for t in (x_q, x_s, x_sum, qw, s1)],
+                                                    z2[:, 0].contiguous().cuda(), None, torch.bfloat16)
+        torch.cuda.synchronize()
+    finally:
+        for name in env:
+            os.environ.pop(name)
+    assert torch.equal(out_g.cpu(), ref_g), (label, "per-group", m, n, k, g)
+    assert torch.equal(out_c.cpu(), ref_c), (label, "per-channel", m, n, k)
+
+
+def _check_small_skinny(gen: torch.Generator) -> None:
+    """The small-M kernel at each rows-per-block choice, both formats, M in every token-tile bucket."""
     for m, rt in [(m, rt) for m in (3, 16, 33) for rt in (1, 2, 4)]:
-        n, k, g = 128, 1152, 64
-        x_q = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
-        x_s = torch.rand(m, generator=gen) + 0.1
-        x_sum = x_q.sum(1, dtype=torch.int32)
-        w4, s2, z2, s1 = _rand_per_group(n, k, g, "cpu")
-        qw = ops.pack_weights(w4)
-        ref_g = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qw, s2, z2, s1, None, g, torch.float16)
-        ref_c = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qw, s1, z2[:, 0].contiguous(), None,
-                                                    torch.bfloat16)
-        os.environ.update({"QOQ_GEMM_SKINNY_RT": str(rt), "QOQ_GEMM_STREAM": "0"})
-        try:
-            out_g = torch.ops.qoq.w4a8_gemm_per_group(*[t.cuda() for t in (x_q, x_s, qw, s2, z2, s1)], None, g,
-                                                      torch.float16)
-            out_c = torch.ops.qoq.w4a8_gemm_per_channel(*[t.cuda() for t in (x_q, x_s, x_sum, qw, s1)],
-                                                        z2[:, 0].contiguous().cuda(), None, torch.bfloat16)
-            torch.cuda.synchronize()
-        finally:
-            os.environ.pop("QOQ_GEMM_SKINNY_RT")
-            os.environ.pop("QOQ_GEMM_STREAM")
-        assert torch.equal(out_g.cpu(), ref_g), ("small-M per-group", m, rt)
-        assert torch.equal(out_c.cpu(), ref_c), ("small-M per-channel", m, rt)
+        _check_small_both_formats(gen, m, 128, 1152, 64, {"QOQ_GEMM_SKINNY_RT": str(rt), "QOQ_GEMM_STREAM": "0"},
+                                  ("small-M", rt))
 
 
 def _check_small_stream(gen: torch.Generator) -> None:
     """The streaming kernel in each variant, both formats, group sizes 64 and 128, with blocks that walk several tiles
     (more tiles than SMs) and tiles whose stages wrap around the shared-memory ring (K = 14336)."""
-    import os
-
     cases = ((1, 2240, 2560), (9, 32, 14336), (32, 4480, 1024))
     for (m, n, k), variant, g in [(c, v, g) for c in cases for v in STREAM_VARIANTS for g in (64, 128)]:
-        x_q = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
-        x_s = torch.rand(m, generator=gen) + 0.1
-        x_sum = x_q.sum(1, dtype=torch.int32)
-        w4, s2, z2, s1 = _rand_per_group(n, k, g, "cpu")
-        qw = ops.pack_weights(w4)
-        ref_g = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qw, s2, z2, s1, None, g, torch.float16)
-        ref_c = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qw, s1, z2[:, 0].contiguous(), None,
-                                                    torch.bfloat16)
-        os.environ.update({"QOQ_GEMM_STREAM_MIN_M": "1", "QOQ_GEMM_STREAM_MAX_M": "32",
-                           "QOQ_GEMM_STREAM_VARIANT": str(variant)})
-        try:
-            out_g = torch.ops.qoq.w4a8_gemm_per_group(*[t.cuda() for t in (x_q, x_s, qw, s2, z2, s1)], None, g,
-                                                      torch.float16)
-            out_c = torch.ops.qoq.w4a8_gemm_per_channel(*[t.cuda() for t in (x_q, x_s, x_sum, qw, s1)],
-                                                        z2[:, 0].contiguous().cuda(), None, torch.bfloat16)
-            torch.cuda.synchronize()
-        finally:
-            for name in ("QOQ_GEMM_STREAM_MIN_M", "QOQ_GEMM_STREAM_MAX_M", "QOQ_GEMM_STREAM_VARIANT"):
-                os.environ.pop(name)
-        assert torch.equal(out_g.cpu(), ref_g), ("streaming per-group", m, n, k, variant, g)
-        assert torch.equal(out_c.cpu(), ref_c), ("streaming per-channel", m, n, k, variant)
+        env = {"QOQ_GEMM_STREAM_MIN_M": "1", "QOQ_GEMM_STREAM_MAX_M": "32", "QOQ_GEMM_STREAM_VARIANT": str(variant)}
+        _check_small_both_formats(gen, m, n, k, g, env, ("streaming", variant))
 
 
 def _check_small_wgmma(gen: torch.Generator) -> None:

@@ -58,6 +58,28 @@ def random_bias(n: int, dtype, gen: torch.Generator):
 def _to(device, *ts):
     return [None if t is None else t.to(device) for t in ts]
 
+def _kernel_names(gen: torch.Generator, m: int, n: int = 64, k: int = 1024, g: int = 64,
+                  per_group: bool = True) -> list[str]:
+    """CUDA kernels (and memsets) one random GEMM call launches, as the profiler records them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    w4, s2, z2, s1 = random_per_group(n, k, g, gen)
+    x_q, x_s, x_sum = random_activations(m, k, gen)
+    qweight = ops.pack_weights(w4)
+    if per_group:
+        args = _to("cuda", x_q, x_s, qweight, s2, z2, s1)
+    else:
+        args = _to("cuda", x_q, x_s, x_sum, qweight, s1, z2[:, 0].contiguous())
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        if per_group:
+            ops.w4a8_gemm_per_group(*args, group_size=g)
+        else:
+            ops.w4a8_gemm_per_channel(*args)
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 
 def assert_per_group_matches(m: int, n: int, k: int, g: int, bias_dtype, out_dtype, gen: torch.Generator) -> None:
     """Random per-group operands through the CUDA op (whatever kernel the dispatch, or the caller's environment,
@@ -527,26 +549,8 @@ def test_skinny_llama_shapes_match_reference(n, k, gen):
 def test_skinny_kernel_is_dispatched(gen, monkeypatch):
     """3 <= M <= 64 runs the small-M kernel alone (no memset, no workspace); M = 65, K % 128 != 0, a forced tile
     config and QOQ_GEMM_SKINNY=0 do not; by default it serves M <= 32 per group and M <= 16 per channel."""
-    from torch.profiler import ProfilerActivity, profile
-
-    g = 64
-
-    def kernels(m: int, n: int = 64, k: int = 1024, per_group: bool = True) -> list[str]:
-        w4, s2, z2, s1 = random_per_group(n, k, g, gen)
-        x_q, x_s, x_sum = random_activations(m, k, gen)
-        qweight = ops.pack_weights(w4)
-        if per_group:
-            args = _to("cuda", x_q, x_s, qweight, s2, z2, s1)
-        else:
-            args = _to("cuda", x_q, x_s, x_sum, qweight, s1, z2[:, 0].contiguous())
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            if per_group:
-                ops.w4a8_gemm_per_group(*args, group_size=g)
-            else:
-                ops.w4a8_gemm_per_channel(*args)
-            torch.cuda.synchronize()
-        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    def kernels(m: int, k: int = 1024, per_group: bool = True) -> list[str]:
+        return _kernel_names(gen, m, k=k, g=64, per_group=per_group)
 
     if not kernels(3):
         pytest.skip("the profiler recorded no CUDA kernels here")
@@ -660,24 +664,8 @@ def test_stream_misaligned_scales_fall_back_exactly(gen):
 def test_stream_kernel_is_dispatched(gen, monkeypatch):
     """Within its M range the streaming kernel runs alone (no memset, no workspace); group size 256, K % (4 g) != 0,
     M = 33, a forced tile config and QOQ_GEMM_STREAM=0 do not take it; by default it serves 2 <= M <= 16."""
-    from torch.profiler import ProfilerActivity, profile
-
-    def kernels(m: int, n: int = 64, k: int = 1024, g: int = 128, per_group: bool = True) -> list[str]:
-        w4, s2, z2, s1 = random_per_group(n, k, g, gen)
-        x_q, x_s, x_sum = random_activations(m, k, gen)
-        qweight = ops.pack_weights(w4)
-        if per_group:
-            args = _to("cuda", x_q, x_s, qweight, s2, z2, s1)
-        else:
-            args = _to("cuda", x_q, x_s, x_sum, qweight, s1, z2[:, 0].contiguous())
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            if per_group:
-                ops.w4a8_gemm_per_group(*args, group_size=g)
-            else:
-                ops.w4a8_gemm_per_channel(*args)
-            torch.cuda.synchronize()
-        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    def kernels(m: int, k: int = 1024, g: int = 128, per_group: bool = True) -> list[str]:
+        return _kernel_names(gen, m, k=k, g=g, per_group=per_group)
 
     if not kernels(1):
         pytest.skip("the profiler recorded no CUDA kernels here")

@@ -58,12 +58,20 @@ def test_quantize_per_token_bit_exact(m, k, dtype, gen):
 
 
 @needs_kernel
-def test_quantize_per_token_zero_and_tiny_rows(gen):
-    x = random_rows(6, 96, torch.float32, gen)
+@pytest.mark.parametrize("k,split,ctas", ((96, None, None), (4096, "64", None), (4096, "64", "1"), (4096, "64", "8")))
+def test_quantize_per_token_zero_and_tiny_rows(k, split, ctas, gen, monkeypatch):
+    """Zero, denormal and all-underflow rows stay bit-exact (scale 0 -> codes 0, no NaN), on the one-block kernel and
+    on the cluster split (QOQ_QUANT_SPLIT, QOQ_QUANT_SPLIT_CTAS)."""
+    for name, value in (("QOQ_QUANT_SPLIT", split), ("QOQ_QUANT_SPLIT_CTAS", ctas)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    x = random_rows(6, k, torch.float32, gen)
     x[1] = 0.0
     x[3] = 1e-42  # denormal input: scale 1e-42 / 127 underflows towards 0 differently per path
     x[4] = 0.0
-    x[4, 5] = -1e-45  # amax / 127 underflows to 0: scale 0, codes 0
+    x[4, k - 1] = -1e-45  # amax / 127 underflows to 0: scale 0, codes 0
     got = ops.quantize_per_token(x.cuda())
     ref = torch.ops.qoq.quantize_per_token(x)
     for g, r in zip(got, ref):
@@ -191,24 +199,6 @@ def test_split_forced_cluster_sizes(op, ctas, gen, monkeypatch):
     monkeypatch.setenv("QOQ_QUANT_SPLIT_CTAS", str(ctas))
     for m, k in ((1, 4096), (3, 896), (2, 8), (5, 24), (4, 14336), (130, 2048)):
         check_op_against_reference(op, m, k, torch.float16, gen)
-
-
-@needs_kernel
-@pytest.mark.parametrize("ctas", ("", "1", "8"))
-def test_split_zero_and_tiny_rows(ctas, gen, monkeypatch):
-    """Zero, denormal and all-underflow rows on the split path stay bit-exact (scale 0 -> codes 0, no NaN)."""
-    monkeypatch.setenv("QOQ_QUANT_SPLIT", "64")
-    monkeypatch.setenv("QOQ_QUANT_SPLIT_CTAS", ctas)
-    x = random_rows(6, 4096, torch.float32, gen)
-    x[1] = 0.0
-    x[3] = 1e-42
-    x[4] = 0.0
-    x[4, 4000] = -1e-45
-    got = ops.quantize_per_token(x.cuda())
-    ref = torch.ops.qoq.quantize_per_token(x)
-    for g, r in zip(got, ref):
-        assert torch.equal(g.cpu(), r)
-    assert float(got[1][1]) == 0.0 and not bool(torch.isnan(got[1]).any())
 
 
 @needs_kernel
