@@ -34,6 +34,32 @@ void allow_dynamic_smem(Kernel kernel, int bytes, bool (&done)[64]) {
   }
 }
 
+// Whether `kernel` can run its sm_90 code on the current device: an sm_90+ device, and the image the driver picked
+// for it was compiled from sm_90+ PTX (ptxVersion is that image's virtual architecture; a build with only sm_80 PTX,
+// JIT-compiled on an H100, would run the kernel's pre-sm_90 fallback body). No launch and no stream work, so a first
+// call during CUDA graph capture is safe. `cache` is the call site's per-device state (0 unknown, 1 yes, 2 no).
+template <typename Kernel>
+bool runs_sm90_image(Kernel kernel, int8_t (&cache)[64]) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int8_t& state = cache[device & 63];
+  if (state == 0) {
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    bool ok = false;
+    if (major >= 9) {
+      cudaFuncAttributes attr{};
+      if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess) {
+        ok = attr.ptxVersion >= 90;
+      } else {
+        (void)cudaGetLastError();  // no image for this device: the caller takes its fallback
+      }
+    }
+    state = ok ? 1 : 2;
+  }
+  return state == 1;
+}
+
 inline std::string device_str(const at::Tensor& t) { return t.device().str(); }
 
 inline std::string shape_str(const at::Tensor& t) {

@@ -177,19 +177,9 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
 #endif
 }
 
-// Whether the kernel image the driver picked for this device was built for sm_90+ (the bulk copy path); no launch,
-// so it is safe inside CUDA graph capture. Cached per device.
 bool stream_image_available() {
-  static int cached[64] = {0};  // 0: unknown, 1: yes, 2: no
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  int& state = cached[device & 63];
-  if (state == 0) {
-    cudaFuncAttributes attr{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, w4a8_stream_kernel<true, false, 1, 1, 8, 1>));
-    state = attr.binaryVersion >= 90 ? 1 : 2;
-  }
-  return state == 1;
+  static int8_t cached[64] = {0};
+  return runs_sm90_image(w4a8_stream_kernel<true, false, 1, 1, 8, 1>, cached);
 }
 
 template <bool PER_GROUP, bool G128, int TT, int RT, int CW, int BLOCKS>

@@ -330,30 +330,9 @@ void launch_typed(const Args& a, int64_t m) {
   QOQ_CHECK_LAUNCH();
 }
 
-// Whether the cluster kernel can run on the current device: an sm_90+ device, and the image the driver picked
-// was compiled for sm_90+ (ptxVersion is that image's virtual arch: a build with only sm_80 PTX, JIT-compiled on
-// an H100, would pick the __trap body). cudaFuncGetAttributes does no stream work, so a first call during CUDA
-// graph capture is safe. Cached per device.
 bool cluster_split_available() {
-  static int8_t cached[64] = {0};  // 0: unknown, 1: yes, 2: no
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  int8_t& state = cached[device & 63];
-  if (state == 0) {
-    int major = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    bool ok = false;
-    if (major >= 9) {
-      cudaFuncAttributes attr{};
-      if (cudaFuncGetAttributes(&attr, quantize_rows_cluster_kernel<__half, 8, RowOp::kIdentity>) == cudaSuccess) {
-        ok = attr.ptxVersion >= 90;
-      } else {
-        (void)cudaGetLastError();  // no image for this device: not an error of this op, use the fallback
-      }
-    }
-    state = ok ? 1 : 2;
-  }
-  return state == 1;
+  static int8_t cached[64] = {0};
+  return runs_sm90_image(quantize_rows_cluster_kernel<__half, 8, RowOp::kIdentity>, cached);
 }
 
 struct SplitPlan {
