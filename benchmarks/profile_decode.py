@@ -1,48 +1,51 @@
 """Where a decode step's time goes: wall time per generated token vs GPU kernel time, and the top kernels.
 
-Usage: python benchmarks/profile_decode.py [--variants bf16 qoq-g128] [--batch 1 [16 ...]] [--deferred] [--json OUT.json]
-Runs HF generate (static cache, reduce-overhead compile, as `qoq bench e2e`) on the Llama-3-8B-shaped
-random-weight model, then profiles a short generate with torch.profiler. --deferred: every generate runs with
-transformers' deferred stop check enabled on CUDA (qoq_torch.benchmarking.DeferredStopOnCuda). Needs a CUDA GPU.
+Usage: python benchmarks/profile_decode.py [--variants bf16 qoq-g128] [--batch 1 [16 ...]]
+      [--stop-check MODE] [--compile-mode MODE] [--json OUT.json]
+Runs HF generate (static cache, compiled decode step, as `qoq bench e2e`) on the Llama-3-8B-shaped
+random-weight model, then profiles a short generate with torch.profiler. --stop-check: how generate reads its stop
+flag (qoq_torch.benchmarking.StopCheckMode: model-default, per-step, deferred); --compile-mode: model-default
+(bf16: reduce-overhead; QoQ: CUDA graphs + freezing) or a torch.compile mode. Needs a CUDA GPU.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import time
 
 import torch
 
-from qoq_torch.benchmarking import DeferredStopOnCuda, build_float_model, build_quantized_model, run_generate
+from qoq_torch.benchmarking import (MODEL_DEFAULT, StopCheckMode, build_float_model, build_quantized_model,
+                                    run_generate)
 
 
 def profile_variant(variant: str, shape: str, batch: int, prompt_len: int, steps: int, top: int,
-                    deferred: bool = False) -> dict:
-    with DeferredStopOnCuda() if deferred else contextlib.nullcontext():
-        result = _profile(variant, shape, batch, prompt_len, steps, top)
-    result["stop_check"] = "deferred" if deferred else "per-step"
+                    stop_check: str = "model-default", compile_mode: str = MODEL_DEFAULT) -> dict:
+    with StopCheckMode(stop_check) as stops:
+        result = _profile(variant, shape, batch, prompt_len, steps, top, compile_mode)
+    result["stop_check"] = "deferred" if stops.deferred else "per-step"
+    result["compile_mode"] = compile_mode
     return result
 
 
-def _profile(variant: str, shape: str, batch: int, prompt_len: int, steps: int, top: int) -> dict:
+def _profile(variant: str, shape: str, batch: int, prompt_len: int, steps: int, top: int, compile_mode: str) -> dict:
     model = (build_float_model(shape) if variant == "bf16"
              else build_quantized_model(shape, group_size=-1 if variant == "qoq-channel" else 128))
     ids = torch.randint(1, model.config.vocab_size, (batch, prompt_len), device="cuda")
     wall = {}
     for n in (1, steps):
-        run_generate(model, ids, n, "reduce-overhead")  # compile + capture for this cache length
+        run_generate(model, ids, n, compile_mode)  # compile + capture for this cache length
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        run_generate(model, ids, n, "reduce-overhead")
+        run_generate(model, ids, n, compile_mode)
         torch.cuda.synchronize()
         wall[n] = time.perf_counter() - t0
     step_ms = (wall[steps] - wall[1]) / (steps - 1) * 1e3
     counters = {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if k in ("stats", "graph_break")}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
-        run_generate(model, ids, steps, "reduce-overhead")
+        run_generate(model, ids, steps, compile_mode)
         torch.cuda.synchronize()
     kernels = {}
     for evt in prof.events():
@@ -84,10 +87,11 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--deferred", action="store_true", help="transformers' deferred stop check on CUDA")
+    parser.add_argument("--stop-check", default="model-default", choices=["model-default", "per-step", "deferred"])
+    parser.add_argument("--compile-mode", default=MODEL_DEFAULT)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    rows = [profile_variant(v, args.shape, b, args.prompt, args.steps, args.top, args.deferred)
+    rows = [profile_variant(v, args.shape, b, args.prompt, args.steps, args.top, args.stop_check, args.compile_mode)
             for b in args.batch for v in args.variants]
     if args.json:
         with open(args.json, "w") as fh:

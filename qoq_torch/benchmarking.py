@@ -6,7 +6,6 @@ weights quantized in the real formats, so a model whose float weights do not fit
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import time
@@ -114,7 +113,7 @@ class GenerateResult:
     extra: dict = field(default_factory=dict)
 
 
-COMPILE_MODES = ("reduce-overhead", "default")  # CUDA graphs first; plain inductor if capture fails
+PLAIN_INDUCTOR = "default"  # torch.compile's mode without CUDA graphs: the fallback where graph capture fails
 
 
 class _StopAfter:
@@ -128,17 +127,26 @@ class _StopAfter:
                           device=input_ids.device)
 
 
-class DeferredStopOnCuda:
-    """Context manager: transformers' own ``DeferredStopCheck`` (the stop decision read one step late, so the host
-    queues the next decode step while the GPU runs this one) also on CUDA; transformers 5.x enables it only on
-    ``mps``. The condition is otherwise transformers' (no assistant model; a returned cache must be croppable).
-    ``used`` counts the ``generate`` calls that took the deferred check."""
+STOP_CHECKS = ("model-default", "per-step", "deferred")
 
-    def __init__(self):
-        self.used = 0
+
+class StopCheckMode:
+    """Context manager: how ``generate`` checks its stopping criteria on CUDA, for every model.
+
+    transformers reads the stop flag back every step (the host waits for the GPU), except where its
+    ``DeferredStopCheck.is_supported`` allows reading it one step late (``mps`` only; QoQ models also for their KV4
+    caches on CUDA, qoq_torch.nn.generation). ``mode``: "model-default" leaves that decision alone, "per-step" forces
+    the per-step read on CUDA, "deferred" allows the late read on CUDA under transformers' own conditions (no
+    assistant model; a returned cache must be croppable). ``deferred`` counts the generate calls that read late."""
+
+    def __init__(self, mode: str = "deferred"):
+        if mode not in STOP_CHECKS:
+            raise ValueError(f"unknown stop check {mode!r}; choose from {STOP_CHECKS}")
+        self.mode = mode
+        self.deferred = 0
         self._original = None
 
-    def __enter__(self) -> "DeferredStopOnCuda":
+    def __enter__(self) -> "StopCheckMode":
         from transformers.generation import utils as gen_utils
 
         cls = getattr(gen_utils, "DeferredStopCheck", None)
@@ -148,10 +156,13 @@ class DeferredStopOnCuda:
         original = self._original.__func__
 
         def is_supported(device, cache, cache_is_returned, is_assistant):
-            if torch.device(device).type != "cuda":
-                return original(device, cache, cache_is_returned, is_assistant)
-            ok = not is_assistant and (cache is None or cache.is_croppable or not cache_is_returned)
-            self.used += int(ok)
+            if torch.device(device).type != "cuda" or self.mode == "model-default":
+                ok = original(device, cache, cache_is_returned, is_assistant)
+            elif self.mode == "per-step":
+                ok = False
+            else:
+                ok = not is_assistant and (cache is None or cache.is_croppable or not cache_is_returned)
+            self.deferred += int(ok)
             return ok
 
         cls.is_supported = staticmethod(is_supported)
@@ -161,38 +172,54 @@ class DeferredStopOnCuda:
         self._cls.is_supported = self._original
 
 
+MODEL_DEFAULT = "model-default"  # the compile config generate uses when given none (QoQ: CUDA graphs + freezing)
+
+
+def compile_config_for(model: nn.Module, compile_mode: str | None):
+    """The ``CompileConfig`` generate will compile the decode step with: the model's own default for
+    "model-default", ``torch.compile``'s ``mode`` otherwise; None (eager) for None."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    if compile_mode is None:
+        return None
+    return model._default_compile_config() if compile_mode == MODEL_DEFAULT else CompileConfig(mode=compile_mode)
+
+
 def run_generate(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, compile_mode: str | None,
                  stop_after: int | None = None) -> torch.Tensor:
     """Greedy ``generate`` of exactly ``new_tokens`` tokens with a static cache sized for them (compiled by
-    transformers with ``compile_mode``, eager when None); ``stop_after`` ends it after that many tokens."""
+    transformers with ``compile_config_for(model, compile_mode)``, eager when None); ``stop_after`` ends it after
+    that many tokens."""
     from transformers import GenerationConfig, StoppingCriteriaList
-    from transformers.generation.configuration_utils import CompileConfig
 
     cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                            cache_implementation="static", pad_token_id=0, eos_token_id=None,
                            disable_compile=compile_mode is None,
-                           compile_config=CompileConfig(mode=compile_mode) if compile_mode else None)
+                           compile_config=compile_config_for(model, compile_mode))
     stop = StoppingCriteriaList([_StopAfter(input_ids.shape[1], stop_after)]) if stop_after else None
     return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=cfg,
                           stopping_criteria=stop)
 
 
 def time_generate(model: nn.Module, name: str, variant: str, batch: int, prompt_len: int, new_tokens: int,
-                  compile_mode: str | None = "reduce-overhead", seed: int = 0,
-                  defer_stop: bool = False) -> GenerateResult:
-    """Tokens/s of ``generate`` (static cache; decode compiled by HF with ``compile_mode``) after a warm-up run;
-    ``defer_stop``: with transformers' deferred stop check on CUDA (``DeferredStopOnCuda``)."""
-    result = GenerateResult(name, variant, batch, prompt_len, new_tokens, extra={"compile_mode": compile_mode})
-    deferred = DeferredStopOnCuda() if defer_stop else contextlib.nullcontext()
+                  compile_mode: str | None = MODEL_DEFAULT, seed: int = 0,
+                  stop_check: str = "model-default") -> GenerateResult:
+    """Tokens/s of ``generate`` (static cache; decode compiled by HF with ``compile_config_for(model,
+    compile_mode)``) after a warm-up run, with the stop check ``stop_check`` (``StopCheckMode``)."""
+    config = compile_config_for(model, compile_mode)
+    result = GenerateResult(name, variant, batch, prompt_len, new_tokens,
+                            extra={"compile_mode": compile_mode,
+                                   "compile_config": None if config is None else config.to_dict()})
+    stops = StopCheckMode(stop_check)
     device = model.device
     vocab = model.config.vocab_size
     gen = torch.Generator(device="cpu").manual_seed(seed)
     input_ids = torch.randint(1, vocab, (batch, prompt_len), generator=gen).to(device)
     try:
-        with deferred:
+        with stops:
             _timed_runs(model, input_ids, new_tokens, compile_mode, result)
-        if defer_stop:
-            result.extra["stop_check"] = "deferred" if deferred.used else "per-step (deferred check not applicable)"
+        result.extra["stop_check"] = "deferred" if stops.deferred else "per-step"
+        result.extra["stop_check_setting"] = stop_check
     except torch.cuda.OutOfMemoryError as exc:
         result.error = f"out of memory: {str(exc).splitlines()[0]}"
     except Exception as exc:  # a benchmark row records its failure and the run goes on
@@ -286,13 +313,10 @@ def measure_largest_batch(model: nn.Module, prompt_len: int, new_tokens: int, up
     return search_largest(lambda b: fits_in_memory(model, b, prompt_len, new_tokens), upper)
 
 
-STOP_CHECKS = ("per-step", "deferred")  # transformers' default on CUDA; DeferredStopOnCuda
-
-
 def run_e2e(shapes=("llama3-8b",), variants=("bf16", "qoq-g128", "qoq-channel"), batches=(1, 16, 64, 256),
             protocols=((128, 256),), json_path: str | None = None, progress: bool = True,
             measure_max_batch: bool = False, time_max_batch: bool = False,
-            stop_checks=("per-step",)) -> list[dict]:
+            stop_checks=("model-default",), compile_modes=(MODEL_DEFAULT,)) -> list[dict]:
     """Run every (shape, variant, batch, protocol, stop check) and return (and optionally write) the rows. With
     ``measure_max_batch``, each (shape, variant, protocol) also gets a row (batch = the measured largest batch)
     from ``measure_largest_batch``, searched up to 1.25x the estimate; ``time_max_batch`` also times ``generate``
@@ -300,6 +324,8 @@ def run_e2e(shapes=("llama3-8b",), variants=("bf16", "qoq-g128", "qoq-channel"),
     unknown = set(stop_checks) - set(STOP_CHECKS)
     if unknown:
         raise ValueError(f"unknown stop checks {sorted(unknown)}; choose from {STOP_CHECKS}")
+    if not compile_modes or None in compile_modes:
+        raise ValueError("compile_modes: give one or more torch.compile modes or 'model-default' (eager is not timed)")
     if time_max_batch and not measure_max_batch:
         raise ValueError("time_max_batch needs measure_max_batch")
     from tqdm.auto import tqdm
@@ -309,7 +335,7 @@ def run_e2e(shapes=("llama3-8b",), variants=("bf16", "qoq-g128", "qoq-channel"),
     rows: list[dict] = []
     total_mem = torch.cuda.get_device_properties(0).total_memory
     jobs = [(s, v) for s in shapes for v in variants]
-    per_model = len(batches) * len(protocols) * len(stop_checks)
+    per_model = len(batches) * len(protocols) * len(stop_checks) * len(compile_modes)
     bar = tqdm(total=len(jobs) * per_model, disable=not progress, desc="e2e")
     for shape, variant in jobs:
         try:
@@ -324,8 +350,8 @@ def run_e2e(shapes=("llama3-8b",), variants=("bf16", "qoq-g128", "qoq-channel"),
         wbytes = weight_bytes(model)
         for prompt_len, new_tokens in protocols:
             estimate = largest_batch(model.config, variant != "bf16", wbytes, prompt_len + new_tokens, total_mem)
-            for batch, stop_check in [(b, c) for b in batches for c in stop_checks]:
-                res = _time_with_fallback(model, shape, variant, batch, prompt_len, new_tokens, stop_check)
+            for batch, stop_check, mode in [(b, c, m) for b in batches for c in stop_checks for m in compile_modes]:
+                res = _time_with_fallback(model, shape, variant, batch, prompt_len, new_tokens, stop_check, mode)
                 res.extra.update({"weights_gb": wbytes / 2**30, "largest_batch_estimate": estimate})
                 rows.append(asdict(res))
                 bar.update(1)
@@ -338,7 +364,8 @@ def run_e2e(shapes=("llama3-8b",), variants=("bf16", "qoq-g128", "qoq-channel"),
                 batch = measured
                 for _ in range(3 if time_max_batch else 0):
                     bar.set_postfix_str(f"{shape} {variant}: timing the largest batch ({batch})")
-                    res = _time_with_fallback(model, shape, variant, batch, prompt_len, new_tokens, "per-step")
+                    res = _time_with_fallback(model, shape, variant, batch, prompt_len, new_tokens,
+                                              stop_checks[0], compile_modes[0])
                     if res.error is None or "out of memory" not in res.error:
                         break
                     batch = max(1, int(batch * 0.9))
@@ -353,18 +380,17 @@ def run_e2e(shapes=("llama3-8b",), variants=("bf16", "qoq-g128", "qoq-channel"),
 
 
 def _time_with_fallback(model: nn.Module, shape: str, variant: str, batch: int, prompt_len: int, new_tokens: int,
-                        stop_check: str) -> GenerateResult:
-    """``time_generate`` with CUDA graphs, or plain inductor where graph capture fails (recorded in the row)."""
+                        stop_check: str, compile_mode: str = MODEL_DEFAULT) -> GenerateResult:
+    """``time_generate`` with ``compile_mode``, or plain inductor where graph capture fails (recorded in the row)."""
     failed_modes = {}
-    for mode in COMPILE_MODES:
+    for mode in (compile_mode, PLAIN_INDUCTOR):
         res = time_generate(model, shape, variant, batch, prompt_len, new_tokens, compile_mode=mode,
-                            defer_stop=stop_check == "deferred")
+                            stop_check=stop_check)
         if res.error is None or "out of memory" in res.error:
             break
         failed_modes[mode] = res.error
         torch._dynamo.reset()
     res.extra["failed_modes"] = failed_modes
-    res.extra.setdefault("stop_check", stop_check)
     return res
 
 
@@ -387,7 +413,10 @@ def format_table(rows: list[dict]) -> str:
             batch = f"{extra['measured_largest_batch']} (largest that fits, measured)"
             if r["tokens_per_s"] is not None and r["batch"] != extra["measured_largest_batch"]:
                 batch += f", timed at {r['batch']}"
-        variant = r["variant"] + (" (deferred stop)" if extra.get("stop_check") == "deferred" else "")
+        options = (extra.get("compile_config") or {}).get("options") or {}
+        notes = [note for note, on in (("deferred stop", extra.get("stop_check") == "deferred"),
+                                       ("freezing", bool(options.get("freezing")))) if on]
+        variant = r["variant"] + (f" ({', '.join(notes)})" if notes else "")
         lines.append(f"| {r['model']} | {variant} | {batch} | {r['prompt_len']}/{r['new_tokens']} | "
                      f"{f(r['tokens_per_s'])}{err} | {f(r['decode_tokens_per_s'])} | {f(r['ttft_ms'], '{:.1f}')} | "
                      f"{f(r['peak_mem_gb'], '{:.1f}')} | {r.get('extra', {}).get('largest_batch_estimate', '-')} |")

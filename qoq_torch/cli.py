@@ -104,7 +104,8 @@ def cmd_bench_e2e(args) -> None:
     protocols = [tuple(int(v) for v in p.split("x")) for p in args.protocols]
     rows = run_e2e(args.shapes, args.variants, args.batches, protocols, json_path=args.json,
                    measure_max_batch=args.measure_max_batch or args.time_max_batch,
-                   time_max_batch=args.time_max_batch, stop_checks=args.stop_checks)
+                   time_max_batch=args.time_max_batch, stop_checks=args.stop_checks,
+                   compile_modes=args.compile_modes)
     print(format_table(rows))
 
 
@@ -184,9 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="e2e: also find the largest batch that fits the GPU (bisection with short generate calls)")
     b.add_argument("--time-max-batch", action="store_true",
                    help="e2e: also time generate at the largest batch found (implies --measure-max-batch)")
-    b.add_argument("--stop-checks", nargs="+", default=["per-step"], choices=["per-step", "deferred"],
-                   help="e2e: transformers' per-step stop check (its CUDA default) and/or its deferred one, which "
-                        "lets the host queue the next step while the GPU runs (a row each)")
+    b.add_argument("--stop-checks", nargs="+", default=["model-default"],
+                   choices=["model-default", "per-step", "deferred"],
+                   help="e2e: how generate reads its stop flag on CUDA (a row each): what it does for the model "
+                        "(bf16: every step; QoQ: one step late), forced every step, or forced one step late")
+    b.add_argument("--compile-modes", nargs="+", default=["model-default"],
+                   help="e2e: compile settings of the decode step (a row each): 'model-default' (bf16: "
+                        "reduce-overhead; QoQ: CUDA graphs + inductor freezing) or a torch.compile mode")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--prompt-len", type=int, default=128)
     b.add_argument("--new-tokens", type=int, default=64)

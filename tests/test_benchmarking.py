@@ -72,18 +72,18 @@ def test_stop_after_ends_generate_early_with_the_full_cache():
     assert benchmarking.run_generate(model, ids, 6, None).shape == (2, 11)
 
 
-def test_deferred_stop_on_cuda_extends_transformers_check_and_restores_it():
+def test_stop_check_mode_forces_or_keeps_transformers_decision_and_restores_it():
     from transformers.generation import utils as gen_utils
 
-    check = gen_utils.DeferredStopCheck.is_supported
+    check = gen_utils.DeferredStopCheck.__dict__["is_supported"]
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
 
     class Cache:
         def __init__(self, croppable):
             self.is_croppable = croppable
 
-    assert not check(cuda, None, False, False)  # transformers' own rule: mps only
-    with benchmarking.DeferredStopOnCuda() as deferred:
+    assert not gen_utils.DeferredStopCheck.is_supported(cuda, None, False, False)  # transformers' rule: mps only
+    with benchmarking.StopCheckMode("deferred") as deferred:
         patched = gen_utils.DeferredStopCheck.is_supported
         assert patched(cuda, None, False, False)
         assert patched(cuda, Cache(False), False, False)  # a cache that is not returned need not be croppable
@@ -91,9 +91,16 @@ def test_deferred_stop_on_cuda_extends_transformers_check_and_restores_it():
         assert patched(cuda, Cache(True), True, False)
         assert not patched(cuda, None, False, True)  # never with an assistant model
         assert not patched(cpu, None, False, False)  # other devices keep transformers' rule
-        assert deferred.used == 3
-    assert gen_utils.DeferredStopCheck.is_supported(cuda, None, False, False) is False
-    assert gen_utils.DeferredStopCheck.__dict__["is_supported"].__func__ is check
+        assert deferred.deferred == 3
+    with benchmarking.StopCheckMode("per-step") as per_step:
+        assert not gen_utils.DeferredStopCheck.is_supported(cuda, None, False, False)
+        assert per_step.deferred == 0
+    with benchmarking.StopCheckMode("model-default") as default:  # the decision is left to the installed rule
+        assert not gen_utils.DeferredStopCheck.is_supported(cuda, Cache(True), False, False)
+        assert default.deferred == 0
+    assert gen_utils.DeferredStopCheck.__dict__["is_supported"] is check
+    with pytest.raises(ValueError, match="unknown stop check"):
+        benchmarking.StopCheckMode("sometimes")
 
 
 def test_e2e_option_checks_and_table_rows():

@@ -74,3 +74,27 @@ def test_cuda_generate_matches_simulation_first_tokens():
     sim = SimulatedQoQ(cpu, len(PROMPTS), 64).greedy(ids, mask, 4)
     got = gpu.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=4, do_sample=False)[:, ids.shape[1]:]
     assert torch.equal(got.cpu()[:, :2], sim[:, :2])
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_cuda_deferred_stop_check_generates_what_the_per_step_check_does(static):
+    """QoQ models read generate's stop flag one step late on CUDA; with end-of-sequence tokens hit at different
+    steps, the output (and its length) must equal the per-step check's."""
+    from qoq_torch.benchmarking import StopCheckMode
+
+    _, gpu = _models("llama")
+    ids, mask = left_padded(PROMPTS)
+    ids, mask = ids.cuda(), mask.cuda()
+    kw = dict(max_new_tokens=12, do_sample=False, cache_implementation="static" if static else None)
+    free = gpu.generate(ids, attention_mask=mask, **kw)[:, ids.shape[1]:]
+    first = next(k for k in range(2, 12) if int(free[1, k]) not in free[1, :k].tolist())
+    eos = int(free[1, first])  # a token that ends row 1 early, other rows later or never
+    outs = {}
+    for mode in ("per-step", "model-default"):
+        with StopCheckMode(mode) as stops:
+            outs[mode] = gpu.generate(ids, attention_mask=mask, eos_token_id=eos, pad_token_id=0, **kw)
+        outs[mode + " deferred"] = stops.deferred
+    assert outs["per-step deferred"] == 0 and outs["model-default deferred"] == 1
+    assert torch.equal(outs["per-step"], outs["model-default"])
+    row = outs["per-step"][1, ids.shape[1]:]
+    assert int(row[first]) == eos and bool((row[first + 1:] == 0).all())  # row 1 really stopped at its end-of-sequence token

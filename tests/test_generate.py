@@ -95,3 +95,32 @@ def test_multi_token_continuation_equals_token_by_token_decode(static):
     # Same quantized K/V, both attentions in float32 (SDPA on dequantized K/V vs decode attention): equal up to
     # float summation order (bit-equal today); a wrong mask or slot bookkeeping moves logits by O(max).
     assert torch.allclose(together.float(), steps.float(), atol=1e-2 * steps.float().abs().max().item(), rtol=0)
+
+
+def test_quantized_models_default_to_freezing_and_defer_the_stop_check_for_kv4_caches():
+    from transformers.generation import utils as gen_utils
+
+    from qoq_torch.nn.generation import DECODE_COMPILE_OPTIONS, disable_kv4_generate
+
+    model = _quantized("llama")
+    config, _ = model._prepare_generation_config(None, max_new_tokens=3)
+    assert config.compile_config is None  # the user gave none: generate falls back to the model's default
+    default = model._default_compile_config()
+    assert default.mode is None and default.options == DECODE_COMPILE_OPTIONS
+    assert default.options["freezing"] and default.options["triton.cudagraphs"]
+    float_model = tiny_model("llama")
+    assert float_model._default_compile_config().options is None  # other models keep transformers' default
+
+    check = gen_utils.DeferredStopCheck.is_supported
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cache = KV4Cache(model.config)
+    assert check(cuda, cache, False, False)
+    assert not check(cuda, cache, True, False)  # a returned cache: nothing is rolled back, so read every step
+    assert not check(cuda, cache, False, True)  # assisted decoding
+    assert not check(cpu, cache, False, False)  # the host does not wait for a CPU "device"
+    assert not check(cuda, DynamicCache(config=model.config), False, False)  # transformers' rule for other caches
+    cache.defer_stop_check = False
+    assert not check(cuda, cache, False, False)
+
+    disable_kv4_generate(model)
+    assert model._default_compile_config().options is None

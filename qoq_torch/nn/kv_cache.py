@@ -239,7 +239,10 @@ class KV4Cache(Cache):
     ``KV4Cache(config)`` grows as needed (the default in ``generate``); ``KV4Cache(config, max_cache_len=N)`` is
     static (fixed size, compile- and CUDA-graph-friendly; what ``cache_implementation="static"`` gives).
     Memory per token and KV head: ``D/2 + 4`` bytes for each of K and V.
+    ``defer_stop_check``: let generate read its stop flag one step late on CUDA (qoq_torch.nn.generation).
     """
+
+    defer_stop_check: bool = True
 
     def __init__(self, config=None, max_cache_len: int | None = None, num_layers: int | None = None) -> None:
         if num_layers is None:
