@@ -1,6 +1,8 @@
 """HF generate on QoQ models: exact agreement with a reference-op simulation, padding, caches, sampling."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -110,6 +112,18 @@ def test_quantized_models_default_to_freezing_and_defer_the_stop_check_for_kv4_c
     assert default.options["freezing"] and default.options["triton.cudagraphs"]
     float_model = tiny_model("llama")
     assert float_model._default_compile_config().options is None  # other models keep transformers' default
+    # dynamo reads inductor's global freezing flag while tracing: the compiled call runs with it set
+    from torch._inductor import config as inductor_config
+    from transformers.generation.configuration_utils import CompileConfig
+
+    from qoq_torch.nn import generation
+
+    frozen_call = model.get_compiled_call(None)
+    assert frozen_call.func is generation._call_frozen
+    assert not isinstance(model.get_compiled_call(CompileConfig(mode="reduce-overhead")), functools.partial)
+    flags = []
+    generation._call_frozen(lambda: flags.append(inductor_config.freezing))
+    assert flags == [True] and inductor_config.freezing is False
 
     check = gen_utils.DeferredStopCheck.is_supported
     cuda, cpu = torch.device("cuda"), torch.device("cpu")

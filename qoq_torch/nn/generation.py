@@ -18,6 +18,7 @@ Two decode-speed defaults come with the hook (both measured on an H100 in docs/b
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -83,11 +84,32 @@ def _default_compile_config(self) -> CompileConfig:  # named like the method it 
     return decode_compile_config()
 
 
+def get_compiled_call(self, compile_config: CompileConfig | None):
+    """transformers' compiled ``__call__``, run with inductor's global ``freezing`` flag set when the config asks
+    for freezing: dynamo reads that global flag (not the backend's options) while tracing to decide how the
+    parameters enter the graph, and with the option alone the weights stay graph inputs and the CUDA graphs are
+    skipped (the KV cache's in-place updates then count as mutated graph inputs)."""
+    compiled = type(self).get_compiled_call(self, compile_config)
+    options = (compile_config or self._default_compile_config()).options or {}
+    return functools.partial(_call_frozen, compiled) if options.get("freezing") else compiled
+
+
+def _call_frozen(compiled, *args, **kwargs):
+    from torch._inductor import config as inductor_config
+
+    previous, inductor_config.freezing = inductor_config.freezing, True
+    try:
+        return compiled(*args, **kwargs)
+    finally:
+        inductor_config.freezing = previous
+
+
 def enable_kv4_generate(model: nn.Module) -> None:
     """Install the KV4 cache hook on ``model`` (idempotent), the deferred stop check for KV4 caches on CUDA, and
     ``decode_compile_config`` as the model's default compile config."""
     model._prepare_cache_for_generation = types.MethodType(_prepare_kv4_cache_for_generation, model)
     model._default_compile_config = types.MethodType(_default_compile_config, model)
+    model.get_compiled_call = types.MethodType(get_compiled_call, model)
     _install_deferred_stop_check()
 
 
@@ -95,3 +117,4 @@ def disable_kv4_generate(model: nn.Module) -> None:
     """Remove the hooks: generate goes back to transformers' float caches and default compile config."""
     model.__dict__.pop("_prepare_cache_for_generation", None)
     model.__dict__.pop("_default_compile_config", None)
+    model.__dict__.pop("get_compiled_call", None)
