@@ -8,6 +8,7 @@
 
 #include <cstdlib>
 #include <string>
+#include <utility>
 
 // Numbers, shapes and devices in check messages go through std::to_string: in the device build (torch 2.11 +
 // nvcc 13.0), streaming an integer, a shape or a device into TORCH_CHECK's message from a .cu file crashed
@@ -58,6 +59,68 @@ bool runs_sm90_image(Kernel kernel, int8_t (&cache)[64]) {
     state = ok ? 1 : 2;
   }
   return state == 1;
+}
+
+// Programmatic dependent launch (PDL, sm_90+). Why: a decode step chains short kernels (rmsnorm_quantize ->
+// W4A8 GEMM -> ... -> silu_mul_quantize -> GEMM); a GEMM launched with PDL starts while the kernel before it still
+// runs, sets itself up and streams its weights (immutable module buffers) before it waits for that kernel's
+// activations, hiding the launch gap and the first DRAM round trip. Contract of every kernel launched through
+// launch_kernel with PDL on: pdl_wait() on every path before reading anything a previous kernel may have written
+// (activations, their scales and sums; the GEMM's packed weights, s1/s2/z2, scale/zero and bias may be read
+// before), before any global-memory write (the caching allocator may hand out memory the previous kernel still
+// reads) and before exiting (so that a kernel waiting on this one transitively waits on its predecessors).
+// pdl_launch_dependents() lets the next PDL-launched kernel start its prologue; it waits for this whole grid.
+// Both are no-ops below sm_90 and when the kernel was launched without the attribute.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// QOQ_PDL=0 turns PDL launches off (default on); read at every launch (a getenv), so tests can switch it.
+inline bool pdl_requested() { return env_int("QOQ_PDL", 1) != 0; }
+
+// Grid, block, dynamic shared memory and (cluster_x > 0) a 1-D thread-block cluster of one launch.
+struct LaunchDims {
+  dim3 grid, block;
+  size_t smem = 0;
+  unsigned cluster_x = 0;
+};
+
+// Launches `kernel` on the current stream with cudaLaunchKernelEx, with the PDL attribute when QOQ_PDL allows it
+// and the image the driver picked for `kernel` is sm_90+ code (runs_sm90_image; `sm90_cache` is the call site's
+// per-device state): a pre-sm_90 image (e.g. sm_80 PTX JIT-compiled on an H100) lacks the griddepcontrol.wait
+// above, so it must never start early. Captures into CUDA graphs (programmatic edges, CUDA >= 12.3).
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), int8_t (&sm90_cache)[64], const LaunchDims& dims, Args&&... args) {
+  cudaLaunchAttribute attrs[2];
+  unsigned n = 0;
+  if (dims.cluster_x > 0) {
+    attrs[n].id = cudaLaunchAttributeClusterDimension;
+    attrs[n].val.clusterDim.x = dims.cluster_x;
+    attrs[n].val.clusterDim.y = 1;
+    attrs[n].val.clusterDim.z = 1;
+    ++n;
+  }
+  if (pdl_requested() && runs_sm90_image(kernel, sm90_cache)) {
+    attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
+  cudaLaunchConfig_t config{};
+  config.gridDim = dims.grid;
+  config.blockDim = dims.block;
+  config.dynamicSmemBytes = dims.smem;
+  config.stream = c10::cuda::getCurrentCUDAStream();
+  config.attrs = n > 0 ? attrs : nullptr;
+  config.numAttrs = n;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 
 inline std::string device_str(const at::Tensor& t) { return t.device().str(); }

@@ -134,9 +134,8 @@ void launch(GemmParams p, const at::TensorOptions& options, int forced_splits) {
   }
   TORCH_CHECK(smem_bytes <= limit, "w4a8 GEMM tile needs ", qoq::num(smem_bytes), " bytes of shared memory; this GPU allows ",
               qoq::num(limit));
-  const dim3 grid(m_tiles, n_tiles, splits);
-  kernel<<<grid, C::kThreads, smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(p);
-  QOQ_CHECK_LAUNCH();
+  static int8_t sm90[64] = {0};
+  launch_kernel(kernel, sm90, {dim3(m_tiles, n_tiles, splits), dim3(C::kThreads), static_cast<size_t>(smem_bytes)}, p);
 }
 
 // Tuning knob for benchmarks only: QOQ_GEMM_FORCE="<config>,<splits>" picks a tile config (index below)
@@ -202,9 +201,9 @@ void launch_wgmma(const GemmParams& p) {
   auto kernel = w4a8_gemm_wgmma_kernel<BM, STAGES, MIN_BLOCKS, PER_GROUP>;
   static bool opted_in[64] = {false};
   allow_dynamic_smem(kernel, T::kSmemBytes, opted_in);
-  const dim3 grid((p.M + BM - 1) / BM, (p.N + T::kBN - 1) / T::kBN);
-  kernel<<<grid, T::kThreads, T::kSmemBytes, c10::cuda::getCurrentCUDAStream()>>>(p);
-  QOQ_CHECK_LAUNCH();
+  static int8_t sm90[64] = {0};
+  launch_kernel(kernel, sm90, {dim3((p.M + BM - 1) / BM, (p.N + T::kBN - 1) / T::kBN), dim3(T::kThreads), T::kSmemBytes},
+                p);
 }
 
 // True when the wgmma path computed the GEMM.

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 
+#include "common.cuh"
 #include "gemm/mma_ptx.cuh"
 
 namespace qoq {
@@ -98,22 +99,44 @@ struct EpilogueOperands {
   uint32_t zero_sum[ITERS];  // per channel: zero[n] * x_sum[m], subtracted from the accumulator
 };
 
+// load_epilogue in two halves for PDL (common.cuh): the weight operands (s[n], bias[n], zero[n]) may be loaded
+// before pdl_wait(), the activation ones (x_s[m], x_sum[m]) only after it.
 template <bool PER_GROUP, int ITERS>
-__device__ __forceinline__ void load_epilogue(EpilogueOperands<ITERS>& e, const GemmParams& p, int n0, int rows,
-                                              int tid, int nthreads) {
+__device__ __forceinline__ void load_epilogue_weights(EpilogueOperands<ITERS>& e, const GemmParams& p, int n0,
+                                                      int rows, int tid, int nthreads) {
 #pragma unroll
   for (int i = 0; i < ITERS; ++i) {
     const int idx = tid + i * nthreads;
     e.xs[i] = e.ws[i] = e.bias[i] = 0.f;
     e.zero_sum[i] = 0;
     if (idx < rows * p.M) {
-      const int row = idx % rows, m = idx / rows, n = n0 + row;
-      e.xs[i] = p.x_s[m];
+      const int n = n0 + idx % rows;
       e.ws[i] = __half2float(p.wscale[n]);
       if (p.bias_kind != kNoBias) e.bias[i] = load_bias(p, n);
-      if constexpr (!PER_GROUP) e.zero_sum[i] = static_cast<uint32_t>(p.zero[n]) * static_cast<uint32_t>(p.x_sum[m]);
+      if constexpr (!PER_GROUP) e.zero_sum[i] = p.zero[n];  // times x_sum[m] in load_epilogue_activations
     }
   }
+}
+
+template <bool PER_GROUP, int ITERS>
+__device__ __forceinline__ void load_epilogue_activations(EpilogueOperands<ITERS>& e, const GemmParams& p, int rows,
+                                                          int tid, int nthreads) {
+#pragma unroll
+  for (int i = 0; i < ITERS; ++i) {
+    const int idx = tid + i * nthreads;
+    if (idx < rows * p.M) {
+      const int m = idx / rows;
+      e.xs[i] = p.x_s[m];
+      if constexpr (!PER_GROUP) e.zero_sum[i] *= static_cast<uint32_t>(p.x_sum[m]);
+    }
+  }
+}
+
+template <bool PER_GROUP, int ITERS>
+__device__ __forceinline__ void load_epilogue(EpilogueOperands<ITERS>& e, const GemmParams& p, int n0, int rows,
+                                              int tid, int nthreads) {
+  load_epilogue_weights<PER_GROUP>(e, p, n0, rows, tid, nthreads);
+  load_epilogue_activations<PER_GROUP>(e, p, rows, tid, nthreads);
 }
 
 __device__ __forceinline__ void store_pair(const GemmParams& p, int m, int n, float y0, float y1) {
@@ -141,6 +164,43 @@ __device__ __forceinline__ uint4 load_weights_16(const uint8_t* ptr) {
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(ptr));
   return v;
+}
+
+// PDL prologue of the small-M kernels (common.cuh; sm_90+ code only, nothing elsewhere): while the previous kernel may
+// still run, the first `bytes` of each of the block's weight rows n0 .. n0 + rows - 1 (what its first batch of loads
+// reads) are prefetched into L2 by the bulk copy engine, one row per thread tid < rows, and per group the rows' s2 and
+// z2 bytes, one 128-byte line per thread (tid). Nothing is held in registers across the wait. PREDICATED: the row
+// prefetch is predicated in the asm instead of branched on tid < rows; with ptxas 13.0 that kept the register-capped
+// decode kernel (w4a8_gemv.cu) from spilling, while the small-M kernel allocates fewer registers with the branch.
+// The packed rows are 16-byte aligned (the host aligns qweight; K % 64 == 0).
+template <bool PER_GROUP, bool PREDICATED>
+__device__ __forceinline__ void prefetch_first_weights(const GemmParams& p, int n0, int rows, uint32_t bytes, int tid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const size_t row_bytes = static_cast<size_t>(p.K) / 2;
+  const uint32_t row_prefix = static_cast<uint32_t>(min(static_cast<size_t>(bytes), row_bytes));
+  if constexpr (PREDICATED) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.lt.s32 p, %2, %3;\n@p cp.async.bulk.prefetch.L2.global [%0], %1;\n}\n" ::"l"(
+            p.qweight + static_cast<size_t>(n0 + tid) * row_bytes),
+        "r"(row_prefix), "r"(tid), "r"(rows));
+  } else if (tid < rows) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p.qweight + (n0 + tid) * row_bytes),
+                 "r"(row_prefix));
+  }
+  if constexpr (PER_GROUP) {
+    // rows x groups contiguous bytes of each array; thread tid takes their 128-byte line tid (the first line, rounded
+    // down, stays on the same page, so it is mapped; lines past the block's threads are left to the loads: a hint)
+    const size_t offset = static_cast<size_t>(n0) * p.groups, len = static_cast<size_t>(rows) * p.groups;
+    auto prefetch_line = [&](const uint8_t* array) {
+      const uintptr_t begin = reinterpret_cast<uintptr_t>(array + offset);
+      const uintptr_t line = (begin & ~uintptr_t(127)) + 128 * static_cast<uintptr_t>(tid);
+      asm volatile("{\n.reg .pred p;\nsetp.lt.u64 p, %0, %1;\n@p prefetch.global.L2 [%0];\n}\n" ::"l"(line),
+                   "l"(begin + len));
+    };
+    prefetch_line(p.s2);
+    prefetch_line(p.z2);
+  }
+#endif
 }
 
 template <int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES>
@@ -212,6 +272,9 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, MIN_BLOCKS)
           static_cast<uint16_t>(__ldg(p.s2 + idx) | (static_cast<uint32_t>(__ldg(p.z2 + idx)) << 8));
     }
   }  // made visible by the first __syncthreads of the main loop
+  // PDL: the (s2, z2) table above is weights; the activations, the split-K workspace and every store come after.
+  pdl_wait();
+  pdl_launch_dependents();
 
   int32_t acc[MT][NT][4];
 #pragma unroll

@@ -22,6 +22,7 @@
 
 #include <cstdint>
 
+#include "common.cuh"
 #include "gemm/mma_ptx.cuh"
 #include "gemm/w4a8_gemm_kernel.cuh"
 #include "gemm/wgmma_ptx.cuh"
@@ -62,6 +63,8 @@ __global__ void wgmma_probe_kernel(int* out) { *out = QOQ_WGMMA_ENABLED; }
 
 template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP>
 __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const GemmParams p) {
+  pdl_wait();  // PDL (common.cuh): the first stage loads activations with the weights, so wait at the top
+  pdl_launch_dependents();
 #if QOQ_WGMMA_ENABLED
   using T = WgmmaTile<BM, STAGES>;
   constexpr int BK = T::kBK, BN = T::kBN, D = T::kPrefetch;

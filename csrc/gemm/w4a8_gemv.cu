@@ -69,9 +69,16 @@ __global__ void __launch_bounds__(kThreads, MINB) w4a8_gemv_kernel(const GemmPar
   // Lane rows: n0 + rl + kRowLanes * r, so for each r the warp reads 4 whole 128-byte row segments.
   const uint8_t* w_base = p.qweight + static_cast<size_t>(n0 + rl) * row_bytes;
 
+  // PDL (common.cuh): while the previous kernel may still run, the block's first batch of weights (U * 64 chunks of
+  // each row; per group with its scales and zeros) is prefetched into L2 and the weight epilogue operands are loaded;
+  // the activations and their scales / sums only after the wait.
+  prefetch_first_weights<PER_GROUP, true>(p, n0, BR, U * kChunkStride * 16, threadIdx.x);
   constexpr int kEpilogueIters = (BR * MAXM + kThreads - 1) / kThreads;
   EpilogueOperands<kEpilogueIters> epi;
-  load_epilogue<PER_GROUP>(epi, p, n0, BR, threadIdx.x, kThreads);
+  load_epilogue_weights<PER_GROUP>(epi, p, n0, BR, threadIdx.x, kThreads);
+  pdl_wait();
+  pdl_launch_dependents();
+  load_epilogue_activations<PER_GROUP>(epi, p, BR, threadIdx.x, kThreads);
 
   uint32_t acc[R][MAXM];
 #pragma unroll
@@ -166,9 +173,8 @@ void launch_bucket(const GemmParams& p) {
   constexpr int BR = kRowLanes * R;
   static_assert(16 % BR == 0, "N is only guaranteed to be a multiple of 16");
   static_assert(BR * MAXM <= kThreads * 4, "epilogue loop bound");
-  w4a8_gemv_kernel<PER_GROUP, MAXM, R, U, MINB>
-      <<<p.N / BR, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
-  QOQ_CHECK_LAUNCH();
+  static int8_t sm90[64] = {0};
+  launch_kernel(w4a8_gemv_kernel<PER_GROUP, MAXM, R, U, MINB>, sm90, {dim3(p.N / BR), dim3(kThreads)}, p);
 }
 
 // The (R, U, MINB) variants compiled for M <= 2: 0 = (4, 2, 2), 1 = (4, 2, 4), 2 = (2, 4, 4), 3 = (2, 2, 4),

@@ -40,7 +40,14 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_skinny_kernel(const GemmPara
   int32_t acc[RT][TT][4] = {};
   constexpr int kEpilogueIters = swapped::epilogue_iters(RT, TT, kThreads);
   EpilogueOperands<kEpilogueIters> epi;
-  load_epilogue<PER_GROUP>(epi, p, n0, BR, threadIdx.x, kThreads);
+  // PDL (common.cuh): while the previous kernel may still run, the block's first batch of weights (U * kWarps k blocks
+  // of 64 bytes of each row; per group with their scales and zeros) is prefetched into L2 and the weight epilogue
+  // operands are loaded; the activations and their scales / sums only after the wait.
+  prefetch_first_weights<PER_GROUP, false>(p, n0, BR, U * kWarps * 64, threadIdx.x);
+  load_epilogue_weights<PER_GROUP>(epi, p, n0, BR, threadIdx.x, kThreads);
+  pdl_wait();
+  pdl_launch_dependents();
+  load_epilogue_activations<PER_GROUP>(epi, p, BR, threadIdx.x, kThreads);
 
   // Batch u of a warp reads k block q0 + u % 2 + (u / 2) * 2 * kWarps: each warp reads 2 adjacent 128-wide k blocks
   // (128 contiguous bytes of each row) per pair, the 8 warps together 16 adjacent ones.
@@ -94,8 +101,8 @@ void launch_tiles(const GemmParams& p) {
     static bool opted_in[64] = {false};
     allow_dynamic_smem(kernel, kSmemBytes, opted_in);
   }
-  kernel<<<p.N / BR, kThreads, kSmemBytes, c10::cuda::getCurrentCUDAStream()>>>(p);
-  QOQ_CHECK_LAUNCH();
+  static int8_t sm90[64] = {0};
+  launch_kernel(kernel, sm90, {dim3(p.N / BR), dim3(kThreads), kSmemBytes}, p);
 }
 
 template <bool PER_GROUP, int TT>

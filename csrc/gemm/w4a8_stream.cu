@@ -112,10 +112,14 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
         }
       }
     }
+    pdl_wait();  // PDL: the producer reads weights only, but no thread exits before the previous kernel is done
     return;
   }
 
-  // Consumers.
+  // Consumers. PDL: the producer streams the first stages of weights while the previous kernel still runs; the
+  // consumers wait for it before their first activation (and activation scale) load.
+  pdl_wait();
+  pdl_launch_dependents();
   const int g = lane >> 2, t = lane & 3;
   int32_t* partial = reinterpret_cast<int32_t*>(smem + L::kPartialOffset);
   const int gps = PER_GROUP ? L::KS / p.group_size : 0;
@@ -188,9 +192,8 @@ void launch_tiles(const GemmParams& p, int sms) {
   auto kernel = w4a8_stream_kernel<PER_GROUP, G128, TT, RT, CW, BLOCKS>;
   static bool opted_in[64] = {false};
   allow_dynamic_smem(kernel, L::kSmemBytes, opted_in);
-  const int tiles = p.N / L::BR;
-  kernel<<<std::min(tiles, BLOCKS * sms), L::kThreads, L::kSmemBytes, c10::cuda::getCurrentCUDAStream()>>>(p);
-  QOQ_CHECK_LAUNCH();
+  static int8_t sm90[64] = {0};
+  launch_kernel(kernel, sm90, {dim3(std::min(p.N / L::BR, BLOCKS * sms)), dim3(L::kThreads), L::kSmemBytes}, p);
 }
 
 // Variants (rows per tile, consumer warps, blocks per SM): 0 = (16, 8, 1), 1 = (32, 8, 1), 2 = (32, 8, 2),

@@ -142,6 +142,8 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_kernel(Args a) {
   extern __shared__ float ys[];
   __shared__ float fscratch[kMaxWarps];
   __shared__ int iscratch[kMaxWarps];
+  pdl_wait();  // PDL (common.cuh): every global read here is an activation (the norm weight is read late anyway)
+  pdl_launch_dependents();
   const int64_t row = blockIdx.x;
   const T* x = static_cast<const T*>(a.x) + row * a.k_in;
   const int64_t nvec = a.k / VEC;
@@ -253,6 +255,13 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_cluster_kernel(Args
   const T* x = static_cast<const T*>(a.x) + row * a.k_in + v * VEC;
   float y[VEC] = {};  // inactive threads keep zeros: neutral for the sum of squares, amax and the code sum
   float amax = 0.f;
+  float w[VEC] = {};  // the RMSNorm weight (a module buffer)
+  if constexpr (OP == RowOp::kRmsNorm) {
+    if (active) load_vec<T, VEC>(static_cast<const T*>(a.weight) + v * VEC, w);
+  }
+  // PDL (common.cuh): the weight above may be read while the previous kernel runs, x only after it is done.
+  pdl_wait();
+  pdl_launch_dependents();
 
   if constexpr (OP == RowOp::kIdentity) {
     if (active) load_vec<T, VEC>(x, y);
@@ -264,12 +273,10 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_cluster_kernel(Args
 #pragma unroll
       for (int i = 0; i < VEC; ++i) y[i] = y[i] / (1.0f + expf(-y[i])) * u[i];  // the reference's F.silu(gate) * up
     }
-  } else {  // kRmsNorm: the weight is loaded with x, not after the sum of squares, to keep one load round
-    float w[VEC] = {};
+  } else {  // kRmsNorm: the weight was loaded before x, not after the sum of squares, to keep one load round
     float ss = 0.f;
     if (active) {
       load_vec<T, VEC>(x, y);
-      load_vec<T, VEC>(static_cast<const T*>(a.weight) + v * VEC, w);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) ss += y[i] * y[i];
     }
@@ -326,8 +333,8 @@ void launch_typed(const Args& a, int64_t m) {
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  kernel<<<static_cast<unsigned>(m), threads, smem, c10::cuda::getCurrentCUDAStream()>>>(a);
-  QOQ_CHECK_LAUNCH();
+  static int8_t sm90[64] = {0};
+  launch_kernel(kernel, sm90, {dim3(static_cast<unsigned>(m)), dim3(threads), smem}, a);
 }
 
 bool cluster_split_available() {
@@ -364,19 +371,11 @@ SplitPlan plan_split(int64_t m, int64_t nvec, bool split_by_default) {
 
 template <typename T, int VEC, RowOp OP>
 void launch_split(const Args& a, int64_t m, const SplitPlan& plan) {
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(plan.ctas);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(m * plan.ctas));
-  config.blockDim = dim3(static_cast<unsigned>(plan.threads));
-  config.dynamicSmemBytes = 0;
-  config.stream = c10::cuda::getCurrentCUDAStream();
-  config.attrs = attr;
-  config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, quantize_rows_cluster_kernel<T, VEC, OP>, a, plan.per_cta));
+  static int8_t sm90[64] = {0};
+  launch_kernel(quantize_rows_cluster_kernel<T, VEC, OP>, sm90,
+                {dim3(static_cast<unsigned>(m * plan.ctas)), dim3(static_cast<unsigned>(plan.threads)), 0,
+                 static_cast<unsigned>(plan.ctas)},
+                a, plan.per_cta);
 }
 
 // 16-byte vectors when every row start (and the weight / the `up` half) is 16-byte aligned, else scalars. The
