@@ -6,7 +6,11 @@ bfloat16 cache, timed with each SDPA backend that accepts the inputs; the fastes
 medians of CUDA-graph replays (no launch gaps), rotating over enough copies of the inputs to defeat L2.
 GB/s counts the cache bytes each kernel must read; the copy bandwidth is measured in the same run.
 
-    python benchmarks/attention.py [--json out.json] [--png out.png] [--quick]
+The same run also times the decode step's RoPE + append (qoq::rope_kv4_append on the qkv projection's output)
+against the unfused chain QoQAttention runs without it (split, float32 RoPE, contiguous copies, kv4_append),
+eager and under torch.compile (inductor), at batch 1, 16, 64, 256 (JSON key "append_rows").
+
+    python benchmarks/attention.py [--json out.json] [--png out.png] [--quick] [--append-only]
     python benchmarks/attention.py --check-small     # small cases, for compute-sanitizer
 """
 from __future__ import annotations
@@ -24,6 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qoq_torch.ops as ops  # noqa: E402
+from qoq_torch.nn.attention import apply_rope  # noqa: E402
+from qoq_torch.ops import reference  # noqa: E402
 
 H_Q, H_KV, HEAD_DIM = 32, 8, 128
 BATCHES = (1, 16, 64, 256)
@@ -151,6 +157,88 @@ def bench_case(b: int, t: int, copy_gbs: float, backends: dict) -> dict | None:
     return row
 
 
+def unfused_rope_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches, pos: torch.Tensor):
+    """The decode step's RoPE + append without the fused op, as QoQAttention runs it: q [B, H_q, 1, D] contiguous."""
+    q, k, v = reference.split_qkv(qkv, H_Q, H_KV, HEAD_DIM)
+    q, k = apply_rope(q, k, cos, sin)
+    ops.kv4_append(*caches, k.contiguous(), v.contiguous(), pos)
+    return q.contiguous()
+
+
+def rope_append_inputs(b: int, t: int = 16):
+    """(qkv [B, 1, (H_q + 2 H_kv) D], cos, sin [B, 1, D] bf16, KV4 caches of t slots, position [1])."""
+    qkv = torch.randn(b, 1, (H_Q + 2 * H_KV) * HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    angles = torch.rand(b, 1, HEAD_DIM // 2, device="cuda") * 1000
+    angles = torch.cat((angles, angles), dim=-1)
+    caches = (torch.zeros(b, H_KV, t, HEAD_DIM // 2, dtype=torch.uint8, device="cuda"),
+              torch.zeros(b, H_KV, t, 2, dtype=torch.float16, device="cuda"),
+              torch.zeros(b, H_KV, t, HEAD_DIM // 2, dtype=torch.uint8, device="cuda"),
+              torch.zeros(b, H_KV, t, 2, dtype=torch.float16, device="cuda"))
+    return qkv, angles.cos().bfloat16(), angles.sin().bfloat16(), caches, torch.tensor([t // 2], device="cuda")
+
+
+def bench_rope_append(b: int, compiled_unfused) -> dict:
+    """Fused rope_kv4_append against the unfused chain (eager and compiled) at batch b, one new token per row."""
+    qkv_bytes = b * (H_Q + 2 * H_KV) * HEAD_DIM * 2
+    sets = max(1, min(64, math.ceil(ROTATE_BYTES / qkv_bytes)))
+    data = [rope_append_inputs(b) for _ in range(sets)]
+    moved = qkv_bytes + 2 * b * HEAD_DIM * 2 + b * H_Q * HEAD_DIM * 2 + 2 * b * H_KV * (HEAD_DIM // 2 + 4)
+
+    def fused(i):
+        qkv, cos, sin, caches, pos = data[i]
+        return ops.rope_kv4_append(qkv, cos, sin, *caches, pos, H_Q)
+
+    def unfused(i, fn=unfused_rope_append):
+        qkv, cos, sin, caches, pos = data[i]
+        return fn(qkv, cos, sin, caches, pos)
+
+    row = {"batch": b, "bytes": moved, "fused_us": time_graph(fused, sets)}
+    row["unfused_eager_us"] = time_graph(unfused, sets)
+    try:
+        row["unfused_compiled_us"] = time_graph(lambda i: unfused(i, compiled_unfused), sets)
+    except Exception as exc:  # inductor unavailable on this machine: the eager chain still counts
+        row["unfused_compiled_us"] = None
+        row["compile_error"] = str(exc).splitlines()[0][:160]
+    row["fused_gbs"] = moved / row["fused_us"] / 1e3
+    row["speedup_vs_eager"] = row["unfused_eager_us"] / row["fused_us"]
+    if row["unfused_compiled_us"]:
+        row["speedup_vs_compiled"] = row["unfused_compiled_us"] / row["fused_us"]
+    # Sanity: the fused op stores the same cache bytes and returns the same q as the unfused chain.
+    qkv, cos, sin, caches, pos = data[0]
+    fused_caches = [c.clone() for c in caches]
+    q_fused = ops.rope_kv4_append(qkv, cos, sin, *fused_caches, pos, H_Q)
+    q_plain = unfused_rope_append(qkv, cos, sin, caches, pos)
+    row["bit_exact_vs_unfused"] = bool(torch.equal(q_fused, q_plain) and
+                                       all(torch.equal(a, c) for a, c in zip(fused_caches, caches)))
+    del data
+    torch.cuda.empty_cache()
+    return row
+
+
+def run_rope_append(batches) -> list[dict]:
+    compiled = torch.compile(unfused_rope_append)
+    rows = []
+    for b in batches:
+        row = bench_rope_append(b, compiled)
+        rows.append(row)
+        print(json.dumps({k: row.get(k) for k in ("batch", "fused_us", "unfused_eager_us", "unfused_compiled_us",
+                                                  "bit_exact_vs_unfused")}), flush=True)
+    return rows
+
+
+def print_rope_append_table(rows: list[dict]) -> None:
+    print(f"\nRoPE + KV4 append of one decode step ({torch.cuda.get_device_name()}, torch {torch.__version__}); "
+          f"H_q={H_Q}, H_kv={H_KV}, D={HEAD_DIM}, bfloat16")
+    print("| batch | fused µs | GB/s | unfused eager µs | unfused compiled µs | speed-up vs eager / compiled "
+          "| exact |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        comp = f"{r['unfused_compiled_us']:.1f}" if r["unfused_compiled_us"] else "n/a"
+        vs_comp = f"{r['speedup_vs_compiled']:.1f}x" if "speedup_vs_compiled" in r else "n/a"
+        print(f"| {r['batch']} | {r['fused_us']:.1f} | {r['fused_gbs']:.0f} | {r['unfused_eager_us']:.1f} | {comp} | "
+              f"{r['speedup_vs_eager']:.1f}x / {vs_comp} | {r['bit_exact_vs_unfused']} |")
+
+
 def print_table(rows: list[dict], copy_gbs: float) -> None:
     print(f"\nKV4 decode attention vs bf16 SDPA ({torch.cuda.get_device_name()}, torch {torch.__version__}); "
           f"H_q={H_Q}, H_kv={H_KV}, D={HEAD_DIM}; copy bandwidth {copy_gbs:.0f} GB/s")
@@ -201,6 +289,20 @@ def check_small() -> None:
             err = float((out.cpu().float() - ref.float()).norm() / ref.float().norm())
             print(f"check {dtype} b={b} h={h_q}/{h_kv} s_q={s_q} d={d} t={t}: rel err {err:.1e}")
             assert err < 1e-2
+        # rope_kv4_append: vectorized layouts (64, 128, 256), the general one (96), batch-1 cos/sin.
+        for b, s, h_q, h_kv, d in ((2, 1, 8, 2, 128), (3, 2, 4, 4, 64), (1, 3, 4, 2, 256), (2, 2, 6, 3, 96)):
+            qkv = torch.randn(b, s, (h_q + 2 * h_kv) * d, generator=gen).to(dtype)
+            cos = (torch.rand(1, s, d, generator=gen) * 2 - 1).to(dtype)
+            sin = (torch.rand(b, s, d, generator=gen) * 2 - 1).to(dtype)
+            caches = [torch.zeros(b, h_kv, 8, d // 2, dtype=torch.uint8), torch.zeros(b, h_kv, 8, 2, dtype=torch.half)]
+            caches += [c.clone() for c in caches]
+            pos = torch.arange(s) + 4
+            got = [c.cuda() for c in caches]
+            q = ops.rope_kv4_append(qkv.cuda(), cos.cuda(), sin.cuda(), *got, pos.cuda(), h_q)
+            q_ref = torch.ops.qoq.rope_kv4_append(qkv, cos, sin, *caches, pos, h_q)
+            exact = torch.equal(q.cpu(), q_ref) and all(torch.equal(g.cpu(), c) for g, c in zip(got, caches))
+            print(f"check rope_kv4_append {dtype} b={b} s={s} h={h_q}/{h_kv} d={d}: exact {exact}")
+            assert exact
     torch.cuda.synchronize()
     print("check-small ok")
 
@@ -217,11 +319,19 @@ def main() -> None:
     parser = kernel_benchmark_parser(__doc__)
     parser.add_argument("--png", help="write a speed-up plot here")
     parser.add_argument("--quick", action="store_true", help="batch 1 and 64 at 4k and 32k only")
+    parser.add_argument("--append-only", action="store_true", help="only the RoPE + append comparison")
     args = parser.parse_args()
     if args.check_small:
         check_small()
         return
     torch.manual_seed(0)
+    if args.append_only:
+        append_rows = run_rope_append(BATCHES)
+        print_rope_append_table(append_rows)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"meta": append_meta(), "append_rows": append_rows}, fh, indent=1)
+        return
     warnings.filterwarnings("ignore", message="For dense input")  # SDPA backends declining GQA, once per call
     copy_gbs = copy_bandwidth_gbs()
     backends = sdpa_backends()
@@ -237,13 +347,22 @@ def main() -> None:
             print(json.dumps({k: row[k] for k in ("batch", "context", "ours_us", "sdpa_us", "rel_err_vs_bf16")}),
                   flush=True)
     print_table(rows, copy_gbs)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbs": copy_gbs,
-            "h_q": H_Q, "h_kv": H_KV, "head_dim": HEAD_DIM}
-    if args.json:
+    meta = {**append_meta(), "copy_gbs": copy_gbs}
+    if args.json:  # written before the append comparison too, so a timeout there keeps the decode rows
         with open(args.json, "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)
     if args.png:
         plot(rows, args.png)
+    append_rows = run_rope_append(batches if args.quick else BATCHES)
+    print_rope_append_table(append_rows)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"meta": meta, "rows": rows, "append_rows": append_rows}, fh, indent=1)
+
+
+def append_meta() -> dict:
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "h_q": H_Q, "h_kv": H_KV,
+            "head_dim": HEAD_DIM}
 
 
 if __name__ == "__main__":

@@ -233,3 +233,161 @@ def test_bad_input_rejected(gen):
     before = [c.clone() for c in caches]
     append(*caches, k, k, torch.tensor([-1, 40, 1 << 40], device="cuda"))
     assert all(torch.equal(a, b) for a, b in zip(before, caches))
+
+
+# ---- rope_kv4_append ------------------------------------------------------------------------------------
+
+def _rope_kernel_built() -> bool:
+    return torch.cuda.is_available() and "rope_kv4_append" in ops.extension_status()["cuda_ops"]
+
+
+needs_rope_kernel = pytest.mark.skipif(not _rope_kernel_built(), reason="qoq_torch._C rope_kv4_append not built")
+
+
+def rope_inputs(b: int, s: int, h_q: int, h_kv: int, d: int, dtype, cos_batch: int, gen: torch.Generator):
+    """(qkv [B, S, (H_q + 2 H_kv) D], cos, sin [cos_batch, S, D]) on the CPU: rows of different ranges, real angles."""
+    qkv = torch.randn(b, s, (h_q + 2 * h_kv) * d, generator=gen) * (torch.rand(b, s, 1, generator=gen) * 4 + 0.5)
+    inv_freq = 1.0 / (500000 ** (torch.arange(0, d, 2).float() / d))
+    angles = torch.randint(0, 8192, (cos_batch, s, 1), generator=gen).float() * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return qkv.to(dtype), angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def assert_rope_append_exact(qkv, cos, sin, caches, pos, h_q, cuda_inputs=None) -> None:
+    """The CUDA op (on `cuda_inputs` (qkv, cos, sin) if given: other layouts of the same values) against the CPU
+    reference: q, caches and params equal bit for bit."""
+    got = [c.cuda() for c in caches]
+    inputs = cuda_inputs if cuda_inputs is not None else (qkv.cuda(), cos.cuda(), sin.cuda())
+    q = ops.rope_kv4_append(*inputs, *got, pos.cuda(), h_q)
+    ref = [c.clone() for c in caches]
+    q_ref = torch.ops.qoq.rope_kv4_append(qkv, cos, sin, *ref, pos, h_q)
+    assert q.shape == q_ref.shape and q.dtype == q_ref.dtype and q.is_contiguous()
+    assert torch.equal(q.cpu(), q_ref), "q differs"
+    for name, g, r in zip(("k_cache", "k_params", "v_cache", "v_params"), got, ref):
+        assert torch.equal(g.cpu(), r), f"{name} differs"
+
+
+@needs_rope_kernel
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("d", (64, 128))
+@pytest.mark.parametrize("h_q,h_kv", ((8, 2), (4, 4)))
+@pytest.mark.parametrize("s", (1, 5))
+@pytest.mark.parametrize("b", (1, 3, 16))
+def test_rope_append_bit_exact(b, s, h_q, h_kv, d, dtype, gen):
+    t = 40
+    qkv, cos, sin = rope_inputs(b, s, h_q, h_kv, d, dtype, 1 if b == 3 else b, gen)
+    caches = random_cache(b, h_kv, t, d, gen)
+    pos = torch.randperm(t - 3, generator=gen)[:s] + 3
+    assert_rope_append_exact(qkv, cos, sin, caches, pos, h_q)
+
+
+@needs_rope_kernel
+@pytest.mark.parametrize("d", (66, 96, 256))  # general layout (partners straddling pairs at 66), 16-byte loads at 256
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_rope_append_other_head_dims(d, dtype, gen):
+    b, s, h_q, h_kv, t = 3, 2, 6, 3, 20
+    qkv, cos, sin = rope_inputs(b, s, h_q, h_kv, d, dtype, b, gen)
+    assert_rope_append_exact(qkv, cos, sin, random_cache(b, h_kv, t, d, gen), torch.tensor([7, 19]), h_q)
+
+
+@needs_rope_kernel
+def test_rope_append_strided_and_unaligned_inputs(gen):
+    b, s, h_q, h_kv, d, t = 4, 3, 8, 2, 128, 30
+    qkv, cos, sin = rope_inputs(b, s, h_q, h_kv, d, torch.bfloat16, 1, gen)
+    caches = random_cache(b, h_kv, t, d, gen)
+    pos = torch.tensor([0, 29, 11])
+    width = qkv.shape[-1]
+    # Rows 2 elements apart from their neighbours' ends (4-byte aligned, not 8): the general layout in place.
+    padded = torch.zeros(b, s, width + 2, dtype=qkv.dtype)
+    padded[..., :width] = qkv
+    cuda_cos = cos.cuda().expand(b, s, d)  # a broadcast batch given as stride 0
+    assert_rope_append_exact(qkv, cos.expand(b, s, d), sin, caches, pos, h_q,
+                             (padded.cuda()[..., :width], cuda_cos, sin.cuda()))
+    # Contiguous but 2 bytes off alignment: copied first.
+    flat = torch.zeros(qkv.numel() + 1, dtype=qkv.dtype, device="cuda")
+    flat[1:] = qkv.flatten().cuda()
+    assert_rope_append_exact(qkv, cos, sin, caches, pos, h_q, (flat[1:].view_as(qkv), cos.cuda(), sin.cuda()))
+
+
+@needs_kernel
+def test_append_unaligned_contiguous_input_bit_exact(gen):
+    b, h, s, d, t = 2, 2, 3, 64, 10
+    k = torch.randn(b, h, s, d, generator=gen).half()
+    v = torch.randn(b, h, s, d, generator=gen).half()
+    flat = torch.zeros(2 * k.numel() + 1, dtype=k.dtype, device="cuda")
+    flat[1:] = torch.cat((k.flatten(), v.flatten())).cuda()
+    k_dev, v_dev = flat[1:1 + k.numel()].view_as(k), flat[1 + k.numel():].view_as(v)  # 2 bytes off alignment
+    caches = random_cache(b, h, t, d, gen)
+    got = [c.cuda() for c in caches]
+    ops.kv4_append(*got, k_dev, v_dev, torch.tensor([1, 5, 9], device="cuda"))
+    ref = [c.clone() for c in caches]
+    torch.ops.qoq.kv4_append(*ref, k, v, torch.tensor([1, 5, 9]))
+    assert all(torch.equal(g.cpu(), r) for g, r in zip(got, ref))
+
+
+@needs_rope_kernel
+def test_rope_append_out_of_range_positions_still_return_q(gen):
+    b, s, h_q, h_kv, d, t = 2, 3, 4, 2, 64, 16
+    qkv, cos, sin = rope_inputs(b, s, h_q, h_kv, d, torch.float16, b, gen)
+    caches = [c.cuda() for c in random_cache(b, h_kv, t, d, gen)]
+    before = [c.clone() for c in caches]
+    q = ops.rope_kv4_append(qkv.cuda(), cos.cuda(), sin.cuda(), *caches, torch.tensor([-1, 16, 1 << 40], device="cuda"),
+                            h_q)
+    assert all(torch.equal(a, c) for a, c in zip(before, caches))  # skipped, never written out of bounds
+    want = ops.rope(qkv[..., : h_q * d].view(b, s, h_q, d).transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1))
+    assert torch.equal(q.cpu(), want)
+
+
+@needs_rope_kernel
+def test_rope_append_graph_capturable(gen):
+    b, s, h_q, h_kv, d, t = 16, 1, 32, 8, 128, 64
+    qkv, cos, sin = (x.cuda() for x in rope_inputs(b, s, h_q, h_kv, d, torch.bfloat16, b, gen))
+    caches = [c.cuda() for c in random_cache(b, h_kv, t, d, gen)]
+    pos = torch.tensor([5], device="cuda")
+    ops.rope_kv4_append(qkv, cos, sin, *caches, pos, h_q)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph):
+            captured = ops.rope_kv4_append(qkv, cos, sin, *caches, pos, h_q)
+    new_qkv, new_cos, new_sin = rope_inputs(b, s, h_q, h_kv, d, torch.bfloat16, b, gen)
+    qkv.copy_(new_qkv.cuda()), cos.copy_(new_cos.cuda()), sin.copy_(new_sin.cuda()), pos.fill_(42)
+    ref = [c.cpu() for c in caches]
+    graph.replay()
+    torch.cuda.synchronize()
+    q_ref = torch.ops.qoq.rope_kv4_append(new_qkv, new_cos, new_sin, *ref, torch.tensor([42]), h_q)
+    assert torch.equal(captured.cpu(), q_ref)
+    assert all(torch.equal(c.cpu(), r) for c, r in zip(caches, ref))
+
+
+@needs_rope_kernel
+def test_rope_append_opcheck_cuda(gen):
+    qkv, cos, sin = (x.cuda() for x in rope_inputs(2, 3, 4, 2, 64, torch.float16, 1, gen))
+    caches = [c.cuda() for c in random_cache(2, 2, 12, 64, gen)]
+    torch.library.opcheck(torch.ops.qoq.rope_kv4_append.default,
+                          (qkv, cos, sin, *caches, torch.tensor([4, 5, 6], device="cuda"), 4))
+
+
+@needs_rope_kernel
+def test_rope_append_bad_input_rejected(gen):
+    b, s, h_q, h_kv, d = 2, 1, 4, 2, 64
+    qkv, cos, sin = (x.cuda() for x in rope_inputs(b, s, h_q, h_kv, d, torch.float16, b, gen))
+    caches = [c.cuda() for c in random_cache(b, h_kv, 8, d, gen)]
+    pos = torch.tensor([2], device="cuda")
+    op = torch.ops.qoq.rope_kv4_append
+    cases = [
+        (lambda: op(qkv.float(), cos, sin, *caches, pos, h_q), "qkv must have dtype"),
+        (lambda: op(qkv, cos.bfloat16(), sin, *caches, pos, h_q), "cos must have dtype"),
+        (lambda: op(qkv, cos, sin.cpu(), *caches, pos, h_q), "sin is on"),
+        (lambda: op(qkv[..., : 7 * d], cos, sin, *caches, pos, 3), "multiple of the KV heads"),
+        (lambda: op(qkv, cos, sin, *caches, pos, 2), "columns"),
+        (lambda: op(qkv, cos[..., :32], sin, *caches, pos, h_q), "cos must have shape"),
+        (lambda: op(qkv[:1], cos[:1], sin[:1], *caches, pos, h_q), "k_cache holds B="),
+        (lambda: op(qkv, cos, sin, *caches, pos.int(), h_q), "cache_position must have dtype"),
+        (lambda: op(qkv, cos, sin, caches[0], caches[1].float(), *caches[2:], pos, h_q), "k_params must have dtype"),
+        (lambda: op(torch.stack((qkv, qkv), -1).flatten(-2)[..., ::2], cos, sin, *caches, pos, h_q), "contiguous rows"),
+    ]
+    for call, match in cases:
+        with pytest.raises((RuntimeError, ValueError, TypeError), match=match):
+            call()

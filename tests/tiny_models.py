@@ -61,9 +61,11 @@ def _gemm(linear, x_q, x_s, x_sum, dtype):
 
 
 def _rope(x, cos, sin):
+    """RoPE as docs/formats.md states it: float32 products and sum, rounded to x's dtype once."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+    xf = x.float()
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos.float().unsqueeze(1) + rotated * sin.float().unsqueeze(1)).to(x.dtype)
 
 
 class SimulatedQoQ:

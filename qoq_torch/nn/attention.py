@@ -6,7 +6,8 @@ and return value. With a ``KV4Cache``:
     mask), then the new K/V are quantized into the cache;
   * decode (one new token per row): append, then ``kv4_decode_attention`` over the cache; the valid slots of a row
     are ``[kv_start, kv_len)`` with ``kv_start`` read from the attention mask on the device (left padding, sliding
-    window), so a step has no host sync and compiles into one graph;
+    window), so a step has no host sync and compiles into one graph. Without q/k norms, RoPE and the append are one
+    op on the fused projection (``rope_kv4_append``), which also returns the rotated q;
   * continuation (several tokens on a non-empty cache): append, then attention over the dequantized cache.
 With any other ``Cache`` (e.g. kv_bits=16) the float K/V go through ``cache.update`` as in transformers.
 """
@@ -25,15 +26,12 @@ from .linear import QoQLinear, check_compute_dtype
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """RoPE as in transformers (``cos``/``sin`` ``[B, S, D]``; q/k ``[B, H, S, D]``)."""
+    """RoPE as in transformers (``cos``/``sin`` ``[B, S, D]``; q/k ``[B, H, S, D]``), computed in float32 and
+    rounded to q/k's dtype once (`ops.rope`: the formula `rope_kv4_append` uses, so prefill and decode store
+    the same K bit for bit)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return ops.rope(q, cos, sin), ops.rope(k, cos, sin)
 
 
 def kv_starts_from_mask(attention_mask: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
@@ -82,12 +80,20 @@ class QoQAttention(nn.Module):
         self.q_norm = q_norm
         self.k_norm = k_norm
 
-    def _project(self, hidden_states: torch.Tensor, position_embeddings):
+    # Decode steps on a KV4 cache use the fused RoPE + append op where it applies (tests switch it off to compare).
+    fuse_rope_append: bool = True
+
+    def _qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Input RMSNorm + the fused q/k/v GEMM: ``[B * S, (H_q + 2 H_kv) * D]`` in the input's dtype."""
         b, s, hidden = hidden_states.shape
         out_dtype = check_compute_dtype(hidden_states, "QoQAttention")
         x_q, x_s, x_sum = ops.rmsnorm_quantize(hidden_states.reshape(b * s, hidden).contiguous(),
                                               self.norm_weight, self.norm_eps)
-        qkv = self.qkv_proj.gemm(x_q, x_s, x_sum, out_dtype)
+        return self.qkv_proj.gemm(x_q, x_s, x_sum, out_dtype)
+
+    def _project(self, hidden_states: torch.Tensor, position_embeddings):
+        b, s, _ = hidden_states.shape
+        qkv = self._qkv(hidden_states)
         n_q, n_kv = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
         q = qkv[:, :n_q].view(b, s, self.num_heads, self.head_dim)
         k = qkv[:, n_q:n_q + n_kv].view(b, s, self.num_key_value_heads, self.head_dim)
@@ -106,15 +112,34 @@ class QoQAttention(nn.Module):
                            sliding_window=self.sliding_window, **kwargs)
         return out
 
+    def _uses_fused_decode(self, past_key_values, hidden_states: torch.Tensor, position_embeddings) -> bool:
+        """A KV4 decode step (one token per row) with RoPE over the whole head and no q/k norms."""
+        return (self.fuse_rope_append and isinstance(past_key_values, KV4Cache) and hidden_states.shape[1] == 1
+                and self.q_norm is None and position_embeddings[0].shape[-1] == self.head_dim)
+
+    def _fused_decode(self, cache: KV4Cache, hidden_states: torch.Tensor, position_embeddings,
+                      attention_mask) -> torch.Tensor:
+        """Decode step through `rope_kv4_append` (RoPE + append in one op) -> ``[B, 1, H_q, D]``."""
+        b, s, _ = hidden_states.shape
+        layer = cache.layers[self.layer_idx]
+        cos, sin = position_embeddings
+        q = layer.append_rotary(self._qkv(hidden_states).view(b, s, -1), cos, sin, self.num_heads)
+        return self._decode_attention(layer, q, attention_mask)
+
+    def _decode_attention(self, layer, q: torch.Tensor, attention_mask) -> torch.Tensor:
+        """``kv4_decode_attention`` of ``q [B, H_q, S, D]`` over the layer (no host sync) -> ``[B, S, H_q, D]``."""
+        b = q.shape[0]
+        kv_starts = kv_starts_from_mask(attention_mask, b, q.device)
+        out = ops.kv4_decode_attention(q.contiguous(), layer.k_cache, layer.k_params, layer.v_cache,
+                                       layer.v_params, layer.kv_lens(b), kv_starts, self.scaling)
+        return out.transpose(1, 2)
+
     def _kv4_attention(self, cache: KV4Cache, q, k, v, attention_mask, **kwargs) -> torch.Tensor:
         layer = cache.layers[self.layer_idx]
-        b, _, s, _ = q.shape
+        s = q.shape[2]
         if s == 1:  # decode: no host sync on this path
             layer.append(k, v)
-            kv_starts = kv_starts_from_mask(attention_mask, b, q.device)
-            out = ops.kv4_decode_attention(q.contiguous(), layer.k_cache, layer.k_params, layer.v_cache,
-                                           layer.v_params, layer.kv_lens(b), kv_starts, self.scaling)
-            return out.transpose(1, 2)
+            return self._decode_attention(layer, q, attention_mask)
         if not layer.is_initialized or layer.host_length() == 0:  # prefill: float attention, then store
             mask = attention_mask[..., :s] if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 \
                 else attention_mask
@@ -136,6 +161,9 @@ class QoQAttention(nn.Module):
         kwargs.pop("position_ids", None)
         kwargs.pop("use_cache", None)
         b, s, _ = hidden_states.shape
+        if self._uses_fused_decode(past_key_values, hidden_states, position_embeddings):
+            out = self._fused_decode(past_key_values, hidden_states, position_embeddings, attention_mask)
+            return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim)), None
         q, k, v = self._project(hidden_states, position_embeddings)
         if isinstance(past_key_values, KV4Cache):
             out = self._kv4_attention(past_key_values, q, k, v, attention_mask, **kwargs)

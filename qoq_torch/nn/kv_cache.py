@@ -69,17 +69,49 @@ class KV4Layer(CacheLayerMixin):
             raise ValueError(f"KV4 cache holds [B={self.batch_size}, H_kv={self.num_heads}, D={self.head_dim}], "
                              f"got new keys of shape {tuple(key_states.shape)}")
 
+    def _prepare(self, key_states: torch.Tensor) -> None:
+        """Allocate on the first write (from the new keys' shape, dtype and device), then check their shape."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, key_states)
+        self._check_new(key_states)
+
+    def _reserve(self, new_tokens: int) -> torch.Tensor:
+        """Make room for ``new_tokens`` and return their slots (int64 ``[S]`` on the cache's device)."""
+        self._ensure_capacity(self.length + new_tokens)
+        return torch.arange(self.length, self.length + new_tokens, device=self.device)
+
+    def _commit(self, new_tokens: int) -> None:
+        self.length += new_tokens
+
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Quantize ``[B, H_kv, S, D]`` keys/values into the next ``S`` slots."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self._check_new(key_states)
+        self._prepare(key_states)
         s = key_states.shape[2]
-        self._ensure_capacity(self.length + s)
-        positions = torch.arange(self.length, self.length + s, device=self.device)
+        positions = self._reserve(s)
         ops.kv4_append(self.k_cache, self.k_params, self.v_cache, self.v_params,
                        key_states.contiguous(), value_states.contiguous(), positions)
-        self.length += s
+        self._commit(s)
+
+    def append_rotary(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+        """RoPE + append from the fused projection (`ops.rope_kv4_append`): the rotated K and the V of
+        ``qkv [B, S, (H_q + 2 H_kv) * D]`` go into the next ``S`` slots; returns the rotated ``q [B, H_q, S, D]``.
+
+        ``cos``/``sin`` ``[B or 1, S, D]`` give D (RoPE over the whole head); the slots are those `append` uses.
+        """
+        d = cos.shape[-1]
+        heads, rem = divmod(qkv.shape[-1], d)
+        if rem or heads <= num_q_heads or (heads - num_q_heads) % 2:
+            raise ValueError(f"qkv {tuple(qkv.shape)} is not [B, S, (H_q + 2 H_kv) * D] for H_q={num_q_heads}, D={d}")
+        h_kv = (heads - num_q_heads) // 2
+        # A view of the keys ([B, H_kv, S, D]): what `append` would get, for allocation and the shape check.
+        keys = qkv[..., num_q_heads * d:(num_q_heads + h_kv) * d].unflatten(-1, (h_kv, d)).transpose(1, 2)
+        self._prepare(keys)
+        s = qkv.shape[1]
+        positions = self._reserve(s)
+        q = ops.rope_kv4_append(qkv, cos, sin, self.k_cache, self.k_params, self.v_cache, self.v_params, positions,
+                                num_q_heads)
+        self._commit(s)
+        return q
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Generic Cache API: append, then return the dequantized ``[B, H_kv, T, D]`` K/V in the keys' dtype."""
@@ -185,22 +217,18 @@ class KV4StaticLayer(KV4Layer):
                           f"{new_tokens} more were appended (raise max_new_tokens/max_cache_len headroom, or use the "
                           "default dynamic cache)")
 
-    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self._check_new(key_states)
-        s = key_states.shape[2]
+    def _reserve(self, new_tokens: int) -> torch.Tensor:
         if torch.compiler.is_compiling():
             self._host_length = None  # the compiled step cannot read the device counter back
         else:
             held = self.host_length()
-            if held + s > self.max_cache_len:
-                raise self._overflow(s, held)
-            self._host_length = held + s
-        positions = torch.arange(s, device=self.device) + self.cumulative_length
-        ops.kv4_append(self.k_cache, self.k_params, self.v_cache, self.v_params,
-                       key_states.contiguous(), value_states.contiguous(), positions)
-        self.cumulative_length.add_(s)
+            if held + new_tokens > self.max_cache_len:
+                raise self._overflow(new_tokens, held)
+            self._host_length = held + new_tokens
+        return torch.arange(new_tokens, device=self.device) + self.cumulative_length
+
+    def _commit(self, new_tokens: int) -> None:
+        self.cumulative_length.add_(new_tokens)
 
     def host_length(self) -> int:
         if self._host_length is None:

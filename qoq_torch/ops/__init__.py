@@ -16,7 +16,7 @@ from .formats import (
     quantize_weight_per_channel,
     quantize_weight_per_group,
 )
-from .reference import kv4_dequantize, kv4_quantize
+from .reference import kv4_dequantize, kv4_quantize, rope
 
 load_extension()
 
@@ -68,6 +68,17 @@ def kv4_append(k_cache: torch.Tensor, k_params: torch.Tensor, v_cache: torch.Ten
     _ops.kv4_append(k_cache, k_params, v_cache, v_params, k, v, cache_position)
 
 
+def rope_kv4_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                    k_params: torch.Tensor, v_cache: torch.Tensor, v_params: torch.Tensor,
+                    cache_position: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+    """RoPE + KV4 append from the fused projection ``qkv [B, S, (H_q + 2 H_kv) * D]`` (fp16/bf16, q|k|v heads).
+
+    Rotates q and k with ``cos``/``sin [B or 1, S, D]`` (`rope`), writes the rotated K and V at slots
+    ``cache_position [S]`` (as `kv4_append`, in place) and returns the rotated ``q [B, H_q, S, D]`` (contiguous).
+    """
+    return _ops.rope_kv4_append(qkv, cos, sin, k_cache, k_params, v_cache, v_params, cache_position, num_q_heads)
+
+
 def kv4_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, k_params: torch.Tensor, v_cache: torch.Tensor,
                          v_params: torch.Tensor, kv_lens: torch.Tensor, kv_starts: torch.Tensor,
                          sm_scale: float) -> torch.Tensor:
@@ -79,5 +90,6 @@ __all__ = [
     "PROTECTIVE_RANGE", "PerChannelWeight", "PerGroupWeight", "cuda_available", "extension_status",
     "kv4_append", "kv4_decode_attention", "kv4_dequantize", "kv4_quantize", "pack_weights",
     "quantize_per_token", "quantize_weight_int8", "quantize_weight_per_channel", "quantize_weight_per_group",
-    "rmsnorm_quantize", "silu_mul_quantize", "unpack_weights", "w4a8_gemm_per_channel", "w4a8_gemm_per_group",
+    "rmsnorm_quantize", "rope", "rope_kv4_append", "silu_mul_quantize", "unpack_weights", "w4a8_gemm_per_channel",
+    "w4a8_gemm_per_group",
 ]

@@ -1,6 +1,7 @@
 """Argument checks shared by the fake (meta) and reference impls: clear errors that name the argument.
 
-Only shapes, dtypes and devices are checked (never values), so the checks also run on fake tensors.
+Only shapes, dtypes and devices are checked (never values), so the checks also run on fake tensors; the one value
+check, `check_positions_in_range`, is for the CPU reference impls only.
 """
 from __future__ import annotations
 
@@ -114,3 +115,37 @@ def check_kv4_decode(q, k_cache, k_params, v_cache, v_params, kv_lens, kv_starts
         raise ValueError(f"query heads ({h_q}) must be a multiple of KV heads ({h_kv})")
     check("kv_lens", kv_lens, dtypes=(torch.int32,), shape=(b,), device=q.device, contiguous=True)
     check("kv_starts", kv_starts, dtypes=(torch.int32,), shape=(b,), device=q.device, contiguous=True)
+
+
+def check_rope_kv4_append(qkv, cos, sin, k_cache, k_params, v_cache, v_params, cache_position,
+                          num_q_heads: int) -> tuple[int, int, int, int]:
+    """Checks of `rope_kv4_append`; returns ``(B, S, H_q, D)``."""
+    check("qkv", qkv, dtypes=FLOAT16_TYPES, dim=3)
+    if qkv.stride(2) != 1:
+        raise ValueError(f"qkv must have contiguous rows (stride 1 along the last dim), got strides {qkv.stride()}")
+    b, s, width = qkv.shape
+    kb, h_kv, _, d = check_kv_cache("k", k_cache, k_params, qkv.device)
+    if check_kv_cache("v", v_cache, v_params, qkv.device) != (kb, h_kv, k_cache.shape[2], d):
+        raise ValueError(f"v_cache {tuple(v_cache.shape)} must have k_cache's shape {tuple(k_cache.shape)}")
+    if kb != b:
+        raise ValueError(f"k_cache holds B={kb} rows but qkv has B={b}")
+    if not isinstance(num_q_heads, int) or num_q_heads <= 0 or num_q_heads % h_kv:
+        raise ValueError(f"num_q_heads ({num_q_heads}) must be a positive multiple of the KV heads ({h_kv})")
+    if width != (num_q_heads + 2 * h_kv) * d:
+        raise ValueError(f"qkv must have (H_q + 2 H_kv) * D = ({num_q_heads} + 2*{h_kv}) * {d} = "
+                         f"{(num_q_heads + 2 * h_kv) * d} columns, got {tuple(qkv.shape)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        check(name, t, dtypes=(qkv.dtype,), dim=3, device=qkv.device)
+        if t.shape[0] not in (1, b) or tuple(t.shape[1:]) != (s, d):
+            raise ValueError(f"{name} must have shape [B or 1, S, D] = [{b} or 1, {s}, {d}], got {tuple(t.shape)}")
+    check("cache_position", cache_position, dtypes=(torch.int64,), shape=(s,), device=qkv.device, contiguous=True)
+    return b, s, num_q_heads, d
+
+
+def check_positions_in_range(cache_position: torch.Tensor, slots: int) -> None:
+    """Value check of the CPU reference impls: every slot in ``[0, slots)`` (the CUDA kernels skip the others)."""
+    if cache_position.numel() == 0:
+        return
+    lo, hi = int(cache_position.min()), int(cache_position.max())
+    if lo < 0 or hi >= slots:
+        raise IndexError(f"cache_position values must lie in [0, {slots}) (the cache's slots), got {lo}..{hi}")

@@ -29,6 +29,10 @@ SCHEMAS = {
         "kv4_append(Tensor(a!) k_cache, Tensor(b!) k_params, Tensor(c!) v_cache, Tensor(d!) v_params, "
         "Tensor k, Tensor v, Tensor cache_position) -> ()"
     ),
+    "rope_kv4_append": (
+        "rope_kv4_append(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) k_params, "
+        "Tensor(c!) v_cache, Tensor(d!) v_params, Tensor cache_position, int num_q_heads) -> Tensor"
+    ),
     "kv4_decode_attention": (
         "kv4_decode_attention(Tensor q, Tensor k_cache, Tensor k_params, Tensor v_cache, Tensor v_params, "
         "Tensor kv_lens, Tensor kv_starts, float sm_scale) -> Tensor"
@@ -96,6 +100,12 @@ def _kv4_append_fake(k_cache, k_params, v_cache, v_params, k, v, cache_position)
     checks.check_kv4_append(k_cache, k_params, v_cache, v_params, k, v, cache_position)
 
 
+def _rope_kv4_append_fake(qkv, cos, sin, k_cache, k_params, v_cache, v_params, cache_position, num_q_heads):
+    b, s, h_q, d = checks.check_rope_kv4_append(qkv, cos, sin, k_cache, k_params, v_cache, v_params,
+                                                cache_position, num_q_heads)
+    return qkv.new_empty((b, h_q, s, d))
+
+
 def _kv4_decode_fake(q, k_cache, k_params, v_cache, v_params, kv_lens, kv_starts, sm_scale):
     checks.check_kv4_decode(q, k_cache, k_params, v_cache, v_params, kv_lens, kv_starts)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -110,16 +120,19 @@ FAKES = {
     "pack_weights": _pack_fake,
     "unpack_weights": _unpack_fake,
     "kv4_append": _kv4_append_fake,
+    "rope_kv4_append": _rope_kv4_append_fake,
     "kv4_decode_attention": _kv4_decode_fake,
 }
 
 
-def _checked(name, ref_fn):
-    """Reference impl that runs the same validation as the fake impl first."""
+def _checked(name, ref_fn, check_values=None):
+    """Reference impl that runs the same validation as the fake impl first (and `check_values`, if given)."""
     fake = FAKES[name]
 
     def impl(*args):
         fake(*args)
+        if check_values is not None:
+            check_values(*args)
         return ref_fn(*args)
 
     impl.__name__ = f"{name}_reference"
@@ -136,6 +149,10 @@ def _unpack_impl(packed):
     return unpack_int4(packed)
 
 
+def _rope_kv4_append_positions(qkv, cos, sin, k_cache, k_params, v_cache, v_params, cache_position, num_q_heads):
+    checks.check_positions_in_range(cache_position, k_cache.shape[2])
+
+
 REFERENCES = {
     "quantize_per_token": _checked("quantize_per_token", reference.quantize_per_token),
     "rmsnorm_quantize": _checked("rmsnorm_quantize", reference.rmsnorm_quantize),
@@ -143,6 +160,7 @@ REFERENCES = {
     "w4a8_gemm_per_group": _checked("w4a8_gemm_per_group", reference.w4a8_gemm_per_group),
     "w4a8_gemm_per_channel": _checked("w4a8_gemm_per_channel", reference.w4a8_gemm_per_channel),
     "kv4_append": _checked("kv4_append", reference.kv4_append),
+    "rope_kv4_append": _checked("rope_kv4_append", reference.rope_kv4_append, _rope_kv4_append_positions),
     "kv4_decode_attention": _checked("kv4_decode_attention", reference.kv4_decode_attention),
 }
 # The device-agnostic ops (pure tensor code) serve every backend.

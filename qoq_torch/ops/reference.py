@@ -89,6 +89,32 @@ def kv4_append(k_cache, k_params, v_cache, v_params, k, v, cache_position) -> No
         params.index_copy_(2, cache_position, p)
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE (rotate_half convention) of ``x [..., D]`` with ``cos``/``sin`` broadcastable to it, in x's dtype.
+
+    In float32 ``x * cos + rotate_half(x) * sin`` with each product and the sum rounded separately (no fused
+    multiply-add; the CUDA kernel uses __fmul_rn/__fadd_rn), then rounded to x's dtype once.
+    """
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos.float() + rotated * sin.float()).to(x.dtype)
+
+
+def split_qkv(qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, head_dim: int):
+    """Views ``q [B, H_q, S, D]``, ``k``, ``v [B, H_kv, S, D]`` of ``qkv [B, S, (H_q + 2 H_kv) * D]``."""
+    heads = qkv.unflatten(-1, (num_q_heads + 2 * num_kv_heads, head_dim)).transpose(1, 2)
+    return heads.split((num_q_heads, num_kv_heads, num_kv_heads), dim=1)
+
+
+def rope_kv4_append(qkv, cos, sin, k_cache, k_params, v_cache, v_params, cache_position, num_q_heads: int):
+    """Split, RoPE on q and k (`rope`), `kv4_append` of the rotated k and v; returns q ``[B, H_q, S, D]``."""
+    q, k, v = split_qkv(qkv, num_q_heads, k_cache.shape[1], 2 * k_cache.shape[3])
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    kv4_append(k_cache, k_params, v_cache, v_params, rope(k, cos, sin), v, cache_position)
+    return rope(q, cos, sin).contiguous()
+
+
 def visible_mask(kv_lens, kv_starts, s_q: int, t: int) -> torch.Tensor:
     """bool [B, S_q, T]: slot j is visible to query i of row b (docs/formats.md)."""
     j = torch.arange(t, device=kv_lens.device)
