@@ -5,7 +5,7 @@ Usage: python benchmarks/profile_decode.py [--variants bf16 qoq-g128] [--batch 1
 Runs HF generate (static cache, compiled decode step, as `qoq bench e2e`) on the Llama-3-8B-shaped
 random-weight model, then profiles a short generate with torch.profiler. --stop-check: how generate reads its stop
 flag (qoq_torch.benchmarking.StopCheckMode: model-default, per-step, deferred); --compile-mode: model-default
-(bf16: reduce-overhead; QoQ: CUDA graphs + freezing) or a torch.compile mode. Needs a CUDA GPU.
+(generate's default: reduce-overhead) or a torch.compile mode. Needs a CUDA GPU.
 """
 from __future__ import annotations
 

@@ -172,7 +172,7 @@ class StopCheckMode:
         self._cls.is_supported = self._original
 
 
-MODEL_DEFAULT = "model-default"  # the compile config generate uses when given none (QoQ: CUDA graphs + freezing)
+MODEL_DEFAULT = "model-default"  # the compile config generate uses when given none (transformers: reduce-overhead)
 
 
 def compile_config_for(model: nn.Module, compile_mode: str | None):
@@ -413,10 +413,7 @@ def format_table(rows: list[dict]) -> str:
             batch = f"{extra['measured_largest_batch']} (largest that fits, measured)"
             if r["tokens_per_s"] is not None and r["batch"] != extra["measured_largest_batch"]:
                 batch += f", timed at {r['batch']}"
-        options = (extra.get("compile_config") or {}).get("options") or {}
-        notes = [note for note, on in (("deferred stop", extra.get("stop_check") == "deferred"),
-                                       ("freezing", bool(options.get("freezing")))) if on]
-        variant = r["variant"] + (f" ({', '.join(notes)})" if notes else "")
+        variant = r["variant"] + (" (deferred stop)" if extra.get("stop_check") == "deferred" else "")
         lines.append(f"| {r['model']} | {variant} | {batch} | {r['prompt_len']}/{r['new_tokens']} | "
                      f"{f(r['tokens_per_s'])}{err} | {f(r['decode_tokens_per_s'])} | {f(r['ttft_ms'], '{:.1f}')} | "
                      f"{f(r['peak_mem_gb'], '{:.1f}')} | {r.get('extra', {}).get('largest_batch_estimate', '-')} |")

@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="e2e: how generate reads its stop flag on CUDA (a row each): what it does for the model "
                         "(bf16: every step; QoQ: one step late), forced every step, or forced one step late")
     b.add_argument("--compile-modes", nargs="+", default=["model-default"],
-                   help="e2e: compile settings of the decode step (a row each): 'model-default' (bf16: "
-                        "reduce-overhead; QoQ: CUDA graphs + inductor freezing) or a torch.compile mode")
+                   help="e2e: compile settings of the decode step (a row each): 'model-default' (what generate "
+                        "uses without a compile_config: reduce-overhead) or a torch.compile mode")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--prompt-len", type=int, default=128)
     b.add_argument("--new-tokens", type=int, default=64)
