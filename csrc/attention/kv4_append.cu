@@ -12,6 +12,7 @@
 #include <cuda_fp16.h>
 
 #include "common.cuh"
+#include "float16.cuh"
 
 namespace qoq {
 namespace {
@@ -20,29 +21,6 @@ constexpr int kWarpsPerBlock = 8;
 constexpr int kMaxHeadDim = 256;
 // General layout: chunks of 2 values (4-byte loads), up to kPairSlots per lane, for any even D <= kMaxHeadDim.
 constexpr int kPairSlots = kMaxHeadDim / 64;
-
-// 16-bit float conversions on pairs packed in a 32-bit word (low half = lower index).
-template <typename T> struct Num;
-template <> struct Num<__half> {
-  static __device__ __forceinline__ float2 to_float2(uint32_t w) {
-    return __half22float2(*reinterpret_cast<const __half2*>(&w));
-  }
-  static __device__ __forceinline__ uint32_t from_float2(float lo, float hi) {
-    const __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-};
-template <> struct Num<__nv_bfloat16> {
-  static __device__ __forceinline__ float2 to_float2(uint32_t w) {
-    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
-  }
-  static __device__ __forceinline__ uint32_t from_float2(float lo, float hi) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-};
 
 // kWords 32-bit words at p (4 * kWords bytes, aligned to that): one 4-, 8- or 16-byte access.
 template <int kWords>
@@ -77,7 +55,7 @@ __device__ __forceinline__ void load_floats(const T* p, float (&f)[kVec]) {
   load_words<kVec / 2>(p, w);
 #pragma unroll
   for (int j = 0; j < kVec / 2; ++j) {
-    const float2 v = Num<T>::to_float2(w[j]);
+    const float2 v = pair_to_float2<T>(w[j]);
     f[2 * j] = v.x, f[2 * j + 1] = v.y;
   }
 }
@@ -130,14 +108,14 @@ __device__ __forceinline__ void rotate(float (&v)[kSlots][kVec], uint32_t (&w)[k
       // D = 32 kVec: lanes 0-15 hold the first half and lanes 16-31 the second, so x[e +- D/2] is in lane ^ 16.
 #pragma unroll
       for (int j = 0; j < kVec / 2; ++j) {
-        const float2 p = Num<T>::to_float2(__shfl_xor_sync(0xffffffffu, w[i][j], 16));
+        const float2 p = pair_to_float2<T>(__shfl_xor_sync(0xffffffffu, w[i][j], 16));
         partner[2 * j] = p.x, partner[2 * j + 1] = p.y;
       }
     } else {
       if (e0 >= d) continue;
       // Any even D: the partners may straddle chunks, so read them (just loaded by this warp: L1 hits).
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) partner[j] = Num<T>::to_float(x[e0 + j < half ? e0 + j + half : e0 + j - half]);
+      for (int j = 0; j < kVec; ++j) partner[j] = to_float<T>(x[e0 + j < half ? e0 + j + half : e0 + j - half]);
     }
     float c[kVec], s[kVec];
     load_floats<T, kVec>(cos + e0, c);
@@ -150,8 +128,8 @@ __device__ __forceinline__ void rotate(float (&v)[kSlots][kVec], uint32_t (&w)[k
         const float r = e0 + j + k < half ? -partner[j + k] : partner[j + k];
         y[k] = __fadd_rn(__fmul_rn(v[i][j + k], c[j + k]), __fmul_rn(r, s[j + k]));
       }
-      w[i][j / 2] = Num<T>::from_float2(y[0], y[1]);
-      const float2 rounded = Num<T>::to_float2(w[i][j / 2]);
+      w[i][j / 2] = float2_to_pair<T>(y[0], y[1]);
+      const float2 rounded = pair_to_float2<T>(w[i][j / 2]);
       v[i][j] = rounded.x, v[i][j + 1] = rounded.y;
     }
   }
@@ -230,7 +208,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) kv4_append_kernel(AppendA
       load_words<kVec / 2>(x + c * kVec, w[i]);
 #pragma unroll
       for (int j = 0; j < kVec / 2; ++j) {
-        const float2 f = Num<T>::to_float2(w[i][j]);
+        const float2 f = pair_to_float2<T>(w[i][j]);
         v[i][2 * j] = f.x, v[i][2 * j + 1] = f.y;
       }
     }

@@ -26,6 +26,7 @@
 
 #include "attention/kv4_ptx.cuh"
 #include "common.cuh"
+#include "float16.cuh"
 
 namespace qoq {
 namespace {
@@ -77,19 +78,6 @@ struct DecodeArgs {
   float scale_log2;         // sm_scale * log2(e)
   bool q_vec16;             // q rows and strides allow 16-byte loads
 };
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-__device__ __forceinline__ float2 half2_bits_to_float2(uint32_t bits) {
-  __half2 h;
-  *reinterpret_cast<uint32_t*>(&h) = bits;
-  return __half22float2(h);
-}
 
 // NQ = number of 8-row query groups in use (1: rows 0..7, 2: rows 0..15).
 // 4 blocks (16 warps) a multiprocessor for the common shapes: at most 128 registers a thread there.
@@ -283,7 +271,7 @@ __global__ void __launch_bounds__(kThreads, (NQ == 1 && D <= 128) ? 4 : 1) kv4_d
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int local = 8 * nt + 2 * c + e;
-        const float2 kp = half2_bits_to_float2(params[local]);  // (scale, min)
+        const float2 kp = pair_to_float2<__half>(params[local]);  // (scale, min)
         const int slot = t0 + local;
         const bool in_range = slot >= start;
 #pragma unroll
@@ -313,7 +301,7 @@ __global__ void __launch_bounds__(kThreads, (NQ == 1 && D <= 128) ? 4 : 1) kv4_d
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const float p = kv4::exp2_approx(s[nt][2 * half + e] - m_use);
-          const float2 vp = half2_bits_to_float2(params[16 + 8 * nt + 2 * c + e]);
+          const float2 vp = pair_to_float2<__half>(params[16 + 8 * nt + 2 * c + e]);
           // Masked slots may hold stale params (even NaN): select, never multiply by 0.
           pv[e] = p > 0.f ? p * vp.x : 0.f;
           vmin_sum += p > 0.f ? p * vp.y : 0.f;

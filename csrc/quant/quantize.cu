@@ -20,6 +20,7 @@
 #include <cuda_fp16.h>
 
 #include "common.cuh"
+#include "float16.cuh"
 
 namespace qoq {
 namespace {
@@ -34,11 +35,6 @@ constexpr int kSplitMaxM = 64;
 constexpr int kMaxClusterCtas = 8;
 constexpr int kSplitVecsPerCta = 256;
 constexpr int kMaxPartials = kMaxClusterCtas * kMaxWarps;  // one slot per warp of a cluster
-
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // VEC consecutive elements moved with one load (16 bytes when VEC * sizeof(T) == 16).
 template <typename T, int VEC>
