@@ -23,12 +23,11 @@ from transformers.generation import utils as generation_utils
 from .kv_cache import KV4Cache
 
 KV4_IMPLEMENTATIONS = (None, "dynamic", "static")
-DEFER_STOP_DEVICES = ("cuda",)  # where the host would otherwise wait for the GPU every step
 
 
 def defers_stop_check(device: torch.device | str, cache, cache_is_returned: bool, is_assistant: bool) -> bool:
     """Whether generate should read its stop flag one step late: a KV4 cache on CUDA that stays inside generate."""
-    return (torch.device(device).type in DEFER_STOP_DEVICES and isinstance(cache, KV4Cache) and cache.defer_stop_check
+    return (torch.device(device).type == "cuda" and isinstance(cache, KV4Cache) and cache.defer_stop_check
             and not cache_is_returned and not is_assistant)
 
 
