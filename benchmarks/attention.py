@@ -10,7 +10,10 @@ The same run also times the decode step's RoPE + append (qoq::rope_kv4_append on
 against the unfused chain QoQAttention runs without it (split, float32 RoPE, contiguous copies, kv4_append),
 eager and under torch.compile (inductor), at batch 1, 16, 64, 256 (JSON key "append_rows").
 
-    python benchmarks/attention.py [--json out.json] [--png out.png] [--quick] [--append-only]
+The decode attention with o_proj's input quantization fused (qoq::kv4_decode_attention_quantize) is timed against
+kv4_decode_attention followed by quantize_per_token with --quantize-only (JSON key "quantize_rows").
+
+    python benchmarks/attention.py [--json out.json] [--png out.png] [--quick] [--append-only] [--quantize-only]
     python benchmarks/attention.py --check-small     # small cases, for compute-sanitizer
 """
 from __future__ import annotations
@@ -272,6 +275,61 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def unfused_attention_quantize(q, caches, lens, starts, scale):
+    """kv4_decode_attention, then quantize_per_token of its output in o_proj's layout [B * S_q, H_q * D]."""
+    out = ops.kv4_decode_attention(q, *caches, lens, starts, scale)
+    b, h_q, s_q, d = out.shape
+    return ops.quantize_per_token(out.transpose(1, 2).reshape(b * s_q, h_q * d).contiguous())
+
+
+def bench_attention_quantize(b: int, t: int) -> dict:
+    """Fused kv4_decode_attention_quantize against the two-op chain at batch b, context t (one token per row)."""
+    d = HEAD_DIM
+    kv4_bytes = 2 * b * H_KV * t * (d // 2 + 4)
+    sets = max(1, min(64, math.ceil(ROTATE_BYTES / kv4_bytes)))
+    data = []
+    for _ in range(sets):
+        k = torch.randn(b, H_KV, t, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(b, H_KV, t, d, device="cuda", dtype=torch.bfloat16)
+        data.append((torch.randn(b, H_Q, 1, d, device="cuda", dtype=torch.bfloat16), make_kv4(k, v)))
+        del k, v
+    lens = torch.full((b,), t, dtype=torch.int32, device="cuda")
+    starts = torch.zeros(b, dtype=torch.int32, device="cuda")
+    scale = 1 / math.sqrt(d)
+
+    def fused(i):
+        q, caches = data[i]
+        return ops.kv4_decode_attention_quantize(q, *caches, lens, starts, scale)
+
+    def unfused(i):
+        q, caches = data[i]
+        return unfused_attention_quantize(q, caches, lens, starts, scale)
+
+    row = {"batch": b, "context": t, "fused_us": time_graph(fused, sets), "unfused_us": time_graph(unfused, sets)}
+    row["speedup"] = row["unfused_us"] / row["fused_us"]
+    row["bit_exact_vs_unfused"] = all(torch.equal(x, y) for x, y in zip(fused(0), unfused(0)))
+    del data
+    torch.cuda.empty_cache()
+    return row
+
+
+def run_attention_quantize(batches, contexts) -> list[dict]:
+    rows = []
+    for b in batches:
+        for t in contexts:
+            row = bench_attention_quantize(b, t)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\nKV4 decode attention + o_proj input quantization ({torch.cuda.get_device_name()}, torch "
+          f"{torch.__version__}); H_q={H_Q}, H_kv={H_KV}, D={HEAD_DIM}, bfloat16, one token per row")
+    print("| batch | context | fused µs | attention + quantize_per_token µs | speed-up | exact |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['context']} | {r['fused_us']:.1f} | {r['unfused_us']:.1f} | {r['speedup']:.2f}x "
+              f"| {r['bit_exact_vs_unfused']} |")
+    return rows
+
+
 def check_small() -> None:
     """Small append + decode calls of every code path (for compute-sanitizer): values vs the CPU reference."""
     gen = torch.Generator().manual_seed(0)
@@ -289,6 +347,11 @@ def check_small() -> None:
             err = float((out.cpu().float() - ref.float()).norm() / ref.float().norm())
             print(f"check {dtype} b={b} h={h_q}/{h_kv} s_q={s_q} d={d} t={t}: rel err {err:.1e}")
             assert err < 1e-2
+            fused = ops.kv4_decode_attention_quantize(q.cuda(), *caches, lens.cuda(), starts.cuda(), d ** -0.5)
+            plain = unfused_attention_quantize(q.cuda(), caches, lens.cuda(), starts.cuda(), d ** -0.5)
+            exact = all(torch.equal(x, y) for x, y in zip(fused, plain))
+            print(f"check kv4_decode_attention_quantize {dtype} b={b} s_q={s_q} d={d} t={t}: exact {exact}")
+            assert exact
         # rope_kv4_append: vectorized layouts (64, 128, 256), the general one (96), batch-1 cos/sin.
         for b, s, h_q, h_kv, d in ((2, 1, 8, 2, 128), (3, 2, 4, 4, 64), (1, 3, 4, 2, 256), (2, 2, 6, 3, 96)):
             qkv = torch.randn(b, s, (h_q + 2 * h_kv) * d, generator=gen).to(dtype)
@@ -320,11 +383,19 @@ def main() -> None:
     parser.add_argument("--png", help="write a speed-up plot here")
     parser.add_argument("--quick", action="store_true", help="batch 1 and 64 at 4k and 32k only")
     parser.add_argument("--append-only", action="store_true", help="only the RoPE + append comparison")
+    parser.add_argument("--quantize-only", action="store_true",
+                        help="only the attention + o_proj input quantization comparison (contexts 384 and 4096)")
     args = parser.parse_args()
     if args.check_small:
         check_small()
         return
     torch.manual_seed(0)
+    if args.quantize_only:
+        quantize_rows = run_attention_quantize(BATCHES, (384, 4096))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"meta": append_meta(), "quantize_rows": quantize_rows}, fh, indent=1)
+        return
     if args.append_only:
         append_rows = run_rope_append(BATCHES)
         print_rope_append_table(append_rows)

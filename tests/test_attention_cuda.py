@@ -1,4 +1,4 @@
-"""CUDA KV4 kernels (kv4_append, kv4_decode_attention) against the CPU reference ops.
+"""CUDA KV4 kernels (kv4_append, kv4_decode_attention, kv4_decode_attention_quantize) against the CPU reference ops.
 
 kv4_append is bit-exact. kv4_decode_attention sums in another order and feeds p to the tensor cores
 in float16 (as FlashAttention does), so it is compared by relative error against the float32 reference.
@@ -14,7 +14,7 @@ import qoq_torch.ops as ops
 
 pytestmark = pytest.mark.cuda
 
-KV_OPS = ("kv4_append", "kv4_decode_attention")
+KV_OPS = ("kv4_append", "kv4_decode_attention", "kv4_decode_attention_quantize")
 
 
 def _kernels_built() -> bool:
@@ -114,6 +114,81 @@ def test_decode_matches_reference(b, h_q, h_kv, s_q, d, t, dtype, gen):
     starts = torch.randint(0, max(1, t // 4), (b,), generator=gen, dtype=torch.int32)  # left padding
     out, ref = run_both(q, caches, lens, starts, 1 / math.sqrt(d))
     assert_attention_close(out, ref)
+
+
+def assert_quantized_equals_unfused(q, caches, lens, starts, sm_scale) -> None:
+    """kv4_decode_attention_quantize on CUDA == quantize_per_token(kv4_decode_attention(...)) on CUDA, bit for bit,
+    and its dequantized rows match the CPU reference attention within the attention tolerance plus half a step."""
+    cq, cc, cl, cs = q.cuda(), [c.cuda() for c in caches], lens.cuda(), starts.cuda()
+    x_q, x_s, x_sum = ops.kv4_decode_attention_quantize(cq, *cc, cl, cs, sm_scale)
+    out = ops.kv4_decode_attention(cq, *cc, cl, cs, sm_scale)
+    b, h_q, s_q, d = out.shape
+    u_q, u_s, u_sum = ops.quantize_per_token(out.transpose(1, 2).reshape(b * s_q, h_q * d).contiguous())
+    assert torch.equal(x_q, u_q) and torch.equal(x_s, u_s) and torch.equal(x_sum, u_sum)
+    ref = torch.ops.qoq.kv4_decode_attention(q, *caches, lens, starts, sm_scale)
+    ref_rows = ref.float().transpose(1, 2).reshape(b * s_q, h_q * d)
+    deq = x_q.float().cpu() * x_s.cpu().unsqueeze(1)
+    rel_tol, max_tol = TOLERANCE[q.dtype]
+    bound = max_tol * ref_rows.abs().amax(1, keepdim=True) + x_s.cpu().unsqueeze(1) / 2 + 1e-6
+    assert bool(((deq - ref_rows).abs() <= bound).all())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("b,h_q,h_kv,s_q,d,t", [
+    (1, 32, 8, 1, 128, 384),    # Llama-3 decode at batch 1: a few splits
+    (1, 32, 8, 1, 128, 100),    # one split (the decode kernel writes partials anyway)
+    (16, 32, 8, 1, 128, 300),
+    (3, 8, 8, 1, 64, 37),
+    (2, 12, 4, 3, 128, 129),    # multi-token rows: row b * S_q + i
+    (1, 4, 2, 2, 256, 90),
+    (1, 7, 1, 1, 128, 2000),    # many splits
+    (2, 64, 8, 1, 128, 64),     # H_q * D = 8192 (more than 48 KB of shared memory)
+])
+def test_decode_quantize_equals_unfused_bit_exact(b, h_q, h_kv, s_q, d, t, dtype, gen):
+    caches = random_cache(b, h_kv, t, d, gen)
+    q = random_query(b, h_q, s_q, d, dtype, gen)
+    lens = torch.randint(max(1, t // 2), t + 1, (b,), generator=gen, dtype=torch.int32)
+    starts = torch.randint(0, max(1, t // 4), (b,), generator=gen, dtype=torch.int32)
+    assert_quantized_equals_unfused(q, caches, lens, starts, 1 / math.sqrt(d))
+
+
+@needs_kernel
+def test_decode_quantize_long_context_empty_rows_and_large_batch(gen):
+    d, h_q, h_kv = 128, 32, 8
+    caches = random_cache(1, h_kv, 32768, d, gen)
+    q = random_query(1, h_q, 1, d, torch.bfloat16, gen)
+    assert_quantized_equals_unfused(q, caches, torch.tensor([32768], dtype=torch.int32),
+                                    torch.tensor([5], dtype=torch.int32), 1 / math.sqrt(d))
+    b, t = 64, 200
+    caches = random_cache(b, h_kv, t, d, gen)
+    q = random_query(b, h_q, 1, d, torch.float16, gen)
+    lens = torch.randint(1, t + 1, (b,), generator=gen, dtype=torch.int32)
+    starts = torch.zeros(b, dtype=torch.int32)
+    starts[3] = lens[3]  # a row that sees no slot: zeros, scale 0
+    assert_quantized_equals_unfused(q, caches, lens, starts, 1 / math.sqrt(d))
+    x_q, x_s, x_sum = ops.kv4_decode_attention_quantize(q.cuda(), *[c.cuda() for c in caches], lens.cuda(),
+                                                        starts.cuda(), 1 / math.sqrt(d))
+    assert float(x_s[3]) == 0 and int(x_q[3].abs().sum()) == 0 and int(x_sum[3]) == 0
+
+
+@needs_kernel
+def test_decode_quantize_graph_capturable_and_opcheck(gen):
+    d, h_q, h_kv, t = 128, 32, 8, 256
+    caches = [c.cuda() for c in random_cache(2, h_kv, t, d, gen)]
+    q = random_query(2, h_q, 1, d, torch.bfloat16, gen).cuda()
+    lens = torch.tensor([100, 200], dtype=torch.int32, device="cuda")
+    starts = torch.zeros(2, dtype=torch.int32, device="cuda")
+    eager = ops.kv4_decode_attention_quantize(q, *caches, lens, starts, 0.1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops.kv4_decode_attention_quantize(q, *caches, lens, starts, 0.1)
+    lens.copy_(torch.tensor([150, 256], dtype=torch.int32))
+    graph.replay()
+    after = ops.kv4_decode_attention_quantize(q, *caches, lens, starts, 0.1)
+    assert all(torch.equal(c, a) for c, a in zip(captured, after))
+    assert not torch.equal(eager[0], after[0])  # the new lengths were read on the device
+    torch.library.opcheck(torch.ops.qoq.kv4_decode_attention_quantize.default, (q, *caches, lens, starts, 0.1))
 
 
 @needs_kernel

@@ -152,3 +152,40 @@ def test_kv4_bad_input(gen):
     with pytest.raises(ValueError, match="k_params must have shape"):
         ops.kv4_decode_attention(torch.randn(b, 4, 1, d).half(), caches[0], caches[1][:, :, :4].contiguous(),
                                  caches[2], caches[3], lens, lens, 0.1)
+
+
+@pytest.mark.parametrize("s_q", [1, 3])
+def test_decode_attention_quantize_rows_are_tokens_with_heads_side_by_side(s_q, gen):
+    b, h_q, h_kv, t, d = 2, 4, 2, 24, 64
+    caches = _fill_cache(b, h_kv, t, d, gen)
+    q = torch.randn(b, h_q, s_q, d, generator=gen).half()
+    lens = torch.tensor([t, 17], dtype=torch.int32)
+    starts = torch.tensor([0, 5], dtype=torch.int32)
+    x_q, x_s, x_sum = ops.kv4_decode_attention_quantize(q, *caches, lens, starts, 0.125)
+    assert x_q.shape == (b * s_q, h_q * d) and x_q.dtype == torch.int8
+    assert x_s.shape == (b * s_q,) and x_s.dtype == torch.float32 and x_sum.dtype == torch.int32
+    out = ops.kv4_decode_attention(q, *caches, lens, starts, 0.125).float()
+    for row in range(b * s_q):
+        bi, i = divmod(row, s_q)
+        expected = out[bi, :, i, :].reshape(-1)  # token i of row bi, heads side by side
+        assert float(x_s[row]) == pytest.approx(float(expected.abs().max()) / 127, rel=1e-6)
+        assert bool(((x_q[row].float() * x_s[row] - expected).abs() <= x_s[row] / 2 + 1e-6).all())
+        assert int(x_sum[row]) == int(x_q[row].int().sum())
+
+
+def test_opcheck_kv4_decode_attention_quantize(gen):
+    b, h_q, h_kv, t, d = 2, 4, 2, 16, 64
+    caches = _fill_cache(b, h_kv, t, d, gen)
+    q = torch.randn(b, h_q, 2, d, generator=gen).bfloat16()
+    lens = torch.tensor([16, 9], dtype=torch.int32)
+    starts = torch.tensor([0, 2], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.qoq.kv4_decode_attention_quantize.default, (q, *caches, lens, starts, 0.125))
+
+
+def test_kv4_decode_attention_quantize_bad_input(gen):
+    caches = _empty_cache(1, 2, 8, 64)
+    lens = torch.tensor([1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        ops.kv4_decode_attention_quantize(torch.randn(1, 3, 1, 64).half(), *caches, lens, lens, 0.1)
+    with pytest.raises(TypeError, match="q must have dtype"):
+        ops.kv4_decode_attention_quantize(torch.randn(1, 4, 1, 64), *caches, lens, lens, 0.1)

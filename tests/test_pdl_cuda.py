@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (QOQ_PDL, docs/formats.md): a decode-like chain rmsnorm_quantize -> W4A8 GEMM ->
+"""Programmatic dependent launch (QOQ_PDL, docs/formats.md): a decode-like MLP chain rmsnorm_quantize -> W4A8 GEMM ->
 silu_mul_quantize -> W4A8 GEMM -> rmsnorm_quantize, captured in a CUDA graph and replayed with new inputs.
 
 With PDL on (sm_90) each kernel of the chain may start while the previous one still runs and reads its weights before
@@ -128,3 +128,59 @@ def test_chain_other_gemm_paths(path, per_group, gen, monkeypatch):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     check_chain_in_graph(m, per_group, gen)
+
+
+ATTENTION_OPS = ("rope_kv4_append", "kv4_decode_attention_quantize")
+
+
+@pytest.mark.skipif(not (_kernels_built() and set(ATTENTION_OPS) <= set(ops.extension_status()["cuda_ops"])),
+                    reason="qoq_torch._C attention kernels not built")
+@pytest.mark.parametrize("pdl", ("0", "1"))
+@pytest.mark.parametrize("b", (1, 8))
+def test_attention_chain_under_cuda_graph(b, pdl, gen, monkeypatch):
+    """A decode step's attention chain rmsnorm_quantize -> q/k/v GEMM -> rope_kv4_append -> decode attention with
+    o_proj's quantization -> o GEMM, captured once and replayed at successive positions: each replay appends to the
+    cache the decode kernel reads right after, so a decode that starts before the append is done reads a stale slot.
+    Every replay must equal the same step run eagerly on a second cache, bit for bit (outputs and caches)."""
+    monkeypatch.setenv("QOQ_PDL", pdl)
+    h_q, h_kv, d, t = 8, 2, 128, 16
+    norm = (torch.rand(HIDDEN, generator=gen) + 0.5).to(DTYPE).cuda()
+    qkv_proj = Linear((h_q + 2 * h_kv) * d, HIDDEN, per_group=True, bias=False, gen=gen)
+    o_proj = Linear(HIDDEN, h_q * d, per_group=True, bias=False, gen=gen)
+    x = random_rows(b, HIDDEN, DTYPE, gen).cuda()
+    angles = torch.rand(b, 1, d // 2, generator=gen) * 100
+    cos, sin = (f(torch.cat((angles, angles), -1)).to(DTYPE).cuda() for f in (torch.cos, torch.sin))
+    pos = torch.zeros(1, dtype=torch.long, device="cuda")
+    lens = torch.ones(b, dtype=torch.int32, device="cuda")
+    starts = torch.zeros(b, dtype=torch.int32, device="cuda")
+
+    def new_cache():
+        return [torch.zeros(b, h_kv, t, d // 2, dtype=torch.uint8, device="cuda"),
+                torch.zeros(b, h_kv, t, 2, dtype=torch.float16, device="cuda"),
+                torch.zeros(b, h_kv, t, d // 2, dtype=torch.uint8, device="cuda"),
+                torch.zeros(b, h_kv, t, 2, dtype=torch.float16, device="cuda")]
+
+    def step(caches):
+        qkv = qkv_proj(*ops.rmsnorm_quantize(x, norm, EPS)).view(b, 1, -1)
+        q = ops.rope_kv4_append(qkv, cos, sin, *caches, pos, h_q)
+        return o_proj(*ops.kv4_decode_attention_quantize(q, *caches, lens, starts, d ** -0.5))
+
+    graph_cache, eager_cache = new_cache(), new_cache()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(new_cache())  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(graph_cache)
+    for position in range(REPLAYS + 2):
+        x.copy_(random_rows(b, HIDDEN, DTYPE, gen).cuda())
+        pos.fill_(position)
+        lens.fill_(position + 1)
+        graph.replay()
+        want = step(eager_cache)
+        torch.cuda.synchronize()
+        assert torch.equal(out, want), f"position {position}: graph and eager outputs differ"
+        assert all(torch.equal(g, e) for g, e in zip(graph_cache, eager_cache)), f"position {position}: caches"
+        assert torch.isfinite(out).all()

@@ -184,6 +184,9 @@ __device__ __forceinline__ void quantize_store(const float (&v)[kSlots][kVec], i
 // accesses), kVec = 2 with kPairSlots the general one.
 template <typename T, int kVec, int kSlots, bool kRope>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) kv4_append_kernel(AppendArgs a) {
+  // PDL (common.cuh): the inputs come from the kernel before (the q/k/v GEMM); wait before any read or exit
+  pdl_wait();
+  pdl_launch_dependents();
   const int lane = threadIdx.x & 31;
   const int64_t vec = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (vec >= a.vectors) return;
@@ -257,14 +260,19 @@ int vector_width(int64_t d, std::initializer_list<const at::Tensor*> inputs) {
   return vec;
 }
 
+template <typename T, int kVec, int kSlots, bool kRope>
+void launch_one(const AppendArgs& a, unsigned blocks) {
+  static int8_t sm90[64] = {0};
+  launch_kernel(kv4_append_kernel<T, kVec, kSlots, kRope>, sm90, {dim3(blocks), dim3(kWarpsPerBlock * 32)}, a);
+}
+
 template <typename T, bool kRope>
-void launch_typed(const AppendArgs& a, int vec, unsigned blocks, cudaStream_t stream) {
-  constexpr int threads = kWarpsPerBlock * 32;
+void launch_typed(const AppendArgs& a, int vec, unsigned blocks) {
   switch (vec) {
-    case 2: kv4_append_kernel<T, 2, 1, kRope><<<blocks, threads, 0, stream>>>(a); break;
-    case 4: kv4_append_kernel<T, 4, 1, kRope><<<blocks, threads, 0, stream>>>(a); break;
-    case 8: kv4_append_kernel<T, 8, 1, kRope><<<blocks, threads, 0, stream>>>(a); break;
-    default: kv4_append_kernel<T, 2, kPairSlots, kRope><<<blocks, threads, 0, stream>>>(a); break;
+    case 2: launch_one<T, 2, 1, kRope>(a, blocks); break;
+    case 4: launch_one<T, 4, 1, kRope>(a, blocks); break;
+    case 8: launch_one<T, 8, 1, kRope>(a, blocks); break;
+    default: launch_one<T, 2, kPairSlots, kRope>(a, blocks); break;
   }
 }
 
@@ -272,11 +280,10 @@ template <bool kRope>
 void launch(const AppendArgs& a, at::ScalarType dtype, int vec) {
   const int64_t blocks = (a.vectors + kWarpsPerBlock - 1) / kWarpsPerBlock;
   TORCH_CHECK(blocks < (int64_t(1) << 31), "too many vectors for one launch");
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   if (dtype == at::kHalf) {
-    launch_typed<__half, kRope>(a, vec, static_cast<unsigned>(blocks), stream);
+    launch_typed<__half, kRope>(a, vec, static_cast<unsigned>(blocks));
   } else {
-    launch_typed<__nv_bfloat16, kRope>(a, vec, static_cast<unsigned>(blocks), stream);
+    launch_typed<__nv_bfloat16, kRope>(a, vec, static_cast<unsigned>(blocks));
   }
   QOQ_CHECK_LAUNCH();
 }

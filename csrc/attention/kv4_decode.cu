@@ -16,10 +16,18 @@
 // operand layout of the second MMA, which puts head_dim on M and slots on K (O^T = V^T P^T), so the
 // probabilities never leave registers. p is fp16 in the second MMA (as in FlashAttention); softmax and
 // all sums are float32. Splits are merged by a small second kernel (log-sum-exp weights).
+// qoq::kv4_decode_attention_quantize (o_proj's input) always takes the split path, and its second kernel merges the
+// splits of one query token's heads, rounds them to q's dtype and quantizes the token per row, as
+// quantize_per_token would (quant/row_quantize.cuh): one kernel instead of a merge and a quantize.
+// All three kernels use programmatic dependent launch (common.cuh): each waits for its predecessor before its
+// first read, so only the launch and the block set-up overlap the previous kernel.
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
+
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -27,6 +35,7 @@
 #include "attention/kv4_ptx.cuh"
 #include "common.cuh"
 #include "float16.cuh"
+#include "quant/row_quantize.cuh"
 
 namespace qoq {
 namespace {
@@ -71,10 +80,11 @@ struct DecodeArgs {
   const __half* v_params;
   const int32_t* kv_lens;   // [B]
   const int32_t* kv_starts;
-  void* out;                // [B, H_q, S_q, D] contiguous, q's dtype (splits == 1)
-  float* part_o;            // [splits, rows, D] (splits > 1)
+  void* out;                // [B, H_q, S_q, D] contiguous, q's dtype (when !partials)
+  float* part_o;            // [splits, rows, D] (when partials)
   float* part_lse;          // [splits, rows], base-2 log-sum-exp, -inf when the split saw nothing
   int b, h_q, h_kv, s_q, t, q_chunks, splits;
+  bool partials;            // write part_o / part_lse (a second kernel merges them), else out
   float scale_log2;         // sm_scale * log2(e)
   bool q_vec16;             // q rows and strides allow 16-byte loads
 };
@@ -85,6 +95,9 @@ template <typename T, int D, int NQ>
 __global__ void __launch_bounds__(kThreads, (NQ == 1 && D <= 128) ? 4 : 1) kv4_decode_kernel(const DecodeArgs a) {
   using G = Geometry<D>;
   extern __shared__ __align__(16) uint8_t smem[];
+  // PDL: q, the lengths and the cache (the append just before wrote it) are all read after the wait
+  pdl_wait();
+  pdl_launch_dependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, c = lane & 3;
   const int qc = blockIdx.x % a.q_chunks;
@@ -420,7 +433,7 @@ __global__ void __launch_bounds__(kThreads, (NQ == 1 && D <= 128) ? 4 : 1) kv4_d
     const int rg = row0 + r;
     const int hq = hkv * group + rg / a.s_q, i = rg % a.s_q;
     const int64_t row_id = (static_cast<int64_t>(b) * a.h_q + hq) * a.s_q + i;
-    if (a.splits == 1) {
+    if (!a.partials) {
       static_cast<T*>(a.out)[row_id * D + d] = from_float<T>(value);
     } else {
       if (seen) a.part_o[(split * rows_total + row_id) * D + d] = value;
@@ -429,46 +442,170 @@ __global__ void __launch_bounds__(kThreads, (NQ == 1 && D <= 128) ? 4 : 1) kv4_d
   }
 }
 
-// Merges the splits of one query row: out = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse).
-// Every thread reads the (few, L1-resident) lse values itself; the loops over splits are unrolled so
-// that their loads are independent (a serial chain of global loads here once cost 20 µs at 64 splits).
-template <typename T>
-__global__ void __launch_bounds__(128) kv4_combine_kernel(const float* part_o, const float* part_lse, T* out,
-                                                          int64_t rows_total, int splits, int d_size) {
-  const int64_t row = blockIdx.x;
+// Largest base-2 log-sum-exp over the splits of query row `row` (-inf when no split saw a slot). Every thread reads
+// the (few, L1-resident) lse values itself; the loops over splits are unrolled so that their loads are independent
+// (a serial chain of global loads here once cost 20 µs at 64 splits).
+__device__ __forceinline__ float max_lse(const float* part_lse, int64_t row, int64_t rows_total, int splits) {
   const float* lse = part_lse + row;  // lse of split s: lse[s * rows_total]
   float m_max = -INFINITY;
 #pragma unroll 4
   for (int s = 0; s < splits; ++s) m_max = fmaxf(m_max, lse[s * rows_total]);
-  for (int d = threadIdx.x; d < d_size; d += blockDim.x) {
-    const float* o = part_o + row * d_size + d;  // o of split s: o[s * rows_total * d_size]
-    float num = 0.f, den = 0.f;
-    if (m_max != -INFINITY) {
+  return m_max;
+}
+
+// Elements d0 .. d0 + N - 1 of query row `row` merged over the splits: sum_s w_s o_s / sum_s w_s with
+// w_s = 2^(lse_s - m_max) (the split holding the max weighs exactly 1, so one split returns its values unchanged).
+// N = 8 reads each split's values with two 16-byte loads (d0 % 8 == 0); the loop over splits is unrolled and stores
+// nothing, so the loads of several splits are in flight together.
+template <int N>
+__device__ __forceinline__ void merge_splits(const float* part_o, const float* part_lse, int64_t row, int d0,
+                                             int64_t rows_total, int splits, int d_size, float m_max, float (&out)[N]) {
+  static_assert(N == 1 || N == 8, "one value or two 16-byte vectors");
+  float num[N], den = 0.f;
+#pragma unroll
+  for (int j = 0; j < N; ++j) num[j] = 0.f;
+  if (m_max != -INFINITY) {
+    const float* lse = part_lse + row;
+    const float* o = part_o + row * d_size + d0;  // o of split s: o[s * rows_total * d_size]
 #pragma unroll 4
-      for (int s = 0; s < splits; ++s) {
-        const float l = lse[s * rows_total];
-        const float v = o[s * rows_total * d_size];  // never written for an empty split: select, not multiply
-        const float w = l == -INFINITY ? 0.f : kv4::exp2_approx(l - m_max);
-        num += w > 0.f ? w * v : 0.f;
-        den += w;
+    for (int s = 0; s < splits; ++s) {
+      const float l = lse[s * rows_total];
+      float v[N];  // never written for an empty split: select, not multiply
+      if constexpr (N == 8) {
+        const float4 lo = reinterpret_cast<const float4*>(o + s * rows_total * d_size)[0];
+        const float4 hi = reinterpret_cast<const float4*>(o + s * rows_total * d_size)[1];
+        v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+      } else {
+        v[0] = o[s * rows_total * d_size];
       }
+      const float w = l == -INFINITY ? 0.f : (l == m_max ? 1.f : kv4::exp2_approx(l - m_max));
+#pragma unroll
+      for (int j = 0; j < N; ++j) num[j] += w > 0.f ? w * v[j] : 0.f;
+      den += w;
     }
-    out[row * d_size + d] = from_float<T>(den > 0.f ? num / den : 0.f);
   }
+#pragma unroll
+  for (int j = 0; j < N; ++j) out[j] = den > 0.f ? num[j] / den : 0.f;
+}
+
+// Merges the splits of one query row per block.
+template <typename T>
+__global__ void __launch_bounds__(128) kv4_combine_kernel(const float* part_o, const float* part_lse, T* out,
+                                                          int64_t rows_total, int splits, int d_size) {
+  pdl_wait();
+  pdl_launch_dependents();
+  const int64_t row = blockIdx.x;
+  const float m_max = max_lse(part_lse, row, rows_total, splits);
+  for (int d = threadIdx.x; d < d_size; d += blockDim.x) {
+    float value[1];
+    merge_splits<1>(part_o, part_lse, row, d, rows_total, splits, d_size, m_max, value);
+    out[row * d_size + d] = from_float<T>(value[0]);
+  }
+}
+
+// kv4_decode_attention_quantize's merge: one block per query token (b, i) merges the splits of all its H_q heads,
+// rounds each value to T (what kv4_decode_attention returns) and quantizes the token's [H_q * D] row in the
+// order o_proj reads it (head-major), exactly as quantize_per_token. Dynamic shared memory: the row's H_q * D
+// float values, then the H_q per-head lse maxima.
+constexpr int kMergeQuantThreads = 512;
+constexpr int kMergeQuantVec = 8;  // H_q * D is a multiple of 64
+// One block per token reads all its splits: beyond this many the per-head merge (one block per head) and the quantize
+// kernel are faster (H100: batch 1 at 4096 slots, 32 splits), so the op runs those two instead.
+constexpr int kMergeQuantMaxSplits = 8;
+
+template <typename T>
+__global__ void __launch_bounds__(kMergeQuantThreads) kv4_combine_quantize_kernel(
+    const float* part_o, const float* part_lse, int64_t rows_total, int splits, int h_q, int s_q, int d_size,
+    int8_t* x_q, float* x_s, int32_t* x_sum) {
+  extern __shared__ float ys[];
+  __shared__ float fscratch[rowq::kMaxWarps];
+  __shared__ int iscratch[rowq::kMaxWarps];
+  pdl_wait();
+  pdl_launch_dependents();
+  const int64_t token = blockIdx.x;
+  const int64_t b = token / s_q, i = token % s_q;
+  const int64_t k = static_cast<int64_t>(h_q) * d_size;
+  float* head_max = ys + k;
+  for (int h = threadIdx.x; h < h_q; h += blockDim.x) {
+    head_max[h] = max_lse(part_lse, (b * h_q + h) * s_q + i, rows_total, splits);
+  }
+  __syncthreads();
+  float amax = 0.f;
+  for (int64_t v = threadIdx.x; v < k / kMergeQuantVec; v += blockDim.x) {
+    const int64_t e = v * kMergeQuantVec;  // a vector lies within one head: D % 8 == 0
+    const int h = static_cast<int>(e / d_size), d0 = static_cast<int>(e % d_size);
+    float y[kMergeQuantVec];
+    merge_splits<kMergeQuantVec>(part_o, part_lse, (b * h_q + h) * s_q + i, d0, rows_total, splits, d_size,
+                                 head_max[h], y);
+#pragma unroll
+    for (int j = 0; j < kMergeQuantVec; ++j) {
+      y[j] = to_float<T>(from_float<T>(y[j]));  // the value kv4_decode_attention returns
+      ys[e + j] = y[j];
+      amax = fmaxf(amax, fabsf(y[j]));
+    }
+  }
+  amax = rowq::block_reduce(amax, fscratch, rowq::MaxOp{});
+  rowq::quantize_row<kMergeQuantVec>(ys, amax, k, x_q + token * k, x_s + token, x_sum + token, iscratch);
 }
 
 int device_attribute(cudaDeviceAttr attr) {
   static int cache[2][64] = {{0}};
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
+  TORCH_INTERNAL_ASSERT(attr == cudaDevAttrMultiProcessorCount || attr == cudaDevAttrMaxSharedMemoryPerBlockOptin);
   const int which = attr == cudaDevAttrMultiProcessorCount ? 0 : 1;
   int& v = cache[which][device & 63];
   if (v == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, device));
   return v;
 }
 
+// What a launch produces: kv4_decode_attention's `out` [B, H_q, S_q, D], or (quantized) o_proj's INT8 input
+// x_q [B * S_q, H_q * D] with its per-token scale x_s and code sum x_sum.
+struct DecodeOutput {
+  at::Tensor out;
+  bool quantized = false;
+  at::Tensor x_q, x_s, x_sum;
+};
+
+template <typename T>
+void launch_merge_quantize(const DecodeArgs& a, int d, const DecodeOutput& o) {
+  auto kernel = kv4_combine_quantize_kernel<T>;
+  const int64_t k = static_cast<int64_t>(a.h_q) * d;
+  const size_t smem = static_cast<size_t>(k + a.h_q) * sizeof(float);
+  static size_t configured[64] = {0};  // per device: the largest dynamic shared memory size allowed so far
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (smem > 48 * 1024 && smem > configured[device & 63]) {
+    TORCH_CHECK(smem + 1024 <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)),
+                "H_q * D = ", num(k), " is too large for the CUDA kv4_decode_attention_quantize");
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    configured[device & 63] = smem;
+  }
+  static int8_t sm90[64] = {0};
+  launch_kernel(kernel, sm90, {dim3(static_cast<unsigned>(a.b * a.s_q)), dim3(kMergeQuantThreads), smem},
+                static_cast<const float*>(a.part_o), static_cast<const float*>(a.part_lse),
+                static_cast<int64_t>(a.b) * a.h_q * a.s_q, a.splits, a.h_q, a.s_q, d, o.x_q.data_ptr<int8_t>(),
+                o.x_s.data_ptr<float>(), o.x_sum.data_ptr<int32_t>());
+}
+
+// kv4_decode_attention_quantize's outputs, allocated for `tokens` rows of k values.
+void allocate_quantized(DecodeOutput& o, const at::Tensor& q, int64_t tokens, int64_t k) {
+  o.x_q = at::empty({tokens, k}, q.options().dtype(at::kChar));
+  o.x_s = at::empty({tokens}, q.options().dtype(at::kFloat));
+  o.x_sum = at::empty({tokens}, q.options().dtype(at::kInt));
+}
+
+// The quantize_per_token op (its CUDA impl) on `out` [B, H_q, S_q, D] in o_proj's layout.
+void quantize_output(DecodeOutput& o) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("qoq::quantize_per_token", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&)>();
+  const int64_t b = o.out.size(0), h_q = o.out.size(1), s_q = o.out.size(2), d = o.out.size(3);
+  std::tie(o.x_q, o.x_s, o.x_sum) = op.call(o.out.transpose(1, 2).reshape({b * s_q, h_q * d}).contiguous());
+}
+
 template <typename T, int D, int NQ>
-void launch_decode(DecodeArgs& a, const at::Tensor& q, at::Tensor& out) {
+void launch_decode(DecodeArgs& a, const at::Tensor& q, DecodeOutput& o) {
   using G = Geometry<D>;
   auto kernel = kv4_decode_kernel<T, D, NQ>;
   constexpr int smem = G::kSmemBytes;
@@ -490,43 +627,58 @@ void launch_decode(DecodeArgs& a, const at::Tensor& q, at::Tensor& out) {
   splits = std::min<int64_t>(splits, std::max<int64_t>(1, (a.t + 127) / 128));
   splits = std::min<int64_t>(splits, 1024);
   a.splits = static_cast<int>(splits);
+  a.partials = splits > 1 || o.quantized;
 
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t rows_total = static_cast<int64_t>(a.b) * a.h_q * a.s_q;
   at::Tensor part_o, part_lse;
-  if (splits > 1) {
+  if (a.partials) {
     part_o = at::empty({splits, rows_total, D}, q.options().dtype(at::kFloat));
     part_lse = at::empty({splits, rows_total}, q.options().dtype(at::kFloat));
     a.part_o = part_o.data_ptr<float>();
     a.part_lse = part_lse.data_ptr<float>();
   }
-  a.out = out.data_ptr();
-  const dim3 grid(static_cast<unsigned>(base_blocks), static_cast<unsigned>(splits));
-  kernel<<<grid, kThreads, smem, stream>>>(a);
+  const bool merge_quantize = o.quantized && splits <= kMergeQuantMaxSplits;
+  if (merge_quantize) {
+    allocate_quantized(o, q, static_cast<int64_t>(a.b) * a.s_q, static_cast<int64_t>(a.h_q) * D);
+  } else if (o.quantized) {  // many splits: the per-head merge into `out`, then quantize_per_token
+    o.out = at::empty({a.b, a.h_q, a.s_q, D}, q.options());
+  }
+  a.out = o.out.defined() ? o.out.data_ptr() : nullptr;
+  static int8_t sm90_decode[64] = {0};
+  launch_kernel(kernel, sm90_decode,
+                {dim3(static_cast<unsigned>(base_blocks), static_cast<unsigned>(splits)), dim3(kThreads), smem}, a);
   QOQ_CHECK_LAUNCH();
-  if (splits > 1) {
-    kv4_combine_kernel<T><<<static_cast<unsigned>(rows_total), 128, 0, stream>>>(
-        a.part_o, a.part_lse, static_cast<T*>(a.out), rows_total, a.splits, D);
+  if (merge_quantize) {
+    launch_merge_quantize<T>(a, D, o);
+    QOQ_CHECK_LAUNCH();
+    return;
+  }
+  if (a.partials) {
+    static int8_t sm90_combine[64] = {0};
+    launch_kernel(kv4_combine_kernel<T>, sm90_combine, {dim3(static_cast<unsigned>(rows_total)), dim3(128)},
+                  static_cast<const float*>(a.part_o), static_cast<const float*>(a.part_lse), static_cast<T*>(a.out),
+                  rows_total, a.splits, D);
     QOQ_CHECK_LAUNCH();
   }
+  if (o.quantized) quantize_output(o);
 }
 
 template <typename T, int D>
-void launch_rows(DecodeArgs& a, const at::Tensor& q, at::Tensor& out) {
+void launch_rows(DecodeArgs& a, const at::Tensor& q, DecodeOutput& o) {
   const int rows = (a.h_q / a.h_kv) * a.s_q;
   if (rows <= 8) {
-    launch_decode<T, D, 1>(a, q, out);
+    launch_decode<T, D, 1>(a, q, o);
   } else {
-    launch_decode<T, D, 2>(a, q, out);
+    launch_decode<T, D, 2>(a, q, o);
   }
 }
 
 template <typename T>
-void launch_dim(DecodeArgs& a, const at::Tensor& q, at::Tensor& out, int64_t d) {
+void launch_dim(DecodeArgs& a, const at::Tensor& q, DecodeOutput& o, int64_t d) {
   switch (d) {
-    case 64: launch_rows<T, 64>(a, q, out); break;
-    case 128: launch_rows<T, 128>(a, q, out); break;
-    case 256: launch_rows<T, 256>(a, q, out); break;
+    case 64: launch_rows<T, 64>(a, q, o); break;
+    case 128: launch_rows<T, 128>(a, q, o); break;
+    case 256: launch_rows<T, 256>(a, q, o); break;
     default: TORCH_CHECK(false, "head_dim ", num(d), " is not supported by the CUDA kv4_decode_attention (64, 128, 256)");
   }
 }
@@ -549,9 +701,10 @@ void check_lengths(const char* name, const at::Tensor& t, const at::Tensor& q) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-at::Tensor kv4_decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& k_params,
-                                     const at::Tensor& v_cache, const at::Tensor& v_params, const at::Tensor& kv_lens,
-                                     const at::Tensor& kv_starts, double sm_scale) {
+// Checks the inputs, then runs the decode into `o` (whose tensors are allocated here from q's shape).
+void run_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& k_params,
+                const at::Tensor& v_cache, const at::Tensor& v_params, const at::Tensor& kv_lens,
+                const at::Tensor& kv_starts, double sm_scale, DecodeOutput& o) {
   TORCH_CHECK(q_in.is_cuda(), "q must be a CUDA tensor, got ", device_str(q_in));
   TORCH_CHECK(q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16,
               "q must have dtype float16 or bfloat16, got ", q_in.scalar_type());
@@ -571,8 +724,16 @@ at::Tensor kv4_decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k
   TORCH_CHECK(t < INT_MAX && b * h_q * s_q < INT_MAX && (h_q / h_kv) * s_q < INT_MAX / 2, "sizes too large");
 
   const c10::cuda::CUDAGuard guard(q_in.device());
-  at::Tensor out = at::empty({b, h_q, s_q, d}, q_in.options());
-  if (t == 0) return out.zero_();
+  if (t == 0) {  // no slot to attend to: zeros, whose quantization is all zeros too
+    if (o.quantized) {
+      allocate_quantized(o, q_in, b * s_q, h_q * d);
+      for (at::Tensor* r : {&o.x_q, &o.x_s, &o.x_sum}) r->zero_();
+    } else {
+      o.out = at::zeros({b, h_q, s_q, d}, q_in.options());
+    }
+    return;
+  }
+  if (!o.quantized) o.out = at::empty({b, h_q, s_q, d}, q_in.options());
   const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
 
   DecodeArgs a{};
@@ -594,14 +755,33 @@ at::Tensor kv4_decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k
   a.q_vec16 = reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0 && q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 &&
               q.stride(2) % 8 == 0;
   if (q.scalar_type() == at::kHalf) {
-    launch_dim<__half>(a, q, out, d);
+    launch_dim<__half>(a, q, o, d);
   } else {
-    launch_dim<__nv_bfloat16>(a, q, out, d);
+    launch_dim<__nv_bfloat16>(a, q, o, d);
   }
-  return out;
+}
+
+at::Tensor kv4_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& k_params,
+                                     const at::Tensor& v_cache, const at::Tensor& v_params, const at::Tensor& kv_lens,
+                                     const at::Tensor& kv_starts, double sm_scale) {
+  DecodeOutput o;
+  run_decode(q, k_cache, k_params, v_cache, v_params, kv_lens, kv_starts, sm_scale, o);
+  return o.out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kv4_decode_attention_quantize_cuda(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& k_params, const at::Tensor& v_cache,
+    const at::Tensor& v_params, const at::Tensor& kv_lens, const at::Tensor& kv_starts, double sm_scale) {
+  DecodeOutput o;
+  o.quantized = true;
+  run_decode(q, k_cache, k_params, v_cache, v_params, kv_lens, kv_starts, sm_scale, o);
+  return {o.x_q, o.x_s, o.x_sum};
 }
 
 }  // namespace
 }  // namespace qoq
 
-TORCH_LIBRARY_IMPL(qoq, CUDA, m) { m.impl("kv4_decode_attention", &qoq::kv4_decode_attention_cuda); }
+TORCH_LIBRARY_IMPL(qoq, CUDA, m) {
+  m.impl("kv4_decode_attention", &qoq::kv4_decode_attention_cuda);
+  m.impl("kv4_decode_attention_quantize", &qoq::kv4_decode_attention_quantize_cuda);
+}

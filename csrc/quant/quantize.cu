@@ -21,12 +21,13 @@
 
 #include "common.cuh"
 #include "float16.cuh"
+#include "quant/row_quantize.cuh"
 
 namespace qoq {
 namespace {
 
 constexpr int kMaxThreads = 1024;
-constexpr int kMaxWarps = kMaxThreads / 32;
+constexpr int kMaxWarps = rowq::kMaxWarps;
 
 // Cluster split (small M). kSplitMaxM: default largest M (QOQ_QUANT_SPLIT overrides it, 0 turns the split off).
 // A cluster has at most 8 CTAs (the portable limit); a row gets the fewest of 1, 2, 4, 8 CTAs that leave at most
@@ -49,33 +50,11 @@ __device__ __forceinline__ void load_vec(const T* p, float (&out)[VEC]) {
   for (int i = 0; i < VEC; ++i) out[i] = to_float<T>(raw.v[i]);
 }
 
-struct SumOp {
-  template <typename V> __device__ __forceinline__ V operator()(V a, V b) const { return a + b; }
-};
-struct MaxOp {  // only used on non-negative values (|y|), so 0 is its identity
-  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
-};
-
-template <typename V, typename Op>
-__device__ __forceinline__ V warp_reduce(V v, Op op) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-// Block-wide reduction (sum, or max of non-negative values); every thread gets the result, in a fixed order
-// (deterministic). `scratch` holds kMaxWarps entries and is reused, hence the barrier on entry (a previous
-// reduction may still be reading it). Each warp then folds the per-warp partials itself with shuffles: no
-// serial loop over the warps and no third barrier.
-template <typename V, typename Op>
-__device__ __forceinline__ V block_reduce(V v, V* scratch, Op op) {
-  v = warp_reduce(v, op);
-  __syncthreads();
-  const int lane = threadIdx.x & 31;
-  if (lane == 0) scratch[threadIdx.x >> 5] = v;
-  __syncthreads();
-  return warp_reduce(lane < static_cast<int>(blockDim.x >> 5) ? scratch[lane] : V(0), op);
-}
+using rowq::block_reduce;
+using rowq::MaxOp;
+using rowq::quantize_store;
+using rowq::SumOp;
+using rowq::warp_reduce;
 
 enum class RowOp { kIdentity, kRmsNorm, kSiluMul };
 
@@ -90,59 +69,26 @@ struct Args {
   int32_t* x_sum;      // [M]
 };
 
-// Quantizes VEC values with scale `scale`, stores the codes at `out` (one 4- or 8-byte store for VEC 4 / 8) and
-// returns their sum. Shared by both kernels so they cannot drift apart.
-template <int VEC>
-__device__ __forceinline__ int quantize_store(const float* y, float scale, int8_t* out) {
-  // Quantized bytes packed into 32-bit words (VEC is 1, 4 or 8) so a vector row writes 4 or 8 bytes at once.
-  uint32_t packed[(VEC + 3) / 4] = {};
-  int sum = 0;
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    float r = 0.f;
-    if (scale > 0.f) r = fminf(fmaxf(rintf(y[i] / scale), -127.f), 127.f);
-    const int q = static_cast<int>(r);
-    sum += q;
-    packed[i / 4] |= (static_cast<uint32_t>(q) & 0xffu) << (8 * (i % 4));
-  }
-  if constexpr (VEC == 8) {
-    *reinterpret_cast<uint2*>(out) = make_uint2(packed[0], packed[1]);
-  } else if constexpr (VEC == 4) {
-    *reinterpret_cast<uint32_t*>(out) = packed[0];
-  } else {
-    *out = static_cast<int8_t>(packed[0] & 0xffu);
-  }
-  return sum;
-}
-
-// Quantizes the float32 row `ys[0..k)` (shared memory) with amax `amax`; writes x_q, x_s, x_sum.
-template <int VEC>
-__device__ __forceinline__ void quantize_row(const float* ys, float amax, const Args& a, int64_t row, int* iscratch) {
-  const float scale = amax / 127.0f;  // IEEE division, as the reference
-  const int64_t nvec = a.k / VEC;
-  int8_t* out = a.x_q + row * a.k;
-  int sum = 0;
-  for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-    sum += quantize_store<VEC>(ys + v * VEC, scale, out + v * VEC);
-  }
-  sum = block_reduce(sum, iscratch, SumOp{});
-  if (threadIdx.x == 0) {
-    a.x_s[row] = scale;
-    a.x_sum[row] = sum;
-  }
-}
-
 // One block per row. Dynamic shared memory: k floats (the row's y values).
 template <typename T, int VEC, RowOp OP>
 __global__ void __launch_bounds__(kMaxThreads) quantize_rows_kernel(Args a) {
   extern __shared__ float ys[];
   __shared__ float fscratch[kMaxWarps];
   __shared__ int iscratch[kMaxWarps];
-  pdl_wait();  // PDL (common.cuh): every global read here is an activation (the norm weight is read late anyway)
+  const int64_t nvec = a.k / VEC;
+  // RMSNorm: this thread's first weight vector (a module buffer, which PDL lets us read before the wait) is loaded
+  // now, so that the pass after the sum of squares does not start with a DRAM round trip (at M = 1 each thread
+  // has only this one vector).
+  float w_first[VEC] = {};
+  if constexpr (OP == RowOp::kRmsNorm) {
+    if (static_cast<int64_t>(threadIdx.x) < nvec) {
+      load_vec<T, VEC>(static_cast<const T*>(a.weight) + threadIdx.x * VEC, w_first);
+    }
+  }
+  pdl_wait();  // PDL (common.cuh): x, the activations, only after the wait
   pdl_launch_dependents();
   const int64_t row = blockIdx.x;
   const T* x = static_cast<const T*>(a.x) + row * a.k_in;
-  const int64_t nvec = a.k / VEC;
   float amax = 0.f;
 
   if constexpr (OP == RowOp::kIdentity) {
@@ -185,7 +131,12 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_kernel(Args a) {
     // Each thread rewrites only the elements it wrote above: no barrier needed between the passes.
     for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
       float wf[VEC];
-      load_vec<T, VEC>(w + v * VEC, wf);
+      if (v == threadIdx.x) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) wf[i] = w_first[i];
+      } else {
+        load_vec<T, VEC>(w + v * VEC, wf);
+      }
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         const float y = __fmul_rn(__fmul_rn(ys[v * VEC + i], r), wf[i]);
@@ -196,7 +147,7 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_kernel(Args a) {
   }
   // quantize_row reads back only this thread's own elements (same v loop), so block_reduce's barriers suffice.
   amax = block_reduce(amax, fscratch, MaxOp{});
-  quantize_row<VEC>(ys, amax, a, row, iscratch);
+  rowq::quantize_row<VEC>(ys, amax, a.k, a.x_q + row * a.k, a.x_s + row, a.x_sum + row, iscratch);
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -4,7 +4,8 @@ It replaces a Hugging Face ``*Attention`` module (Llama, Mistral, Qwen2, Qwen3) 
 and return value. With a ``KV4Cache``:
   * prefill (empty cache, several tokens): attention on the float q/k/v (the model's own attention function and
     mask), then the new K/V are quantized into the cache;
-  * decode (one new token per row): append, then ``kv4_decode_attention`` over the cache; the valid slots of a row
+  * decode (one new token per row): append, then ``kv4_decode_attention_quantize`` over the cache (its INT8 output
+    is o_proj's GEMM input); the valid slots of a row
     are ``[kv_start, kv_len)`` with ``kv_start`` read from the attention mask on the device (left padding, sliding
     window), so a step has no host sync and compiles into one graph. Without q/k norms, RoPE and the append are one
     op on the fused projection (``rope_kv4_append``), which also returns the rotated q;
@@ -119,7 +120,8 @@ class QoQAttention(nn.Module):
 
     def _fused_decode(self, cache: KV4Cache, hidden_states: torch.Tensor, position_embeddings,
                       attention_mask) -> torch.Tensor:
-        """Decode step through `rope_kv4_append` (RoPE + append in one op) -> ``[B, 1, H_q, D]``."""
+        """Decode step through `rope_kv4_append` (RoPE + append in one op), attention and o_proj
+        -> ``[B, 1, hidden]``."""
         b, s, _ = hidden_states.shape
         layer = cache.layers[self.layer_idx]
         cos, sin = position_embeddings
@@ -127,19 +129,18 @@ class QoQAttention(nn.Module):
         return self._decode_attention(layer, q, attention_mask)
 
     def _decode_attention(self, layer, q: torch.Tensor, attention_mask) -> torch.Tensor:
-        """``kv4_decode_attention`` of ``q [B, H_q, S, D]`` over the layer (no host sync) -> ``[B, S, H_q, D]``."""
-        b = q.shape[0]
+        """``kv4_decode_attention_quantize`` of ``q [B, H_q, S, D]`` over the layer (no host sync), whose INT8
+        output feeds o_proj's GEMM directly -> ``[B, S, hidden]``."""
+        b, _, s, _ = q.shape
         kv_starts = kv_starts_from_mask(attention_mask, b, q.device)
-        out = ops.kv4_decode_attention(q.contiguous(), layer.k_cache, layer.k_params, layer.v_cache,
-                                       layer.v_params, layer.kv_lens(b), kv_starts, self.scaling)
-        return out.transpose(1, 2)
+        x_q, x_s, x_sum = ops.kv4_decode_attention_quantize(q.contiguous(), layer.k_cache, layer.k_params,
+                                                            layer.v_cache, layer.v_params, layer.kv_lens(b),
+                                                            kv_starts, self.scaling)
+        return self.o_proj.gemm(x_q, x_s, x_sum, q.dtype).view(b, s, self.o_proj.out_features)
 
     def _kv4_attention(self, cache: KV4Cache, q, k, v, attention_mask, **kwargs) -> torch.Tensor:
         layer = cache.layers[self.layer_idx]
         s = q.shape[2]
-        if s == 1:  # decode: no host sync on this path
-            layer.append(k, v)
-            return self._decode_attention(layer, q, attention_mask)
         if not layer.is_initialized or layer.host_length() == 0:  # prefill: float attention, then store
             mask = attention_mask[..., :s] if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 \
                 else attention_mask
@@ -162,9 +163,12 @@ class QoQAttention(nn.Module):
         kwargs.pop("use_cache", None)
         b, s, _ = hidden_states.shape
         if self._uses_fused_decode(past_key_values, hidden_states, position_embeddings):
-            out = self._fused_decode(past_key_values, hidden_states, position_embeddings, attention_mask)
-            return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim)), None
+            return self._fused_decode(past_key_values, hidden_states, position_embeddings, attention_mask), None
         q, k, v = self._project(hidden_states, position_embeddings)
+        if isinstance(past_key_values, KV4Cache) and s == 1:  # decode: no host sync on this path
+            layer = past_key_values.layers[self.layer_idx]
+            layer.append(k, v)
+            return self._decode_attention(layer, q, attention_mask), None
         if isinstance(past_key_values, KV4Cache):
             out = self._kv4_attention(past_key_values, q, k, v, attention_mask, **kwargs)
         else:

@@ -86,9 +86,21 @@ def kv4_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, k_params: torch
     return _ops.kv4_decode_attention(q, k_cache, k_params, v_cache, v_params, kv_lens, kv_starts, sm_scale)
 
 
+def kv4_decode_attention_quantize(q: torch.Tensor, k_cache: torch.Tensor, k_params: torch.Tensor,
+                                  v_cache: torch.Tensor, v_params: torch.Tensor, kv_lens: torch.Tensor,
+                                  kv_starts: torch.Tensor, sm_scale: float):
+    """`kv4_decode_attention` followed by `quantize_per_token` of its output in o_proj's layout, in one op.
+
+    ``q [B, H_q, S_q, D]`` -> ``(x_q int8 [B * S_q, H_q * D], x_s float32 [B * S_q], x_sum int32 [B * S_q])``: row
+    ``b * S_q + i`` holds query token i of row b, its heads side by side (the attention output rounded to q's dtype,
+    then quantized exactly as `quantize_per_token` does).
+    """
+    return _ops.kv4_decode_attention_quantize(q, k_cache, k_params, v_cache, v_params, kv_lens, kv_starts, sm_scale)
+
+
 __all__ = [
     "PROTECTIVE_RANGE", "PerChannelWeight", "PerGroupWeight", "cuda_available", "extension_status",
-    "kv4_append", "kv4_decode_attention", "kv4_dequantize", "kv4_quantize", "pack_weights",
+    "kv4_append", "kv4_decode_attention", "kv4_decode_attention_quantize", "kv4_dequantize", "kv4_quantize", "pack_weights",
     "quantize_per_token", "quantize_weight_int8", "quantize_weight_per_channel", "quantize_weight_per_group",
     "rmsnorm_quantize", "rope", "rope_kv4_append", "silu_mul_quantize", "unpack_weights", "w4a8_gemm_per_channel",
     "w4a8_gemm_per_group",

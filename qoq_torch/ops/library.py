@@ -37,6 +37,10 @@ SCHEMAS = {
         "kv4_decode_attention(Tensor q, Tensor k_cache, Tensor k_params, Tensor v_cache, Tensor v_params, "
         "Tensor kv_lens, Tensor kv_starts, float sm_scale) -> Tensor"
     ),
+    "kv4_decode_attention_quantize": (
+        "kv4_decode_attention_quantize(Tensor q, Tensor k_cache, Tensor k_params, Tensor v_cache, "
+        "Tensor v_params, Tensor kv_lens, Tensor kv_starts, float sm_scale) -> (Tensor, Tensor, Tensor)"
+    ),
 }
 for _schema in SCHEMAS.values():
     LIB.define(_schema)
@@ -111,6 +115,12 @@ def _kv4_decode_fake(q, k_cache, k_params, v_cache, v_params, kv_lens, kv_starts
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+def _kv4_decode_quantize_fake(q, k_cache, k_params, v_cache, v_params, kv_lens, kv_starts, sm_scale):
+    checks.check_kv4_decode(q, k_cache, k_params, v_cache, v_params, kv_lens, kv_starts)
+    b, h_q, s_q, d = q.shape
+    return _quant_outputs(q.new_empty((b * s_q, 0)), h_q * d)
+
+
 FAKES = {
     "quantize_per_token": _quantize_per_token_fake,
     "rmsnorm_quantize": _rmsnorm_quantize_fake,
@@ -122,6 +132,7 @@ FAKES = {
     "kv4_append": _kv4_append_fake,
     "rope_kv4_append": _rope_kv4_append_fake,
     "kv4_decode_attention": _kv4_decode_fake,
+    "kv4_decode_attention_quantize": _kv4_decode_quantize_fake,
 }
 
 
@@ -162,6 +173,8 @@ REFERENCES = {
     "kv4_append": _checked("kv4_append", reference.kv4_append),
     "rope_kv4_append": _checked("rope_kv4_append", reference.rope_kv4_append, _rope_kv4_append_positions),
     "kv4_decode_attention": _checked("kv4_decode_attention", reference.kv4_decode_attention),
+    "kv4_decode_attention_quantize": _checked("kv4_decode_attention_quantize",
+                                              reference.kv4_decode_attention_quantize),
 }
 # The device-agnostic ops (pure tensor code) serve every backend.
 DEVICE_AGNOSTIC = {"pack_weights": _pack_impl, "unpack_weights": _unpack_impl}

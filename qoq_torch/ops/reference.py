@@ -134,3 +134,9 @@ def kv4_decode_attention(q, k_cache, k_params, v_cache, v_params, kv_lens, kv_st
     p = torch.softmax(scores, dim=-1)
     p = torch.nan_to_num(p, nan=0.0)  # rows that see no slot
     return torch.matmul(p, v).to(q.dtype)
+
+
+def kv4_decode_attention_quantize(q, k_cache, k_params, v_cache, v_params, kv_lens, kv_starts, sm_scale: float):
+    out = kv4_decode_attention(q, k_cache, k_params, v_cache, v_params, kv_lens, kv_starts, sm_scale)
+    b, h_q, s_q, d = out.shape
+    return quantize_per_token(out.transpose(1, 2).reshape(b * s_q, h_q * d))
