@@ -1,9 +1,11 @@
 """Where a decode step's time goes: wall time per generated token vs GPU kernel time, and the top kernels.
 
 Usage: python benchmarks/profile_decode.py [--variants bf16 qoq-g128] [--batch 1 [16 ...]]
-      [--stop-check MODE] [--compile-mode MODE] [--json OUT.json]
+      [--stop-check MODE] [--compile-mode MODE] [--python-profile] [--json OUT.json]
 Runs HF generate (static cache, compiled decode step, as `qoq bench e2e`) on the Llama-3-8B-shaped
-random-weight model, then profiles a short generate with torch.profiler. --stop-check: how generate reads its stop
+random-weight model, then profiles a one-token and a short generate with torch.profiler: per kernel, their
+difference is the decode steps' share (no prefill); 48 consecutive kernels from mid-run show the gaps between
+kernels; --python-profile adds a cProfile of the host's Python. --stop-check: how generate reads its stop
 flag (qoq_torch.benchmarking.StopCheckMode: model-default, per-step, deferred); --compile-mode: model-default
 (generate's default: reduce-overhead) or a torch.compile mode. Needs a CUDA GPU.
 """
