@@ -16,9 +16,10 @@
 // operand layout of the second MMA, which puts head_dim on M and slots on K (O^T = V^T P^T), so the
 // probabilities never leave registers. p is fp16 in the second MMA (as in FlashAttention); softmax and
 // all sums are float32. Splits are merged by a small second kernel (log-sum-exp weights).
-// qoq::kv4_decode_attention_quantize (o_proj's input) always takes the split path, and its second kernel merges the
-// splits of one query token's heads, rounds them to q's dtype and quantizes the token per row, as
-// quantize_per_token would (quant/row_quantize.cuh): one kernel instead of a merge and a quantize.
+// qoq::kv4_decode_attention_quantize (o_proj's input) always takes the split path; with up to kMergeQuantMaxSplits
+// splits its second kernel merges the splits of one query token's heads, rounds them to q's dtype and quantizes the
+// token's row as quantize_per_token would (quant/row_quantize.cuh): one kernel instead of a merge and a quantize.
+// With more splits it runs the per-head merge, then the quantize_per_token op.
 // All three kernels use programmatic dependent launch (common.cuh): each waits for its predecessor before its
 // first read, so only the launch and the block set-up overlap the previous kernel.
 #include <algorithm>
