@@ -21,6 +21,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .. import ops
+from ..ops.reference import split_qkv
 from .kv_cache import KV4Cache
 from .linear import QoQLinear, check_compute_dtype
 
@@ -94,14 +95,10 @@ class QoQAttention(nn.Module):
 
     def _project(self, hidden_states: torch.Tensor, position_embeddings):
         b, s, _ = hidden_states.shape
-        qkv = self._qkv(hidden_states)
-        n_q, n_kv = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
-        q = qkv[:, :n_q].view(b, s, self.num_heads, self.head_dim)
-        k = qkv[:, n_q:n_q + n_kv].view(b, s, self.num_key_value_heads, self.head_dim)
-        v = qkv[:, n_q + n_kv:].view(b, s, self.num_key_value_heads, self.head_dim)
-        if self.q_norm is not None:
+        q, k, v = split_qkv(self._qkv(hidden_states).view(b, s, -1), self.num_heads, self.num_key_value_heads,
+                            self.head_dim)
+        if self.q_norm is not None:  # per head vector (the last dim), so after the transpose as before it
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rope(q, k, cos, sin)
         return q, k, v
