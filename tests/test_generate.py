@@ -1,6 +1,8 @@
 """HF generate on QoQ models: exact agreement with a reference-op simulation, padding, caches, sampling."""
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -111,3 +113,46 @@ def test_quantized_models_defer_the_stop_check_for_kv4_caches_on_cuda():
     assert not check(cuda, DynamicCache(config=model.config), False, False)  # transformers' rule for other caches
     cache.defer_stop_check = False
     assert not check(cuda, cache, False, False)
+
+
+def test_static_cache_is_kept_between_generate_calls_and_reset():
+    from qoq_torch.nn.generation import KEPT_CACHE
+
+    model = _quantized("llama")
+    ids, mask = left_padded(PROMPTS)
+    first = _greedy(model, ids, mask, cache_implementation="static")
+    kept = weakref.ref(model.__dict__[KEPT_CACHE])  # a strong reference here would stop the reuse
+    pointers = [layer.k_cache.data_ptr() for layer in kept().layers]
+    # the same buffers (a compiled decode step's CUDA graph stays valid), reset: the same tokens again
+    assert torch.equal(_greedy(model, ids, mask, cache_implementation="static"), first)
+    assert model.__dict__[KEPT_CACHE] is kept()
+    assert [layer.k_cache.data_ptr() for layer in kept().layers] == pointers
+    # a shorter call keeps the longer cache (lengths never shrink, as transformers' static cache)
+    short = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                           cache_implementation="static")[:, ids.shape[1]:]
+    assert model.__dict__[KEPT_CACHE] is kept() and torch.equal(short, first[:, :3])
+    # another batch size gets a new cache
+    one = _greedy(model, torch.tensor([PROMPTS[1]]), torch.ones(1, len(PROMPTS[1]), dtype=torch.long),
+                  cache_implementation="static")
+    assert kept() is None and torch.equal(one[0], first[1])  # the old cache was freed
+
+
+def test_a_static_cache_held_outside_the_model_is_never_reset_by_a_later_generate():
+    from qoq_torch.nn.generation import KEPT_CACHE, disable_kv4_generate
+
+    model = _quantized("llama")
+    ids, mask = left_padded(PROMPTS)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                         cache_implementation="static")
+    returned = out.past_key_values
+    assert KEPT_CACHE not in model.__dict__  # handed back: the user's, not the model's
+    length = int(returned.get_seq_length())
+    k0 = returned.layers[0].k_cache.clone()
+    _greedy(model, ids, mask, cache_implementation="static")
+    held = model.__dict__[KEPT_CACHE]  # a reference outside the model: the next call must not reuse it
+    _greedy(model, ids, mask, cache_implementation="static")
+    assert model.__dict__[KEPT_CACHE] is not held
+    assert int(held.get_seq_length()) == ids.shape[1] + NEW - 1  # untouched since its own call
+    assert int(returned.get_seq_length()) == length and torch.equal(returned.layers[0].k_cache, k0)
+    disable_kv4_generate(model)
+    assert KEPT_CACHE not in model.__dict__

@@ -11,9 +11,16 @@ generate reads its stop flag one step late for KV4 caches (transformers' ``Defer
 only on ``mps``), so the host queues the next step while the GPU runs this one. The extra step it runs after an
 end-of-sequence token is dropped by transformers; it is used only when the cache is not handed back to the user
 (nothing to roll back). ``KV4Cache.defer_stop_check = False`` turns it off.
+
+A static KV4 cache is kept on the model between ``generate`` calls and reset for the next call when it fits (same
+batch, device and length) and nothing outside the model holds it: a compiled decode step replays its CUDA graph only
+while the cache's buffers (marked static addresses) stay where they were, and a new cache at new addresses makes
+torch.compile's CUDA-graph trees record the whole decode graph again on the next call. Like transformers, the length
+of a static cache never shrinks from one call to the next (``_previous_max_cache_length``).
 """
 from __future__ import annotations
 
+import sys
 import types
 
 import torch
@@ -60,10 +67,39 @@ def _prepare_kv4_cache_for_generation(self, generation_config, model_kwargs, gen
     if implementation == "static":
         if generation_config.max_cache_len is not None:
             max_cache_length = max(max_cache_length, generation_config.max_cache_len)
-        cache = KV4Cache(config, max_cache_len=max_cache_length)
+        max_cache_length = max(max_cache_length, getattr(self, "_previous_max_cache_length", -1))
+        self._previous_max_cache_length = max_cache_length
+        cache_batch = max(generation_config.num_beams, generation_config.num_return_sequences) * batch_size
+        cache = _reusable_static_cache(self, cache_batch, max_cache_length)
+        if cache is None:
+            self.__dict__.pop(KEPT_CACHE, None)  # free the old buffers before allocating the new ones
+            cache = KV4Cache(config, max_cache_len=max_cache_length)
+        if not generation_config.return_dict_in_generate:  # a cache handed back to the user is theirs
+            self.__dict__[KEPT_CACHE] = cache
     else:
         cache = KV4Cache(config)
     model_kwargs["past_key_values"] = cache
+
+
+KEPT_CACHE = "_qoq_kept_static_cache"
+# References to the kept cache when only the model holds it: the instance dict, the local name in
+# `_reusable_static_cache` and getrefcount's argument.
+_ONLY_MODEL_REFS = 3
+
+
+def _reusable_static_cache(model: nn.Module, batch: int, max_cache_len: int) -> KV4Cache | None:
+    """The static KV4 cache kept from the previous ``generate``, reset, if it fits this call; else None."""
+    cache = model.__dict__.get(KEPT_CACHE)
+    if cache is None or sys.getrefcount(cache) > _ONLY_MODEL_REFS or cache._static_len != max_cache_len:
+        return None
+    layers = cache.layers
+    if not all(layer.is_initialized for layer in layers):
+        return None  # never written (an interrupted call): its allocation shapes are unknown
+    first = layers[0]
+    if first.batch_size != batch or first.device != model.device:
+        return None
+    cache.reset()
+    return cache
 
 
 def enable_kv4_generate(model: nn.Module) -> None:
@@ -73,5 +109,6 @@ def enable_kv4_generate(model: nn.Module) -> None:
 
 
 def disable_kv4_generate(model: nn.Module) -> None:
-    """Remove the hook: generate goes back to transformers' float caches."""
+    """Remove the hook (and the kept cache): generate goes back to transformers' float caches."""
     model.__dict__.pop("_prepare_cache_for_generation", None)
+    model.__dict__.pop(KEPT_CACHE, None)
