@@ -34,3 +34,55 @@ def test_decode_step_compiles_fullgraph_without_graph_breaks(family):
     assert torch.equal(eager, compiled)
     assert torch.equal(eager_cache.layers[1].k_cache, compiled_cache.layers[1].k_cache)  # the append happened
     assert int(compiled_cache.get_seq_length()) == ids.shape[1] + 1
+
+
+def test_generate_compiles_with_the_packed_weight_guard_filter():
+    from qoq_torch.nn.generation import skip_packed_weight_guards
+
+    model = qoq_torch.quantize(tiny_model("llama"), config=qoq_torch.QoQConfig(group_size=GROUP_SIZE), progress=False)
+    config = model._default_compile_config()  # what generate's automatic compilation uses
+    assert config.mode is None and config.backend == "inductor"
+    assert config.options == {"triton.cudagraphs": True, "guard_filter_fn": skip_packed_weight_guards}
+
+    seen = {}
+
+    def recording_filter(entries):
+        keep = skip_packed_weight_guards(entries)
+        seen["dropped"] = sorted({e.name.rsplit("'", 2)[-2] for e, k in zip(entries, keep) if not k})
+        seen["kept_tensors"] = [e.name for e, k in zip(entries, keep) if k and e.guard_type == "TENSOR_MATCH"]
+        return keep
+
+    ids, mask = left_padded([[5, 9, 33, 70, 8], [40, 41, 3]])
+    cache = KV4Cache(model.config, max_cache_len=16)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+        token = torch.tensor([[17], [23]])
+        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        eager_cache, compiled_cache = copy.deepcopy(cache), copy.deepcopy(cache)
+        eager = model(token, attention_mask=step_mask, past_key_values=eager_cache).logits
+        torch._dynamo.reset()
+        compiled = torch._dynamo.optimize("aot_eager", nopython=True, guard_filter_fn=recording_filter)(model)
+        got = compiled(token, attention_mask=step_mask, past_key_values=compiled_cache).logits
+    assert torch.equal(got, eager)
+    # the packed weights' guards go; the norm weights', the embedding's and the cache's stay
+    assert seen["dropped"] == ["qweight", "s1", "s2", "z2"]
+    assert any("norm_weight" in name for name in seen["kept_tensors"])
+    assert any("embed_tokens" in name for name in seen["kept_tensors"])
+    assert any("k_cache" in name for name in seen["kept_tensors"])
+
+
+def test_packed_weight_guard_filter_keeps_what_it_does_not_recognise():
+    from types import SimpleNamespace
+
+    from qoq_torch.nn.generation import skip_packed_weight_guards
+
+    u8 = torch.zeros(2, dtype=torch.uint8)
+    entries = [
+        SimpleNamespace(guard_type="TENSOR_MATCH", name="L['self']._modules['o_proj']._buffers['qweight']", value=u8),
+        SimpleNamespace(guard_type="TENSOR_MATCH", name="L['self']._modules['norm']._buffers['scale']",
+                        value=torch.zeros(2, dtype=torch.bfloat16)),  # a float-model buffer of that name
+        SimpleNamespace(guard_type="ID_MATCH", name="L['self']._modules['o_proj']._buffers['qweight']", value=u8),
+        SimpleNamespace(guard_type="TENSOR_MATCH", name="L['self']._parameters['weight']", value=u8),
+        SimpleNamespace(guard_type="TENSOR_MATCH"),  # no name: not a guard it knows
+    ]
+    assert skip_packed_weight_guards(entries) == [False, True, True, True, True]

@@ -102,13 +102,53 @@ def _reusable_static_cache(model: nn.Module, batch: int, max_cache_len: int) -> 
     return cache
 
 
+# Buffers of QoQLinear that hold the quantized weight: fixed shape and dtype once the model is quantized.
+PACKED_WEIGHT_BUFFERS = ("qweight", "s2", "z2", "s1", "scale", "zero")
+_PACKED_WEIGHT_SUFFIXES = tuple(f"._buffers['{name}']" for name in PACKED_WEIGHT_BUFFERS)
+
+
+def skip_packed_weight_guards(guard_entries) -> list[bool]:
+    """torch.compile ``guard_filter_fn``: drop dynamo's per-tensor guards on QoQLinear's weight buffers, keep the rest.
+
+    A decode step re-checks every guard on every call, and a QoQ model has about twice as many weight tensors as
+    its float original (packed weights, group scales and zeros). Those buffers never change shape or dtype; the
+    guards that remain (the modules, the norm weights, the embedding, the cache, the inputs) still catch a model
+    moved to another device or dtype. Anything unexpected in an entry keeps its guard."""
+    keep = []
+    for entry in guard_entries:
+        try:
+            drop = (entry.guard_type == "TENSOR_MATCH" and isinstance(entry.name, str)
+                    and entry.name.endswith(_PACKED_WEIGHT_SUFFIXES) and isinstance(entry.value, torch.Tensor)
+                    and entry.value.dtype in (torch.uint8, torch.float16))
+        except Exception:  # noqa: BLE001 - guard entries are not a stable API: keep the guard
+            drop = False
+        keep.append(not drop)
+    return keep
+
+
+def _kv4_default_compile_config(self):
+    """transformers' default ``CompileConfig`` (inductor, "reduce-overhead") with the packed-weight guard filter;
+    any other default (another backend or mode) is returned unchanged."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    config = type(self)._default_compile_config(self)
+    if config.backend != "inductor" or config.mode != "reduce-overhead" or config.options is not None:
+        return config
+    # torch.compile takes `mode` or `options`, not both: "reduce-overhead" is inductor's CUDA graphs option.
+    return CompileConfig(fullgraph=config.fullgraph, dynamic=config.dynamic, backend=config.backend, mode=None,
+                         options={"triton.cudagraphs": True, "guard_filter_fn": skip_packed_weight_guards})
+
+
 def enable_kv4_generate(model: nn.Module) -> None:
-    """Install the KV4 cache hook on ``model`` (idempotent) and the deferred stop check for KV4 caches on CUDA."""
+    """Install the KV4 cache hook on ``model`` (idempotent), its default compile config for generate's decode step
+    (``_kv4_default_compile_config``) and the deferred stop check for KV4 caches on CUDA."""
     model._prepare_cache_for_generation = types.MethodType(_prepare_kv4_cache_for_generation, model)
+    model._default_compile_config = types.MethodType(_kv4_default_compile_config, model)
     _install_deferred_stop_check()
 
 
 def disable_kv4_generate(model: nn.Module) -> None:
     """Remove the hook (and the kept cache): generate goes back to transformers' float caches."""
     model.__dict__.pop("_prepare_cache_for_generation", None)
+    model.__dict__.pop("_default_compile_config", None)
     model.__dict__.pop(KEPT_CACHE, None)
