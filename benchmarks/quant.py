@@ -37,6 +37,10 @@ def cases(m: int):
          lambda x, w: reference.rmsnorm_quantize(x, w, eps), m * HIDDEN + 8 * m),
         ("silu_mul_quantize", (m, 2 * INTERMEDIATE), lambda x, w: ops.silu_mul_quantize(x),
          lambda x, w: reference.silu_mul_quantize(x), m * INTERMEDIATE + 8 * m),
+        # the decoder's residual add + the MLP's norm: fused, against the add followed by our rmsnorm_quantize
+        # kernel (what a layer ran before the fusion); reads x and the residual, writes h and the codes
+        ("add_rmsnorm_quantize", (m, HIDDEN), lambda x, w, r: ops.add_rmsnorm_quantize(x, r, w, eps),
+         lambda x, w, r: ops.rmsnorm_quantize(r + x, w, eps), 5 * m * HIDDEN + 8 * m),  # + residual read, h, codes
     ]
 
 
@@ -49,8 +53,14 @@ def bench(m: int) -> list[dict]:
         w = torch.rand(HIDDEN, device="cuda", dtype=torch.float16) + 0.5
         dst = [torch.empty_like(x) for x in xs]
         row = {"op": name, "m": m, "shape": list(shape), "in_bytes": in_bytes, "out_bytes": out_bytes}
-        row["fused_us"] = time_graph(lambda i: fused(xs[i], w), sets)
-        row["unfused_us"] = time_graph(lambda i: unfused(xs[i], w), sets)
+        if name == "add_rmsnorm_quantize":  # two inputs: x and the next set as the residual
+            def call(fn, i):
+                return fn(xs[i], w, xs[(i + 1) % sets])
+        else:
+            def call(fn, i):
+                return fn(xs[i], w)
+        row["fused_us"] = time_graph(lambda i: call(fused, i), sets)
+        row["unfused_us"] = time_graph(lambda i: call(unfused, i), sets)
         row["copy_us"] = time_graph(lambda i: dst[i].copy_(xs[i]), sets)
         row["fused_gbs"] = (in_bytes + out_bytes) / row["fused_us"] / 1e3
         row["copy_gbs"] = 2 * in_bytes / row["copy_us"] / 1e3
@@ -70,7 +80,9 @@ def check_small() -> None:
             for got, ref in ((ops.quantize_per_token(x.cuda()), torch.ops.qoq.quantize_per_token(x)),
                              (ops.rmsnorm_quantize(x.cuda(), w.cuda(), 1e-6), torch.ops.qoq.rmsnorm_quantize(x, w, 1e-6)),
                              (ops.silu_mul_quantize(torch.cat((x, x), 1).cuda()),
-                              torch.ops.qoq.silu_mul_quantize(torch.cat((x, x), 1)))):
+                              torch.ops.qoq.silu_mul_quantize(torch.cat((x, x), 1))),
+                             (ops.add_rmsnorm_quantize(x.cuda(), x.flip(0).cuda(), w.cuda(), 1e-6)[1:],
+                              torch.ops.qoq.add_rmsnorm_quantize(x, x.flip(0), w, 1e-6)[1:])):
                 assert int((got[0].cpu().int() - ref[0].int()).abs().max()) <= 1
         x32 = torch.randn(m, k, generator=gen)
         assert torch.equal(ops.quantize_per_token(x32.cuda())[0].cpu(), torch.ops.qoq.quantize_per_token(x32)[0])

@@ -86,3 +86,29 @@ def test_packed_weight_guard_filter_keeps_what_it_does_not_recognise():
         SimpleNamespace(guard_type="TENSOR_MATCH"),  # no name: not a guard it knows
     ]
     assert skip_packed_weight_guards(entries) == [False, True, True, True, True]
+
+
+def test_decode_step_graph_fuses_the_residual_add_into_the_mlp_norm():
+    model = qoq_torch.quantize(tiny_model("llama"), config=qoq_torch.QoQConfig(group_size=GROUP_SIZE), progress=False)
+    ids, mask = left_padded([[5, 9, 33, 70, 8], [40, 41, 3]])
+    cache = KV4Cache(model.config, max_cache_len=16)
+    targets = []
+
+    def recording_backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+        token = torch.tensor([[17], [23]])
+        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        eager_cache, compiled_cache = copy.deepcopy(cache), copy.deepcopy(cache)
+        eager = model(token, attention_mask=step_mask, past_key_values=eager_cache).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend=recording_backend)
+        got = compiled(token, attention_mask=step_mask, past_key_values=compiled_cache).logits
+    assert torch.equal(got, eager)
+    layers = model.config.num_hidden_layers
+    assert sum("add_rmsnorm_quantize" in t for t in targets) == layers  # one per layer: the MLP's norm
+    plain = [t for t in targets if "rmsnorm_quantize" in t and "add_rmsnorm_quantize" not in t]
+    assert len(plain) == layers  # the attention's norm

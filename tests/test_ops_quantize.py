@@ -46,6 +46,30 @@ def test_rmsnorm_quantize_matches_float_rmsnorm(gen):
     assert within_half_step(x_q.float() * x_s[:, None], y, x_s)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_add_rmsnorm_quantize_is_the_add_then_rmsnorm_quantize(dtype, gen):
+    x = torch.randn(7, 192, generator=gen).to(dtype)
+    residual = (4 * torch.randn(7, 192, generator=gen)).to(dtype)
+    w = (torch.rand(192, generator=gen) + 0.5).to(dtype)
+    h, x_q, x_s, x_sum = ops.add_rmsnorm_quantize(x, residual, w, 1e-6)
+    assert h.dtype == dtype and torch.equal(h, residual + x)  # bit for bit what the decoder's add gives
+    for got, expect in zip((x_q, x_s, x_sum), ops.rmsnorm_quantize(residual + x, w, 1e-6)):
+        assert torch.equal(got, expect)
+    assert int(x_q.abs().max()) == 127
+
+
+def test_add_rmsnorm_quantize_bad_input():
+    x, w = torch.randn(4, 8).half(), torch.ones(8).half()
+    with pytest.raises(ValueError, match="residual must have shape"):
+        ops.add_rmsnorm_quantize(x, torch.randn(4, 7).half(), w, 1e-6)
+    with pytest.raises(TypeError, match="residual must have dtype"):
+        ops.add_rmsnorm_quantize(x, torch.randn(4, 8).bfloat16(), w, 1e-6)
+    with pytest.raises(ValueError, match="residual must be contiguous"):
+        ops.add_rmsnorm_quantize(x, torch.randn(8, 4).half().t(), w, 1e-6)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        ops.add_rmsnorm_quantize(x, x, torch.ones(7).half(), 1e-6)
+
+
 def test_silu_mul_quantize_matches_float(gen):
     gu = torch.randn(5, 2 * 96, generator=gen).bfloat16()
     x_q, x_s, x_sum = ops.silu_mul_quantize(gu)
@@ -62,6 +86,8 @@ def test_opcheck_quant_ops(m, k, gen):
     torch.library.opcheck(torch.ops.qoq.quantize_per_token.default, (x,))
     torch.library.opcheck(torch.ops.qoq.rmsnorm_quantize.default, (x, torch.rand(k, generator=gen).half(), 1e-5))
     torch.library.opcheck(torch.ops.qoq.silu_mul_quantize.default, (x,))
+    torch.library.opcheck(torch.ops.qoq.add_rmsnorm_quantize.default,
+                          (x, torch.randn(m, k, generator=gen).half(), torch.rand(k, generator=gen).half(), 1e-5))
 
 
 @pytest.mark.parametrize(

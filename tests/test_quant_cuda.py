@@ -90,6 +90,46 @@ def test_rmsnorm_quantize_matches_reference(m, k, dtype, gen):
     assert_close_quantization(got, ref)
 
 
+needs_add_kernel = pytest.mark.skipif(
+    not (_kernels_built() and "add_rmsnorm_quantize" in ops.extension_status()["cuda_ops"]),
+    reason="qoq_torch._C add_rmsnorm_quantize kernel not built")
+
+
+@needs_add_kernel
+@pytest.mark.parametrize("m,k", SHAPES)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_add_rmsnorm_quantize_matches_reference_and_the_unfused_kernels(m, k, dtype, gen):
+    x, residual = random_rows(m, k, dtype, gen), random_rows(m, k, dtype, gen)
+    w = (torch.rand(k, generator=gen) + 0.5).to(dtype)
+    h, *quantized = ops.add_rmsnorm_quantize(x.cuda(), residual.cuda(), w.cuda(), 1e-6)
+    ref_h, *ref_quantized = torch.ops.qoq.add_rmsnorm_quantize(x, residual, w, 1e-6)
+    assert h.dtype == dtype and torch.equal(h.cpu(), ref_h)
+    assert_close_quantization(quantized, ref_quantized)
+    # the fused kernel is the add followed by the rmsnorm_quantize kernel, bit for bit
+    unfused = ops.rmsnorm_quantize(residual.cuda() + x.cuda(), w.cuda(), 1e-6)
+    assert torch.equal(h, residual.cuda() + x.cuda())
+    for got, expect in zip(quantized, unfused):
+        assert torch.equal(got, expect)
+
+
+@needs_add_kernel
+def test_add_rmsnorm_quantize_unaligned_views_and_opcheck(gen):
+    base = random_rows(3, 8 * 128 + 1, torch.bfloat16, gen).cuda()
+    x = base[0, 1:].view(8, 128)  # contiguous, 2 bytes off 16-byte alignment: the scalar path
+    residual = base[1, :-1].view(8, 128)
+    w = (torch.rand(128, generator=gen) + 0.5).bfloat16().cuda()
+    got = ops.add_rmsnorm_quantize(x, residual, w, 1e-6)
+    ref = torch.ops.qoq.add_rmsnorm_quantize(x.cpu(), residual.cpu(), w.cpu(), 1e-6)
+    assert torch.equal(got[0].cpu(), ref[0])
+    assert_close_quantization(got[1:], ref[1:])
+    torch.library.opcheck(torch.ops.qoq.add_rmsnorm_quantize.default, (x.contiguous(), residual.contiguous(), w, 1e-5))
+    for bad, match in ((residual[:, :64].contiguous(), "residual must have shape"),
+                       (residual.half(), "residual must have dtype"), (residual.cpu(), "residual is on"),
+                       (residual.t(), "residual must")):
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.qoq.add_rmsnorm_quantize(x, bad, w, 1e-6)
+
+
 @needs_kernel
 @pytest.mark.parametrize("m,k", SHAPES)
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))

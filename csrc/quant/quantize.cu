@@ -1,5 +1,5 @@
-// CUDA impls of qoq::quantize_per_token, qoq::rmsnorm_quantize and qoq::silu_mul_quantize
-// (docs/formats.md, "Activations"). Both kernels quantize with the reference's exact arithmetic:
+// CUDA impls of qoq::quantize_per_token, qoq::rmsnorm_quantize, qoq::add_rmsnorm_quantize and
+// qoq::silu_mul_quantize (docs/formats.md, "Activations"). Both kernels quantize with the reference's exact arithmetic:
 // x_s = amax / 127 (IEEE division), x_q = clamp(rint(y / x_s), -127, 127), x_s == 0 -> 0.
 // Built without --use_fast_math, so '/' and sqrtf are IEEE and denormals are kept, like the CPU reference.
 //
@@ -50,23 +50,44 @@ __device__ __forceinline__ void load_vec(const T* p, float (&out)[VEC]) {
   for (int i = 0; i < VEC; ++i) out[i] = to_float<T>(raw.v[i]);
 }
 
+// add_rmsnorm_quantize's sum: h = x + r rounded to T (torch's add of two T tensors), stored to `h_out` and returned
+// in `f` as floats of the rounded values (what the norm then reads).
+template <typename T, int VEC>
+__device__ __forceinline__ void add_store_vec(float (&f)[VEC], const T* residual, T* h_out) {
+  float r[VEC];
+  load_vec<T, VEC>(residual, r);
+  Vec<T, VEC> h;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    h.v[i] = from_float<T>(f[i] + r[i]);
+    f[i] = to_float<T>(h.v[i]);
+  }
+  *reinterpret_cast<Vec<T, VEC>*>(h_out) = h;
+}
+
 using rowq::block_reduce;
 using rowq::MaxOp;
 using rowq::quantize_store;
 using rowq::SumOp;
 using rowq::warp_reduce;
 
-enum class RowOp { kIdentity, kRmsNorm, kSiluMul };
+// kAddRmsNorm: kRmsNorm of h = x + residual, h also written out (the row kernel only: no cluster split).
+enum class RowOp { kIdentity, kRmsNorm, kSiluMul, kAddRmsNorm };
+
+template <RowOp OP>
+constexpr bool kIsNorm = OP == RowOp::kRmsNorm || OP == RowOp::kAddRmsNorm;
 
 struct Args {
   const void* x;       // [M, K_in] input rows
-  const void* weight;  // [K] RMSNorm weight (kRmsNorm only)
+  const void* weight;  // [K] RMSNorm weight (kRmsNorm, kAddRmsNorm)
   float eps;
   int64_t k_in;        // row length of the input (2I for kSiluMul)
   int64_t k;           // row length of the output
   int8_t* x_q;         // [M, K]
   float* x_s;          // [M]
   int32_t* x_sum;      // [M]
+  const void* residual = nullptr;  // [M, K] (kAddRmsNorm)
+  void* h_out = nullptr;           // [M, K] x + residual (kAddRmsNorm)
 };
 
 // One block per row. Dynamic shared memory: k floats (the row's y values).
@@ -80,7 +101,7 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_kernel(Args a) {
   // now, so that the pass after the sum of squares does not start with a DRAM round trip (at M = 1 each thread
   // has only this one vector).
   float w_first[VEC] = {};
-  if constexpr (OP == RowOp::kRmsNorm) {
+  if constexpr (kIsNorm<OP>) {
     if (static_cast<int64_t>(threadIdx.x) < nvec) {
       load_vec<T, VEC>(static_cast<const T*>(a.weight) + threadIdx.x * VEC, w_first);
     }
@@ -114,11 +135,15 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_kernel(Args a) {
         amax = fmaxf(amax, fabsf(y));
       }
     }
-  } else {  // kRmsNorm: sum of squares first, then y = (x * r) * w
+  } else {  // kRmsNorm / kAddRmsNorm: sum of squares first, then y = (x * r) * w
     float ss = 0.f;
     for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
       float f[VEC];
       load_vec<T, VEC>(x + v * VEC, f);
+      if constexpr (OP == RowOp::kAddRmsNorm) {
+        add_store_vec<T, VEC>(f, static_cast<const T*>(a.residual) + row * a.k + v * VEC,
+                              static_cast<T*>(a.h_out) + row * a.k + v * VEC);
+      }
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         ys[v * VEC + i] = f[i];
@@ -332,14 +357,18 @@ void launch(const Args& a, int64_t m) {
   constexpr int kVec = 16 / sizeof(T);
   const bool aligned = reinterpret_cast<uintptr_t>(a.x) % 16 == 0 &&
                        (a.weight == nullptr || reinterpret_cast<uintptr_t>(a.weight) % 16 == 0) &&
+                       (a.residual == nullptr || reinterpret_cast<uintptr_t>(a.residual) % 16 == 0) &&
+                       (a.h_out == nullptr || reinterpret_cast<uintptr_t>(a.h_out) % 16 == 0) &&
                        a.k_in % kVec == 0 && a.k % kVec == 0;
   if (aligned) {
-    const SplitPlan plan = plan_split(m, a.k / kVec, OP == RowOp::kSiluMul);
-    if (plan.ctas > 0) {
-      launch_split<T, kVec, OP>(a, m, plan);
-    } else {
-      launch_typed<T, kVec, OP>(a, m);
+    if constexpr (OP != RowOp::kAddRmsNorm) {  // the cluster kernel has no residual path
+      const SplitPlan plan = plan_split(m, a.k / kVec, OP == RowOp::kSiluMul);
+      if (plan.ctas > 0) {
+        launch_split<T, kVec, OP>(a, m, plan);
+        return;
+      }
     }
+    launch_typed<T, kVec, OP>(a, m);
   } else {
     launch_typed<T, 1, OP>(a, m);
   }
@@ -373,7 +402,8 @@ void check_input(const char* name, const at::Tensor& x, bool allow_float32) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& x, const at::Tensor* weight, double eps,
-                                                   int64_t k_out, RowOp op) {
+                                                   int64_t k_out, RowOp op, const at::Tensor* residual = nullptr,
+                                                   at::Tensor* h_out = nullptr) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.size(0);
   const int64_t max_k = (max_dynamic_smem() - 1024) / static_cast<int64_t>(sizeof(float));  // 1 KB: static scratch
@@ -383,10 +413,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& x, const at
   at::Tensor x_sum = at::empty({m}, x.options().dtype(at::kInt));
   Args a{x.data_ptr(), weight ? weight->data_ptr() : nullptr, static_cast<float>(eps), x.size(1), k_out,
          x_q.data_ptr<int8_t>(), x_s.data_ptr<float>(), x_sum.data_ptr<int32_t>()};
+  if (residual != nullptr) {
+    a.residual = residual->data_ptr();
+    a.h_out = h_out->data_ptr();
+  }
   switch (op) {
     case RowOp::kIdentity: dispatch<RowOp::kIdentity>(x, a, m); break;
     case RowOp::kRmsNorm: dispatch<RowOp::kRmsNorm>(x, a, m); break;
     case RowOp::kSiluMul: dispatch<RowOp::kSiluMul>(x, a, m); break;
+    case RowOp::kAddRmsNorm: dispatch<RowOp::kAddRmsNorm>(x, a, m); break;
   }
   return {x_q, x_s, x_sum};
 }
@@ -396,9 +431,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_per_token_cuda(const at:
   return run(x, nullptr, 0.0, x.size(1), RowOp::kIdentity);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rmsnorm_quantize_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                                                     double eps) {
-  check_input("x", x, /*allow_float32=*/false);
+void check_norm_weight(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(weight.is_cuda() && weight.device() == x.device(), "weight is on ", device_str(weight), " but x is on ",
               device_str(x));
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight must have dtype ", x.scalar_type(), " (x's), got ",
@@ -407,7 +440,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rmsnorm_quantize_cuda(const at::T
               shape_str(weight));
   TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous");
   TORCH_CHECK(eps > 0, "eps must be positive, got ", std::to_string(eps));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rmsnorm_quantize_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                                     double eps) {
+  check_input("x", x, /*allow_float32=*/false);
+  check_norm_weight(x, weight, eps);
   return run(x, &weight, eps, x.size(1), RowOp::kRmsNorm);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_rmsnorm_quantize_cuda(const at::Tensor& x,
+                                                                                     const at::Tensor& residual,
+                                                                                     const at::Tensor& weight,
+                                                                                     double eps) {
+  check_input("x", x, /*allow_float32=*/false);
+  check_norm_weight(x, weight, eps);
+  TORCH_CHECK(residual.is_cuda() && residual.device() == x.device(), "residual is on ", device_str(residual),
+              " but x is on ", device_str(x));
+  TORCH_CHECK(residual.scalar_type() == x.scalar_type(), "residual must have dtype ", x.scalar_type(), " (x's), got ",
+              residual.scalar_type());
+  TORCH_CHECK(residual.sizes() == x.sizes(), "residual must have shape ", shape_str(x), ", got ", shape_str(residual));
+  TORCH_CHECK(residual.is_contiguous(), "residual must be contiguous");
+  at::Tensor h = at::empty_like(x);
+  auto [x_q, x_s, x_sum] = run(x, &weight, eps, x.size(1), RowOp::kAddRmsNorm, &residual, &h);
+  return {h, x_q, x_s, x_sum};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> silu_mul_quantize_cuda(const at::Tensor& gate_up) {
@@ -422,5 +478,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> silu_mul_quantize_cuda(const at::
 TORCH_LIBRARY_IMPL(qoq, CUDA, m) {
   m.impl("quantize_per_token", &qoq::quantize_per_token_cuda);
   m.impl("rmsnorm_quantize", &qoq::rmsnorm_quantize_cuda);
+  m.impl("add_rmsnorm_quantize", &qoq::add_rmsnorm_quantize_cuda);
   m.impl("silu_mul_quantize", &qoq::silu_mul_quantize_cuda);
 }

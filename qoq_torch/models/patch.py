@@ -1,6 +1,7 @@
 """Swap a Hugging Face decoder's attention, MLP and norms for the QoQ modules, layer by layer."""
 from __future__ import annotations
 
+import types
 from collections.abc import Mapping
 
 import torch
@@ -89,6 +90,19 @@ def patch_layer(model: nn.Module, spec: ArchitectureSpec, layer: nn.Module, pref
     layer.self_attn, layer.mlp = new_attn, new_mlp
     layer.input_layernorm = FusedNorm("self_attn")
     layer.post_attention_layernorm = FusedNorm("mlp")
+    layer.forward = types.MethodType(fused_residual_forward, layer)  # this instance only
+
+
+def fused_residual_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                           position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool | None = False,
+                           position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
+    """A patched decoder layer's forward: transformers' (norm, attention, add, norm, MLP, add) for these families,
+    with both norms fused into the QoQ modules and the residual add after attention fused into the MLP's norm
+    (`QoQMLP.forward(x, residual)`): one kernel fewer a layer."""
+    attn_out, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                 past_key_values=past_key_values, use_cache=use_cache,
+                                 position_embeddings=position_embeddings, **kwargs)
+    return self.mlp(attn_out, residual=hidden_states)
 
 
 def decoder_layer_prefixes(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -35,10 +35,19 @@ class QoQMLP(nn.Module):
         self.norm_weight = nn.Parameter(norm_weight.detach().clone(), requires_grad=False)
         self.norm_eps = float(norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., hidden]`` -> ``mlp(x)``; with ``residual`` (same shape): ``h + mlp(h)`` for ``h = residual + x``,
+        the add fused into the norm (`add_rmsnorm_quantize`): the decoder layer's two residual adds around the MLP."""
         out_dtype = check_compute_dtype(x, "QoQMLP")
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.hidden_size).contiguous()
+        if residual is not None and rows.shape[0] <= self.max_rows_per_pass:
+            h, x_q, x_s, x_sum = ops.add_rmsnorm_quantize(rows, residual.reshape(rows.shape).contiguous(),
+                                                          self.norm_weight, self.norm_eps)
+            return (h + self._quantized_rows(x_q, x_s, x_sum, out_dtype)).view(*lead, self.hidden_size)
+        if residual is not None:  # a long prefill: the plain add, then the row chunks below
+            h = residual + x
+            return h + self.forward(h)
         if rows.shape[0] <= self.max_rows_per_pass:
             return self._rows(rows, out_dtype).view(*lead, self.hidden_size)
         out = torch.empty(rows.shape, dtype=out_dtype, device=rows.device)
@@ -49,6 +58,11 @@ class QoQMLP(nn.Module):
 
     def _rows(self, rows: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         x_q, x_s, x_sum = ops.rmsnorm_quantize(rows, self.norm_weight, self.norm_eps)
+        return self._quantized_rows(x_q, x_s, x_sum, out_dtype)
+
+    def _quantized_rows(self, x_q: torch.Tensor, x_s: torch.Tensor, x_sum: torch.Tensor,
+                        out_dtype: torch.dtype) -> torch.Tensor:
+        """gate_up GEMM, SiLU-and-multiply with INT8 quantization, down GEMM: ``[M, hidden]`` in ``out_dtype``."""
         gate_up = self.gate_up_proj.gemm(x_q, x_s, x_sum, out_dtype)
         del x_q
         h_q, h_s, h_sum = ops.silu_mul_quantize(gate_up)

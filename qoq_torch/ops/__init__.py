@@ -33,6 +33,13 @@ def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
     return _ops.rmsnorm_quantize(x, weight, eps)
 
 
+def add_rmsnorm_quantize(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``h = x + residual`` (``[M, K]`` fp16/bf16, rounded to their dtype), then `rmsnorm_quantize` of ``h``
+    -> ``(h, x_q int8 [M, K], x_s float32 [M], x_sum int32 [M])``: a decoder's residual add fused into the norm."""
+    return _ops.add_rmsnorm_quantize(x, residual, weight, eps)
+
+
 def silu_mul_quantize(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``silu(gate) * up`` of ``gate_up [M, 2I]`` (gate first), then per-token INT8 of the ``[M, I]`` result."""
     return _ops.silu_mul_quantize(gate_up)
@@ -99,7 +106,8 @@ def kv4_decode_attention_quantize(q: torch.Tensor, k_cache: torch.Tensor, k_para
 
 
 __all__ = [
-    "PROTECTIVE_RANGE", "PerChannelWeight", "PerGroupWeight", "cuda_available", "extension_status",
+    "PROTECTIVE_RANGE", "PerChannelWeight", "PerGroupWeight", "add_rmsnorm_quantize", "cuda_available",
+    "extension_status",
     "kv4_append", "kv4_decode_attention", "kv4_decode_attention_quantize", "kv4_dequantize", "kv4_quantize", "pack_weights",
     "quantize_per_token", "quantize_weight_int8", "quantize_weight_per_channel", "quantize_weight_per_group",
     "rmsnorm_quantize", "rope", "rope_kv4_append", "silu_mul_quantize", "unpack_weights", "w4a8_gemm_per_channel",

@@ -14,6 +14,9 @@ LIB = torch.library.Library("qoq", "DEF")
 SCHEMAS = {
     "quantize_per_token": "quantize_per_token(Tensor x) -> (Tensor, Tensor, Tensor)",
     "rmsnorm_quantize": "rmsnorm_quantize(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)",
+    "add_rmsnorm_quantize": (
+        "add_rmsnorm_quantize(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor, Tensor, Tensor)"
+    ),
     "silu_mul_quantize": "silu_mul_quantize(Tensor gate_up) -> (Tensor, Tensor, Tensor)",
     "w4a8_gemm_per_group": (
         "w4a8_gemm_per_group(Tensor x_q, Tensor x_s, Tensor qweight, Tensor s2, Tensor z2, Tensor s1, "
@@ -65,6 +68,12 @@ def _rmsnorm_quantize_fake(x, weight, eps):
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
     return _quant_outputs(x, x.shape[1])
+
+
+def _add_rmsnorm_quantize_fake(x, residual, weight, eps):
+    quantized = _rmsnorm_quantize_fake(x, weight, eps)
+    checks.check("residual", residual, dtypes=(x.dtype,), shape=tuple(x.shape), device=x.device, contiguous=True)
+    return (torch.empty_like(x),) + quantized
 
 
 def _silu_mul_quantize_fake(gate_up):
@@ -124,6 +133,7 @@ def _kv4_decode_quantize_fake(q, k_cache, k_params, v_cache, v_params, kv_lens, 
 FAKES = {
     "quantize_per_token": _quantize_per_token_fake,
     "rmsnorm_quantize": _rmsnorm_quantize_fake,
+    "add_rmsnorm_quantize": _add_rmsnorm_quantize_fake,
     "silu_mul_quantize": _silu_mul_quantize_fake,
     "w4a8_gemm_per_group": _gemm_per_group_fake,
     "w4a8_gemm_per_channel": _gemm_per_channel_fake,
@@ -167,6 +177,7 @@ def _rope_kv4_append_positions(qkv, cos, sin, k_cache, k_params, v_cache, v_para
 REFERENCES = {
     "quantize_per_token": _checked("quantize_per_token", reference.quantize_per_token),
     "rmsnorm_quantize": _checked("rmsnorm_quantize", reference.rmsnorm_quantize),
+    "add_rmsnorm_quantize": _checked("add_rmsnorm_quantize", reference.add_rmsnorm_quantize),
     "silu_mul_quantize": _checked("silu_mul_quantize", reference.silu_mul_quantize),
     "w4a8_gemm_per_group": _checked("w4a8_gemm_per_group", reference.w4a8_gemm_per_group),
     "w4a8_gemm_per_channel": _checked("w4a8_gemm_per_channel", reference.w4a8_gemm_per_channel),

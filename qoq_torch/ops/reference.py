@@ -33,6 +33,11 @@ def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float):
     return quantize_rows_float32((xf * r) * weight.float())
 
 
+def add_rmsnorm_quantize(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    h = (x.float() + residual.float()).to(x.dtype)  # the decoder's `residual + x`, rounded as torch's add rounds
+    return (h,) + rmsnorm_quantize(h, weight, eps)
+
+
 def silu_mul_quantize(gate_up: torch.Tensor):
     gate, up = gate_up.float().chunk(2, dim=1)
     return quantize_rows_float32(F.silu(gate) * up)
