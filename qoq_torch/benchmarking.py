@@ -175,6 +175,17 @@ class StopCheckMode:
 MODEL_DEFAULT = "model-default"  # the compile config generate uses when given none (transformers: reduce-overhead)
 
 
+def _json_safe(value):
+    """``value`` with functions (a compile config's ``guard_filter_fn``) replaced by their dotted names."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if callable(value):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', repr(value))}"
+    return value
+
+
 def compile_config_for(model: nn.Module, compile_mode: str | None):
     """The ``CompileConfig`` generate will compile the decode step with: the model's own default for
     "model-default", ``torch.compile``'s ``mode`` otherwise; None (eager) for None."""
@@ -209,7 +220,7 @@ def time_generate(model: nn.Module, name: str, variant: str, batch: int, prompt_
     config = compile_config_for(model, compile_mode)
     result = GenerateResult(name, variant, batch, prompt_len, new_tokens,
                             extra={"compile_mode": compile_mode,
-                                   "compile_config": None if config is None else config.to_dict()})
+                                   "compile_config": None if config is None else _json_safe(config.to_dict())})
     stops = StopCheckMode(stop_check)
     device = model.device
     vocab = model.config.vocab_size

@@ -118,3 +118,12 @@ def test_e2e_option_checks_and_table_rows():
     table = benchmarking.format_table(rows).splitlines()
     assert "| qoq-g128 (deferred stop) | 1 |" in table[2]
     assert "| 844 (largest that fits, measured), timed at 760 | 128/256 | 4000 |" in table[3]
+
+
+def test_recorded_compile_config_is_json():
+    import json
+
+    model = benchmarking.build_quantized_model("tiny", group_size=128, device="cpu")
+    config = benchmarking.compile_config_for(model, benchmarking.MODEL_DEFAULT)
+    text = json.dumps(benchmarking._json_safe(config.to_dict()))  # a function in options must not break the JSON
+    assert "qoq_torch.nn.generation.skip_packed_weight_guards" in text and '"triton.cudagraphs": true' in text
