@@ -11,15 +11,35 @@ from qoq_torch.nn import KV4Cache
 from tiny_models import GROUP_SIZE, left_padded, tiny_model
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_decode_step_compiles_fullgraph_without_graph_breaks(family):
+PROMPTS = [[5, 9, 33, 70, 8], [40, 41, 3]]
+
+
+def _quantized_after_prefill(family: str = "llama"):
+    """A quantized tiny model, its static KV4 cache after a left-padded prefill, and the next step's inputs:
+    ``(model, cache, token [2, 1], step_mask [2, T + 1])``."""
     model = qoq_torch.quantize(tiny_model(family), config=qoq_torch.QoQConfig(group_size=GROUP_SIZE), progress=False)
-    ids, mask = left_padded([[5, 9, 33, 70, 8], [40, 41, 3]])
+    ids, mask = left_padded(PROMPTS)
     cache = KV4Cache(model.config, max_cache_len=16)
     with torch.no_grad():
         model(ids, attention_mask=mask, past_key_values=cache)
-        token = torch.tensor([[17], [23]])
-        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    return model, cache, torch.tensor([[17], [23]]), step_mask
+
+
+def _eager_and_compiled_step(model, cache, token, step_mask, compile_fn):
+    """Logits of one decode step run eagerly and through ``compile_fn(model)``, each on its own copy of ``cache``."""
+    eager_cache, compiled_cache = copy.deepcopy(cache), copy.deepcopy(cache)
+    with torch.no_grad():
+        eager = model(token, attention_mask=step_mask, past_key_values=eager_cache).logits
+        torch._dynamo.reset()
+        got = compile_fn(model)(token, attention_mask=step_mask, past_key_values=compiled_cache).logits
+    return eager, got
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_decode_step_compiles_fullgraph_without_graph_breaks(family):
+    model, cache, token, step_mask = _quantized_after_prefill(family)
+    with torch.no_grad():
         position = (step_mask.cumsum(-1) - 1)[:, -1:]
 
         def step(c):
@@ -33,13 +53,13 @@ def test_decode_step_compiles_fullgraph_without_graph_breaks(family):
         compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(compiled_cache)
     assert torch.equal(eager, compiled)
     assert torch.equal(eager_cache.layers[1].k_cache, compiled_cache.layers[1].k_cache)  # the append happened
-    assert int(compiled_cache.get_seq_length()) == ids.shape[1] + 1
+    assert int(compiled_cache.get_seq_length()) == step_mask.shape[1]
 
 
 def test_generate_compiles_with_the_packed_weight_guard_filter():
     from qoq_torch.nn.generation import skip_packed_weight_guards
 
-    model = qoq_torch.quantize(tiny_model("llama"), config=qoq_torch.QoQConfig(group_size=GROUP_SIZE), progress=False)
+    model, cache, token, step_mask = _quantized_after_prefill()
     config = model._default_compile_config()  # what generate's automatic compilation uses
     assert config.mode is None and config.backend == "inductor"
     assert config.options == {"triton.cudagraphs": True, "guard_filter_fn": skip_packed_weight_guards}
@@ -52,17 +72,9 @@ def test_generate_compiles_with_the_packed_weight_guard_filter():
         seen["kept_tensors"] = [e.name for e, k in zip(entries, keep) if k and e.guard_type == "TENSOR_MATCH"]
         return keep
 
-    ids, mask = left_padded([[5, 9, 33, 70, 8], [40, 41, 3]])
-    cache = KV4Cache(model.config, max_cache_len=16)
-    with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache)
-        token = torch.tensor([[17], [23]])
-        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
-        eager_cache, compiled_cache = copy.deepcopy(cache), copy.deepcopy(cache)
-        eager = model(token, attention_mask=step_mask, past_key_values=eager_cache).logits
-        torch._dynamo.reset()
-        compiled = torch._dynamo.optimize("aot_eager", nopython=True, guard_filter_fn=recording_filter)(model)
-        got = compiled(token, attention_mask=step_mask, past_key_values=compiled_cache).logits
+    eager, got = _eager_and_compiled_step(
+        model, cache, token, step_mask,
+        lambda m: torch._dynamo.optimize("aot_eager", nopython=True, guard_filter_fn=recording_filter)(m))
     assert torch.equal(got, eager)
     # the packed weights' guards go; the norm weights', the embedding's and the cache's stay
     assert seen["dropped"] == ["qweight", "s1", "s2", "z2"]
@@ -89,24 +101,15 @@ def test_packed_weight_guard_filter_keeps_what_it_does_not_recognise():
 
 
 def test_decode_step_graph_fuses_the_residual_add_into_the_mlp_norm():
-    model = qoq_torch.quantize(tiny_model("llama"), config=qoq_torch.QoQConfig(group_size=GROUP_SIZE), progress=False)
-    ids, mask = left_padded([[5, 9, 33, 70, 8], [40, 41, 3]])
-    cache = KV4Cache(model.config, max_cache_len=16)
+    model, cache, token, step_mask = _quantized_after_prefill()
     targets = []
 
     def recording_backend(gm, example_inputs):
         targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
         return gm.forward
 
-    with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache)
-        token = torch.tensor([[17], [23]])
-        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
-        eager_cache, compiled_cache = copy.deepcopy(cache), copy.deepcopy(cache)
-        eager = model(token, attention_mask=step_mask, past_key_values=eager_cache).logits
-        torch._dynamo.reset()
-        compiled = torch.compile(model, fullgraph=True, backend=recording_backend)
-        got = compiled(token, attention_mask=step_mask, past_key_values=compiled_cache).logits
+    eager, got = _eager_and_compiled_step(model, cache, token, step_mask,
+                                          lambda m: torch.compile(m, fullgraph=True, backend=recording_backend))
     assert torch.equal(got, eager)
     layers = model.config.num_hidden_layers
     assert sum("add_rmsnorm_quantize" in t for t in targets) == layers  # one per layer: the MLP's norm
