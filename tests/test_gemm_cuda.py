@@ -690,3 +690,34 @@ def test_stream_kernel_is_dispatched(gen, monkeypatch):
         assert any("w4a8_stream_kernel" in x for x in kernels(m)), m
         assert any("w4a8_stream_kernel" in x for x in kernels(m, per_group=False)), m
     assert not any("w4a8_stream_kernel" in x for x in kernels(17))
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", [1, 4, 24, 64, 300])
+@pytest.mark.parametrize("per_group", [True, False])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_residual_epilogue_is_the_reference_add(m, per_group, out_dtype, gen):
+    """`residual + y` in the epilogue of every kernel the dispatch picks (decode, streaming, small-M, tile, wgmma by
+    M): bit-equal to the CPU reference and to the GEMM followed by torch's add on the GPU."""
+    n, k, g = 512, 1024, 128
+    x_q, x_s, x_sum = random_activations(m, k, gen)
+    residual = (torch.randn(m, n, generator=gen) * 4).to(out_dtype)
+    if per_group:
+        w4, s2, z2, s1 = random_per_group(n, k, g, gen)
+        operands = (x_q, x_s, ops.pack_weights(w4), s2, z2, s1, None)
+        ref = torch.ops.qoq.w4a8_gemm_per_group(*operands, g, out_dtype, residual)
+        run = lambda r: ops.w4a8_gemm_per_group(*_to("cuda", *operands), group_size=g, out_dtype=out_dtype,  # noqa: E731
+                                                residual=r)
+    else:
+        w4, scale, zero = random_per_channel(n, k, gen)
+        operands = (x_q, x_s, x_sum, ops.pack_weights(w4), scale, zero, None)
+        ref = torch.ops.qoq.w4a8_gemm_per_channel(*operands, out_dtype, residual)
+        run = lambda r: ops.w4a8_gemm_per_channel(*_to("cuda", *operands), out_dtype=out_dtype,  # noqa: E731
+                                                  residual=r)
+    fused = run(residual.cuda())
+    assert torch.equal(fused.cpu(), ref)
+    assert torch.equal(fused, residual.cuda() + run(None))
+    with pytest.raises(RuntimeError, match="residual must have shape"):
+        run(residual[:, :256].contiguous().cuda())
+    with pytest.raises(RuntimeError, match="residual must have dtype"):
+        run(residual.float().cuda())

@@ -125,6 +125,40 @@ def test_opcheck_gemms(m, gen):
                           (x_q, x_s, x_sum, pc.packed(), pc.scale, pc.zero, None, torch.bfloat16))
     torch.library.opcheck(torch.ops.qoq.pack_weights.default, (pg.w4,))
     torch.library.opcheck(torch.ops.qoq.unpack_weights.default, (pg.packed(),))
+    residual = torch.randn(m, n, generator=gen).bfloat16()
+    torch.library.opcheck(torch.ops.qoq.w4a8_gemm_per_group.default,
+                          (x_q, x_s, pg.packed(), pg.s2, pg.z2, pg.s1, None, 128, torch.bfloat16, residual))
+    torch.library.opcheck(torch.ops.qoq.w4a8_gemm_per_channel.default,
+                          (x_q, x_s, x_sum, pc.packed(), pc.scale, pc.zero, None, torch.bfloat16, residual))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_gemm_residual_is_the_decoders_add(out_dtype, gen):
+    n, k, m = 48, 256, 5
+    _, x_q, x_s, x_sum = _quantized_activation(m, k, gen)
+    pg = ops.quantize_weight_per_group(_weight(n, k, gen), 128)
+    pc = ops.quantize_weight_per_channel(_weight(n, k, gen))
+    residual = (8 * torch.randn(m, n, generator=gen)).to(out_dtype)
+    for gemm in (lambda r: ops.w4a8_gemm_per_group(x_q, x_s, pg.packed(), pg.s2, pg.z2, pg.s1, None, 128, out_dtype,
+                                                   residual=r),
+                 lambda r: ops.w4a8_gemm_per_channel(x_q, x_s, x_sum, pc.packed(), pc.scale, pc.zero, None, out_dtype,
+                                                     residual=r)):
+        y = gemm(None)
+        fused = gemm(residual)
+        assert fused.dtype == out_dtype and torch.equal(fused, residual + y)  # y rounded, then the add rounded
+        assert not torch.equal(fused, y)
+
+
+def test_gemm_bad_residual(gen):
+    n, k = 32, 256
+    _, x_q, x_s, _ = _quantized_activation(4, k, gen)
+    pg = ops.quantize_weight_per_group(_weight(n, k, gen), 128)
+    for residual, err, match in ((torch.zeros(4, n + 16).half(), ValueError, "residual must have shape"),
+                                 (torch.zeros(4, n).bfloat16(), TypeError, "residual must have dtype"),
+                                 (torch.zeros(n, 4).half().t(), ValueError, "residual must be contiguous")):
+        with pytest.raises(err, match=match):
+            ops.w4a8_gemm_per_group(x_q, x_s, pg.packed(), pg.s2, pg.z2, pg.s1, None, 128, torch.float16,
+                                    residual=residual)
 
 
 def test_gemm_bad_input(gen):

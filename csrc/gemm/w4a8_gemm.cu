@@ -61,6 +61,18 @@ void check_common(const at::Tensor& x_q, const at::Tensor& x_s, const at::Tensor
               "out_dtype must be torch.float16 or torch.bfloat16, got ", out_dtype);
 }
 
+void check_residual(const std::optional<at::Tensor>& residual, const at::Tensor& x_q, int64_t n,
+                    at::ScalarType out_dtype) {
+  if (!residual.has_value()) return;
+  const at::Tensor& r = *residual;
+  TORCH_CHECK(r.is_cuda() && r.device() == x_q.device(), "residual is on ", qoq::device_str(r), " but x_q is on ",
+              qoq::device_str(x_q));
+  TORCH_CHECK(r.scalar_type() == out_dtype, "residual must have dtype ", out_dtype, " (out_dtype), got ", r.scalar_type());
+  TORCH_CHECK(r.dim() == 2 && r.size(0) == x_q.size(0) && r.size(1) == n, "residual must have shape [M, N] = [",
+              qoq::num(x_q.size(0)), ", ", qoq::num(n), "], got ", qoq::shape_str(r));
+  TORCH_CHECK(r.is_contiguous(), "residual must be contiguous");
+}
+
 void check_per_row(const char* name, const at::Tensor& t, at::ScalarType dtype, int64_t n, const at::Tensor& x_q) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", qoq::device_str(t));
   TORCH_CHECK(t.device() == x_q.device(), name, " is on ", qoq::device_str(t), " but x_q is on ", qoq::device_str(x_q));
@@ -275,6 +287,7 @@ void dispatch_row_chunks(const GemmParams& p, const at::TensorOptions& options) 
     c.x_s = p.x_s + r0;
     if (p.x_sum != nullptr) c.x_sum = p.x_sum + r0;
     c.out = static_cast<char*>(p.out) + r0 * p.N * 2;  // float16 / bfloat16 rows
+    if (p.residual != nullptr) c.residual = static_cast<const char*>(p.residual) + r0 * p.N * 2;
     dispatch<PER_GROUP>(c, options);
   }
 }
@@ -299,12 +312,16 @@ GemmParams base_params(const at::Tensor& x_q, const at::Tensor& x_s, const at::T
 // common parameters, the format's own (set_format), then the row-chunked dispatch.
 template <bool PER_GROUP, typename SetFormat>
 at::Tensor run_checked(const at::Tensor& x_q_in, const at::Tensor& x_s, const at::Tensor& qweight_in,
-                       const std::optional<at::Tensor>& bias, at::ScalarType out_dtype, SetFormat&& set_format) {
+                       const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
+                       const std::optional<at::Tensor>& residual_in, SetFormat&& set_format) {
   const c10::cuda::CUDAGuard guard(x_q_in.device());
   at::Tensor out = at::empty({x_q_in.size(0), qweight_in.size(0)}, x_q_in.options().dtype(out_dtype));
   if (x_q_in.size(0) == 0) return out;
   const at::Tensor x_q = aligned(x_q_in), qweight = aligned(qweight_in);
+  at::Tensor residual;  // 16-byte aligned (the wgmma epilogue reads it in 16-byte chunks)
+  if (residual_in.has_value()) residual = aligned(*residual_in);
   GemmParams p = base_params(x_q, x_s, qweight, bias, out);
+  p.residual = residual.defined() ? residual.data_ptr() : nullptr;
   set_format(p);
   dispatch_row_chunks<PER_GROUP>(p, x_q.options());
   return out;
@@ -313,9 +330,10 @@ at::Tensor run_checked(const at::Tensor& x_q_in, const at::Tensor& x_s, const at
 at::Tensor w4a8_gemm_per_group_cuda(const at::Tensor& x_q_in, const at::Tensor& x_s, const at::Tensor& qweight_in,
                                     const at::Tensor& s2, const at::Tensor& z2, const at::Tensor& s1,
                                     const std::optional<at::Tensor>& bias, int64_t group_size,
-                                    at::ScalarType out_dtype) {
+                                    at::ScalarType out_dtype, const std::optional<at::Tensor>& residual) {
   check_common(x_q_in, x_s, qweight_in, bias, out_dtype);
   const int64_t k = x_q_in.size(1), n = qweight_in.size(0);
+  check_residual(residual, x_q_in, n, out_dtype);
   TORCH_CHECK(group_size > 0 && k % group_size == 0, "group_size=", qoq::num(group_size), " must be positive and divide K=",
               qoq::num(k));
   TORCH_CHECK(group_size % 64 == 0, "group_size must be a multiple of 64 for the CUDA W4A8 GEMM, got ",
@@ -330,7 +348,7 @@ at::Tensor w4a8_gemm_per_group_cuda(const at::Tensor& x_q_in, const at::Tensor& 
     TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
   }
   check_per_row("s1", s1, at::kHalf, n, x_q_in);
-  return run_checked<true>(x_q_in, x_s, qweight_in, bias, out_dtype, [&](GemmParams& p) {
+  return run_checked<true>(x_q_in, x_s, qweight_in, bias, out_dtype, residual, [&](GemmParams& p) {
     p.s2 = s2.data_ptr<uint8_t>();
     p.z2 = z2.data_ptr<uint8_t>();
     p.wscale = reinterpret_cast<const __half*>(s1.data_ptr<at::Half>());
@@ -341,13 +359,15 @@ at::Tensor w4a8_gemm_per_group_cuda(const at::Tensor& x_q_in, const at::Tensor& 
 
 at::Tensor w4a8_gemm_per_channel_cuda(const at::Tensor& x_q_in, const at::Tensor& x_s, const at::Tensor& x_sum,
                                       const at::Tensor& qweight_in, const at::Tensor& scale, const at::Tensor& zero,
-                                      const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+                                      const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
+                                      const std::optional<at::Tensor>& residual) {
   check_common(x_q_in, x_s, qweight_in, bias, out_dtype);
   const int64_t n = qweight_in.size(0);
+  check_residual(residual, x_q_in, n, out_dtype);
   check_per_row("x_sum", x_sum, at::kInt, x_q_in.size(0), x_q_in);
   check_per_row("scale", scale, at::kHalf, n, x_q_in);
   check_per_row("zero", zero, at::kByte, n, x_q_in);
-  return run_checked<false>(x_q_in, x_s, qweight_in, bias, out_dtype, [&](GemmParams& p) {
+  return run_checked<false>(x_q_in, x_s, qweight_in, bias, out_dtype, residual, [&](GemmParams& p) {
     p.x_sum = x_sum.data_ptr<int32_t>();
     p.wscale = reinterpret_cast<const __half*>(scale.data_ptr<at::Half>());
     p.zero = zero.data_ptr<uint8_t>();

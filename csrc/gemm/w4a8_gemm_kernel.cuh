@@ -37,6 +37,7 @@ struct GemmParams {
   int split_groups;          // row stride of the (s2, z2) shared-memory table: groups one split can touch
   int32_t* workspace;        // [M, N] zeroed int32 (split-K only)
   int32_t* counters;         // [tiles] zeroed (split-K only)
+  const void* residual;      // [M, N] in the output dtype, or nullptr: out = residual + y (y rounded first)
 };
 
 // XOR swizzle of 16-byte chunks in a shared-memory tile with rows of ROW_BYTES bytes: the 8 rows one
@@ -139,8 +140,20 @@ __device__ __forceinline__ void load_epilogue(EpilogueOperands<ITERS>& e, const 
   load_epilogue_activations<PER_GROUP>(e, p, rows, tid, nthreads);
 }
 
+// `residual + y` as the decoder adds them: y rounded to the output dtype, the float sum rounded by the store.
+__device__ __forceinline__ float with_residual(const GemmParams& p, size_t idx, float y) {
+  if (p.residual == nullptr) return y;
+  if (p.out_bf16) {
+    return __fadd_rn(__bfloat162float(__float2bfloat16_rn(y)),
+                     __bfloat162float(static_cast<const __nv_bfloat16*>(p.residual)[idx]));
+  }
+  return __fadd_rn(__half2float(__float2half_rn(y)), __half2float(static_cast<const __half*>(p.residual)[idx]));
+}
+
 __device__ __forceinline__ void store_pair(const GemmParams& p, int m, int n, float y0, float y1) {
   const size_t idx = static_cast<size_t>(m) * p.N + n;
+  y0 = with_residual(p, idx, y0);
+  y1 = with_residual(p, idx + 1, y1);
   if (p.out_bf16) {
     *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.out) + idx) = __floats2bfloat162_rn(y0, y1);
   } else {
@@ -150,6 +163,7 @@ __device__ __forceinline__ void store_pair(const GemmParams& p, int m, int n, fl
 
 __device__ __forceinline__ void store_one(const GemmParams& p, int m, int n, float y) {
   const size_t idx = static_cast<size_t>(m) * p.N + n;
+  y = with_residual(p, idx, y);
   if (p.out_bf16) {
     static_cast<__nv_bfloat16*>(p.out)[idx] = __float2bfloat16_rn(y);
   } else {

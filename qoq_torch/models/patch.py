@@ -98,7 +98,7 @@ def fused_residual_forward(self, hidden_states: torch.Tensor, attention_mask: to
                            position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
     """A patched decoder layer's forward: transformers' (norm, attention, add, norm, MLP, add) for these families,
     with both norms fused into the QoQ modules and the residual add after attention fused into the MLP's norm
-    (`QoQMLP.forward(x, residual)`): one kernel fewer a layer."""
+    (`QoQMLP.forward(x, residual)`, which also adds the second residual in its down GEMM): two kernels fewer a layer."""
     attn_out, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                  past_key_values=past_key_values, use_cache=use_cache,
                                  position_embeddings=position_embeddings, **kwargs)

@@ -121,12 +121,15 @@ class QoQLinear(nn.Module):
         return PerChannelWeight(w4=w4, scale=self.scale.clone(), zero=self.zero.clone())
 
     # ---- compute -----------------------------------------------------------------------------------
-    def gemm(self, x_q: torch.Tensor, x_s: torch.Tensor, x_sum: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """W4A8 GEMM of already quantized activations ``x_q int8 [M, K]`` -> ``[M, N]`` in ``out_dtype``."""
+    def gemm(self, x_q: torch.Tensor, x_s: torch.Tensor, x_sum: torch.Tensor, out_dtype: torch.dtype,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+        """W4A8 GEMM of already quantized activations ``x_q int8 [M, K]`` -> ``[M, N]`` in ``out_dtype``
+        (``residual + y`` when ``residual [M, N]`` is given, the add in the GEMM's epilogue)."""
         if self.group_size > 0:
             return ops.w4a8_gemm_per_group(x_q, x_s, self.qweight, self.s2, self.z2, self.s1, self.bias,
-                                           self.group_size, out_dtype)
-        return ops.w4a8_gemm_per_channel(x_q, x_s, x_sum, self.qweight, self.scale, self.zero, self.bias, out_dtype)
+                                           self.group_size, out_dtype, residual)
+        return ops.w4a8_gemm_per_channel(x_q, x_s, x_sum, self.qweight, self.scale, self.zero, self.bias, out_dtype,
+                                         residual)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., K]`` float16/bfloat16 -> ``[..., N]`` in x's dtype."""

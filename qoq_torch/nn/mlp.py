@@ -44,7 +44,7 @@ class QoQMLP(nn.Module):
         if residual is not None and rows.shape[0] <= self.max_rows_per_pass:
             h, x_q, x_s, x_sum = ops.add_rmsnorm_quantize(rows, residual.reshape(rows.shape).contiguous(),
                                                           self.norm_weight, self.norm_eps)
-            return (h + self._quantized_rows(x_q, x_s, x_sum, out_dtype)).view(*lead, self.hidden_size)
+            return self._quantized_rows(x_q, x_s, x_sum, out_dtype, residual=h).view(*lead, self.hidden_size)
         if residual is not None:  # a long prefill: the plain add, then the row chunks below
             h = residual + x
             return h + self.forward(h)
@@ -60,14 +60,15 @@ class QoQMLP(nn.Module):
         x_q, x_s, x_sum = ops.rmsnorm_quantize(rows, self.norm_weight, self.norm_eps)
         return self._quantized_rows(x_q, x_s, x_sum, out_dtype)
 
-    def _quantized_rows(self, x_q: torch.Tensor, x_s: torch.Tensor, x_sum: torch.Tensor,
-                        out_dtype: torch.dtype) -> torch.Tensor:
-        """gate_up GEMM, SiLU-and-multiply with INT8 quantization, down GEMM: ``[M, hidden]`` in ``out_dtype``."""
+    def _quantized_rows(self, x_q: torch.Tensor, x_s: torch.Tensor, x_sum: torch.Tensor, out_dtype: torch.dtype,
+                        residual: torch.Tensor | None = None) -> torch.Tensor:
+        """gate_up GEMM, SiLU-and-multiply with INT8 quantization, down GEMM: ``[M, hidden]`` in ``out_dtype``
+        (plus ``residual``, added in the down GEMM's epilogue)."""
         gate_up = self.gate_up_proj.gemm(x_q, x_s, x_sum, out_dtype)
         del x_q
         h_q, h_s, h_sum = ops.silu_mul_quantize(gate_up)
         del gate_up
-        return self.down_proj.gemm(h_q, h_s, h_sum, out_dtype)
+        return self.down_proj.gemm(h_q, h_s, h_sum, out_dtype, residual)
 
 
 class FusedNorm(nn.Identity):

@@ -47,16 +47,19 @@ def silu_mul_quantize(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def w4a8_gemm_per_group(x_q: torch.Tensor, x_s: torch.Tensor, qweight: torch.Tensor, s2: torch.Tensor,
                         z2: torch.Tensor, s1: torch.Tensor, bias: torch.Tensor | None = None,
-                        group_size: int = 128, out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """Progressive W4A8 GEMM ``[M, K] x [N, K]^T -> [M, N]`` in ``out_dtype`` (INT32 accumulation)."""
-    return _ops.w4a8_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, group_size, out_dtype)
+                        group_size: int = 128, out_dtype: torch.dtype = torch.float16,
+                        residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Progressive W4A8 GEMM ``[M, K] x [N, K]^T -> [M, N]`` in ``out_dtype`` (INT32 accumulation); with
+    ``residual [M, N]`` (``out_dtype``) the output is ``residual + y``, y rounded first (a decoder's residual add)."""
+    return _ops.w4a8_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, group_size, out_dtype, residual)
 
 
 def w4a8_gemm_per_channel(x_q: torch.Tensor, x_s: torch.Tensor, x_sum: torch.Tensor, qweight: torch.Tensor,
                           scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None = None,
-                          out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """Per-channel W4A8 GEMM ``[M, K] x [N, K]^T -> [M, N]`` with the zero-point correction by ``x_sum``."""
-    return _ops.w4a8_gemm_per_channel(x_q, x_s, x_sum, qweight, scale, zero, bias, out_dtype)
+                          out_dtype: torch.dtype = torch.float16, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-channel W4A8 GEMM ``[M, K] x [N, K]^T -> [M, N]`` with the zero-point correction by ``x_sum``; with
+    ``residual`` as in `w4a8_gemm_per_group`."""
+    return _ops.w4a8_gemm_per_channel(x_q, x_s, x_sum, qweight, scale, zero, bias, out_dtype, residual)
 
 
 def pack_weights(w4: torch.Tensor) -> torch.Tensor:

@@ -20,11 +20,11 @@ SCHEMAS = {
     "silu_mul_quantize": "silu_mul_quantize(Tensor gate_up) -> (Tensor, Tensor, Tensor)",
     "w4a8_gemm_per_group": (
         "w4a8_gemm_per_group(Tensor x_q, Tensor x_s, Tensor qweight, Tensor s2, Tensor z2, Tensor s1, "
-        "Tensor? bias, int group_size, ScalarType out_dtype) -> Tensor"
+        "Tensor? bias, int group_size, ScalarType out_dtype, Tensor? residual=None) -> Tensor"
     ),
     "w4a8_gemm_per_channel": (
         "w4a8_gemm_per_channel(Tensor x_q, Tensor x_s, Tensor x_sum, Tensor qweight, Tensor scale, "
-        "Tensor zero, Tensor? bias, ScalarType out_dtype) -> Tensor"
+        "Tensor zero, Tensor? bias, ScalarType out_dtype, Tensor? residual=None) -> Tensor"
     ),
     "pack_weights": "pack_weights(Tensor w4) -> Tensor",
     "unpack_weights": "unpack_weights(Tensor packed) -> Tensor",
@@ -83,13 +83,20 @@ def _silu_mul_quantize_fake(gate_up):
     return _quant_outputs(gate_up, gate_up.shape[1] // 2)
 
 
-def _gemm_per_group_fake(x_q, x_s, qweight, s2, z2, s1, bias, group_size, out_dtype):
+def _check_residual(residual, x_q, m, n, out_dtype):
+    if residual is not None:
+        checks.check("residual", residual, dtypes=(out_dtype,), shape=(m, n), device=x_q.device, contiguous=True)
+
+
+def _gemm_per_group_fake(x_q, x_s, qweight, s2, z2, s1, bias, group_size, out_dtype, residual=None):
     m, n = checks.check_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, group_size, out_dtype)
+    _check_residual(residual, x_q, m, n, out_dtype)
     return x_q.new_empty((m, n), dtype=out_dtype)
 
 
-def _gemm_per_channel_fake(x_q, x_s, x_sum, qweight, scale, zero, bias, out_dtype):
+def _gemm_per_channel_fake(x_q, x_s, x_sum, qweight, scale, zero, bias, out_dtype, residual=None):
     m, n = checks.check_gemm_per_channel(x_q, x_s, x_sum, qweight, scale, zero, bias, out_dtype)
+    _check_residual(residual, x_q, m, n, out_dtype)
     return x_q.new_empty((m, n), dtype=out_dtype)
 
 

@@ -51,18 +51,23 @@ def _epilogue(acc: torch.Tensor, x_s, scale, bias, out_dtype) -> torch.Tensor:
     return y.to(out_dtype)
 
 
-def w4a8_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, group_size: int, out_dtype):
+def _add_residual(y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """``residual + y`` as the decoder adds them: y already rounded to its dtype, the sum rounded again."""
+    return y if residual is None else (y.float() + residual.float()).to(y.dtype)
+
+
+def w4a8_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, group_size: int, out_dtype, residual=None):
     w4 = unpack_int4(qweight)
     n, k = w4.shape
     w8 = (w4.view(n, k // group_size, group_size).double() - z2.double().unsqueeze(-1)) * s2.double().unsqueeze(-1)
     acc = x_q.double() @ w8.view(n, k).t()
-    return _epilogue(acc, x_s, s1, bias, out_dtype)
+    return _add_residual(_epilogue(acc, x_s, s1, bias, out_dtype), residual)
 
 
-def w4a8_gemm_per_channel(x_q, x_s, x_sum, qweight, scale, zero, bias, out_dtype):
+def w4a8_gemm_per_channel(x_q, x_s, x_sum, qweight, scale, zero, bias, out_dtype, residual=None):
     w4 = unpack_int4(qweight)
     acc = x_q.double() @ w4.double().t() - zero.double().unsqueeze(0) * x_sum.double().unsqueeze(1)
-    return _epilogue(acc, x_s, scale, bias, out_dtype)
+    return _add_residual(_epilogue(acc, x_s, scale, bias, out_dtype), residual)
 
 
 def kv4_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
