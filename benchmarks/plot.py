@@ -66,7 +66,7 @@ def plot_e2e(path: str, out: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gemm", default="docs/results/gemm_h100.json")
-    parser.add_argument("--e2e", default="docs/results/e2e_h100.json")
+    parser.add_argument("--e2e", default="docs/results/e2e_h100_run9.json")
     parser.add_argument("--out", default="docs/plots")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
