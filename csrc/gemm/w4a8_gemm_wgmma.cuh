@@ -239,19 +239,15 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
     if (m < p.M && n < p.N) {  // N % 16 == 0: a chunk of 8 is entirely in or out
       const size_t idx = static_cast<size_t>(m) * p.N + n;
       uint4 v = *reinterpret_cast<const uint4*>(out_tile + m_local * T::kOutPitch + 8 * chunk);
-      if (p.residual != nullptr) {  // residual + y, y already rounded in the tile (with_residual's contract)
-        const uint4 r = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.residual) + idx);
+      if (p.residual != nullptr) {  // the tile holds y already rounded: with_residual's rounding of it is exact
         uint16_t* y = reinterpret_cast<uint16_t*>(&v);
-        const uint16_t* rr = reinterpret_cast<const uint16_t*>(&r);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           if (p.out_bf16) {
-            const float s = __fadd_rn(__bfloat162float(__ushort_as_bfloat16(y[j])),
-                                      __bfloat162float(__ushort_as_bfloat16(rr[j])));
-            y[j] = __bfloat16_as_ushort(__float2bfloat16_rn(s));
+            y[j] = __bfloat16_as_ushort(
+                __float2bfloat16_rn(with_residual(p, idx + j, __bfloat162float(__ushort_as_bfloat16(y[j])))));
           } else {
-            const float s = __fadd_rn(__half2float(__ushort_as_half(y[j])), __half2float(__ushort_as_half(rr[j])));
-            y[j] = __half_as_ushort(__float2half_rn(s));
+            y[j] = __half_as_ushort(__float2half_rn(with_residual(p, idx + j, __half2float(__ushort_as_half(y[j])))));
           }
         }
       }

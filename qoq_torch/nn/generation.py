@@ -28,6 +28,7 @@ from torch import nn
 from transformers.generation import utils as generation_utils
 
 from .kv_cache import KV4Cache
+from .linear import QoQLinear
 
 KV4_IMPLEMENTATIONS = (None, "dynamic", "static")
 
@@ -102,9 +103,7 @@ def _reusable_static_cache(model: nn.Module, batch: int, max_cache_len: int) -> 
     return cache
 
 
-# Buffers of QoQLinear that hold the quantized weight: fixed shape and dtype once the model is quantized.
-PACKED_WEIGHT_BUFFERS = ("qweight", "s2", "z2", "s1", "scale", "zero")
-_PACKED_WEIGHT_SUFFIXES = tuple(f"._buffers['{name}']" for name in PACKED_WEIGHT_BUFFERS)
+_PACKED_WEIGHT_SUFFIXES = tuple(f"._buffers['{name}']" for name in QoQLinear.WEIGHT_BUFFERS)
 
 
 def skip_packed_weight_guards(guard_entries) -> list[bool]:

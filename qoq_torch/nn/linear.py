@@ -47,6 +47,8 @@ class QoQLinear(nn.Module):
     """
 
     _fixed_dtype_buffers = ("s1", "scale")
+    # Every buffer that can hold the quantized weight (either format): fixed shape and dtype once built.
+    WEIGHT_BUFFERS = ("qweight", "s2", "z2", "s1", "scale", "zero")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 128,
                  dtype: torch.dtype = torch.float16, device: torch.device | str | None = None) -> None:

@@ -110,8 +110,8 @@ def kv4_decode_attention_quantize(q: torch.Tensor, k_cache: torch.Tensor, k_para
 
 __all__ = [
     "PROTECTIVE_RANGE", "PerChannelWeight", "PerGroupWeight", "add_rmsnorm_quantize", "cuda_available",
-    "extension_status",
-    "kv4_append", "kv4_decode_attention", "kv4_decode_attention_quantize", "kv4_dequantize", "kv4_quantize", "pack_weights",
+    "extension_status", "kv4_append", "kv4_decode_attention", "kv4_decode_attention_quantize", "kv4_dequantize",
+    "kv4_quantize", "pack_weights",
     "quantize_per_token", "quantize_weight_int8", "quantize_weight_per_channel", "quantize_weight_per_group",
     "rmsnorm_quantize", "rope", "rope_kv4_append", "silu_mul_quantize", "unpack_weights", "w4a8_gemm_per_channel",
     "w4a8_gemm_per_group",
