@@ -15,6 +15,7 @@ kv4_decode_attention followed by quantize_per_token with --quantize-only (JSON k
 
     python benchmarks/attention.py [--json out.json] [--png out.png] [--quick] [--append-only] [--quantize-only]
     python benchmarks/attention.py --check-small     # small cases, for compute-sanitizer
+    python benchmarks/attention.py --sweep-splits    # the decode kernel at forced split counts
 """
 from __future__ import annotations
 
@@ -282,20 +283,49 @@ def unfused_attention_quantize(q, caches, lens, starts, scale):
     return ops.quantize_per_token(out.transpose(1, 2).reshape(b * s_q, h_q * d).contiguous())
 
 
-def bench_attention_quantize(b: int, t: int) -> dict:
-    """Fused kv4_decode_attention_quantize against the two-op chain at batch b, context t (one token per row)."""
+def kv4_sets(b: int, t: int):
+    """Input sets [(q [B, H_q, 1, D] bf16, KV4 caches of t slots)] covering >= ROTATE_BYTES, lens, starts, scale."""
     d = HEAD_DIM
     kv4_bytes = 2 * b * H_KV * t * (d // 2 + 4)
-    sets = max(1, min(64, math.ceil(ROTATE_BYTES / kv4_bytes)))
     data = []
-    for _ in range(sets):
+    for _ in range(max(1, min(64, math.ceil(ROTATE_BYTES / kv4_bytes)))):
         k = torch.randn(b, H_KV, t, d, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(b, H_KV, t, d, device="cuda", dtype=torch.bfloat16)
         data.append((torch.randn(b, H_Q, 1, d, device="cuda", dtype=torch.bfloat16), make_kv4(k, v)))
         del k, v
     lens = torch.full((b,), t, dtype=torch.int32, device="cuda")
     starts = torch.zeros(b, dtype=torch.int32, device="cuda")
-    scale = 1 / math.sqrt(d)
+    return data, lens, starts, 1 / math.sqrt(d)
+
+
+SPLIT_SWEEP = {1: (0, 8, 16, 32, 64, 128, 256), 16: (0, 1, 2, 4, 8, 16), 64: (0, 1, 2, 4)}
+
+
+def sweep_splits(contexts=(4096, 16384, 32768)) -> list[dict]:
+    """kv4_decode_attention's µs at forced split counts (QOQ_KV4_SPLITS; 0 = the default choice)."""
+    rows = []
+    for b, choices in SPLIT_SWEEP.items():
+        for t in contexts:
+            data, lens, starts, scale = kv4_sets(b, t)
+            kv4_bytes = 2 * b * H_KV * t * (HEAD_DIM // 2 + 4)
+            row = {"batch": b, "context": t, "us": {}}
+            for splits in choices:
+                os.environ["QOQ_KV4_SPLITS"] = str(splits)
+                row["us"][splits] = time_graph(
+                    lambda i: ops.kv4_decode_attention(data[i][0], *data[i][1], lens, starts, scale), len(data))
+            os.environ.pop("QOQ_KV4_SPLITS")
+            row["gbs"] = {s: kv4_bytes / us / 1e3 for s, us in row["us"].items()}
+            rows.append(row)
+            print(f"sweep-splits b={b} t={t}: " + "  ".join(f"{s}:{us:.1f}" for s, us in row["us"].items()), flush=True)
+            del data
+            torch.cuda.empty_cache()
+    return rows
+
+
+def bench_attention_quantize(b: int, t: int) -> dict:
+    """Fused kv4_decode_attention_quantize against the two-op chain at batch b, context t (one token per row)."""
+    data, lens, starts, scale = kv4_sets(b, t)
+    sets = len(data)
 
     def fused(i):
         q, caches = data[i]
@@ -385,7 +415,15 @@ def main() -> None:
     parser.add_argument("--append-only", action="store_true", help="only the RoPE + append comparison")
     parser.add_argument("--quantize-only", action="store_true",
                         help="only the attention + o_proj input quantization comparison (contexts 384 and 4096)")
+    parser.add_argument("--sweep-splits", action="store_true",
+                        help="only the decode kernel at forced split counts (batch 1 / 16 / 64, 4k-32k)")
     args = parser.parse_args()
+    if args.sweep_splits:
+        rows = sweep_splits()
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"meta": append_meta(), "split_rows": rows}, fh, indent=1)
+        return
     if args.check_small:
         check_small()
         return

@@ -12,10 +12,13 @@
 // Arithmetic, with n the UINT4 codes, (s, m) a slot's fp16 (scale, min), and q a query row:
 //   q . k^ = s_K * (q . n_K) + m_K * sum(q)          (q . n_K on the tensor cores: exact 16-bit operands)
 //   sum_t p_t v^_t = sum_t (p_t s_V,t) n_V,t + sum_t p_t m_V,t
-// The first MMA puts query rows on M (16) and slots on N; its f32 accumulator layout is exactly the B
-// operand layout of the second MMA, which puts head_dim on M and slots on K (O^T = V^T P^T), so the
-// probabilities never leave registers. p is fp16 in the second MMA (as in FlashAttention); softmax and
-// all sums are float32. Splits are merged by a small second kernel (log-sum-exp weights).
+// The first MMA computes S^T = K q^T: 16 slots on M (the K codes as the A operand, converted with one LOP3
+// where exactness allows, kv4_ptx.cuh: the constant they add is removed once per score), query rows on N, so
+// a GQA group of 4 or 8 rows wastes no MMA rows. Its f32 accumulator, packed to fp16 and transposed in
+// registers (movmatrix), is the B operand of the second MMA, which puts head_dim on M and slots on K
+// (O^T = V^T P^T): the probabilities never leave registers, and each lane's accumulator columns are the very
+// rows whose softmax state it holds. p is fp16 in the second MMA (as in FlashAttention); softmax and all sums
+// are float32. Splits are merged by a small second kernel (log-sum-exp weights).
 // qoq::kv4_decode_attention_quantize (o_proj's input) always takes the split path; with up to kMergeQuantMaxSplits
 // splits its second kernel merges the splits of one query token's heads, rounds them to q's dtype and quantizes the
 // token's row as quantize_per_token would (quant/row_quantize.cuh): one kernel instead of a merge and a quantize.
@@ -122,24 +125,28 @@ __global__ void __launch_bounds__(kThreads, (NQ == 1 && D <= 128) ? 4 : 1) kv4_d
     split_end = min(split_begin + chunk, len);
   }
 
-  // ---- query fragments (A operand of the QK MMA), the row sums, the rows' visible ends ----------------
-  // k-step ks = 2 * wi + jj covers, for lane (g, c), the dims base + {2jj, 4+2jj} (slots 2c, 2c+1) and
-  // base + {1+2jj, 5+2jj} (slots 2c+8, 2c+9) with base = c * D/4 + 8 * wi: the order in which the
-  // nibble conversion delivers the K codes (see kv4_ptx.cuh).
+  // ---- query fragments (B operand of the QK MMA), the rows' sums and visible ends ----------------------
+  // The QK MMA computes S^T = K q^T: 16 slots on M (slots g and g + 8 of a step for lane (g, c)), query
+  // rows on N (one 8-row tile per n), head_dim on K. k-step ks = 2 * wi + jj covers, for lane (g, c), the
+  // dims base + {2jj, 4+2jj} (k = 2c, 2c+1) and base + {1+2jj, 5+2jj} (k = 2c+8, 2c+9) with
+  // base = c * D/4 + 8 * wi: the order in which the nibble conversion delivers the K codes (kv4_ptx.cuh).
+  // The B fragment of query row 8n + g holds exactly those dims; for fp16 the hi-code dims are pre-scaled.
   constexpr int kKSteps = 2 * G::kKWords;
-  uint32_t qa[kKSteps][4];
-  float qsum[2] = {0.f, 0.f};
-  int row_end[2] = {INT_MIN, INT_MIN};
+  uint32_t qb[NQ][kKSteps][2];
+  float q_sum[NQ], q_bias[NQ];  // of row 8n + g: sum of q, and what the biased K codes add to q . n
+  int q_end[NQ];                // of row 8n + g: its last visible slot + 1
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int r = row0 + g + 8 * half;
-    const bool valid = half < NQ && r < rows;
+  for (int n = 0; n < NQ; ++n) {
+    const int r = row0 + g + 8 * n;
+    const bool valid = r < rows;
     const T* qrow = nullptr;
+    q_end[n] = INT_MIN;
     if (valid) {
       const int hq = hkv * group + r / a.s_q, i = r % a.s_q;
       qrow = static_cast<const T*>(a.q) + b * a.q_stride[0] + hq * a.q_stride[1] + i * a.q_stride[2];
-      row_end[half] = len - (a.s_q - 1 - i);
+      q_end[n] = len - (a.s_q - 1 - i);
     }
+    float sum = 0.f, bias_lo = 0.f, bias_hi = 0.f;
 #pragma unroll
     for (int wi = 0; wi < G::kKWords; ++wi) {
       uint16_t e[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -158,28 +165,60 @@ __global__ void __launch_bounds__(kThreads, (NQ == 1 && D <= 128) ? 4 : 1) kv4_d
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         const uint16_t bits = e[j];
-        qsum[half] += to_float<T>(*reinterpret_cast<const T*>(&bits));
+        const float x = to_float<T>(*reinterpret_cast<const T*>(&bits));
+        sum += x;
+        if (j % 2 == 0) {
+          bias_lo += x;
+        } else {  // a hi-code dim: pre-scaled by a power of two (exact unless subnormal; the bias uses the result)
+          const T scaled = from_float<T>(x * kv4::KBias<T>::kHiQueryScale);
+          e[j] = *reinterpret_cast<const uint16_t*>(&scaled);
+          bias_hi += to_float<T>(scaled);
+        }
       }
 #pragma unroll
       for (int jj = 0; jj < 2; ++jj) {
-        qa[2 * wi + jj][half] = uint32_t(e[2 * jj]) | (uint32_t(e[4 + 2 * jj]) << 16);
-        qa[2 * wi + jj][2 + half] = uint32_t(e[1 + 2 * jj]) | (uint32_t(e[5 + 2 * jj]) << 16);
+        qb[n][2 * wi + jj][0] = uint32_t(e[2 * jj]) | (uint32_t(e[4 + 2 * jj]) << 16);
+        qb[n][2 * wi + jj][1] = uint32_t(e[1 + 2 * jj]) | (uint32_t(e[5 + 2 * jj]) << 16);
       }
     }
-    qsum[half] += __shfl_xor_sync(0xffffffffu, qsum[half], 1);
-    qsum[half] += __shfl_xor_sync(0xffffffffu, qsum[half], 2);
+#pragma unroll
+    for (int o = 1; o <= 2; o <<= 1) {
+      sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      bias_lo += __shfl_xor_sync(0xffffffffu, bias_lo, o);
+      bias_hi += __shfl_xor_sync(0xffffffffu, bias_hi, o);
+    }
+    q_sum[n] = sum;
+    q_bias[n] = kv4::KBias<T>::kLo * bias_lo + kv4::KBias<T>::kHi * bias_hi;
+  }
+  // The scores of lane (g, c) are those of rows 8n + 2c + e (e = 0, 1): their constants come from lane 4 (2c + e).
+  float row_sum[NQ][2], row_bias[NQ][2];
+  int row_end[NQ][2];
+#pragma unroll
+  for (int n = 0; n < NQ; ++n) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      row_sum[n][e] = __shfl_sync(0xffffffffu, q_sum[n], 4 * (2 * c + e));
+      row_bias[n][e] = __shfl_sync(0xffffffffu, q_bias[n], 4 * (2 * c + e));
+      row_end[n][e] = __shfl_sync(0xffffffffu, q_end[n], 4 * (2 * c + e));
+    }
   }
 
-  // ---- state: running max / sum / min-sum per query row (rows g, g+8), O^T accumulators --------------
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, vmin_run[2] = {0.f, 0.f};
+  // ---- state of rows 8n + 2c + e: running max, this lane's share of the sum and min-sum; O^T accumulators
+  float m_run[NQ][2], l_run[NQ][2], vmin_run[NQ][2];
   float acc[NQ][G::kMTiles][4];
 #pragma unroll
-  for (int n = 0; n < NQ; ++n)
+  for (int n = 0; n < NQ; ++n) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      m_run[n][e] = -INFINITY;
+      l_run[n][e] = 0.f;
+      vmin_run[n][e] = 0.f;
+    }
 #pragma unroll
     for (int i = 0; i < G::kMTiles; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[n][i][j] = 0.f;
-
+  }
   const int64_t head = static_cast<int64_t>(b) * a.h_kv + hkv;
   const uint8_t* k_base = a.k_cache + head * a.t * G::kRowBytes;
   const uint8_t* v_base = a.v_cache + head * a.t * G::kRowBytes;
@@ -195,48 +234,55 @@ __global__ void __launch_bounds__(kThreads, (NQ == 1 && D <= 128) ? 4 : 1) kv4_d
   const int my_steps = steps_total > warp ? (steps_total - warp + kWarps - 1) / kWarps : 0;
   const int last_slot = a.t - 1;
 
-  // Copies this lane's operands of step `k` into stage `k % kStages`; slots past the cache are clamped
-  // (their values are masked out below).
+  // issue(k) copies this lane's operands of step k into stage k % kStages (called for k = 0, 1, 2, ... in order).
+  // This lane's sources for the next step it issues, advanced one round of the warps at each issue (running
+  // pointers: recomputing them from the step index cost ~50 instructions a step).
+  int t_issue = split_begin + warp * kStepSlots;
+  const uint8_t* k_src = k_lane + static_cast<int64_t>(t_issue) * G::kRowBytes;
+  const uint8_t* v_src = v_lane + static_cast<int64_t>(t_issue) * G::kRowBytes;
+  const __half* p_src = p_lane + static_cast<int64_t>(t_issue) * 2;
+  uint8_t* const k_dst = warp_smem + G::kKOffset + lane * G::kKBytes;  // + j * 32 * kKBytes
+  uint8_t* const v_dst = warp_smem + G::kVOffset + lane * G::kVBytes;  // + j * 32 * kVBytes
+  uint8_t* const p_dst = warp_smem + G::kPOffset + lane * 4;
+  constexpr int kRoundSlots = kWarps * kStepSlots;
   auto issue = [&](int k) {
-    uint8_t* st = warp_smem + (k % kStages) * G::kStageBytes;
-    const int t0 = split_begin + (warp + k * kWarps) * kStepSlots;
-    if (t0 + kStepSlots <= a.t) {  // whole step inside the cache (warp-uniform): no clamping
-      const int64_t off = static_cast<int64_t>(t0) * G::kRowBytes;
+    const int stage = (k % kStages) * G::kStageBytes;
+    if (t_issue + kStepSlots <= a.t) {  // whole step inside the cache (warp-uniform): no clamping
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const uint8_t* src = k_lane + off + 8 * j * G::kRowBytes;
-        uint8_t* dst = st + G::kKOffset + (j * 32 + lane) * G::kKBytes;
 #pragma unroll
-        for (int o = 0; o < G::kKBytes; o += G::kKChunk) cp_async<G::kKChunk>(dst + o, src + o);
+        for (int o = 0; o < G::kKBytes; o += G::kKChunk) {
+          cp_async<G::kKChunk>(k_dst + stage + j * 32 * G::kKBytes + o, k_src + 8 * j * G::kRowBytes + o);
+        }
       }
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const uint8_t* src = v_lane + off + ((j & 1) + 8 * (j >> 1)) * G::kRowBytes;
-        cp_async<G::kVBytes>(st + G::kVOffset + (j * 32 + lane) * G::kVBytes, src);
+        cp_async<G::kVBytes>(v_dst + stage + j * 32 * G::kVBytes, v_src + ((j & 1) + 8 * (j >> 1)) * G::kRowBytes);
       }
-      cp_async<4>(st + G::kPOffset + lane * 4, p_lane + static_cast<int64_t>(t0) * 2);
-      return;
-    }
-    // Last step of the cache: slots past it are clamped to the last slot (their values are masked out).
+      cp_async<4>(p_dst + stage, p_src);
+    } else {  // last step of the cache: slots past it are clamped to the last slot (their values are masked out)
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int slot = min(t0 + 8 * j + g, last_slot);
-      const uint8_t* src = k_base + static_cast<int64_t>(slot) * G::kRowBytes + c * G::kKBytes;
-      uint8_t* dst = st + G::kKOffset + (j * 32 + lane) * G::kKBytes;
+      for (int j = 0; j < 2; ++j) {
+        const int slot = min(t_issue + 8 * j + g, last_slot);
+        const uint8_t* src = k_base + static_cast<int64_t>(slot) * G::kRowBytes + c * G::kKBytes;
 #pragma unroll
-      for (int o = 0; o < G::kKBytes; o += G::kKChunk) cp_async<G::kKChunk>(dst + o, src + o);
-    }
+        for (int o = 0; o < G::kKBytes; o += G::kKChunk) {
+          cp_async<G::kKChunk>(k_dst + stage + j * 32 * G::kKBytes + o, src + o);
+        }
+      }
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int slot = min(t0 + 2 * c + (j & 1) + 8 * (j >> 1), last_slot);
-      const uint8_t* src = v_base + static_cast<int64_t>(slot) * G::kRowBytes + g * G::kVBytes;
-      cp_async<G::kVBytes>(st + G::kVOffset + (j * 32 + lane) * G::kVBytes, src);
+      for (int j = 0; j < 4; ++j) {
+        const int slot = min(t_issue + 2 * c + (j & 1) + 8 * (j >> 1), last_slot);
+        const uint8_t* src = v_base + static_cast<int64_t>(slot) * G::kRowBytes + g * G::kVBytes;
+        cp_async<G::kVBytes>(v_dst + stage + j * 32 * G::kVBytes, src);
+      }
+      const int slot = min(t_issue + (lane & 15), last_slot);
+      cp_async<4>(p_dst + stage, (lane < 16 ? kp_base : vp_base) + static_cast<int64_t>(slot) * 2);
     }
-    {
-      const int slot = min(t0 + (lane & 15), last_slot);
-      const __half* src = (lane < 16 ? kp_base : vp_base) + static_cast<int64_t>(slot) * 2;
-      cp_async<4>(st + G::kPOffset + lane * 4, src);
-    }
+    t_issue += kRoundSlots;
+    k_src += kRoundSlots * G::kRowBytes;
+    v_src += kRoundSlots * G::kRowBytes;
+    p_src += kRoundSlots * 2;
   };
 
   for (int k = 0; k < kStages - 1; ++k) {
@@ -248,97 +294,120 @@ __global__ void __launch_bounds__(kThreads, (NQ == 1 && D <= 128) ? 4 : 1) kv4_d
     kv4::cp_async_wait<kStages - 2>();
     __syncwarp();  // the params of a step are copied by other lanes
     const uint8_t* st = warp_smem + (k % kStages) * G::kStageBytes;
-    const int t0 = split_begin + (warp + k * kWarps) * kStepSlots;
+    const int t0 = split_begin + (warp + k * kWarps) * kStepSlots;  // the step computed now
     const uint32_t* params = reinterpret_cast<const uint32_t*>(st + G::kPOffset);
 
-    // -- scores: S[row][slot] for rows (g, g+8) and slots t0 + 8 nt + 2c + {0, 1} ----------------------
-    float s[2][4];
+    // -- S^T[slot][row] for slots t0 + g + 8h (h = j / 2) and rows 8n + 2c + (j % 2) --------------------
+    uint32_t kw[2][G::kKWords];  // K words of slots g and g + 8
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      float chain[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};  // two MMA chains: more ILP
-      const uint32_t* kw = reinterpret_cast<const uint32_t*>(st + G::kKOffset + (nt * 32 + lane) * G::kKBytes);
-      uint32_t words[G::kKWords];
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t* src = reinterpret_cast<const uint32_t*>(st + G::kKOffset + (h * 32 + lane) * G::kKBytes);
       if constexpr (G::kKWords % 4 == 0) {
 #pragma unroll
         for (int wi = 0; wi < G::kKWords; wi += 4) {
-          const uint4 v4 = reinterpret_cast<const uint4*>(kw)[wi / 4];
-          words[wi] = v4.x; words[wi + 1] = v4.y; words[wi + 2] = v4.z; words[wi + 3] = v4.w;
+          const uint4 v4 = reinterpret_cast<const uint4*>(src)[wi / 4];
+          kw[h][wi] = v4.x; kw[h][wi + 1] = v4.y; kw[h][wi + 2] = v4.z; kw[h][wi + 3] = v4.w;
         }
       } else {
 #pragma unroll
         for (int wi = 0; wi < G::kKWords; wi += 2) {
-          const uint2 v2 = reinterpret_cast<const uint2*>(kw)[wi / 2];
-          words[wi] = v2.x; words[wi + 1] = v2.y;
+          const uint2 v2 = reinterpret_cast<const uint2*>(src)[wi / 2];
+          kw[h][wi] = v2.x; kw[h][wi + 1] = v2.y;
         }
       }
+    }
+    float chain[2][NQ][4];  // two MMA chains: more ILP
 #pragma unroll
-      for (int wi = 0; wi < G::kKWords; ++wi) {
+    for (int jj = 0; jj < 2; ++jj)
 #pragma unroll
-        for (int jj = 0; jj < 2; ++jj) {
-          const uint32_t x = jj ? (words[wi] >> 8) : words[wi];
-          kv4::mma_16816<T>(chain[jj], qa[2 * wi + jj], kv4::nibbles_0_16<T>(x), kv4::nibbles_4_20<T>(x));
-        }
+      for (int n = 0; n < NQ; ++n)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) chain[jj][n][j] = 0.f;
+#pragma unroll
+    for (int wi = 0; wi < G::kKWords; ++wi) {
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        const uint32_t x0 = jj ? (kw[0][wi] >> 8) : kw[0][wi];
+        const uint32_t x1 = jj ? (kw[1][wi] >> 8) : kw[1][wi];
+        const uint32_t ka[4] = {kv4::k_codes_lo<T>(x0), kv4::k_codes_lo<T>(x1), kv4::k_codes_hi<T>(x0),
+                                kv4::k_codes_hi<T>(x1)};
+#pragma unroll
+        for (int n = 0; n < NQ; ++n) kv4::mma_16816<T>(chain[jj][n], ka, qb[n][2 * wi + jj][0], qb[n][2 * wi + jj][1]);
       }
-      float cacc[4];
+    }
+    const int slot_g = t0 + g;
+    float2 kp[2], vp[2];  // (scale, min) of slots g and g + 8
 #pragma unroll
-      for (int j = 0; j < 4; ++j) cacc[j] = chain[0][j] + chain[1][j];
+    for (int h = 0; h < 2; ++h) {
+      kp[h] = pair_to_float2<__half>(params[g + 8 * h]);
+      vp[h] = pair_to_float2<__half>(params[16 + g + 8 * h]);
+      kp[h].x *= a.scale_log2;
+      kp[h].y *= a.scale_log2;
+    }
+    float s[NQ][4];
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int local = 8 * nt + 2 * c + e;
-        const float2 kp = pair_to_float2<__half>(params[local]);  // (scale, min)
-        const int slot = t0 + local;
-        const bool in_range = slot >= start;
+    for (int n = 0; n < NQ; ++n) {
 #pragma unroll
-        for (int half = 0; half < NQ; ++half) {
-          const float dot = fmaf(kp.x, cacc[2 * half + e], kp.y * qsum[half]);
-          s[nt][2 * half + e] = (in_range && slot < row_end[half]) ? dot * a.scale_log2 : -INFINITY;
-        }
+      for (int j = 0; j < 4; ++j) {
+        const int h = j >> 1, e = j & 1, slot = slot_g + 8 * h;
+        const float dot = chain[0][n][j] + chain[1][n][j] - row_bias[n][e];
+        const float score = fmaf(kp[h].x, dot, kp[h].y * row_sum[n][e]);
+        s[n][j] = (slot >= start && slot < row_end[n][e]) ? score : -INFINITY;
       }
     }
 
     // -- online softmax per row; P' = p * s_V (fp16) feeds the PV MMA, p * m_V the min-sum ------------
-    uint32_t pb[2][2];  // [row half][slot half of the step]
-    float alpha[2];
+    uint32_t pb[NQ][2];  // B fragments of the PV MMA: P'^T for slots 0-7 and 8-15 of the step
+    float alpha[NQ][2];
 #pragma unroll
-    for (int half = 0; half < NQ; ++half) {
-      float tile_max = fmaxf(fmaxf(s[0][2 * half], s[0][2 * half + 1]), fmaxf(s[1][2 * half], s[1][2 * half + 1]));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-      const float m_new = fmaxf(m_run[half], tile_max);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no slot seen yet: avoid (-inf) - (-inf)
-      alpha[half] = m_new == m_run[half] ? 1.f : kv4::exp2_approx(m_run[half] - m_use);
-      m_run[half] = m_new;
-      float psum = 0.f, vmin_sum = 0.f;
+    for (int n = 0; n < NQ; ++n) {
+      // Row maxima over the 8 lanes of a column group: the pair exchange leaves even g with row 2c and odd g
+      // with row 2c + 1, so each of the three butterfly steps reduces one value, and a last exchange shares both.
+      const bool odd = g & 1;
+      const float v0 = fmaxf(s[n][0], s[n][2]), v1 = fmaxf(s[n][1], s[n][3]);
+      float mine = fmaxf(odd ? v1 : v0, __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4));
+      mine = fmaxf(mine, __shfl_xor_sync(0xffffffffu, mine, 8));
+      mine = fmaxf(mine, __shfl_xor_sync(0xffffffffu, mine, 16));
+      const float other = __shfl_xor_sync(0xffffffffu, mine, 4);
+      const float tile_max[2] = {odd ? other : mine, odd ? mine : other};
+      float m_use[2];
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        float pv[2];
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float p = kv4::exp2_approx(s[nt][2 * half + e] - m_use);
-          const float2 vp = pair_to_float2<__half>(params[16 + 8 * nt + 2 * c + e]);
-          // Masked slots may hold stale params (even NaN): select, never multiply by 0.
-          pv[e] = p > 0.f ? p * vp.x : 0.f;
-          vmin_sum += p > 0.f ? p * vp.y : 0.f;
-          psum += p;
-        }
-        pb[half][nt] = kv4::pack_half2(pv[0], pv[1]);
+      for (int e = 0; e < 2; ++e) {
+        const float m_new = fmaxf(m_run[n][e], tile_max[e]);
+        m_use[e] = m_new == -INFINITY ? 0.f : m_new;  // no slot seen yet: avoid (-inf) - (-inf)
+        alpha[n][e] = m_new == m_run[n][e] ? 1.f : kv4::exp2_approx(m_run[n][e] - m_use[e]);
+        m_run[n][e] = m_new;
       }
-      l_run[half] = l_run[half] * alpha[half] + psum;
-      vmin_run[half] = vmin_run[half] * alpha[half] + vmin_sum;
+      float pv[4], psum[2] = {0.f, 0.f}, vmin_sum[2] = {0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int h = j >> 1, e = j & 1;
+        const float p = kv4::exp2_approx(s[n][j] - m_use[e]);
+        // Masked slots may hold stale params (even NaN): select, never multiply by 0.
+        pv[j] = p > 0.f ? p * vp[h].x : 0.f;
+        vmin_sum[e] += p > 0.f ? p * vp[h].y : 0.f;
+        psum[e] += p;
+      }
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        l_run[n][e] = l_run[n][e] * alpha[n][e] + psum[e];
+        vmin_run[n][e] = vmin_run[n][e] * alpha[n][e] + vmin_sum[e];
+      }
+      // lane (g, c) holds P'[slot g (+8)][rows 2c, 2c+1]; the B fragment wants P'^T[row g][slots 2c, 2c+1]
+      pb[n][0] = kv4::transpose_8x8(kv4::pack_half2(pv[0], pv[1]));
+      pb[n][1] = kv4::transpose_8x8(kv4::pack_half2(pv[2], pv[3]));
     }
 
-    // -- rescale O^T: its columns are rows 2c, 2c+1, whose alpha lanes 8c and 8c+4 hold ----------------
+    // -- rescale O^T: its columns are this lane's rows 2c, 2c+1 ------------------------------------------
 #pragma unroll
-    for (int half = 0; half < NQ; ++half) {
-      if (__all_sync(0xffffffffu, alpha[half] == 1.f)) continue;  // the common case once the max settles
-      const float a0 = __shfl_sync(0xffffffffu, alpha[half], 8 * c);
-      const float a1 = __shfl_sync(0xffffffffu, alpha[half], 8 * c + 4);
+    for (int n = 0; n < NQ; ++n) {
+      if (__all_sync(0xffffffffu, alpha[n][0] == 1.f && alpha[n][1] == 1.f)) continue;  // once the max settles
 #pragma unroll
       for (int i = 0; i < G::kMTiles; ++i) {
-        acc[half][i][0] *= a0;
-        acc[half][i][1] *= a1;
-        acc[half][i][2] *= a0;
-        acc[half][i][3] *= a1;
+        acc[n][i][0] *= alpha[n][0];
+        acc[n][i][1] *= alpha[n][1];
+        acc[n][i][2] *= alpha[n][0];
+        acc[n][i][3] *= alpha[n][1];
       }
     }
 
@@ -365,7 +434,7 @@ __global__ void __launch_bounds__(kThreads, (NQ == 1 && D <= 128) ? 4 : 1) kv4_d
       const uint32_t va[4] = {kv4::nibbles_0_16<__half>(x01), kv4::nibbles_4_20<__half>(x01),
                               kv4::nibbles_0_16<__half>(x89), kv4::nibbles_4_20<__half>(x89)};
 #pragma unroll
-      for (int half = 0; half < NQ; ++half) kv4::mma_16816<__half>(acc[half][i], va, pb[half][0], pb[half][1]);
+      for (int n = 0; n < NQ; ++n) kv4::mma_16816<__half>(acc[n][i], va, pb[n][0], pb[n][1]);
     }
 
     if (k + kStages - 1 < my_steps) issue(k + kStages - 1);
@@ -375,11 +444,14 @@ __global__ void __launch_bounds__(kThreads, (NQ == 1 && D <= 128) ? 4 : 1) kv4_d
 
   // ---- merge the warps (shared memory), then write the output or this split's partial ---------------
 #pragma unroll
-  for (int half = 0; half < NQ; ++half) {
+  for (int n = 0; n < NQ; ++n) {
 #pragma unroll
-    for (int o = 1; o <= 2; o <<= 1) {
-      l_run[half] += __shfl_xor_sync(0xffffffffu, l_run[half], o);
-      vmin_run[half] += __shfl_xor_sync(0xffffffffu, vmin_run[half], o);
+    for (int e = 0; e < 2; ++e) {
+#pragma unroll
+      for (int o = 4; o <= 16; o <<= 1) {  // the 8 lanes of a column group share rows 2c, 2c+1
+        l_run[n][e] += __shfl_xor_sync(0xffffffffu, l_run[n][e], o);
+        vmin_run[n][e] += __shfl_xor_sync(0xffffffffu, vmin_run[n][e], o);
+      }
     }
   }
   __syncthreads();  // every warp is done with its pipeline memory
@@ -387,13 +459,16 @@ __global__ void __launch_bounds__(kThreads, (NQ == 1 && D <= 128) ? 4 : 1) kv4_d
   float* red_l = red_m + kWarps * kRowsPerBlock;
   float* red_vmin = red_l + kWarps * kRowsPerBlock;
   float* red_o = red_vmin + kWarps * kRowsPerBlock;  // [warp][row][D]
-  if (c == 0) {
+  if (g == 0) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = warp * kRowsPerBlock + g + 8 * half;
-      red_m[r] = half < NQ ? m_run[half] : -INFINITY;
-      red_l[r] = half < NQ ? l_run[half] : 0.f;
-      red_vmin[r] = half < NQ ? vmin_run[half] : 0.f;
+    for (int n = 0; n < 2; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int r = warp * kRowsPerBlock + 8 * n + 2 * c + e;
+        red_m[r] = n < NQ ? m_run[n < NQ ? n : 0][e] : -INFINITY;
+        red_l[r] = n < NQ ? l_run[n < NQ ? n : 0][e] : 0.f;
+        red_vmin[r] = n < NQ ? vmin_run[n < NQ ? n : 0][e] : 0.f;
+      }
     }
   }
 #pragma unroll
@@ -513,6 +588,8 @@ constexpr int kMergeQuantVec = 8;  // H_q * D is a multiple of 64
 // One block per token reads all its splits: beyond this many the per-head merge (one block per head) and the quantize
 // kernel are faster (H100: batch 1 at 4096 slots, 32 splits), so the op runs those two instead.
 constexpr int kMergeQuantMaxSplits = 8;
+// Default split count cap (QOQ_KV4_SPLITS can force more, up to 1024).
+constexpr int kMaxSplits = 32;
 
 template <typename T>
 __global__ void __launch_bounds__(kMergeQuantThreads) kv4_combine_quantize_kernel(
@@ -621,11 +698,17 @@ void launch_decode(DecodeArgs& a, const at::Tensor& q, DecodeOutput& o) {
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
   const int64_t base_blocks = static_cast<int64_t>(a.b) * a.h_kv * a.q_chunks;
   TORCH_CHECK(base_blocks < (int64_t(1) << 31), "too many (row, KV head) pairs for one launch");
-  // Enough splits for one full wave of resident blocks; a split covers at least 128 slots of the cache
-  // (shorter ones cost more in partial results and fixed per-block work than they gain in parallelism).
+  // Enough splits for one full wave of resident blocks, at most kMaxSplits, each covering at least 256 slots of
+  // the cache: shorter or more splits cost more in partial results, their merge and fixed per-block work than
+  // they gain in parallelism (H100 sweep of `benchmarks/attention.py --sweep-splits`: batch 1 is fastest with
+  // 16-32 splits from 4k to 32k slots, batch 16 with 4, batch 64 with 1).
   const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * device_attribute(cudaDevAttrMultiProcessorCount);
   int64_t splits = std::max<int64_t>(1, resident / base_blocks);
-  splits = std::min<int64_t>(splits, std::max<int64_t>(1, (a.t + 127) / 128));
+  splits = std::min<int64_t>(splits, kMaxSplits);
+  splits = std::min<int64_t>(splits, std::max<int64_t>(1, (a.t + 255) / 256));
+  // QOQ_KV4_SPLITS=<n> forces the split count (read at every call: a getenv, negligible next to the launch), for
+  // the split sweep of benchmarks/attention.py.
+  if (const int forced = env_int("QOQ_KV4_SPLITS", 0); forced > 0) splits = forced;
   splits = std::min<int64_t>(splits, 1024);
   a.splits = static_cast<int>(splits);
   a.partials = splits > 1 || o.quantized;

@@ -60,10 +60,18 @@ template <> struct Nibble<__nv_bfloat16> {
   static constexpr uint32_t kMinusBias = 0xC300C300u;  // -128.0
 };
 
+// (x & MASK) | BITS in one LOP3 (written as C++, the compiler emits an AND and an OR).
+template <uint32_t MASK, uint32_t BITS>
+__device__ __forceinline__ uint32_t and_or(uint32_t x) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(x), "n"(MASK), "n"(BITS));
+  return d;
+}
+
 // Nibbles at bits [0,4) and [16,20) of x -> the pair (n_lo, n_hi) as two exact T values.
 template <typename T>
 __device__ __forceinline__ uint32_t nibbles_0_16(uint32_t x) {
-  return fma2<T>((x & 0x000F000Fu) | Nibble<T>::kMagic, Nibble<T>::kOne, Nibble<T>::kMinusBias);
+  return fma2<T>(and_or<0x000F000Fu, Nibble<T>::kMagic>(x), Nibble<T>::kOne, Nibble<T>::kMinusBias);
 }
 
 // Nibbles at bits [4,8) and [20,24) of x -> the pair as two exact T values.
@@ -71,11 +79,49 @@ template <typename T>
 __device__ __forceinline__ uint32_t nibbles_4_20(uint32_t x) {
   if constexpr (std::is_same_v<T, __half>) {
     // 1024 + 16 n is exact in fp16 (10 mantissa bits): scale by 1/16 and remove 64 in one FMA.
-    return fma2<T>((x & 0x00F000F0u) | Nibble<T>::kMagic, Nibble<T>::kSixteenth, Nibble<T>::kMinusBias16);
+    return fma2<T>(and_or<0x00F000F0u, Nibble<T>::kMagic>(x), Nibble<T>::kSixteenth, Nibble<T>::kMinusBias16);
   } else {
     // bf16 has 7 mantissa bits: bit 7 would hit the exponent, so shift the nibbles down first.
     return nibbles_0_16<T>(x >> 4);
   }
+}
+
+// Biased K codes for the QK MMA, one LOP3 each where exactness allows (the bias is removed once per score,
+// see KBias): bits [0,4) / [16,20) of x -> bf16 (128 + n), fp16 exactly n (an exact FMA removes 1024: an
+// fp16 bias of 1024 would leave the scores too few bits); bits [4,8) / [20,24) -> bf16 (128 + n) after a shift,
+// fp16 (1024 + 16 n), paired with query elements pre-scaled by 1/16.
+template <typename T>
+__device__ __forceinline__ uint32_t k_codes_lo(uint32_t x) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return nibbles_0_16<T>(x);
+  } else {
+    return and_or<0x000F000Fu, Nibble<T>::kMagic>(x);
+  }
+}
+template <typename T>
+__device__ __forceinline__ uint32_t k_codes_hi(uint32_t x) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return and_or<0x00F000F0u, Nibble<T>::kMagic>(x);
+  } else {
+    return and_or<0x000F000Fu, Nibble<T>::kMagic>(x >> 4);
+  }
+}
+
+// What k_codes_lo / k_codes_hi add to the true codes: q . k_codes = q . n + kLoBias * (sum of the q elements
+// paired with lo codes) + kHiBias * (sum of the, for fp16 pre-scaled, q elements paired with hi codes).
+template <typename T> struct KBias;
+template <> struct KBias<__half> {
+  static constexpr float kLo = 0.f, kHi = 1024.f, kHiQueryScale = 0.0625f;
+};
+template <> struct KBias<__nv_bfloat16> {
+  static constexpr float kLo = 128.f, kHi = 128.f, kHiQueryScale = 1.f;
+};
+
+// Transpose of an 8x8 16-bit matrix held as one mma fragment (lane 4g + c: row g, columns 2c, 2c + 1).
+__device__ __forceinline__ uint32_t transpose_8x8(uint32_t x) {
+  uint32_t d;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(x));
+  return d;
 }
 
 // D(16x8, f32) += A(16x16, T row-major) * B(16x8, T column-major).
