@@ -298,7 +298,7 @@ def kv4_sets(b: int, t: int):
     return data, lens, starts, 1 / math.sqrt(d)
 
 
-SPLIT_SWEEP = {1: (0, 8, 16, 32, 64, 128, 256), 16: (0, 1, 2, 4, 8, 16), 64: (0, 1, 2, 4)}
+SPLIT_SWEEP = {1: (0, 4, 8, 16, 32, 64, 128), 4: (0, 2, 4, 8, 16, 32), 16: (0, 1, 2, 4, 8, 16), 64: (0, 1, 2, 4)}
 
 
 def sweep_splits(contexts=(4096, 16384, 32768)) -> list[dict]:
@@ -416,7 +416,7 @@ def main() -> None:
     parser.add_argument("--quantize-only", action="store_true",
                         help="only the attention + o_proj input quantization comparison (contexts 384 and 4096)")
     parser.add_argument("--sweep-splits", action="store_true",
-                        help="only the decode kernel at forced split counts (batch 1 / 16 / 64, 4k-32k)")
+                        help="only the decode kernel at forced split counts (batch 1 / 4 / 16 / 64, 4k-32k)")
     args = parser.parse_args()
     if args.sweep_splits:
         rows = sweep_splits()

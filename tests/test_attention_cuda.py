@@ -116,6 +116,26 @@ def test_decode_matches_reference(b, h_q, h_kv, s_q, d, t, dtype, gen):
     assert_attention_close(out, ref)
 
 
+@needs_kernel
+@pytest.mark.parametrize("h_q,h_kv,s_q,d", ((16, 2, 3, 128), (32, 8, 1, 64), (8, 2, 1, 256)))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_decode_cluster_merge_equals_merge_kernel(h_q, h_kv, s_q, d, dtype, gen, monkeypatch):
+    """Two splits merged inside a thread-block cluster give the merge kernel's bits (QOQ_KV4_CLUSTER=0), with rows
+    of different lengths (some splits empty), left padding, one or two query chunks, and both match the reference."""
+    b, t, splits = 3, 2100, 2
+    caches = random_cache(b, h_kv, t, d, gen)
+    q = random_query(b, h_q, s_q, d, dtype, gen)
+    lens = torch.tensor([t, 700, 9], dtype=torch.int32)
+    starts = torch.tensor([0, 37, 2], dtype=torch.int32)
+    cq, cc, cl, cs = q.cuda(), [c.cuda() for c in caches], lens.cuda(), starts.cuda()
+    monkeypatch.setenv("QOQ_KV4_SPLITS", str(splits))
+    clustered = ops.kv4_decode_attention(cq, *cc, cl, cs, 1 / math.sqrt(d))
+    monkeypatch.setenv("QOQ_KV4_CLUSTER", "0")
+    merged = ops.kv4_decode_attention(cq, *cc, cl, cs, 1 / math.sqrt(d))
+    assert torch.equal(clustered, merged)
+    assert_attention_close(clustered, torch.ops.qoq.kv4_decode_attention(q, *caches, lens, starts, 1 / math.sqrt(d)))
+
+
 def assert_quantized_equals_unfused(q, caches, lens, starts, sm_scale) -> None:
     """kv4_decode_attention_quantize on CUDA == quantize_per_token(kv4_decode_attention(...)) on CUDA, bit for bit,
     and its dequantized rows match the CPU reference attention within the attention tolerance plus half a step."""

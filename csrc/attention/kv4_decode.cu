@@ -33,6 +33,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -71,7 +72,10 @@ struct Geometry {
   static constexpr int kPipelineBytes = kWarps * kStages * kStageBytes;
   // Epilogue (reuses the same memory): per warp, m / l / min-sum per row and O^T [rows][D].
   static constexpr int kReduceBytes = kWarps * kRowsPerBlock * (3 + D) * 4;
-  static constexpr int kSmemBytes = kPipelineBytes > kReduceBytes ? kPipelineBytes : kReduceBytes;
+  // After it, the block's result for the cluster merge: O [rows][D] (normalized), then the rows' log-sum-exp.
+  static constexpr int kMergeBytes = kRowsPerBlock * (D + 1) * 4;
+  static constexpr int kSmemBytes =
+      kPipelineBytes > kReduceBytes + kMergeBytes ? kPipelineBytes : kReduceBytes + kMergeBytes;
   static_assert(kVBytes >= 4, "head_dim must be at least 64");
 };
 
@@ -89,9 +93,61 @@ struct DecodeArgs {
   float* part_lse;          // [splits, rows], base-2 log-sum-exp, -inf when the split saw nothing
   int b, h_q, h_kv, s_q, t, q_chunks, splits;
   bool partials;            // write part_o / part_lse (a second kernel merges them), else out
+  bool cluster_merge;       // the splits of a block's rows are one cluster, merged in distributed shared memory
   float scale_log2;         // sm_scale * log2(e)
   bool q_vec16;             // q rows and strides allow 16-byte loads
 };
+
+// One split's term of the merge sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - m_max) (the split holding the max
+// weighs exactly 1, so one split returns its values unchanged): every merge (the split-merge kernels and the
+// cluster merge) runs this, in split order, so they produce the same bits.
+template <int N>
+__device__ __forceinline__ void accumulate_split(float lse, float m_max, const float (&v)[N], float (&num)[N],
+                                                 float& den) {
+  const float w = lse == -INFINITY ? 0.f : (lse == m_max ? 1.f : kv4::exp2_approx(lse - m_max));
+#pragma unroll
+  for (int j = 0; j < N; ++j) num[j] += w > 0.f ? w * v[j] : 0.f;  // v of an empty split is never used
+  den += w;
+}
+
+// The cluster merge (sm_90): CTA `rank` of the cluster (= split) merges elements [rank * per, (rank + 1) * per) of
+// the block's [block_rows][D] output, reading every split's result from its CTA's shared memory. The remote
+// loads are batched (all log-sum-exps gathered first; the values' loop unrolled, independent loads): a serial
+// chain of distributed-shared-memory loads per split made 16-CTA clusters slower than the merge kernel.
+// `scratch` (>= splits * block_rows floats) is this CTA's shared memory no other CTA reads.
+template <typename T, int D>
+__device__ void merge_in_cluster(const DecodeArgs& a, const float* merge_o, const float* merge_lse, float* scratch,
+                                 int block_rows, int b, int hq0, int row0) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();  // every split's result is in its shared memory (and this CTA is done with `scratch`)
+  const int splits = a.splits, rank = static_cast<int>(cluster.block_rank());
+  for (int i = threadIdx.x; i < splits * block_rows; i += kThreads) {
+    scratch[i] = cluster.map_shared_rank(merge_lse, i / block_rows)[i % block_rows];  // lse of split i / rows
+  }
+  __syncthreads();
+  const int total = block_rows * D, per = (total + splits - 1) / splits;
+  const int end = min((rank + 1) * per, total);
+  for (int e = rank * per + static_cast<int>(threadIdx.x); e < end; e += kThreads) {
+    const int r = e / D, d = e % D;
+    float m_max = -INFINITY;
+    for (int s = 0; s < splits; ++s) m_max = fmaxf(m_max, scratch[s * block_rows + r]);
+    float num[1] = {0.f}, den = 0.f;
+    if (m_max != -INFINITY) {
+#pragma unroll 8
+      for (int s = 0; s < splits; ++s) {
+        const float v[1] = {cluster.map_shared_rank(merge_o, s)[e]};
+        accumulate_split<1>(scratch[s * block_rows + r], m_max, v, num, den);
+      }
+    }
+    const int rg = row0 + r;
+    const int64_t row_id = (static_cast<int64_t>(b) * a.h_q + hq0 + rg / a.s_q) * a.s_q + rg % a.s_q;
+    static_cast<T*>(a.out)[row_id * D + d] = from_float<T>(den > 0.f ? num[0] / den : 0.f);
+  }
+  cluster.sync();  // no CTA exits while another still reads its shared memory
+#endif
+}
 
 // NQ = number of 8-row query groups in use (1: rows 0..7, 2: rows 0..15).
 // 4 blocks (16 warps) a multiprocessor for the common shapes: at most 128 registers a thread there.
@@ -104,10 +160,11 @@ __global__ void __launch_bounds__(kThreads, (NQ == 1 && D <= 128) ? 4 : 1) kv4_d
   pdl_launch_dependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, c = lane & 3;
-  const int qc = blockIdx.x % a.q_chunks;
-  const int hkv = (blockIdx.x / a.q_chunks) % a.h_kv;
-  const int b = blockIdx.x / (a.q_chunks * a.h_kv);
-  const int split = blockIdx.y;
+  const int split = blockIdx.x % a.splits;  // the splits of one work item are adjacent: a cluster's CTAs
+  const int item = blockIdx.x / a.splits;
+  const int qc = item % a.q_chunks;
+  const int hkv = (item / a.q_chunks) % a.h_kv;
+  const int b = item / (a.q_chunks * a.h_kv);
   const int group = a.h_q / a.h_kv;
   const int rows = group * a.s_q;  // query rows of this KV head
   const int row0 = qc * kRowsPerBlock;
@@ -488,6 +545,8 @@ __global__ void __launch_bounds__(kThreads, (NQ == 1 && D <= 128) ? 4 : 1) kv4_d
 
   const int block_rows = min(8 * NQ, rows - row0);
   const int64_t rows_total = static_cast<int64_t>(a.b) * a.h_q * a.s_q;
+  float* merge_o = reinterpret_cast<float*>(smem + G::kReduceBytes);  // [kRowsPerBlock][D]
+  float* merge_lse = merge_o + kRowsPerBlock * D;
   for (int idx = threadIdx.x; idx < block_rows * D; idx += kThreads) {
     const int r = idx / D, d = idx % D;
     float m_max = -INFINITY;
@@ -509,13 +568,18 @@ __global__ void __launch_bounds__(kThreads, (NQ == 1 && D <= 128) ? 4 : 1) kv4_d
     const int rg = row0 + r;
     const int hq = hkv * group + rg / a.s_q, i = rg % a.s_q;
     const int64_t row_id = (static_cast<int64_t>(b) * a.h_q + hq) * a.s_q + i;
-    if (!a.partials) {
+    const float lse = seen ? m_max + log2f(l_sum) : -INFINITY;
+    if (a.cluster_merge) {
+      merge_o[r * D + d] = value;
+      if (d == 0) merge_lse[r] = lse;
+    } else if (!a.partials) {
       static_cast<T*>(a.out)[row_id * D + d] = from_float<T>(value);
     } else {
       if (seen) a.part_o[(split * rows_total + row_id) * D + d] = value;
-      if (d == 0) a.part_lse[split * rows_total + row_id] = seen ? m_max + log2f(l_sum) : -INFINITY;
+      if (d == 0) a.part_lse[split * rows_total + row_id] = lse;
     }
   }
+  if (a.cluster_merge) merge_in_cluster<T, D>(a, merge_o, merge_lse, red_m, block_rows, b, hkv * group, row0);
 }
 
 // Largest base-2 log-sum-exp over the splits of query row `row` (-inf when no split saw a slot). Every thread reads
@@ -545,8 +609,7 @@ __device__ __forceinline__ void merge_splits(const float* part_o, const float* p
     const float* o = part_o + row * d_size + d0;  // o of split s: o[s * rows_total * d_size]
 #pragma unroll 4
     for (int s = 0; s < splits; ++s) {
-      const float l = lse[s * rows_total];
-      float v[N];  // never written for an empty split: select, not multiply
+      float v[N];  // never written for an empty split (its weight is 0)
       if constexpr (N == 8) {
         const float4 lo = reinterpret_cast<const float4*>(o + s * rows_total * d_size)[0];
         const float4 hi = reinterpret_cast<const float4*>(o + s * rows_total * d_size)[1];
@@ -554,10 +617,7 @@ __device__ __forceinline__ void merge_splits(const float* part_o, const float* p
       } else {
         v[0] = o[s * rows_total * d_size];
       }
-      const float w = l == -INFINITY ? 0.f : (l == m_max ? 1.f : kv4::exp2_approx(l - m_max));
-#pragma unroll
-      for (int j = 0; j < N; ++j) num[j] += w > 0.f ? w * v[j] : 0.f;
-      den += w;
+      accumulate_split<N>(lse[s * rows_total], m_max, v, num, den);
     }
   }
 #pragma unroll
@@ -589,7 +649,12 @@ constexpr int kMergeQuantVec = 8;  // H_q * D is a multiple of 64
 // kernel are faster (H100: batch 1 at 4096 slots, 32 splits), so the op runs those two instead.
 constexpr int kMergeQuantMaxSplits = 8;
 // Default split count cap (QOQ_KV4_SPLITS can force more, up to 1024).
-constexpr int kMaxSplits = 32;
+constexpr int kMaxSplits = 16;
+// The most splits merged inside a cluster. H100 (`--sweep-splits` with and without QOQ_KV4_CLUSTER): 2-CTA
+// clusters beat the merge kernel (batch 16: 36.0 vs 42.3 µs at 4k slots), 4- to 16-CTA clusters lose to it
+// (batch 16 at 4 splits: 50.6 vs 41.2 µs; batch 1 at 16: 33.3 vs 27.2 µs at 32k), though their merge reads only
+// shared memory: co-scheduling a cluster's CTAs costs more than the merge kernel.
+constexpr int kMaxClusterSplits = 2;
 
 template <typename T>
 __global__ void __launch_bounds__(kMergeQuantThreads) kv4_combine_quantize_kernel(
@@ -682,6 +747,38 @@ void quantize_output(DecodeOutput& o) {
   std::tie(o.x_q, o.x_s, o.x_sum) = op.call(o.out.transpose(1, 2).reshape({b * s_q, h_q * d}).contiguous());
 }
 
+// Whether `kernel` can run as clusters of kMaxClusterSplits CTAs on this device (sm_90 image, the non-portable size
+// allowed, at least one such cluster resident): checked once per device; `state` is the call site's (0 unknown,
+// 1 yes, 2 no).
+template <typename Kernel>
+bool cluster_merge_possible(Kernel kernel, int8_t (&sm90_cache)[64], int8_t (&state)[64], int smem) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int8_t& s = state[device & 63];
+  if (s == 0) {
+    bool ok = runs_sm90_image(kernel, sm90_cache) &&
+              cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+    if (ok) {
+      cudaLaunchAttribute attr{};
+      attr.id = cudaLaunchAttributeClusterDimension;
+      attr.val.clusterDim.x = kMaxClusterSplits;
+      attr.val.clusterDim.y = 1;
+      attr.val.clusterDim.z = 1;
+      cudaLaunchConfig_t config{};
+      config.gridDim = dim3(kMaxClusterSplits);
+      config.blockDim = dim3(kThreads);
+      config.dynamicSmemBytes = smem;
+      config.attrs = &attr;
+      config.numAttrs = 1;
+      int clusters = 0;
+      ok = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0;
+    }
+    (void)cudaGetLastError();  // a refused query leaves the merge kernel path, not an error
+    s = ok ? 1 : 2;
+  }
+  return s == 1;
+}
+
 template <typename T, int D, int NQ>
 void launch_decode(DecodeArgs& a, const at::Tensor& q, DecodeOutput& o) {
   using G = Geometry<D>;
@@ -698,12 +795,12 @@ void launch_decode(DecodeArgs& a, const at::Tensor& q, DecodeOutput& o) {
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
   const int64_t base_blocks = static_cast<int64_t>(a.b) * a.h_kv * a.q_chunks;
   TORCH_CHECK(base_blocks < (int64_t(1) << 31), "too many (row, KV head) pairs for one launch");
-  // Enough splits for one full wave of resident blocks, at most kMaxSplits, each covering at least 256 slots of
-  // the cache: shorter or more splits cost more in partial results, their merge and fixed per-block work than
-  // they gain in parallelism (H100 sweep of `benchmarks/attention.py --sweep-splits`: batch 1 is fastest with
-  // 16-32 splits from 4k to 32k slots, batch 16 with 4, batch 64 with 1).
+  // Splits for half a wave of resident blocks, at most kMaxSplits, each covering at least 256 slots of the cache:
+  // more cost more in partial results, their merge and fixed per-block work than they gain in parallelism (H100,
+  // `benchmarks/attention.py --sweep-splits` at 4k-32k slots: batch 1 is fastest with 16 splits, batch 4 with 8,
+  // batch 16 with 2 merged in a cluster, batch 64 with 1; a full wave (64 / 16 / 4) was up to 40% slower).
   const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * device_attribute(cudaDevAttrMultiProcessorCount);
-  int64_t splits = std::max<int64_t>(1, resident / base_blocks);
+  int64_t splits = std::max<int64_t>(1, resident / (2 * base_blocks));
   splits = std::min<int64_t>(splits, kMaxSplits);
   splits = std::min<int64_t>(splits, std::max<int64_t>(1, (a.t + 255) / 256));
   // QOQ_KV4_SPLITS=<n> forces the split count (read at every call: a getenv, negligible next to the launch), for
@@ -711,7 +808,13 @@ void launch_decode(DecodeArgs& a, const at::Tensor& q, DecodeOutput& o) {
   if (const int forced = env_int("QOQ_KV4_SPLITS", 0); forced > 0) splits = forced;
   splits = std::min<int64_t>(splits, 1024);
   a.splits = static_cast<int>(splits);
-  a.partials = splits > 1 || o.quantized;
+  TORCH_CHECK(base_blocks * splits < (int64_t(1) << 31), "too many (row, KV head, split) blocks for one launch");
+  // The plain op merges up to kMaxClusterSplits splits inside a cluster on sm_90 (QOQ_KV4_CLUSTER=0: the merge
+  // kernel instead); the quantized op always writes partials (its merge needs every head of a token).
+  static int8_t sm90_decode[64] = {0}, cluster_ok[64] = {0};
+  a.cluster_merge = !o.quantized && splits > 1 && splits <= kMaxClusterSplits && env_int("QOQ_KV4_CLUSTER", 1) != 0 &&
+                    cluster_merge_possible(kernel, sm90_decode, cluster_ok, smem);
+  a.partials = (splits > 1 || o.quantized) && !a.cluster_merge;
 
   const int64_t rows_total = static_cast<int64_t>(a.b) * a.h_q * a.s_q;
   at::Tensor part_o, part_lse;
@@ -728,9 +831,10 @@ void launch_decode(DecodeArgs& a, const at::Tensor& q, DecodeOutput& o) {
     o.out = at::empty({a.b, a.h_q, a.s_q, D}, q.options());
   }
   a.out = o.out.defined() ? o.out.data_ptr() : nullptr;
-  static int8_t sm90_decode[64] = {0};
   launch_kernel(kernel, sm90_decode,
-                {dim3(static_cast<unsigned>(base_blocks), static_cast<unsigned>(splits)), dim3(kThreads), smem}, a);
+                {dim3(static_cast<unsigned>(base_blocks * splits)), dim3(kThreads), smem,
+                 a.cluster_merge ? static_cast<unsigned>(splits) : 0u},
+                a);
   QOQ_CHECK_LAUNCH();
   if (merge_quantize) {
     launch_merge_quantize<T>(a, D, o);
