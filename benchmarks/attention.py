@@ -15,7 +15,7 @@ kv4_decode_attention followed by quantize_per_token with --quantize-only (JSON k
 
     python benchmarks/attention.py [--json out.json] [--png out.png] [--quick] [--append-only] [--quantize-only]
     python benchmarks/attention.py --check-small     # small cases, for compute-sanitizer
-    python benchmarks/attention.py --sweep-splits    # the decode kernel at forced split counts
+    python benchmarks/attention.py --sweep-splits [--batches 1 4]   # the decode kernel at forced split counts
 """
 from __future__ import annotations
 
@@ -301,10 +301,12 @@ def kv4_sets(b: int, t: int):
 SPLIT_SWEEP = {1: (0, 4, 8, 16, 32, 64, 128), 4: (0, 2, 4, 8, 16, 32), 16: (0, 1, 2, 4, 8, 16), 64: (0, 1, 2, 4)}
 
 
-def sweep_splits(contexts=(4096, 16384, 32768)) -> list[dict]:
+def sweep_splits(contexts=(4096, 16384, 32768), batches=None) -> list[dict]:
     """kv4_decode_attention's µs at forced split counts (QOQ_KV4_SPLITS; 0 = the default choice)."""
     rows = []
     for b, choices in SPLIT_SWEEP.items():
+        if batches and b not in batches:
+            continue
         for t in contexts:
             data, lens, starts, scale = kv4_sets(b, t)
             kv4_bytes = 2 * b * H_KV * t * (HEAD_DIM // 2 + 4)
@@ -365,7 +367,7 @@ def check_small() -> None:
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float16, torch.bfloat16):
         for b, h_q, h_kv, s_q, d, t in ((2, 8, 2, 1, 128, 70), (1, 12, 4, 3, 64, 33), (1, 16, 2, 3, 256, 20),
-                                        (1, 32, 8, 1, 128, 600)):
+                                        (1, 32, 8, 1, 128, 600), (1, 32, 8, 1, 128, 400)):
             k = torch.randn(b, h_kv, t, d, generator=gen).to(dtype)
             v = torch.randn(b, h_kv, t, d, generator=gen).to(dtype)
             caches = make_kv4(k.cuda(), v.cuda())
@@ -417,9 +419,10 @@ def main() -> None:
                         help="only the attention + o_proj input quantization comparison (contexts 384 and 4096)")
     parser.add_argument("--sweep-splits", action="store_true",
                         help="only the decode kernel at forced split counts (batch 1 / 4 / 16 / 64, 4k-32k)")
+    parser.add_argument("--batches", type=int, nargs="+", help="with --sweep-splits: only these batch sizes")
     args = parser.parse_args()
     if args.sweep_splits:
-        rows = sweep_splits()
+        rows = sweep_splits(batches=args.batches)
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump({"meta": append_meta(), "split_rows": rows}, fh, indent=1)

@@ -136,6 +136,25 @@ def test_decode_cluster_merge_equals_merge_kernel(h_q, h_kv, s_q, d, dtype, gen,
     assert_attention_close(clustered, torch.ops.qoq.kv4_decode_attention(q, *caches, lens, starts, 1 / math.sqrt(d)))
 
 
+@needs_kernel
+@pytest.mark.parametrize("warps", ("4", "8"))
+@pytest.mark.parametrize("splits", ("1", "2", "5"))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_decode_block_widths_and_split_counts_match_reference(warps, splits, dtype, gen, monkeypatch):
+    """4- and 8-warp blocks (QOQ_KV4_WARPS), one split, two (cluster merge) and five (merge kernel), with ragged rows
+    and left padding, all match the reference; the quantized op stays bit-equal to quantizing the plain op."""
+    b, h_q, h_kv, s_q, d, t = 3, 32, 8, 1, 128, 1500
+    caches = random_cache(b, h_kv, t, d, gen)
+    q = random_query(b, h_q, s_q, d, dtype, gen)
+    lens = torch.tensor([t, 611, 40], dtype=torch.int32)
+    starts = torch.tensor([0, 17, 39], dtype=torch.int32)
+    monkeypatch.setenv("QOQ_KV4_WARPS", warps)
+    monkeypatch.setenv("QOQ_KV4_SPLITS", splits)
+    out, ref = run_both(q, caches, lens, starts, 1 / math.sqrt(d))
+    assert_attention_close(out, ref)
+    assert_quantized_equals_unfused(q, caches, lens, starts, 1 / math.sqrt(d))
+
+
 def assert_quantized_equals_unfused(q, caches, lens, starts, sm_scale) -> None:
     """kv4_decode_attention_quantize on CUDA == quantize_per_token(kv4_decode_attention(...)) on CUDA, bit for bit,
     and its dequantized rows match the CPU reference attention within the attention tolerance plus half a step."""

@@ -47,16 +47,17 @@ namespace {
 
 using kv4::cp_async;
 
-constexpr int kWarps = 4;
-constexpr int kThreads = 32 * kWarps;
 constexpr int kStages = 4;
 constexpr int kStepSlots = 16;
 constexpr int kRowsPerBlock = 16;  // query rows (heads of one GQA group x S_q) per block
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Per-thread shares of one 16-slot step, for head_dim D. Lane = 4 * g + c (g = lane / 4, c = lane % 4).
-template <int D>
+// Per-thread shares of one 16-slot step, for head_dim D and W warps a block. Lane = 4 * g + c (g = lane / 4,
+// c = lane % 4).
+template <int D, int W>
 struct Geometry {
+  static constexpr int kWarps = W;
+  static constexpr int kThreads = 32 * W;
   static constexpr int kRowBytes = D / 2;      // packed bytes of one slot
   static constexpr int kKBytes = D / 8;        // K bytes a lane reads per slot (slots g and 8 + g)
   static constexpr int kKWords = kKBytes / 4;  // each word feeds two k-steps of the QK MMA
@@ -115,7 +116,7 @@ __device__ __forceinline__ void accumulate_split(float lse, float m_max, const f
 // loads are batched (all log-sum-exps gathered first; the values' loop unrolled, independent loads): a serial
 // chain of distributed-shared-memory loads per split made 16-CTA clusters slower than the merge kernel.
 // `scratch` (>= splits * block_rows floats) is this CTA's shared memory no other CTA reads.
-template <typename T, int D>
+template <typename T, int D, int kThreads>
 __device__ void merge_in_cluster(const DecodeArgs& a, const float* merge_o, const float* merge_lse, float* scratch,
                                  int block_rows, int b, int hq0, int row0) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -151,9 +152,11 @@ __device__ void merge_in_cluster(const DecodeArgs& a, const float* merge_o, cons
 
 // NQ = number of 8-row query groups in use (1: rows 0..7, 2: rows 0..15).
 // 4 blocks (16 warps) a multiprocessor for the common shapes: at most 128 registers a thread there.
-template <typename T, int D, int NQ>
-__global__ void __launch_bounds__(kThreads, (NQ == 1 && D <= 128) ? 4 : 1) kv4_decode_kernel(const DecodeArgs a) {
-  using G = Geometry<D>;
+// W = warps a block (4, or 8 when there are too few blocks to give every SM several).
+template <typename T, int D, int NQ, int W>
+__global__ void __launch_bounds__(32 * W, (NQ == 1 && D <= 128) ? 16 / W : 1) kv4_decode_kernel(const DecodeArgs a) {
+  using G = Geometry<D, W>;
+  constexpr int kWarps = W, kThreads = 32 * W;
   extern __shared__ __align__(16) uint8_t smem[];
   // PDL: q, the lengths and the cache (the append just before wrote it) are all read after the wait
   pdl_wait();
@@ -579,7 +582,7 @@ __global__ void __launch_bounds__(kThreads, (NQ == 1 && D <= 128) ? 4 : 1) kv4_d
       if (d == 0) a.part_lse[split * rows_total + row_id] = lse;
     }
   }
-  if (a.cluster_merge) merge_in_cluster<T, D>(a, merge_o, merge_lse, red_m, block_rows, b, hkv * group, row0);
+  if (a.cluster_merge) merge_in_cluster<T, D, kThreads>(a, merge_o, merge_lse, red_m, block_rows, b, hkv * group, row0);
 }
 
 // Largest base-2 log-sum-exp over the splits of query row `row` (-inf when no split saw a slot). Every thread reads
@@ -751,7 +754,7 @@ void quantize_output(DecodeOutput& o) {
 // allowed, at least one such cluster resident): checked once per device; `state` is the call site's (0 unknown,
 // 1 yes, 2 no).
 template <typename Kernel>
-bool cluster_merge_possible(Kernel kernel, int8_t (&sm90_cache)[64], int8_t (&state)[64], int smem) {
+bool cluster_merge_possible(Kernel kernel, int8_t (&sm90_cache)[64], int8_t (&state)[64], int threads, int smem) {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   int8_t& s = state[device & 63];
@@ -766,7 +769,7 @@ bool cluster_merge_possible(Kernel kernel, int8_t (&sm90_cache)[64], int8_t (&st
       attr.val.clusterDim.z = 1;
       cudaLaunchConfig_t config{};
       config.gridDim = dim3(kMaxClusterSplits);
-      config.blockDim = dim3(kThreads);
+      config.blockDim = dim3(threads);
       config.dynamicSmemBytes = smem;
       config.attrs = &attr;
       config.numAttrs = 1;
@@ -779,41 +782,61 @@ bool cluster_merge_possible(Kernel kernel, int8_t (&sm90_cache)[64], int8_t (&st
   return s == 1;
 }
 
-template <typename T, int D, int NQ>
-void launch_decode(DecodeArgs& a, const at::Tensor& q, DecodeOutput& o) {
-  using G = Geometry<D>;
-  auto kernel = kv4_decode_kernel<T, D, NQ>;
-  constexpr int smem = G::kSmemBytes;
+// Sets the kernel's dynamic shared memory limit (once per device) and returns its resident blocks per SM.
+template <typename T, int D, int NQ, int W>
+int decode_blocks_per_sm() {
+  using G = Geometry<D, W>;
+  auto kernel = kv4_decode_kernel<T, D, NQ, W>;
   static bool configured[64] = {false};  // per device: the attribute is per function and device
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   if (!configured[device & 63]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, G::kSmemBytes));
     configured[device & 63] = true;
   }
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  const int64_t base_blocks = static_cast<int64_t>(a.b) * a.h_kv * a.q_chunks;
-  TORCH_CHECK(base_blocks < (int64_t(1) << 31), "too many (row, KV head) pairs for one launch");
-  // Splits for half a wave of resident blocks, at most kMaxSplits, each covering at least 256 slots of the cache:
-  // more cost more in partial results, their merge and fixed per-block work than they gain in parallelism (H100,
-  // `benchmarks/attention.py --sweep-splits` at 4k-32k slots: batch 1 is fastest with 16 splits, batch 4 with 8,
-  // batch 16 with 2 merged in a cluster, batch 64 with 1; a full wave (64 / 16 / 4) was up to 40% slower).
-  const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * device_attribute(cudaDevAttrMultiProcessorCount);
-  int64_t splits = std::max<int64_t>(1, resident / (2 * base_blocks));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, G::kThreads, G::kSmemBytes));
+  return std::max(per_sm, 1);
+}
+
+// Work items (row, KV head, query chunk) of one launch: its blocks are items x splits.
+inline int64_t decode_items(const DecodeArgs& a) {
+  const int64_t items = static_cast<int64_t>(a.b) * a.h_kv * a.q_chunks;
+  TORCH_CHECK(items < (int64_t(1) << 31), "too many (row, KV head) pairs for one launch");
+  return items;
+}
+
+// Splits for half a wave of resident 4-warp blocks, at most kMaxSplits, each covering at least 256 slots of the
+// cache: more cost more in partial results, their merge and fixed per-block work than they gain in parallelism
+// (H100, `benchmarks/attention.py --sweep-splits` at 4k-32k slots: batch 1 is fastest with 16 splits, batch 4 with
+// 8, batch 16 with 2 merged in a cluster, batch 64 with 1; a full wave (64 / 16 / 4) was up to 40% slower).
+// QOQ_KV4_SPLITS=<n> forces the count (read at every call: a getenv, negligible next to the launch).
+template <typename T, int D, int NQ>
+int64_t decode_splits(const DecodeArgs& a) {
+  const int64_t resident =
+      static_cast<int64_t>(decode_blocks_per_sm<T, D, NQ, 4>()) * device_attribute(cudaDevAttrMultiProcessorCount);
+  int64_t splits = std::max<int64_t>(1, resident / (2 * decode_items(a)));
   splits = std::min<int64_t>(splits, kMaxSplits);
   splits = std::min<int64_t>(splits, std::max<int64_t>(1, (a.t + 255) / 256));
-  // QOQ_KV4_SPLITS=<n> forces the split count (read at every call: a getenv, negligible next to the launch), for
-  // the split sweep of benchmarks/attention.py.
   if (const int forced = env_int("QOQ_KV4_SPLITS", 0); forced > 0) splits = forced;
-  splits = std::min<int64_t>(splits, 1024);
+  return std::min<int64_t>(splits, 1024);
+}
+
+template <typename T, int D, int NQ, int W>
+void launch_decode(DecodeArgs& a, const at::Tensor& q, DecodeOutput& o, int64_t splits) {
+  using G = Geometry<D, W>;
+  constexpr int kThreads = G::kThreads;
+  auto kernel = kv4_decode_kernel<T, D, NQ, W>;
+  constexpr int smem = G::kSmemBytes;
+  (void)decode_blocks_per_sm<T, D, NQ, W>();  // the shared memory limit
+  const int64_t base_blocks = decode_items(a);
   a.splits = static_cast<int>(splits);
   TORCH_CHECK(base_blocks * splits < (int64_t(1) << 31), "too many (row, KV head, split) blocks for one launch");
   // The plain op merges up to kMaxClusterSplits splits inside a cluster on sm_90 (QOQ_KV4_CLUSTER=0: the merge
   // kernel instead); the quantized op always writes partials (its merge needs every head of a token).
   static int8_t sm90_decode[64] = {0}, cluster_ok[64] = {0};
   a.cluster_merge = !o.quantized && splits > 1 && splits <= kMaxClusterSplits && env_int("QOQ_KV4_CLUSTER", 1) != 0 &&
-                    cluster_merge_possible(kernel, sm90_decode, cluster_ok, smem);
+                    cluster_merge_possible(kernel, sm90_decode, cluster_ok, kThreads, smem);
   a.partials = (splits > 1 || o.quantized) && !a.cluster_merge;
 
   const int64_t rows_total = static_cast<int64_t>(a.b) * a.h_q * a.s_q;
@@ -855,9 +878,19 @@ template <typename T, int D>
 void launch_rows(DecodeArgs& a, const at::Tensor& q, DecodeOutput& o) {
   const int rows = (a.h_q / a.h_kv) * a.s_q;
   if (rows <= 8) {
-    launch_decode<T, D, 1>(a, q, o);
+    // Up to half a wave of 4-warp blocks (small batches): 8-warp blocks over the same slices keep twice the
+    // warps streaming (one warp a scheduler was latency-bound: ~0.6 µs a step). QOQ_KV4_WARPS=4|8 forces.
+    const int64_t splits = decode_splits<T, D, 1>(a);
+    const int64_t resident =
+        static_cast<int64_t>(decode_blocks_per_sm<T, D, 1, 4>()) * device_attribute(cudaDevAttrMultiProcessorCount);
+    const int warps = env_int("QOQ_KV4_WARPS", 2 * decode_items(a) * splits <= resident ? 8 : 4);
+    if (warps == 8) {
+      launch_decode<T, D, 1, 8>(a, q, o, splits);
+    } else {
+      launch_decode<T, D, 1, 4>(a, q, o, splits);
+    }
   } else {
-    launch_decode<T, D, 2>(a, q, o);
+    launch_decode<T, D, 2, 4>(a, q, o, decode_splits<T, D, 2>(a));
   }
 }
 
