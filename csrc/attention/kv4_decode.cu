@@ -878,12 +878,26 @@ template <typename T, int D>
 void launch_rows(DecodeArgs& a, const at::Tensor& q, DecodeOutput& o) {
   const int rows = (a.h_q / a.h_kv) * a.s_q;
   if (rows <= 8) {
-    // Up to half a wave of 4-warp blocks (small batches): 8-warp blocks over the same slices keep twice the
-    // warps streaming (one warp a scheduler was latency-bound: ~0.6 µs a step). QOQ_KV4_WARPS=4|8 forces.
-    const int64_t splits = decode_splits<T, D, 1>(a);
-    const int64_t resident =
-        static_cast<int64_t>(decode_blocks_per_sm<T, D, 1, 4>()) * device_attribute(cudaDevAttrMultiProcessorCount);
-    const int warps = env_int("QOQ_KV4_WARPS", 2 * decode_items(a) * splits <= resident ? 8 : 4);
+    // 8-warp blocks where the 4-warp grid leaves SMs with few warps (one warp a scheduler is latency-bound, ~0.6 µs
+    // a step). H100 sweep (`--sweep-splits` with QOQ_KV4_WARPS=4 / 8, µs at 4k / 16k / 32k slots): batch 16, where
+    // the 4-warp rule gives 2 splits, runs one 8-warp block per item and no merge: 32.4 / 104.7 / 198.8 against
+    // 36.3 / 110.0 / 206.7; batch 1 keeps its 16 splits in 8-warp blocks when each split covers >= 1024 slots:
+    // 17.6 / 23.3 against 18.2 / 27.1 at 16k / 32k (at 4k, 256-slot splits: 12.7 against 11.6, so not there);
+    // batch 4 (8 splits) stays on 4-warp blocks (16.6 / 39.8 / 60.3 against 20.3 / 39.4 / 64.3).
+    // QOQ_KV4_WARPS=4|8 forces the width (the split count is then the 4-warp rule's unless QOQ_KV4_SPLITS is set).
+    int64_t splits = decode_splits<T, D, 1>(a);
+    const int64_t items = decode_items(a), sms = device_attribute(cudaDevAttrMultiProcessorCount);
+    const bool forced_splits = env_int("QOQ_KV4_SPLITS", 0) > 0;
+    int warps = env_int("QOQ_KV4_WARPS", 0);
+    if (warps != 4 && warps != 8) {
+      warps = 4;
+      if (!forced_splits && splits <= 2 && 4 * items >= 3 * sms && items <= sms) {
+        warps = 8;
+        splits = 1;
+      } else if (items * splits <= sms && a.t >= 1024 * splits) {
+        warps = 8;
+      }
+    }
     if (warps == 8) {
       launch_decode<T, D, 1, 8>(a, q, o, splits);
     } else {
