@@ -809,7 +809,8 @@ inline int64_t decode_items(const DecodeArgs& a) {
 // Splits for half a wave of resident 4-warp blocks, at most kMaxSplits, each covering at least 256 slots of the
 // cache: more cost more in partial results, their merge and fixed per-block work than they gain in parallelism
 // (H100, `benchmarks/attention.py --sweep-splits` at 4k-32k slots: batch 1 is fastest with 16 splits, batch 4 with
-// 8, batch 16 with 2 merged in a cluster, batch 64 with 1; a full wave (64 / 16 / 4) was up to 40% slower).
+// 8, batch 16 with 2 merged in a cluster, batch 64 with 1; a full wave (64 / 16 / 4) was up to 40% slower). For
+// up to 8 query rows launch_rows may then take 8-warp blocks, with this count or, at 2, with one split.
 // QOQ_KV4_SPLITS=<n> forces the count (read at every call: a getenv, negligible next to the launch).
 template <typename T, int D, int NQ>
 int64_t decode_splits(const DecodeArgs& a) {
