@@ -99,6 +99,11 @@ struct DecodeArgs {
   bool q_vec16;             // q rows and strides allow 16-byte loads
 };
 
+// Index of query row `rg` of the KV head whose first query head is hq0, row b, in [B, H_q, S_q] order.
+__device__ __forceinline__ int64_t output_row(const DecodeArgs& a, int b, int hq0, int rg) {
+  return (static_cast<int64_t>(b) * a.h_q + hq0 + rg / a.s_q) * a.s_q + rg % a.s_q;
+}
+
 // One split's term of the merge sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - m_max) (the split holding the max
 // weighs exactly 1, so one split returns its values unchanged): every merge (the split-merge kernels and the
 // cluster merge) runs this, in split order, so they produce the same bits.
@@ -142,9 +147,7 @@ __device__ void merge_in_cluster(const DecodeArgs& a, const float* merge_o, cons
         accumulate_split<1>(scratch[s * block_rows + r], m_max, v, num, den);
       }
     }
-    const int rg = row0 + r;
-    const int64_t row_id = (static_cast<int64_t>(b) * a.h_q + hq0 + rg / a.s_q) * a.s_q + rg % a.s_q;
-    static_cast<T*>(a.out)[row_id * D + d] = from_float<T>(den > 0.f ? num[0] / den : 0.f);
+    static_cast<T*>(a.out)[output_row(a, b, hq0, row0 + r) * D + d] = from_float<T>(den > 0.f ? num[0] / den : 0.f);
   }
   cluster.sync();  // no CTA exits while another still reads its shared memory
 #endif
@@ -568,9 +571,7 @@ __global__ void __launch_bounds__(32 * W, (NQ == 1 && D <= 128) ? 16 / W : 1) kv
     }
     const bool seen = l_sum > 0.f;
     const float value = seen ? o_sum / l_sum : 0.f;
-    const int rg = row0 + r;
-    const int hq = hkv * group + rg / a.s_q, i = rg % a.s_q;
-    const int64_t row_id = (static_cast<int64_t>(b) * a.h_q + hq) * a.s_q + i;
+    const int64_t row_id = output_row(a, b, hkv * group, row0 + r);
     const float lse = seen ? m_max + log2f(l_sum) : -INFINITY;
     if (a.cluster_merge) {
       merge_o[r * D + d] = value;
@@ -782,21 +783,23 @@ bool cluster_merge_possible(Kernel kernel, int8_t (&sm90_cache)[64], int8_t (&st
   return s == 1;
 }
 
-// Sets the kernel's dynamic shared memory limit (once per device) and returns its resident blocks per SM.
+// Sets the kernel's dynamic shared memory limit and returns its resident blocks per SM: both once per device
+// (an occupancy query at every call was host time on the decode path).
 template <typename T, int D, int NQ, int W>
 int decode_blocks_per_sm() {
   using G = Geometry<D, W>;
   auto kernel = kv4_decode_kernel<T, D, NQ, W>;
-  static bool configured[64] = {false};  // per device: the attribute is per function and device
+  static int per_sm[64] = {0};  // 0: not configured yet on that device
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (!configured[device & 63]) {
+  int& blocks = per_sm[device & 63];
+  if (blocks == 0) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, G::kSmemBytes));
-    configured[device & 63] = true;
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, G::kThreads, G::kSmemBytes));
+    blocks = std::max(n, 1);
   }
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, G::kThreads, G::kSmemBytes));
-  return std::max(per_sm, 1);
+  return blocks;
 }
 
 // Work items (row, KV head, query chunk) of one launch: its blocks are items x splits.
