@@ -6,6 +6,7 @@ Usage:
     python benchmarks/gemm.py --sweep-decode    # decode kernel variants and M <= 16 vs the tile kernel
     python benchmarks/gemm.py --sweep-skinny    # small-M kernel (rows per block) vs decode and tile kernels
     python benchmarks/gemm.py --sweep-stream    # streaming kernel (sm_90) variants vs the other small-M paths
+    python benchmarks/gemm.py --layer-chain --ms 1,4,16 --json out.json   # a decode layer's GEMMs back to back
 
 Default small-M paths: M = 1 the decode kernel (csrc/gemm/w4a8_gemv.cu); on sm_90 2 <= M <= 16 the streaming kernel
 (csrc/gemm/w4a8_stream.cu); otherwise up to M = 32 per group / 16 per channel the small-M kernel
@@ -302,6 +303,133 @@ def sweep_stream() -> dict:
     return _sweep_variants(STREAM_SWEEP_MS, variants, "sweep-stream")
 
 
+CHAIN_BYTES = 400 << 20  # weights cycled per layer chain: 8x the 50 MB L2, so no weight is read from L2
+CHAIN_METHODS = ("qoq_per_group", "qoq_per_channel", "bf16", "fp8_rowwise", "w4a16_int4pack")
+WEIGHT_BYTES_PER_PARAM = {"qoq_per_group": 0.5 + 2 / 128, "qoq_per_channel": 0.5, "bf16": 2.0, "fp8_rowwise": 1.0,
+                          "w4a16_int4pack": 0.5 + 4 / 128}
+
+
+def _cold_times(fn, flush: torch.Tensor, mode: str, reps: int = 40) -> float:
+    """Median µs of fn right after evicting L2 with a 256 MB buffer: `zero` writes it (as do_bench does, which leaves
+    dirty lines that fn's reads must write back), `read` reads it (L2 left clean)."""
+    import statistics
+
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps + 5)]
+    for start, end in events:
+        if mode == "zero":
+            flush.zero_()
+        else:
+            flush.sum()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) * 1e3 for s, e in events[5:])
+
+
+def _graph_us_per_pass(calls, passes: int, replays: int = 10) -> float:
+    """Median µs of one pass over `calls` (zero-argument callables) from CUDA-graph replays of `passes` passes."""
+    import statistics
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in calls:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(passes):
+            for fn in calls:
+                fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / passes)
+    del graph
+    return statistics.median(times)
+
+
+def layer_chain(ms) -> dict:
+    """The four Llama-3-8B layer GEMMs as a decode step runs them: back to back in a CUDA graph (our kernels with
+    PDL, as in generate), cycling over enough layer copies that the weights read per pass (>= CHAIN_BYTES) never
+    fit L2. Reported per layer, beside the per-GEMM sums of the same calls timed cold (L2 evicted by a write, as
+    triton's do_bench does, and by a read).
+    """
+    import math
+
+    params = sum(n * k for n, k in SHAPES.values())
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda").view(torch.float32)
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    for m in ms:
+        copies = {name: max(1, math.ceil(CHAIN_BYTES / (params * WEIGHT_BYTES_PER_PARAM[name])))
+                  for name in CHAIN_METHODS}
+        layers = [{shape: make_methods(m, n, k) for shape, (n, k) in SHAPES.items()}
+                  for _ in range(max(copies.values()))]
+        for name in CHAIN_METHODS:
+            per_layer = [{shape: layer[shape][name] for shape in SHAPES} for layer in layers[:copies[name]]]
+            calls = [fn for layer in per_layer for fn in layer.values()]
+            chain = _graph_us_per_pass(calls, passes=max(1, 8 // len(per_layer))) / len(per_layer)
+            cold = {mode: sum(_cold_times(fn, flush, mode) for fn in per_layer[0].values()) for mode in ("zero", "read")}
+            row = {"m": m, "method": name, "layer_chain_us": chain, "cold_zero_flush_sum_us": cold["zero"],
+                   "cold_read_flush_sum_us": cold["read"], "layer_copies": len(per_layer)}
+            results["rows"].append(row)
+            gbs = params * WEIGHT_BYTES_PER_PARAM[name] / chain / 1e3
+            print(f"layer-chain M={m} {name}: chain {chain:.1f} us/layer ({gbs:.0f} GB/s of weights), cold sums "
+                  f"{cold['zero']:.1f} (zero flush) / {cold['read']:.1f} (read flush) us", flush=True)
+        del layers
+        torch.cuda.empty_cache()
+    return results
+
+
+CHAIN_SWEEP_MS = (1, 2, 3, 4, 8, 16, 24, 32)
+
+
+def chain_sweep(ms) -> dict:
+    """Our small-M paths under the layer-chain timing, one shape at a time: each GEMM shape back to back over enough
+    weight copies (>= CHAIN_BYTES) in a CUDA graph, for the default dispatch, each streaming variant forced, and the
+    dispatch without the streaming kernel; prints per-shape µs and their sum per format."""
+    import math
+    import os
+
+    stream_on = {"QOQ_GEMM_STREAM_MIN_M": "1", "QOQ_GEMM_STREAM_MAX_M": "32"}
+    variants = ([("default", {})] + [(f"stream-v{v}", {**stream_on, "QOQ_GEMM_STREAM_VARIANT": str(v)})
+                                     for v in STREAM_VARIANTS] + [("no-stream", {"QOQ_GEMM_STREAM": "0"})])
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    for m in ms:
+        copies = {shape: [make_methods(m, n, k, only_ours=True)
+                          for _ in range(math.ceil(CHAIN_BYTES / (n * k * WEIGHT_BYTES_PER_PARAM["qoq_per_group"])))]
+                  for shape, (n, k) in SHAPES.items()}
+        for label, env in variants:
+            os.environ.update(env)
+            try:
+                sums = {}
+                for fmt in OURS:
+                    per_shape = {}
+                    for shape, layer_copies in copies.items():
+                        calls = [c[fmt] for c in layer_copies]
+                        per_shape[shape] = _graph_us_per_pass(calls, passes=2) / len(calls)
+                    sums[fmt] = sum(per_shape.values())
+                    results["rows"].append({"m": m, "variant": label, "method": fmt, "us": per_shape,
+                                            "sum_us": sums[fmt]})
+                    print(f"chain-sweep M={m} {label} {fmt[4:]}: sum {sums[fmt]:.1f} us  " + " ".join(
+                        f"{k}={v:.2f}" for k, v in per_shape.items()), flush=True)
+            except Exception as exc:  # noqa: BLE001  (a variant a shape does not support)
+                print(f"chain-sweep M={m} {label}: failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+            finally:
+                for name in env:
+                    os.environ.pop(name, None)
+        del copies
+        torch.cuda.empty_cache()
+    return results
+
+
 def check_small() -> None:
     """Small cases covering every tile config, split-K, the decode kernel and both formats; raises on any mismatch.
     Cases with M <= 16 run twice: on the decode kernel (default) and on the mma.sync kernel (QOQ_GEMM_FORCE)."""
@@ -440,12 +568,23 @@ def main() -> None:
                     help="small-M kernel rows per block (QOQ_GEMM_SKINNY_RT) against the decode and tile kernels")
     ap.add_argument("--sweep-stream", action="store_true",
                     help="streaming kernel variants (QOQ_GEMM_STREAM_VARIANT) against the other small-M paths")
+    ap.add_argument("--layer-chain", action="store_true",
+                    help="a layer's four GEMMs back to back in a CUDA graph vs cold per-GEMM sums (--ms)")
+    ap.add_argument("--chain-sweep", action="store_true",
+                    help="small-M paths and streaming variants, each shape timed back to back in a CUDA graph")
     ap.add_argument("--check-small", action="store_true", help="only run small correctness cases")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     if args.check_small:
         check_small()
+        return
+    if args.layer_chain or args.chain_sweep:
+        ms = [int(m) for m in args.ms.split(",")] if args.ms != ",".join(map(str, MS)) else CHAIN_SWEEP_MS
+        results = (layer_chain if args.layer_chain else chain_sweep)(ms)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(results, fh, indent=1)
         return
     if args.sweep_decode:
         results = sweep_decode()

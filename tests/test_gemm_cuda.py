@@ -663,7 +663,7 @@ def test_stream_misaligned_scales_fall_back_exactly(gen):
 @needs_stream
 def test_stream_kernel_is_dispatched(gen, monkeypatch):
     """Within its M range the streaming kernel runs alone (no memset, no workspace); group size 256, K % (4 g) != 0,
-    M = 33, a forced tile config and QOQ_GEMM_STREAM=0 do not take it; by default it serves 2 <= M <= 16."""
+    M = 33, a forced tile config and QOQ_GEMM_STREAM=0 do not take it; by default it serves 1 <= M <= 16."""
     def kernels(m: int, k: int = 1024, g: int = 128, per_group: bool = True) -> list[str]:
         return _kernel_names(gen, m, k=k, g=g, per_group=per_group)
 
@@ -684,9 +684,8 @@ def test_stream_kernel_is_dispatched(gen, monkeypatch):
     assert not any("w4a8_stream_kernel" in x for x in kernels(4))
     monkeypatch.delenv("QOQ_GEMM_STREAM")
     monkeypatch.delenv("QOQ_GEMM_STREAM_MIN_M")
-    monkeypatch.delenv("QOQ_GEMM_STREAM_MAX_M")  # the defaults: 2 <= M <= 16 in both formats, the decode kernel at 1
-    assert any("w4a8_gemv_kernel" in x for x in kernels(1))
-    for m in (2, 9, 16):
+    monkeypatch.delenv("QOQ_GEMM_STREAM_MAX_M")  # the defaults: 1 <= M <= 16 in both formats
+    for m in (1, 2, 9, 16):
         assert any("w4a8_stream_kernel" in x for x in kernels(m)), m
         assert any("w4a8_stream_kernel" in x for x in kernels(m, per_group=False)), m
     assert not any("w4a8_stream_kernel" in x for x in kernels(17))

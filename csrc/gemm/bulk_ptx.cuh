@@ -1,5 +1,5 @@
 // Thin wrappers over the sm_90 PTX of the streaming small-M GEMM: shared-memory mbarriers (arrive, expected
-// transaction bytes, parity wait), the bulk global->shared copy engine completing on an mbarrier, 4-byte cp.async
+// transaction bytes, parity wait), the bulk global->shared copy engine completing on an mbarrier, 4- and 16-byte cp.async
 // tracked by an mbarrier, an L2 evict-first policy, and a named barrier. Only usable in device code compiled for
 // sm_90 or newer (QOQ_BULK_ENABLED).
 #pragma once
@@ -71,6 +71,11 @@ __device__ __forceinline__ void copy_bulk(void* dst, const void* src, uint32_t b
 // 4-byte global -> shared copy (both addresses 4-byte aligned).
 __device__ __forceinline__ void copy_4(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
+
+// 16-byte global -> shared copy (both addresses 16-byte aligned), cached in L2 only.
+__device__ __forceinline__ void copy_16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src) : "memory");
 }
 
 // One arrival on `bar` once every earlier cp.async of this thread has landed (counted in the barrier's init count).

@@ -6,8 +6,8 @@
 //   - one producer warp streams each tile's weights, stages of the tile's rows x 2048 k (1 KB a row), into a ring
 //     of shared-memory stages with the bulk copy engine (one copy per weight row, completion counted on the stage's
 //     mbarrier; L2 evict-first, so the reused activations stay in L2); per group it also copies the stage's (s2, z2)
-//     bytes with 4-byte cp.async tracked by the same mbarrier. It runs up to a ring's worth of stages (64-96 KB an SM) ahead,
-//     across tile boundaries, so the next tile's loads are in flight while the consumers finish a tile,
+//     bytes with 16-byte (or 4-byte) cp.async tracked by the same mbarrier. It runs up to a ring's worth of stages
+//     (64-96 KB an SM) ahead, across tile boundaries, so the next tile's loads are in flight while the consumers finish a tile,
 //   - 8 or 16 consumer warps split each stage's k blocks and multiply on INT8 mma.sync with the operands swapped
 //     (swapped_mma.cuh), release the stage through a second mbarrier, and at the end of a tile reduce their INT32
 //     sums in shared memory in a fixed order (exact, deterministic, no workspace) and store the contract's epilogue,
@@ -28,10 +28,10 @@ namespace qoq {
 namespace {
 
 constexpr int kMaxM = 32;
-// Defaults from the H100 sweep (benchmarks/gemm.py --sweep-stream, docs/benchmarks.md): 2 <= M <= 16 in both formats.
-// At M = 1 the dp4a decode kernel is still faster (68.8 vs 76.8 us a Llama-3-8B layer per group), above M = 16 the
-// small-M and tile kernels are.
-constexpr int kDefaultMinM = 2, kDefaultMaxM = 16;
+// Defaults from the H100 layer-chain sweep (benchmarks/gemm.py --chain-sweep, docs/benchmarks.md: each shape timed
+// back to back in a CUDA graph, as a decode step runs it): 1 <= M <= 16 in both formats; above M = 16 the small-M and
+// tile kernels are faster.
+constexpr int kDefaultMinM = 1, kDefaultMaxM = 16;
 // Arrivals that complete a full stage: the producer's expect_tx, plus per group each producer lane's cp.async.
 constexpr int full_arrivals(bool per_group) { return per_group ? 1 + 32 : 1; }
 
@@ -85,6 +85,8 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
     const uint64_t policy = bulk::evict_first_policy();
     const size_t row_bytes = static_cast<size_t>(p.K) / 2;
     const int gps = PER_GROUP ? L::KS / p.group_size : 0;  // shared-memory row stride of (s2, z2)
+    const bool scales16 = PER_GROUP && p.groups % 16 == 0 && reinterpret_cast<uintptr_t>(p.s2) % 16 == 0 &&
+                          reinterpret_cast<uintptr_t>(p.z2) % 16 == 0;
     uint32_t it = 0;
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
       const int n0 = tile * L::BR;
@@ -99,14 +101,24 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
           bulk::copy_bulk(wdst + r * L::kRowStride, p.qweight + (n0 + r) * row_bytes + k0 / 2, klen / 2, full + slot,
                           policy);
         if constexpr (PER_GROUP) {
-          // The stage's groups of each row, as 4-byte words (the host checks K % (4 * group_size) == 0).
-          const int words = klen / p.group_size / 4, per_array = L::BR * words;
-          const int g0 = k0 / p.group_size;
+          // The stage's groups of each row: `bytes` (s2, z2) bytes a row, one lane per (array, row), 16-byte copies
+          // where every segment is 16-byte aligned (g = 128: 16 bytes a row when groups % 16 == 0), else 4-byte
+          // ones (the host checks K % (4 * group_size) == 0 and 4-byte aligned scales). Why not one 4-byte copy per
+          // lane and word: a single producer warp per SM then issued too few copies to keep up (per group ran
+          // slower than per channel with one block an SM).
+          const int bytes = klen / p.group_size;
+          const size_t g0 = k0 / p.group_size;
+          const bool vec16 = scales16 && bytes % 16 == 0;
           uint8_t* sdst = smem + L::kScalesOffset + slot * L::kStageScaleBytes;
-          for (int i = lane; i < 2 * per_array; i += 32) {
-            const int arr = i / per_array, j = i - arr * per_array, r = j / words, w = j - r * words;
-            const uint8_t* src = (arr ? p.z2 : p.s2) + static_cast<size_t>(n0 + r) * p.groups + g0 + 4 * w;
-            bulk::copy_4(sdst + arr * L::kScaleArrayBytes + r * gps + 4 * w, src);
+          for (int i = lane; i < 2 * L::BR; i += 32) {
+            const int arr = i / L::BR, r = i % L::BR;
+            const uint8_t* src = (arr ? p.z2 : p.s2) + static_cast<size_t>(n0 + r) * p.groups + g0;
+            uint8_t* dst = sdst + arr * L::kScaleArrayBytes + r * gps;
+            if (vec16) {
+              for (int b = 0; b < bytes; b += 16) bulk::copy_16(dst + b, src + b);
+            } else {
+              for (int b = 0; b < bytes; b += 4) bulk::copy_4(dst + b, src + b);
+            }
           }
           bulk::arrive_after_copies(full + slot);
         }
@@ -197,7 +209,8 @@ void launch_tiles(const GemmParams& p, int sms) {
 }
 
 // Variants (rows per tile, consumer warps, blocks per SM): 0 = (16, 8, 1), 1 = (32, 8, 1), 2 = (32, 8, 2),
-// 3 = (32, 16, 1). Every variant computes the same sums.
+// 3 = (32, 16, 1). Every variant computes the same sums. (Also measured, not kept: 3 with five stages, and 2 and 3
+// with each warp loading the next stage's activations before working on the current one: none was faster.)
 constexpr int kVariants = 4;
 
 template <bool PER_GROUP, bool G128, int TT>
@@ -244,9 +257,13 @@ void launch_w4a8_stream(const GemmParams& p, int sms) {
   TORCH_CHECK(stream_supports(p, PER_GROUP), "w4a8 streaming kernel: unsupported shape or device (M=", qoq::num(p.M),
               ", N=", qoq::num(p.N), ", K=", qoq::num(p.K), ")");
   // QOQ_GEMM_STREAM_VARIANT=<0..3> overrides the variant (benchmarks and tests); 32-row tiles need N % 32 == 0.
-  // Defaults from the H100 sweep: two blocks an SM (2) up to M = 8 and per channel; 16 consumer warps (3) per group
-  // at 8 < M <= 16 (M = 16: 90.0 us a layer against 97.9 for variant 2).
-  int variant = env_int("QOQ_GEMM_STREAM_VARIANT", PER_GROUP && p.M > 8 ? 3 : 2);
+  // Defaults from the H100 layer-chain sweep (docs/benchmarks.md): one block an SM with 16 consumer warps (3) for long
+  // rows (K >= 4 stages: three stages in flight, e.g. down_proj) and, per channel or at M > 8, where each block walks
+  // several tiles (N / 32 >= 2 blocks an SM: a finer share of the tiles, e.g. gate_up); two 8-warp blocks an SM (2)
+  // otherwise. Per group at M <= 8, gate_up ran faster on two blocks (21.97 vs 25.33 us at M = 1).
+  const bool many_tiles = p.N / 32 >= 2 * sms && (!PER_GROUP || p.M > 8);
+  const bool one_wide_block = many_tiles || p.K >= 4 * 2048;
+  int variant = env_int("QOQ_GEMM_STREAM_VARIANT", one_wide_block ? 3 : 2);
   if (variant < 0 || variant >= kVariants || p.N % 32 != 0) variant = 0;
   if (PER_GROUP && p.group_size == 128) {
     launch_m<true, true>(p, sms, variant);
