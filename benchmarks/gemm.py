@@ -6,10 +6,11 @@ Usage:
     python benchmarks/gemm.py --sweep-decode    # decode kernel variants and M <= 16 vs the tile kernel
     python benchmarks/gemm.py --sweep-skinny    # small-M kernel (rows per block) vs decode and tile kernels
     python benchmarks/gemm.py --sweep-stream    # streaming kernel (sm_90) variants vs the other small-M paths
-    python benchmarks/gemm.py --layer-chain --ms 1,4,16 --json out.json   # a decode layer's GEMMs back to back
+    python benchmarks/gemm.py --layer-chain --ms 1,4,16 --json out.json   # a layer's 4 GEMMs back to back, all methods
+    python benchmarks/gemm.py --chain-sweep     # small-M paths / streaming variants, each shape back to back
 
-Default small-M paths: M = 1 the decode kernel (csrc/gemm/w4a8_gemv.cu); on sm_90 2 <= M <= 16 the streaming kernel
-(csrc/gemm/w4a8_stream.cu); otherwise up to M = 32 per group / 16 per channel the small-M kernel
+Default small-M paths: on sm_90 1 <= M <= 16 the streaming kernel (csrc/gemm/w4a8_stream.cu); elsewhere M <= 2 the
+decode kernel (csrc/gemm/w4a8_gemv.cu); otherwise up to M = 32 per group / 16 per channel the small-M kernel
 (csrc/gemm/w4a8_skinny.cu). Columns *_mma time the same calls on the mma.sync tile kernel (QOQ_GEMM_FORCE="0,0")
 in the same run.
 
@@ -357,9 +358,9 @@ def _graph_us_per_pass(calls, passes: int, replays: int = 10) -> float:
 
 
 def layer_chain(ms) -> dict:
-    """The four Llama-3-8B layer GEMMs as a decode step runs them: back to back in a CUDA graph (our kernels with
-    PDL, as in generate), cycling over enough layer copies that the weights read per pass (>= CHAIN_BYTES) never
-    fit L2. Reported per layer, beside the per-GEMM sums of the same calls timed cold (L2 evicted by a write, as
+    """The four Llama-3-8B layer GEMMs back to back in a CUDA graph (our kernels launched with PDL, so each one's
+    start overlaps the previous one's tail; in a decode step a quantization kernel sits between them), cycling over
+    enough layer copies that the weights read per pass (>= CHAIN_BYTES) never fit L2. Reported per layer, beside the per-GEMM sums of the same calls timed cold (L2 evicted by a write, as
     triton's do_bench does, and by a read).
     """
     import math

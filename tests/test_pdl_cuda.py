@@ -102,8 +102,8 @@ def check_chain_in_graph(m: int, per_group: bool, gen: torch.Generator) -> None:
 @pytest.mark.parametrize("per_group", (True, False), ids=("g128", "per_channel"))
 @pytest.mark.parametrize("m", (1, 4, 16))
 def test_chain_under_cuda_graph(m, per_group, pdl, gen, monkeypatch):
-    """The default dispatch (decode kernel at M = 1, streaming kernel at M = 4 and 16 on sm_90), PDL on and off
-    (QOQ_PDL is read at every launch, so it applies to the capture)."""
+    """The default dispatch (the streaming kernel at M <= 16 on sm_90), PDL on and off (QOQ_PDL is read at every
+    launch, so it applies to the capture)."""
     monkeypatch.setenv("QOQ_PDL", pdl)
     check_chain_in_graph(m, per_group, gen)
 

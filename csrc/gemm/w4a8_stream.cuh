@@ -4,7 +4,7 @@
 
 namespace qoq {
 
-// The M range the streaming kernel serves by default (2..16; 0: never). QOQ_GEMM_STREAM=0 disables it,
+// The M range the streaming kernel serves by default (1..16; 0: never). QOQ_GEMM_STREAM=0 disables it,
 // QOQ_GEMM_STREAM_MIN_M / QOQ_GEMM_STREAM_MAX_M=<m> change the bounds (the kernel takes 1..32); read at each call.
 int stream_max_m();
 int stream_min_m();
