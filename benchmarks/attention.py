@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import warnings
 
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qoq_torch.ops as ops  # noqa: E402
 from qoq_torch.nn.attention import apply_rope  # noqa: E402
+from qoq_torch.benchmarking import graph_replay_us  # noqa: E402
 from qoq_torch.ops import reference  # noqa: E402
 
 H_Q, H_KV, HEAD_DIM = 32, 8, 128
@@ -52,27 +52,11 @@ def time_graph(calls_of_set, n_sets: int, target_us: float = 2000.0, replays: in
     end.synchronize()
     estimate_us = max(start.elapsed_time(end) * 1000, 1.0)
     calls = max(n_sets, min(200, math.ceil(target_us / estimate_us)))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(2):
-            calls_of_set(i % n_sets)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def record():
         for i in range(calls):
             calls_of_set(i % n_sets)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    del graph
-    return statistics.median(times)
+    return graph_replay_us(record, calls, replays)
 
 
 def copy_bandwidth_gbs() -> float:

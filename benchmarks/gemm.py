@@ -330,31 +330,13 @@ def _cold_times(fn, flush: torch.Tensor, mode: str, reps: int = 40) -> float:
 
 def _graph_us_per_pass(calls, passes: int, replays: int = 10) -> float:
     """Median µs of one pass over `calls` (zero-argument callables) from CUDA-graph replays of `passes` passes."""
-    import statistics
+    from qoq_torch.benchmarking import graph_replay_us
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for fn in calls:
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    def record():
         for _ in range(passes):
             for fn in calls:
                 fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / passes)
-    del graph
-    return statistics.median(times)
+    return graph_replay_us(record, passes, replays)
 
 
 def layer_chain(ms) -> dict:

@@ -264,6 +264,33 @@ def _timed_runs(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, comp
     result.peak_mem_gb = torch.cuda.max_memory_allocated() / 2**30
 
 
+def graph_replay_us(record: Callable[[], None], calls: int, replays: int = 10) -> float:
+    """Median µs per call over CUDA-graph replays of `record()`, which issues `calls` calls (run once on a side stream
+    first, as capture needs warmed-up kernels). Needs a CUDA GPU."""
+    import statistics
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        record()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        record()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    del graph
+    return statistics.median(times)
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters and buffers (shared tensors counted once)."""
     tensors = {t.data_ptr(): t for t in list(model.parameters()) + list(model.buffers())}
