@@ -342,8 +342,8 @@ def _graph_us_per_pass(calls, passes: int, replays: int = 10) -> float:
 def layer_chain(ms) -> dict:
     """The four Llama-3-8B layer GEMMs back to back in a CUDA graph (our kernels launched with PDL, so each one's
     start overlaps the previous one's tail; in a decode step a quantization kernel sits between them), cycling over
-    enough layer copies that the weights read per pass (>= CHAIN_BYTES) never fit L2. Reported per layer, beside the per-GEMM sums of the same calls timed cold (L2 evicted by a write, as
-    triton's do_bench does, and by a read).
+    enough layer copies that the weights read per pass (>= CHAIN_BYTES) never fit L2. Reported per layer, beside the
+    per-GEMM sums of the same calls timed cold (L2 evicted by a write, as triton's do_bench does, and by a read).
     """
     import math
 
@@ -359,7 +359,8 @@ def layer_chain(ms) -> dict:
             per_layer = [{shape: layer[shape][name] for shape in SHAPES} for layer in layers[:copies[name]]]
             calls = [fn for layer in per_layer for fn in layer.values()]
             chain = _graph_us_per_pass(calls, passes=max(1, 8 // len(per_layer))) / len(per_layer)
-            cold = {mode: sum(_cold_times(fn, flush, mode) for fn in per_layer[0].values()) for mode in ("zero", "read")}
+            cold = {mode: sum(_cold_times(fn, flush, mode) for fn in per_layer[0].values())
+                    for mode in ("zero", "read")}
             row = {"m": m, "method": name, "layer_chain_us": chain, "cold_zero_flush_sum_us": cold["zero"],
                    "cold_read_flush_sum_us": cold["read"], "layer_copies": len(per_layer)}
             results["rows"].append(row)
@@ -543,7 +544,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--png", help="write a plot here (needs matplotlib)")
-    ap.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values")
+    ap.add_argument("--ms", help="comma-separated M values (default: MS, or CHAIN_SWEEP_MS for the chain timings)")
     ap.add_argument("--sweep", action="store_true", help="tile-config / split-K sweep of the per-group kernel")
     ap.add_argument("--sweep-decode", action="store_true",
                     help="decode kernel variants (QOQ_GEMM_DECODE_CONFIG) and M <= 16 against the tile kernel")
@@ -562,14 +563,12 @@ def main() -> None:
     if args.check_small:
         check_small()
         return
-    if args.layer_chain or args.chain_sweep:
-        ms = [int(m) for m in args.ms.split(",")] if args.ms != ",".join(map(str, MS)) else CHAIN_SWEEP_MS
-        results = (layer_chain if args.layer_chain else chain_sweep)(ms)
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(results, fh, indent=1)
-        return
-    if args.sweep_decode:
+    ms = None if args.ms is None else [int(m) for m in args.ms.split(",")]
+    if args.layer_chain:
+        results = layer_chain(ms or CHAIN_SWEEP_MS)
+    elif args.chain_sweep:
+        results = chain_sweep(ms or CHAIN_SWEEP_MS)
+    elif args.sweep_decode:
         results = sweep_decode()
     elif args.sweep_skinny:
         results = sweep_skinny()
@@ -578,12 +577,13 @@ def main() -> None:
     elif args.sweep:
         results = sweep()
     else:
-        results = run([int(m) for m in args.ms.split(",")])
+        results = run(ms or MS)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
-    if args.sweep or args.sweep_decode or args.sweep_skinny or args.sweep_stream:
-        return
+    if args.sweep or args.sweep_decode or args.sweep_skinny or args.sweep_stream or args.layer_chain \
+            or args.chain_sweep:
+        return  # their rows are printed as they are timed
     if args.png:
         plot(results, args.png)
     print_table(results)

@@ -1,7 +1,7 @@
 // Thin wrappers over the sm_90 PTX of the streaming small-M GEMM: shared-memory mbarriers (arrive, expected
-// transaction bytes, parity wait), the bulk global->shared copy engine completing on an mbarrier, 4- and 16-byte cp.async
-// tracked by an mbarrier, an L2 evict-first policy, and a named barrier. Only usable in device code compiled for
-// sm_90 or newer (QOQ_BULK_ENABLED).
+// transaction bytes, parity wait), the bulk global->shared copy engine completing on an mbarrier, 4- and 16-byte
+// cp.async tracked by an mbarrier, an L2 evict-first policy, and a named barrier. Only usable in device code compiled
+// for sm_90 or newer (QOQ_BULK_ENABLED).
 #pragma once
 #include <cstdint>
 
