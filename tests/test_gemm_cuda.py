@@ -271,6 +271,40 @@ def test_wgmma_llama_shapes_match_reference(n, k, gen, monkeypatch):
 
 
 @needs_hopper
+@pytest.mark.parametrize("bm", (128, 256))
+@pytest.mark.parametrize("g,k", ((64, 4608), (128, 4608), (192, 768), (256, 1024), (512, 2048), (128, 14336)))
+def test_wgmma_per_group_zero_point_terms(bm, g, k, gen, wgmma):
+    """Per group the wgmma kernel takes the zero points out before its K loop, from base-256 digits of each k
+    block's activation sum: group sizes 64..512 (192: not a power of two), block counts that are not a multiple
+    of 32 (the mma.sync chunks' padding), and activations at the INT8 extremes, where a block's sum reaches
+    -128 * 128 (the high digit's limit) and 127 * 128."""
+    m, n = 200, 144
+    wgmma(bm)
+    x_q = torch.where(torch.rand(m, k, generator=gen) < 0.5, -128, 127).to(torch.int8)
+    x_q[0] = -128
+    x_q[1] = 127
+    x_s = torch.rand(m, generator=gen) * 1e-4 + 1e-6
+    w4, s2, z2, s1 = random_per_group(n, k, g, gen)
+    qweight = ops.pack_weights(w4)
+    ref = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, None, g, torch.float16)
+    out = ops.w4a8_gemm_per_group(*_to("cuda", x_q, x_s, qweight, s2, z2, s1), group_size=g)
+    assert torch.isfinite(ref.float()).all()
+    assert torch.equal(out.cpu(), ref)
+
+
+@needs_hopper
+def test_wgmma_per_group_launches_zero_point_operands(gen, monkeypatch):
+    """The per-group wgmma path is the operand kernel plus the wgmma kernel; per channel needs no operand kernel."""
+    monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
+    names = _kernel_names(gen, 256)
+    assert sum("zero_point_operands" in name for name in names) == 1, names
+    assert sum("w4a8_gemm_wgmma" in name for name in names) == 1, names
+    names = _kernel_names(gen, 256, per_group=False)
+    assert not any("zero_point_operands" in name for name in names), names
+    assert sum("w4a8_gemm_wgmma" in name for name in names) == 1, names
+
+
+@needs_hopper
 def test_wgmma_default_and_fallbacks_stay_exact(gen, monkeypatch):
     """Unset: the wgmma kernel for M >= 128, the mma.sync kernel below; mode 0 (the mma.sync kernel) stays exact;
     M < 64 under mode 2 falls back to the mma.sync kernel (the wgmma path does not take it) instead of raising."""

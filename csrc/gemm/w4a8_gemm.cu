@@ -228,10 +228,21 @@ bool try_wgmma(const GemmParams& p, const at::TensorOptions& options) {
                 "with an sm_90a image (TORCH_CUDA_ARCH_LIST=9.0a)");
     return false;
   }
+  GemmParams q = p;
+  at::Tensor digits;  // per group: the operands of the zero-point terms (w4a8_gemm_wgmma.cuh)
+  if constexpr (PER_GROUP) {
+    q.zp_block = p.group_size % 128 == 0 ? 128 : 64;  // |block sum| <= 128 * 128: two base-256 digits
+    q.zp_blocks_pad = (p.K / q.zp_block + 31) / 32 * 32;
+    digits = at::empty({static_cast<int64_t>(zp_operand_bytes(q))}, options.dtype(at::kByte));
+    q.zp_digits = digits.data_ptr<uint8_t>();
+    static int8_t sm90_operands[64] = {0};
+    launch_kernel(zero_point_operands_kernel, sm90_operands,
+                  {dim3(static_cast<unsigned>((digits.numel() + 255) / 256)), dim3(256)}, q);
+  }
   if (choice.bm == 256) {
-    launch_wgmma<256, 5, 1, PER_GROUP>(p);
+    launch_wgmma<256, 5, 1, PER_GROUP>(q);
   } else {
-    launch_wgmma<128, 4, 2, PER_GROUP>(p);
+    launch_wgmma<128, 4, 2, PER_GROUP>(q);
   }
   return true;
 }

@@ -38,6 +38,10 @@ struct GemmParams {
   int32_t* workspace;        // [M, N] zeroed int32 (split-K only)
   int32_t* counters;         // [tiles] zeroed (split-K only)
   const void* residual;      // [M, N] in the output dtype, or nullptr: out = residual + y (y rounded first)
+  // Per group, wgmma kernel only: base-256 digits (plane 0 low, u8; plane 1 high, s8) of -sum(x_q) over each
+  // zp_block-wide k block, [2, M, zp_blocks_pad] (group_sum_digits_kernel).
+  const uint8_t* zp_digits;
+  int zp_block, zp_blocks_pad;
 };
 
 // XOR swizzle of 16-byte chunks in a shared-memory tile with rows of ROW_BYTES bytes: the 8 rows one
