@@ -11,16 +11,17 @@
 //   exactly the wgmma/mma.m16n8k32 A fragment {row g k 4t, row g+8 k 4t, row g k 16+4t, row g+8 k 16+4t}:
 //   unpacking is a mask and a shift. Per channel the UINT4 values are the s8 operand (the zero point is the
 //   epilogue's x_sum term). Per group the operand is the u8 product w4 * s2 (<= 240: one multiply scales four
-//   weights) and the zero points are taken out before the K loop: the accumulators start at
-//   -sum_g z2 * s2 * sum_{k in g} x (init_zero_point_terms), so the loop adds sum_k w4 * s2 * x and the total
-//   is the INT32 sum of (w4 - z2) * s2 * x, exact as every INT32 sum here (mod 2^32). This keeps the K loop's
-//   per-group work at one multiply per four weights (the bytewise (w4 - z2) * s2 took five instructions and
-//   made the loop issue-bound).
+//   weights) and the zero points are taken out of the K loop: the loop sums w4 * s2 * x and the epilogue adds
+//   -sum_g z2 * s2 * sum_{k in g} x (add_zero_point_terms), so the total is the INT32 sum of (w4 - z2) * s2 * x,
+//   exact as every INT32 sum here (mod 2^32). This keeps the K loop's per-group work at one multiply per four
+//   weights (the bytewise (w4 - z2) * s2 took five instructions and made the loop issue-bound). The s2 of a
+//   tile ride in its pipeline stage (zero_point_operands_kernel lays them out per weight tile).
 // - B operand (activations): K-major, 128-byte rows (BK = 128 int8), 128-byte swizzle, one descriptor per
 //   k step of 32 (start address + 32 bytes).
-// - Pipeline: STAGES shared-memory stages filled by cp.async; a stage is refilled two iterations after it was
-//   read (wgmma.wait_group<1> keeps at most one MMA in flight per warpgroup, so everything issued two
-//   iterations ago has completed before the barrier that precedes the refill).
+// - Pipeline: STAGES shared-memory stages filled by cp.async (running source pointers, one destination offset
+//   per operand); a stage is refilled two iterations after it was read (wgmma.wait_group<1> keeps at most one
+//   MMA in flight per warpgroup, so everything issued two iterations ago has completed before the barrier that
+//   precedes the refill).
 // - Epilogue: float math in registers, 16-bit results staged in shared memory, coalesced 16-byte stores.
 #pragma once
 #include <cuda_bf16.h>
@@ -81,7 +82,7 @@ __host__ __device__ inline size_t zp_operand_bytes(const GemmParams& p) {
 // zp_block; padding blocks b >= K / zp_block are zero):
 // - rows 0..M-1 / M..2M-1: the low (u8) / high (s8) base-256 digit of -sum(x_q[m, k block b]) (|sum| <= 128 * 128,
 //   so the high digit fits s8), and rows 2M..2M+N-1: the u8 product z2 * s2 (<= 240) of weight row n for the group
-//   of block b: the zero-point terms (init_zero_point_terms);
+//   of block b: the zero-point terms (add_zero_point_terms);
 // - then [ceil(N / 128)][P][128]: s2 of the 128 rows of each weight tile, for block b, contiguous, so that each
 //   pipeline stage copies its tile's scales with 16-byte cp.async (rows past N repeat row N - 1).
 __global__ void __launch_bounds__(256) zero_point_operands_kernel(const GemmParams p) {
