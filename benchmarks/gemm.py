@@ -304,6 +304,20 @@ def sweep_stream() -> dict:
     return _sweep_variants(STREAM_SWEEP_MS, variants, "sweep-stream")
 
 
+WGMMA_SPLIT_SWEEP_MS = (64, 128, 256, 512, 1024)
+WGMMA_SPLITS = (1, 2, 4, 8, 16)
+
+
+def sweep_wgmma_splits() -> dict:
+    """wgmma kernel (128-row tile) with its own split-K choice and with 1..16 splits forced
+    (QOQ_GEMM_WGMMA_SPLITS), against the default dispatch; prints the layer sums of both formats."""
+    def variants(m):
+        on = {"QOQ_GEMM_WGMMA": "1,128"}
+        return ([("default", {}, None), ("wgmma-auto", on, None)]
+                + [(f"wgmma-s{s}", {**on, "QOQ_GEMM_WGMMA_SPLITS": str(s)}, None) for s in WGMMA_SPLITS])
+    return _sweep_variants(WGMMA_SPLIT_SWEEP_MS, variants, "sweep-wgmma-splits")
+
+
 CHAIN_BYTES = 400 << 20  # weights cycled per layer chain: 8x the 50 MB L2, so no weight is read from L2
 CHAIN_METHODS = ("qoq_per_group", "qoq_per_channel", "bf16", "fp8_rowwise", "w4a16_int4pack")
 WEIGHT_BYTES_PER_PARAM = {"qoq_per_group": 0.5 + 2 / 128, "qoq_per_channel": 0.5, "bf16": 2.0, "fp8_rowwise": 1.0,
@@ -516,7 +530,7 @@ def _check_small_wgmma(gen: torch.Generator) -> None:
     """The wgmma kernel (both tiles, both formats) on a small case with M, N and K tails of its tiles."""
     import os
 
-    m, n, k, g = 130, 272, 384, 64
+    m, n, k, g = 130, 272, 640, 64
     x_q = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
     x_s = torch.rand(m, generator=gen) + 0.1
     x_sum = x_q.sum(1, dtype=torch.int32)
@@ -527,8 +541,9 @@ def _check_small_wgmma(gen: torch.Generator) -> None:
     ref_c = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qw, s1, z2[:, 0].contiguous(), None, torch.float16)
     cu = [t.cuda() for t in (x_q, x_s, x_sum, qw, s2, z2, s1, bias)]
     x_q_c, x_s_c, x_sum_c, qw_c, s2_c, z2_c, s1_c, bias_c = cu
-    for bm in (128, 256):
+    for bm, splits in ((128, "1"), (256, "1"), (128, "3")):  # 3: split K, 5 k tiles as 2 + 2 + 1
         os.environ["QOQ_GEMM_WGMMA"] = f"2,{bm}"
+        os.environ["QOQ_GEMM_WGMMA_SPLITS"] = splits
         try:
             out_g = torch.ops.qoq.w4a8_gemm_per_group(x_q_c, x_s_c, qw_c, s2_c, z2_c, s1_c, bias_c, g, torch.bfloat16)
             out_c = torch.ops.qoq.w4a8_gemm_per_channel(x_q_c, x_s_c, x_sum_c, qw_c, s1_c, z2_c[:, 0].contiguous(),
@@ -536,8 +551,9 @@ def _check_small_wgmma(gen: torch.Generator) -> None:
             torch.cuda.synchronize()
         finally:
             os.environ.pop("QOQ_GEMM_WGMMA")
-        assert torch.equal(out_g.cpu(), ref_g), ("wgmma per-group", bm)
-        assert torch.equal(out_c.cpu(), ref_c), ("wgmma per-channel", bm)
+            os.environ.pop("QOQ_GEMM_WGMMA_SPLITS")
+        assert torch.equal(out_g.cpu(), ref_g), ("wgmma per-group", bm, splits)
+        assert torch.equal(out_c.cpu(), ref_c), ("wgmma per-channel", bm, splits)
 
 
 def main() -> None:
@@ -552,6 +568,8 @@ def main() -> None:
                     help="small-M kernel rows per block (QOQ_GEMM_SKINNY_RT) against the decode and tile kernels")
     ap.add_argument("--sweep-stream", action="store_true",
                     help="streaming kernel variants (QOQ_GEMM_STREAM_VARIANT) against the other small-M paths")
+    ap.add_argument("--sweep-wgmma-splits", action="store_true",
+                    help="wgmma kernel split-K counts (QOQ_GEMM_WGMMA_SPLITS) against the default dispatch")
     ap.add_argument("--layer-chain", action="store_true",
                     help="a layer's four GEMMs back to back in a CUDA graph vs cold per-GEMM sums (--ms)")
     ap.add_argument("--chain-sweep", action="store_true",
@@ -574,6 +592,8 @@ def main() -> None:
         results = sweep_skinny()
     elif args.sweep_stream:
         results = sweep_stream()
+    elif args.sweep_wgmma_splits:
+        results = sweep_wgmma_splits()
     elif args.sweep:
         results = sweep()
     else:
@@ -581,8 +601,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
-    if args.sweep or args.sweep_decode or args.sweep_skinny or args.sweep_stream or args.layer_chain \
-            or args.chain_sweep:
+    if args.sweep or args.sweep_decode or args.sweep_skinny or args.sweep_stream or args.sweep_wgmma_splits \
+            or args.layer_chain or args.chain_sweep:
         return  # their rows are printed as they are timed
     if args.png:
         plot(results, args.png)

@@ -322,6 +322,56 @@ def test_wgmma_default_and_fallbacks_stay_exact(gen, monkeypatch):
         assert torch.equal(out.cpu(), ref), (m, env)
 
 
+@needs_hopper
+@pytest.mark.parametrize("splits", ("2", "3", "7", "64"))
+@pytest.mark.parametrize("per_group", (True, False))
+def test_wgmma_split_k_is_exact(splits, per_group, gen, monkeypatch):
+    """Split K on the wgmma path (QOQ_GEMM_WGMMA_SPLITS forces a count; 64 is more than the 32 k tiles, so one
+    tile a split): the last split of each output tile adds the others' INT32 partials, which gives the reference's
+    bits and the unsplit kernel's, with M and N tails, bias, g = 64 (two groups a k tile) and a residual."""
+    m, n, k, g = 200, 272, 4096, 64
+    x_q, x_s, x_sum = random_activations(m, k, gen)
+    bias = random_bias(n, torch.float16, gen)
+    residual = (torch.randn(m, n, generator=gen) * 4).to(torch.bfloat16)
+    if per_group:
+        w4, s2, z2, s1 = random_per_group(n, k, g, gen)
+        operands = (x_q, x_s, ops.pack_weights(w4), s2, z2, s1, bias)
+        ref = torch.ops.qoq.w4a8_gemm_per_group(*operands, g, torch.bfloat16, residual)
+        run = lambda: ops.w4a8_gemm_per_group(*_to("cuda", *operands), group_size=g,  # noqa: E731
+                                              out_dtype=torch.bfloat16, residual=residual.cuda())
+    else:
+        w4, scale, zero = random_per_channel(n, k, gen)
+        operands = (x_q, x_s, x_sum, ops.pack_weights(w4), scale, zero, bias)
+        ref = torch.ops.qoq.w4a8_gemm_per_channel(*operands, torch.bfloat16, residual)
+        run = lambda: ops.w4a8_gemm_per_channel(*_to("cuda", *operands), out_dtype=torch.bfloat16,  # noqa: E731
+                                                residual=residual.cuda())
+    monkeypatch.setenv("QOQ_GEMM_WGMMA", "2,128")
+    monkeypatch.setenv("QOQ_GEMM_WGMMA_SPLITS", splits)
+    split = run()
+    monkeypatch.setenv("QOQ_GEMM_WGMMA_SPLITS", "1")
+    whole = run()
+    assert torch.equal(split.cpu(), ref)
+    assert torch.equal(split, whole)
+
+
+@needs_hopper
+def test_wgmma_splits_k_only_when_the_tiles_leave_sms_idle(gen, monkeypatch):
+    """By default the wgmma kernel splits K for a grid smaller than the GPU (2 x 1 tiles, 32 k tiles: the split
+    instantiation) and not for one that fills it (256 weight tiles)."""
+    import re
+
+    monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
+    monkeypatch.delenv("QOQ_GEMM_WGMMA_SPLITS", raising=False)
+    split_kernel = re.compile(r"w4a8_gemm_wgmma_kernel<128, 4, 2, (true|false), true>")
+    whole_kernel = re.compile(r"w4a8_gemm_wgmma_kernel<128, 4, 2, (true|false), false>")
+    for per_group in (True, False):
+        names = _kernel_names(gen, 256, k=4096, per_group=per_group)
+        assert sum(bool(split_kernel.search(x)) for x in names) == 1, names
+        names = _kernel_names(gen, 128, n=32768, per_group=per_group)
+        assert sum(bool(whole_kernel.search(x)) for x in names) == 1, names
+        assert not any(split_kernel.search(x) for x in names), names
+
+
 # ---- Decode kernel (M <= 16: csrc/gemm/w4a8_gemv.cu; the default unless QOQ_GEMM_DECODE=0) ----
 
 def _decode_enabled() -> bool:

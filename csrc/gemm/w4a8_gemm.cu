@@ -207,15 +207,49 @@ bool wgmma_available(const at::TensorOptions& options) {
   return state == 1;
 }
 
-template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP>
-void launch_wgmma(const GemmParams& p) {
-  using T = WgmmaTile<BM, STAGES>;
-  auto kernel = w4a8_gemm_wgmma_kernel<BM, STAGES, MIN_BLOCKS, PER_GROUP>;
+// Split-K count of the wgmma kernel: QOQ_GEMM_WGMMA_SPLITS (read at every call; > 0 forces a count, for tests
+// and sweeps) or as many splits as the resident CTA slots hold, each at least 12 k tiles (1536 k) deep (H100
+// sweep, docs/benchmarks.md: deeper splits leave SMs idle, shallower ones pay their fill and merge). Returns k
+// tiles per split; no split is empty.
+int wgmma_ktiles_per_split(int tiles, int ktiles, int blocks_per_sm) {
+  int splits = env_int("QOQ_GEMM_WGMMA_SPLITS", 0);
+  if (splits <= 0) {
+    const int sms = multiprocessor_count();
+    splits = std::min(blocks_per_sm * sms / tiles, ktiles / 12);
+  }
+  splits = std::clamp(splits, 1, ktiles);
+  return (ktiles + splits - 1) / splits;
+}
+
+template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP, bool SPLIT_K>
+void launch_wgmma_kernel(const GemmParams& p, const LaunchDims& dims) {
+  auto kernel = w4a8_gemm_wgmma_kernel<BM, STAGES, MIN_BLOCKS, PER_GROUP, SPLIT_K>;
   static bool opted_in[64] = {false};
-  allow_dynamic_smem(kernel, T::kSmemBytes, opted_in);
+  allow_dynamic_smem(kernel, WgmmaTile<BM, STAGES>::kSmemBytes, opted_in);
   static int8_t sm90[64] = {0};
-  launch_kernel(kernel, sm90, {dim3((p.M + BM - 1) / BM, (p.N + T::kBN - 1) / T::kBN), dim3(T::kThreads), T::kSmemBytes},
-                p);
+  launch_kernel(kernel, sm90, dims, p);
+}
+
+// Split K only with the 128-row tile (the 256-row one serves large M, where the tiles fill the GPU).
+template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP>
+void launch_wgmma(GemmParams p, const at::TensorOptions& options) {
+  using T = WgmmaTile<BM, STAGES>;
+  const int m_tiles = (p.M + BM - 1) / BM, n_tiles = (p.N + T::kBN - 1) / T::kBN, ktiles = p.K / T::kBK;
+  p.ktiles_per_split = BM == 128 ? wgmma_ktiles_per_split(m_tiles * n_tiles, ktiles, MIN_BLOCKS) : ktiles;
+  p.splits = (ktiles + p.ktiles_per_split - 1) / p.ktiles_per_split;
+  const LaunchDims dims{dim3(m_tiles, n_tiles, p.splits), dim3(T::kThreads), T::kSmemBytes};
+  if constexpr (BM == 128) {
+    if (p.splits > 1) {
+      const int64_t tiles = int64_t{m_tiles} * n_tiles;
+      at::Tensor partials = at::empty({tiles * p.splits * (BM / 2) * 256}, options.dtype(at::kInt));
+      at::Tensor counters = at::zeros({tiles}, options.dtype(at::kInt));
+      p.workspace = partials.data_ptr<int32_t>();
+      p.counters = counters.data_ptr<int32_t>();
+      launch_wgmma_kernel<BM, STAGES, MIN_BLOCKS, PER_GROUP, true>(p, dims);
+      return;
+    }
+  }
+  launch_wgmma_kernel<BM, STAGES, MIN_BLOCKS, PER_GROUP, false>(p, dims);
 }
 
 // True when the wgmma path computed the GEMM.
@@ -237,12 +271,12 @@ bool try_wgmma(const GemmParams& p, const at::TensorOptions& options) {
     q.zp_digits = digits.data_ptr<uint8_t>();
     static int8_t sm90_operands[64] = {0};
     launch_kernel(zero_point_operands_kernel, sm90_operands,
-                  {dim3(static_cast<unsigned>((digits.numel() + 255) / 256)), dim3(256)}, q);
+                  {dim3(static_cast<unsigned>((zp_operand_items(q) + 255) / 256)), dim3(256)}, q);
   }
   if (choice.bm == 256) {
-    launch_wgmma<256, 5, 1, PER_GROUP>(q);
+    launch_wgmma<256, 5, 1, PER_GROUP>(q, options);
   } else {
-    launch_wgmma<128, 4, 2, PER_GROUP>(q);
+    launch_wgmma<128, 4, 2, PER_GROUP>(q, options);
   }
   return true;
 }

@@ -35,8 +35,10 @@ struct GemmParams {
   int M, N, K, group_size, groups;
   int ktiles_per_split, splits;
   int split_groups;          // row stride of the (s2, z2) shared-memory table: groups one split can touch
-  int32_t* workspace;        // [M, N] zeroed int32 (split-K only)
-  int32_t* counters;         // [tiles] zeroed (split-K only)
+  // Split-K only. mma.sync kernel: [M, N] zeroed INT32 sums; wgmma kernel: [tiles][splits][BM / 2][256] INT32
+  // partial accumulators in fragment order (each split's, the last to finish adds them).
+  int32_t* workspace;
+  int32_t* counters;         // [tiles] zeroed: splits finished per output tile
   const void* residual;      // [M, N] in the output dtype, or nullptr: out = residual + y (y rounded first)
   // Per group, wgmma kernel only: base-256 digits (plane 0 low, u8; plane 1 high, s8) of -sum(x_q) over each
   // zp_block-wide k block, [2, M, zp_blocks_pad] (group_sum_digits_kernel).

@@ -22,6 +22,10 @@
 //   per operand); a stage is refilled two iterations after it was read (wgmma.wait_group<1> keeps at most one
 //   MMA in flight per warpgroup, so everything issued two iterations ago has completed before the barrier that
 //   precedes the refill).
+// - Split-K (grid z, when the output tiles alone leave SMs idle: prefill of a few hundred tokens): each split
+//   sums its k tiles and stores its INT32 accumulators in fragment order; the last split of a tile to finish
+//   (an atomic counter) adds the others' and runs the zero-point terms and the epilogue. INT32 sums are exact
+//   in any order, so the result does not depend on the split count.
 // - Epilogue: float math in registers, 16-bit results staged in shared memory, coalesced 16-byte stores.
 #pragma once
 #include <cuda_bf16.h>
@@ -78,39 +82,53 @@ __host__ __device__ inline size_t zp_operand_bytes(const GemmParams& p) {
   return (static_cast<size_t>(2 * p.M + p.N) + static_cast<size_t>((p.N + 127) / 128) * 128) * p.zp_blocks_pad;
 }
 
-// The per-group operands of the wgmma kernel, one thread per byte, P = zp_blocks_pad columns (k blocks of
-// zp_block; padding blocks b >= K / zp_block are zero):
+// Work items of zero_point_operands_kernel: one per (activation row, k block), one per byte of the z2 * s2 rows,
+// one per 16 rows of a weight tile's s2 (P = zp_blocks_pad is a multiple of 32).
+__host__ __device__ inline size_t zp_operand_items(const GemmParams& p) {
+  return (static_cast<size_t>(p.M) + p.N + static_cast<size_t>((p.N + 127) / 128) * 8) * p.zp_blocks_pad;
+}
+
+// The per-group operands of the wgmma kernel, P = zp_blocks_pad columns (k blocks of zp_block; padding blocks
+// b >= K / zp_block are zero):
 // - rows 0..M-1 / M..2M-1: the low (u8) / high (s8) base-256 digit of -sum(x_q[m, k block b]) (|sum| <= 128 * 128,
 //   so the high digit fits s8), and rows 2M..2M+N-1: the u8 product z2 * s2 (<= 240) of weight row n for the group
 //   of block b: the zero-point terms (add_zero_point_terms);
 // - then [ceil(N / 128)][P][128]: s2 of the 128 rows of each weight tile, for block b, contiguous, so that each
-//   pipeline stage copies its tile's scales with 16-byte cp.async (rows past N repeat row N - 1).
+//   pipeline stage copies its tile's scales with 16-byte cp.async (rows past N repeat row N - 1). A thread gathers
+//   16 rows (one store; a thread per byte of this transpose was latency-bound: ~14 us for a 28672-row layer).
 __global__ void __launch_bounds__(256) zero_point_operands_kernel(const GemmParams p) {
   pdl_wait();
   pdl_launch_dependents();
-  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
-  if (static_cast<size_t>(idx) >= zp_operand_bytes(p)) return;
-  const int row = idx / p.zp_blocks_pad, b = idx - row * p.zp_blocks_pad;
+  const size_t item = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int P = p.zp_blocks_pad, blocks = p.K / p.zp_block;
+  const size_t digit_items = static_cast<size_t>(p.M) * P, zs_items = static_cast<size_t>(p.N) * P;
   uint8_t* out = const_cast<uint8_t*>(p.zp_digits);
-  const int blocks = p.K / p.zp_block;
-  if (row >= 2 * p.M + p.N) {
-    const int j = idx - (2 * p.M + p.N) * p.zp_blocks_pad;
-    const int tile = j / (p.zp_blocks_pad * 128), rest = j - tile * p.zp_blocks_pad * 128;
-    const int tb = rest >> 7, n = min(tile * 128 + (rest & 127), p.N - 1);
-    out[idx] = tb < blocks ? p.s2[static_cast<size_t>(n) * p.groups + tb * p.zp_block / p.group_size] : 0;
+  if (item >= zp_operand_items(p)) return;
+  if (item >= digit_items + zs_items) {  // s2 of rows n0 .. n0 + 15 of a weight tile, block b
+    const size_t j = item - digit_items - zs_items;
+    const int tile = static_cast<int>(j / (static_cast<size_t>(P) * 8));
+    const int rest = static_cast<int>(j - static_cast<size_t>(tile) * P * 8);
+    const int b = rest >> 3, n0 = tile * 128 + (rest & 7) * 16;
+    const int group = b * p.zp_block / p.group_size;
+    alignas(16) uint8_t bytes[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      bytes[i] = b < blocks ? __ldg(p.s2 + static_cast<size_t>(min(n0 + i, p.N - 1)) * p.groups + group) : 0;
+    }
+    *reinterpret_cast<uint4*>(out + 2 * digit_items + zs_items + 16 * j) = *reinterpret_cast<const uint4*>(bytes);
     return;
   }
+  const int row = static_cast<int>(item / P), b = static_cast<int>(item - static_cast<size_t>(row) * P);
   const bool in_k = b < blocks;
-  if (row >= p.M) {
-    if (row >= 2 * p.M) {
-      const size_t g = static_cast<size_t>(row - 2 * p.M) * p.groups + b * p.zp_block / p.group_size;
-      out[idx] = in_k ? static_cast<uint8_t>(p.s2[g] * p.z2[g]) : 0;
-    }
-    return;  // the high digits are written with the low ones
+  if (row >= p.M) {  // z2 * s2 of weight row n for block b
+    const size_t g = static_cast<size_t>(row - p.M) * p.groups + b * p.zp_block / p.group_size;
+    out[digit_items + item] = in_k ? static_cast<uint8_t>(p.s2[g] * p.z2[g]) : 0;
+    return;
   }
   int32_t sum = 0;
   if (in_k) {
     const int4* src = reinterpret_cast<const int4*>(p.x_q + static_cast<size_t>(row) * p.K + b * p.zp_block);
+#pragma unroll 8
     for (int i = 0; i < p.zp_block / 16; ++i) {
       const int4 v = __ldg(src + i);
       sum = __dp4a(v.x, 0x01010101, sum);
@@ -120,8 +138,8 @@ __global__ void __launch_bounds__(256) zero_point_operands_kernel(const GemmPara
     }
   }
   const int32_t v = -sum;
-  out[idx] = static_cast<uint8_t>(v & 0xFF);
-  out[static_cast<size_t>(p.M) * p.zp_blocks_pad + idx] = static_cast<uint8_t>((v >> 8) & 0xFF);
+  out[item] = static_cast<uint8_t>(v & 0xFF);
+  out[digit_items + item] = static_cast<uint8_t>((v >> 8) & 0xFF);
 }
 
 #if QOQ_WGMMA_ENABLED
@@ -178,10 +196,35 @@ __device__ __forceinline__ void add_zero_point_terms(const GemmParams& p, uint32
 }
 #endif
 
+// Split-K: stores this split's accumulators (fragment order: coalesced 1 KB rows), then returns true in the last
+// split of the output tile to finish, with the other splits' partial sums added to acc; false in the others.
+template <int BM>
+__device__ __forceinline__ bool merge_split_partials(const GemmParams& p, uint32_t (&acc)[BM / 2], int tid) {
+  constexpr int kWords = BM / 2 * 256;  // one split's accumulators
+  const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+  uint32_t* partials = reinterpret_cast<uint32_t*>(p.workspace) + static_cast<size_t>(tile) * p.splits * kWords;
+  uint32_t* mine = partials + static_cast<size_t>(blockIdx.z) * kWords;
+#pragma unroll
+  for (int i = 0; i < BM / 2; ++i) __stcg(mine + i * 256 + tid, acc[i]);
+  __threadfence();  // this thread's partials are visible device-wide before the tile's counter moves
+  __syncthreads();
+  if (!__syncthreads_or(tid == 0 && atomicAdd(p.counters + tile, 1) == p.splits - 1)) return false;
+  __threadfence();
+  for (int z = 0; z < p.splits; ++z) {
+    if (z == static_cast<int>(blockIdx.z)) continue;
+    const uint32_t* other = partials + static_cast<size_t>(z) * kWords;
+#pragma unroll
+    for (int i = 0; i < BM / 2; ++i) acc[i] += __ldcg(other + i * 256 + tid);
+  }
+  return true;
+}
+
 // Returns QOQ_WGMMA_ENABLED as compiled for the running device (0 on builds without an sm_90a image).
 __global__ void wgmma_probe_kernel(int* out) { *out = QOQ_WGMMA_ENABLED; }
 
-template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP>
+// SPLIT_K: a separate instantiation, so that the unsplit kernel's K loop keeps its registers (the merge's live
+// accumulators and the split offsets cost the split one ~15 register moves a k tile).
+template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP, bool SPLIT_K>
 __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const GemmParams p) {
   pdl_wait();  // PDL (common.cuh): the first stage loads activations with the weights, so wait at the top
   pdl_launch_dependents();
@@ -195,7 +238,8 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
   const int wg = warp >> 2, warp_in_wg = warp & 3;
   const int g = lane >> 2, t = lane & 3;
   const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-  const int nk = p.K / BK;
+  const int kt0 = SPLIT_K ? blockIdx.z * p.ktiles_per_split : 0;  // this split's k tiles: kt0 .. kt0 + nk - 1
+  const int nk = SPLIT_K ? min(p.K / BK - kt0, p.ktiles_per_split) : p.K / BK;
 
   auto stage_a = [&](int s) { return smem + s * T::kStageBytes; };
   auto stage_w = [&](int s) { return smem + s * T::kStageBytes + T::kAStage; };
@@ -215,7 +259,7 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
   for (int it = 0; it < kALoads; ++it) {
     const int row = (tid >> 3) + 32 * it;
     const bool ok = m0 + row < p.M;
-    a_src[it] = p.x_q + static_cast<size_t>(ok ? m0 + row : 0) * p.K + (tid & 7) * 16;
+    a_src[it] = p.x_q + static_cast<size_t>(ok ? m0 + row : 0) * p.K + kt0 * BK + (tid & 7) * 16;
     a_ok |= static_cast<uint32_t>(ok) << it;
   }
   const uint8_t* w_src[kWLoads];
@@ -223,14 +267,15 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
   for (int it = 0; it < kWLoads; ++it) {
     const int row = (tid >> 2) + 64 * it;
     const bool ok = n0 + row < p.N;
-    w_src[it] = p.qweight + static_cast<size_t>(ok ? n0 + row : 0) * (p.K / 2) + (tid & 3) * 16;
+    w_src[it] = p.qweight + static_cast<size_t>(ok ? n0 + row : 0) * (p.K / 2) + kt0 * (BK / 2) + (tid & 3) * 16;
     w_ok |= static_cast<uint32_t>(ok) << it;
   }
   // Per group: the tile's s2 (128 rows, one or two k blocks) from the operand kernel's relayout, 16 bytes a thread.
   const bool s2_loader = PER_GROUP && tid < BK / p.zp_block * 8;
   const int s2_stride = PER_GROUP ? BK / p.zp_block * 128 : 0;
   const uint8_t* s2_src = PER_GROUP ? p.zp_digits + (static_cast<size_t>(2 * p.M + p.N) +
-                                                    static_cast<size_t>(blockIdx.y) * 128) * p.zp_blocks_pad + 16 * tid
+                                                    static_cast<size_t>(blockIdx.y) * 128) * p.zp_blocks_pad +
+                                          static_cast<size_t>(kt0) * s2_stride + 16 * tid
                                     : nullptr;
   const uint32_t smem_base = ptx::smem_addr(smem);
 
@@ -337,6 +382,9 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
   for (int i = 0; i < BM / 2; ++i) wgmma::fence_operand(acc[i]);
   ptx::cp_async_wait<0>();
   __syncthreads();  // the pipeline's shared memory is reused below (zero-point operands, output tile)
+  if constexpr (SPLIT_K) {
+    if (!merge_split_partials<BM>(p, acc, tid)) return;
+  }
   if constexpr (PER_GROUP) add_zero_point_terms<BM, STAGES>(p, acc, smem, m0, n0, row_local, g, t, tid);
 
   // Accumulator d[4i + 2h + e]: weight row g + 8h, activation row 8i + 2t + e (wgmma D fragment layout).
