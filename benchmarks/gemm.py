@@ -38,7 +38,8 @@ OURS = ("qoq_per_group", "qoq_per_channel")
 # Same callables as OURS, timed with QOQ_GEMM_WGMMA set ("2,<bm>": the wgmma kernel or an error, never a silent
 # fallback); only on sm_90 and for M >= 64, the sizes that path takes.
 WGMMA = {"qoq_per_group_wgmma": ("qoq_per_group", "2,128"), "qoq_per_group_wgmma256": ("qoq_per_group", "2,256"),
-         "qoq_per_channel_wgmma": ("qoq_per_channel", "2,128")}
+         "qoq_per_channel_wgmma": ("qoq_per_channel", "2,128"),
+         "qoq_per_channel_wgmma256": ("qoq_per_channel", "2,256")}
 
 
 # Same callables as OURS on the mma.sync tile kernel, for M <= SMALL_M_MAX (decode / small-M kernels by default).
@@ -530,7 +531,7 @@ def _check_small_wgmma(gen: torch.Generator) -> None:
     """The wgmma kernel (both tiles, both formats) on a small case with M, N and K tails of its tiles."""
     import os
 
-    m, n, k, g = 130, 272, 640, 64
+    m, n, k, g = 130, 272, 1664, 64  # 13 k tiles: more than the 256-row kernel's 5 stages
     x_q = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
     x_s = torch.rand(m, generator=gen) + 0.1
     x_sum = x_q.sum(1, dtype=torch.int32)
@@ -541,7 +542,7 @@ def _check_small_wgmma(gen: torch.Generator) -> None:
     ref_c = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qw, s1, z2[:, 0].contiguous(), None, torch.float16)
     cu = [t.cuda() for t in (x_q, x_s, x_sum, qw, s2, z2, s1, bias)]
     x_q_c, x_s_c, x_sum_c, qw_c, s2_c, z2_c, s1_c, bias_c = cu
-    for bm, splits in ((128, "1"), (256, "1"), (128, "3")):  # 3: split K, 5 k tiles as 2 + 2 + 1
+    for bm, splits in ((128, "1"), (256, "1"), (128, "3")):  # 3: split K, 13 k tiles as 5 + 5 + 3
         os.environ["QOQ_GEMM_WGMMA"] = f"2,{bm}"
         os.environ["QOQ_GEMM_WGMMA_SPLITS"] = splits
         try:

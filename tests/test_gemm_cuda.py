@@ -372,6 +372,26 @@ def test_wgmma_splits_k_only_when_the_tiles_leave_sms_idle(gen, monkeypatch):
         assert not any(split_kernel.search(x) for x in names), names
 
 
+
+@needs_hopper
+def test_wgmma_warp_specialised_kernel_from_m_1024(gen, monkeypatch):
+    """By default M >= 1024 runs the warp-specialised 256-row kernel and smaller M the 128-row one, in both formats;
+    QOQ_GEMM_WS_MIN_M moves the threshold. Results stay bit-exact (M = 1300: a partial 256-row tile)."""
+    import re
+
+    monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
+    monkeypatch.delenv("QOQ_GEMM_WS_MIN_M", raising=False)
+    ws_kernel = re.compile(r"w4a8_gemm_wgmma_ws_kernel<256, 5, (true|false)>")
+    for per_group in (True, False):
+        assert sum(bool(ws_kernel.search(x)) for x in _kernel_names(gen, 1024, per_group=per_group)) == 1
+        names = _kernel_names(gen, 1023, per_group=per_group)
+        assert not any(ws_kernel.search(x) for x in names), names
+        assert sum("w4a8_gemm_wgmma_kernel<128" in x for x in names) == 1, names
+    monkeypatch.setenv("QOQ_GEMM_WS_MIN_M", "512")
+    assert sum(bool(ws_kernel.search(x)) for x in _kernel_names(gen, 600)) == 1
+    monkeypatch.delenv("QOQ_GEMM_WS_MIN_M")
+    assert_per_group_matches(1300, 272, 1664, 64, torch.float16, torch.bfloat16, gen)
+
 # ---- Decode kernel (M <= 16: csrc/gemm/w4a8_gemv.cu; the default unless QOQ_GEMM_DECODE=0) ----
 
 def _decode_enabled() -> bool:

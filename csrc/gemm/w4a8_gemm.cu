@@ -8,6 +8,7 @@
 #include "common.cuh"
 #include "gemm/w4a8_gemm_kernel.cuh"
 #include "gemm/w4a8_gemm_wgmma.cuh"
+#include "gemm/w4a8_gemm_wgmma_ws.cuh"
 #include "gemm/w4a8_gemv.cuh"
 #include "gemm/w4a8_skinny.cuh"
 #include "gemm/w4a8_stream.cuh"
@@ -170,7 +171,8 @@ ForcedChoice forced_choice() {
 // next to a GEMM; lets tests and benchmarks switch paths in one process), overrides it: mode 0: off; 1: the wgmma
 // kernel for every shape it takes (M >= 64, K % 128 == 0), else the mma.sync kernel; 2: as 1 but an error
 // instead of the fallback when the device/build lacks the wgmma kernel (tests use it so that a silent fallback
-// cannot pass for the wgmma path). bm: activation rows per CTA, 128 or 256 (0: 128).
+// cannot pass for the wgmma path). bm: activation rows per CTA, 128 or 256 (the warp-specialised kernel); 0: by M
+// (wgmma_ws_min_m).
 struct WgmmaChoice {
   int mode = 1, bm = 0, min_m = 128;
 };
@@ -252,6 +254,29 @@ void launch_wgmma(GemmParams p, const at::TensorOptions& options) {
   launch_wgmma_kernel<BM, STAGES, MIN_BLOCKS, PER_GROUP, false>(p, dims);
 }
 
+// From this M on the default is the warp-specialised 256-row kernel (H100, docs/benchmarks.md: per group it beat
+// the 128-row kernel from M = 1024, per channel it ties there and wins above); QOQ_GEMM_WS_MIN_M overrides.
+int wgmma_ws_min_m() { return env_int("QOQ_GEMM_WS_MIN_M", 1024); }
+
+// Whether the warp-specialised kernel takes the shape: its producer addresses rows with 32-bit offsets.
+bool wgmma_ws_supports(const GemmParams& p) {
+  return static_cast<uint64_t>(p.M) * p.K < (uint64_t{1} << 32) && static_cast<uint64_t>(p.N) * p.K < (uint64_t{1} << 33);
+}
+
+// The warp-specialised 256-row kernel (w4a8_gemm_wgmma_ws.cuh): one CTA an SM, no split.
+template <int STAGES, bool PER_GROUP>
+void launch_wgmma_ws(GemmParams p) {
+  using T = WgmmaWsTile<256, STAGES>;
+  p.ktiles_per_split = p.K / T::kBK;
+  p.splits = 1;
+  auto kernel = w4a8_gemm_wgmma_ws_kernel<256, STAGES, PER_GROUP>;
+  static bool opted_in[64] = {false};
+  allow_dynamic_smem(kernel, T::kSmemBytes, opted_in);
+  static int8_t sm90[64] = {0};
+  launch_kernel(kernel, sm90, {dim3((p.M + 255) / 256, (p.N + T::kBN - 1) / T::kBN), dim3(T::kThreads), T::kSmemBytes},
+                p);
+}
+
 // True when the wgmma path computed the GEMM.
 template <bool PER_GROUP>
 bool try_wgmma(const GemmParams& p, const at::TensorOptions& options) {
@@ -273,8 +298,9 @@ bool try_wgmma(const GemmParams& p, const at::TensorOptions& options) {
     launch_kernel(zero_point_operands_kernel, sm90_operands,
                   {dim3(static_cast<unsigned>((zp_operand_items(q) + 255) / 256)), dim3(256)}, q);
   }
-  if (choice.bm == 256) {
-    launch_wgmma<256, 5, 1, PER_GROUP>(q, options);
+  const int bm = choice.bm != 0 ? choice.bm : p.M >= wgmma_ws_min_m() ? 256 : 128;
+  if (bm == 256 && wgmma_ws_supports(p)) {
+    launch_wgmma_ws<5, PER_GROUP>(q);
   } else {
     launch_wgmma<128, 4, 2, PER_GROUP>(q, options);
   }

@@ -142,6 +142,15 @@ __global__ void __launch_bounds__(256) zero_point_operands_kernel(const GemmPara
   out[digit_items + item] = static_cast<uint8_t>((v >> 8) & 0xFF);
 }
 
+// Barriers of the code after the K loop: the whole block, or (warp-specialised kernel) only its 256 consumer
+// threads, named barrier 1 (the producer warpgroup has left by then).
+struct BlockSync {
+  __device__ static void sync() { __syncthreads(); }
+};
+struct ConsumerSync {
+  __device__ static void sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+};
+
 #if QOQ_WGMMA_ENABLED
 // acc += -sum_g z2 * s2 * sum_{k in g} x_q for this thread's accumulators (weight rows row_local, row_local + 8 of
 // the CTA's 128; activation rows of the wgmma D layout), once the K loop is done, from the operands of
@@ -150,7 +159,7 @@ __global__ void __launch_bounds__(256) zero_point_operands_kernel(const GemmPara
 // accumulator's layout for activation rows 8i .. 8i+7 of this warp's 16 weight rows), the digit sums in
 // temporaries. After the loop, not before it: ptxas serializes every wgmma of the kernel when accumulators are
 // rewritten by other instructions in a loop ahead of them. With two CTAs an SM the other CTA's K loop hides it.
-template <int BM, int STAGES>
+template <int BM, int STAGES, class Sync>
 __device__ __forceinline__ void add_zero_point_terms(const GemmParams& p, uint32_t (&acc)[BM / 2], uint8_t* region,
                                                       int m0, int n0, int row_local, int g, int t, int tid) {
   using T = WgmmaTile<BM, STAGES>;
@@ -170,28 +179,102 @@ __device__ __forceinline__ void add_zero_point_terms(const GemmParams& p, uint32
     }
     ptx::cp_async_commit();
     ptx::cp_async_wait<0>();
-    __syncthreads();
+    Sync::sync();
     const uint8_t* zs = region;
     const uint8_t* lo = region + T::kBN * pitch;
     const uint8_t* hi = region + (T::kBN + BM) * pitch;
+    // Chunks of 32 blocks outside, not unrolled (unrolled inside the loop over rows it made the kernel ~10k
+    // instructions, mostly remainder copies, and the epilogue slow); rows inside, unrolled (accumulator indices).
+    // The low digit accumulates straight into acc, the high one (times 256) through a temporary.
+#pragma unroll 1
+    for (int c = 0; c < width / 32; ++c) {
+      const int col = 32 * c + 4 * t;
+      auto word = [&](const uint8_t* base, int row, int offset) {
+        return *reinterpret_cast<const uint32_t*>(base + row * pitch + col + offset);
+      };
+      const uint32_t a[4] = {word(zs, row_local, 0), word(zs, row_local + 8, 0), word(zs, row_local, 16),
+                             word(zs, row_local + 8, 16)};
 #pragma unroll
-    for (int i = 0; i < BM / 8; ++i) {
-      const int tok = 8 * i + g;
-      uint32_t sum_lo[4] = {0, 0, 0, 0}, sum_hi[4] = {0, 0, 0, 0};
-      for (int c = 0; c < width / 32; ++c) {
-        const int col = 32 * c + 4 * t;
-        auto word = [&](const uint8_t* base, int row, int offset) {
-          return *reinterpret_cast<const uint32_t*>(base + row * pitch + col + offset);
-        };
-        const uint32_t a[4] = {word(zs, row_local, 0), word(zs, row_local + 8, 0), word(zs, row_local, 16),
-                               word(zs, row_local + 8, 16)};
-        ptx::mma_u8_16832<true>(sum_lo[0], sum_lo[1], sum_lo[2], sum_lo[3], a, word(lo, tok, 0), word(lo, tok, 16));
+      for (int i = 0; i < BM / 8; ++i) {
+        const int tok = 8 * i + g;
+        uint32_t sum_hi[4] = {0, 0, 0, 0};
+        ptx::mma_u8_16832<true>(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3], a, word(lo, tok, 0),
+                                word(lo, tok, 16));
         ptx::mma_u8_16832<false>(sum_hi[0], sum_hi[1], sum_hi[2], sum_hi[3], a, word(hi, tok, 0), word(hi, tok, 16));
-      }
 #pragma unroll
-      for (int j = 0; j < 4; ++j) acc[4 * i + j] += (sum_hi[j] << 8) + sum_lo[j];
+        for (int j = 0; j < 4; ++j) acc[4 * i + j] += sum_hi[j] << 8;
+      }
     }
-    __syncthreads();  // the next slab (or the output tile) overwrites the region
+    Sync::sync();  // the next slab (or the output tile) overwrites the region
+  }
+}
+#endif
+
+#if QOQ_WGMMA_ENABLED
+// One 128-wide k tile of the K loop for this thread's warpgroup (64 weight rows, BM activation rows): its packed
+// weights by ldmatrix from `w_stage`, unpacked (per group: times s2 from `s2_stage`) into the register A operand,
+// and four wgmma k steps against the activations at shared address `a_base`. At most one wgmma stays in flight
+// (wait_group<1> after each), so the call returns with this tile's last step possibly running;
+// after_first_step() runs once the first step's wait has retired every MMA of the previous tile.
+template <int BM, bool PER_GROUP, class AfterFirstStep>
+__device__ __forceinline__ void mma_k_tile(uint32_t (&acc)[BM / 2], const uint8_t* w_stage, uint32_t a_base,
+                                           const uint8_t* s2_stage, int s2_half, int wg, int warp_in_wg, int lane,
+                                           AfterFirstStep&& after_first_step) {
+  const int g = lane >> 2;
+  const int row_local = wg * 64 + warp_in_wg * 16 + g;
+  uint32_t s_cur[2][2];  // [row][64-wide half]
+  if constexpr (PER_GROUP) {
+    const uint8_t* sc = s2_stage;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      s_cur[r][0] = sc[row_local + 8 * r];
+      s_cur[r][1] = sc[s2_half + row_local + 8 * r];
+    }
+  }
+
+  // Packed words of the 4 k steps: [step][0] rows g, [step][1] rows g + 8 (lane t's word of each block).
+  uint32_t packed[4][2];
+#pragma unroll
+  for (int pair = 0; pair < 2; ++pair) {
+    const int row = wg * 64 + warp_in_wg * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+    const int chunk = 2 * pair + (lane >> 4);
+    uint32_t r[4];
+    ptx::ldmatrix_x4(r, w_stage + swizzle<64>(row, chunk));
+    packed[2 * pair][0] = r[0];
+    packed[2 * pair][1] = r[1];
+    packed[2 * pair + 1][0] = r[2];
+    packed[2 * pair + 1][1] = r[3];
+  }
+
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    uint32_t frag[4];
+    uint32_t lo0 = packed[ks][0] & 0x0F0F0F0Fu, lo1 = packed[ks][1] & 0x0F0F0F0Fu;
+    uint32_t hi0 = (packed[ks][0] >> 4) & 0x0F0F0F0Fu, hi1 = (packed[ks][1] >> 4) & 0x0F0F0F0Fu;
+    if constexpr (PER_GROUP) {
+      const int h = ks >> 1;  // k 32*ks..32*ks+31 lies in 64-wide half h, inside one scale group
+      lo0 *= s_cur[0][h];     // w4 * s2 <= 240: four u8 products, no carries between bytes
+      hi0 *= s_cur[0][h];
+      lo1 *= s_cur[1][h];
+      hi1 *= s_cur[1][h];
+    }  // per channel: the UINT4 values 0..15 are already valid s8 operands
+    frag[0] = lo0;  // row g,     k 4t..4t+3
+    frag[1] = lo1;  // row g + 8, k 4t..4t+3
+    frag[2] = hi0;  // row g,     k 16+4t..16+4t+3
+    frag[3] = hi1;  // row g + 8, k 16+4t..16+4t+3
+#pragma unroll
+    for (int i = 0; i < 4; ++i) wgmma::fence_operand(frag[i]);
+#pragma unroll
+    for (int i = 0; i < BM / 2; ++i) wgmma::fence_operand(acc[i]);
+    wgmma::fence();
+    wgmma_rs<BM, PER_GROUP>(acc, frag, wgmma::make_desc_k_sw128(a_base + 32 * ks));
+    wgmma::commit_group();
+#pragma unroll
+    for (int i = 0; i < BM / 2; ++i) wgmma::fence_operand(acc[i]);
+    wgmma::wait_group<1>();  // the previous step's MMA is done: its fragment registers may be reused
+    if (ks == 0) after_first_step();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) wgmma::fence_operand(frag[i]);
   }
 }
 #endif
@@ -218,6 +301,75 @@ __device__ __forceinline__ bool merge_split_partials(const GemmParams& p, uint32
   }
   return true;
 }
+
+#if QOQ_WGMMA_ENABLED
+// After the K loop (all MMAs done, the pipeline's shared memory free): per group the zero-point terms, then the
+// float epilogue of docs/formats.md for this thread's accumulators (weight rows row_local, row_local + 8 of the
+// CTA's 128), staged in shared memory and stored in coalesced 16-byte chunks (with the residual when given).
+// `tid` 0..255 are the threads that hold accumulators; Sync is their barrier.
+template <int BM, int STAGES, bool PER_GROUP, class Sync>
+__device__ __forceinline__ void wgmma_epilogue(const GemmParams& p, uint32_t (&acc)[BM / 2], uint8_t* smem, int m0,
+                                               int n0, int row_local, int g, int t, int tid) {
+  using T = WgmmaTile<BM, STAGES>;
+  constexpr int BN = T::kBN;
+  const int n_rows[2] = {min(n0 + row_local, p.N - 1), min(n0 + row_local + 8, p.N - 1)};
+  if constexpr (PER_GROUP) add_zero_point_terms<BM, STAGES, Sync>(p, acc, smem, m0, n0, row_local, g, t, tid);
+
+  // Accumulator d[4i + 2h + e]: weight row g + 8h, activation row 8i + 2t + e (wgmma D fragment layout).
+  uint16_t* out_tile = reinterpret_cast<uint16_t*>(smem);
+  float w_scale[2], w_bias[2];
+  int32_t w_zero[2] = {0, 0};
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    w_scale[h] = __half2float(p.wscale[n_rows[h]]);
+    w_bias[h] = load_bias(p, n_rows[h]);
+    if constexpr (!PER_GROUP) w_zero[h] = p.zero[n_rows[h]];
+  }
+#pragma unroll
+  for (int i = 0; i < BM / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int m_local = 8 * i + 2 * t + e;
+      const int m = min(m0 + m_local, p.M - 1);  // rows past M are computed but never stored
+      const float xs = p.x_s[m];
+      const int32_t x_sum = PER_GROUP ? 0 : p.x_sum[m];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int32_t a = static_cast<int32_t>(acc[4 * i + 2 * h + e]) - w_zero[h] * x_sum;
+        float y = __fmul_rn(__fmul_rn(__int2float_rn(a), xs), w_scale[h]);
+        if (p.bias_kind != kNoBias) y = __fadd_rn(y, w_bias[h]);
+        const uint16_t bits = p.out_bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(y))
+                                         : __half_as_ushort(__float2half_rn(y));
+        out_tile[m_local * T::kOutPitch + row_local + 8 * h] = bits;
+      }
+    }
+  Sync::sync();
+  uint16_t* out = static_cast<uint16_t*>(p.out);
+#pragma unroll
+  for (int it = 0; it < BM * (BN / 8) / T::kThreads; ++it) {  // BM rows x 16 chunks of 8 outputs
+    const int i = tid + it * T::kThreads;
+    const int m_local = i >> 4, chunk = i & 15;
+    const int m = m0 + m_local, n = n0 + 8 * chunk;
+    if (m < p.M && n < p.N) {  // N % 16 == 0: a chunk of 8 is entirely in or out
+      const size_t idx = static_cast<size_t>(m) * p.N + n;
+      uint4 v = *reinterpret_cast<const uint4*>(out_tile + m_local * T::kOutPitch + 8 * chunk);
+      if (p.residual != nullptr) {  // the tile holds y already rounded: with_residual's rounding of it is exact
+        uint16_t* y = reinterpret_cast<uint16_t*>(&v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          if (p.out_bf16) {
+            y[j] = __bfloat16_as_ushort(
+                __float2bfloat16_rn(with_residual(p, idx + j, __bfloat162float(__ushort_as_bfloat16(y[j])))));
+          } else {
+            y[j] = __half_as_ushort(__float2half_rn(with_residual(p, idx + j, __half2float(__ushort_as_half(y[j])))));
+          }
+        }
+      }
+      *reinterpret_cast<uint4*>(out + idx) = v;
+    }
+  }
+}
+#endif
 
 // Returns QOQ_WGMMA_ENABLED as compiled for the running device (0 on builds without an sm_90a image).
 __global__ void wgmma_probe_kernel(int* out) { *out = QOQ_WGMMA_ENABLED; }
@@ -300,7 +452,6 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
 
   // This thread's two weight rows (A fragment rows g and g + 8 of its warp's 16).
   const int row_local = wg * 64 + warp_in_wg * 16 + g;
-  const int n_rows[2] = {min(n0 + row_local, p.N - 1), min(n0 + row_local + 8, p.N - 1)};
 
   const int s2_half = PER_GROUP && p.zp_block == 64 ? 128 : 0;  // offset of the second 64-wide half's block
 
@@ -322,61 +473,8 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
     if (kt + D < nk) load_tile((kt + D) % STAGES);  // tile kt + D, into the stage tile kt - 2 used
     ptx::cp_async_commit();
 
-    uint32_t s_cur[2][2];  // [row][64-wide half]
-    if constexpr (PER_GROUP) {
-      const uint8_t* sc = stage_s2(s);
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        s_cur[r][0] = sc[row_local + 8 * r];
-        s_cur[r][1] = sc[s2_half + row_local + 8 * r];
-      }
-    }
-
-    // Packed words of the 4 k steps: [step][0] rows g, [step][1] rows g + 8 (lane t's word of each block).
-    uint32_t packed[4][2];
-    const uint8_t* w = stage_w(s);
-#pragma unroll
-    for (int pair = 0; pair < 2; ++pair) {
-      const int row = wg * 64 + warp_in_wg * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-      const int chunk = 2 * pair + (lane >> 4);
-      uint32_t r[4];
-      ptx::ldmatrix_x4(r, w + swizzle<64>(row, chunk));
-      packed[2 * pair][0] = r[0];
-      packed[2 * pair][1] = r[1];
-      packed[2 * pair + 1][0] = r[2];
-      packed[2 * pair + 1][1] = r[3];
-    }
-
-    const uint32_t a_base = ptx::smem_addr(stage_a(s));
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-      uint32_t frag[4];
-      uint32_t lo0 = packed[ks][0] & 0x0F0F0F0Fu, lo1 = packed[ks][1] & 0x0F0F0F0Fu;
-      uint32_t hi0 = (packed[ks][0] >> 4) & 0x0F0F0F0Fu, hi1 = (packed[ks][1] >> 4) & 0x0F0F0F0Fu;
-      if constexpr (PER_GROUP) {
-        const int h = ks >> 1;  // k 32*ks..32*ks+31 lies in 64-wide half h, inside one scale group
-        lo0 *= s_cur[0][h];     // w4 * s2 <= 240: four u8 products, no carries between bytes
-        hi0 *= s_cur[0][h];
-        lo1 *= s_cur[1][h];
-        hi1 *= s_cur[1][h];
-      }  // per channel: the UINT4 values 0..15 are already valid s8 operands
-      frag[0] = lo0;  // row g,     k 4t..4t+3
-      frag[1] = lo1;  // row g + 8, k 4t..4t+3
-      frag[2] = hi0;  // row g,     k 16+4t..16+4t+3
-      frag[3] = hi1;  // row g + 8, k 16+4t..16+4t+3
-#pragma unroll
-      for (int i = 0; i < 4; ++i) wgmma::fence_operand(frag[i]);
-#pragma unroll
-      for (int i = 0; i < BM / 2; ++i) wgmma::fence_operand(acc[i]);
-      wgmma::fence();
-      wgmma_rs<BM, PER_GROUP>(acc, frag, wgmma::make_desc_k_sw128(a_base + 32 * ks));
-      wgmma::commit_group();
-#pragma unroll
-      for (int i = 0; i < BM / 2; ++i) wgmma::fence_operand(acc[i]);
-      wgmma::wait_group<1>();  // the previous step's MMA is done: its fragment registers may be reused
-#pragma unroll
-      for (int i = 0; i < 4; ++i) wgmma::fence_operand(frag[i]);
-    }
+    mma_k_tile<BM, PER_GROUP>(acc, stage_w(s), ptx::smem_addr(stage_a(s)), stage_s2(s), s2_half, wg, warp_in_wg, lane,
+                              [] {});
   }
   wgmma::wait_group<0>();
 #pragma unroll
@@ -386,61 +484,7 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
   if constexpr (SPLIT_K) {
     if (!merge_split_partials<BM>(p, acc, tid)) return;
   }
-  if constexpr (PER_GROUP) add_zero_point_terms<BM, STAGES>(p, acc, smem, m0, n0, row_local, g, t, tid);
-
-  // Accumulator d[4i + 2h + e]: weight row g + 8h, activation row 8i + 2t + e (wgmma D fragment layout).
-  uint16_t* out_tile = reinterpret_cast<uint16_t*>(smem);
-  float w_scale[2], w_bias[2];
-  int32_t w_zero[2] = {0, 0};
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    w_scale[h] = __half2float(p.wscale[n_rows[h]]);
-    w_bias[h] = load_bias(p, n_rows[h]);
-    if constexpr (!PER_GROUP) w_zero[h] = p.zero[n_rows[h]];
-  }
-#pragma unroll
-  for (int i = 0; i < BM / 8; ++i)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int m_local = 8 * i + 2 * t + e;
-      const int m = min(m0 + m_local, p.M - 1);  // rows past M are computed but never stored
-      const float xs = p.x_s[m];
-      const int32_t x_sum = PER_GROUP ? 0 : p.x_sum[m];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int32_t a = static_cast<int32_t>(acc[4 * i + 2 * h + e]) - w_zero[h] * x_sum;
-        float y = __fmul_rn(__fmul_rn(__int2float_rn(a), xs), w_scale[h]);
-        if (p.bias_kind != kNoBias) y = __fadd_rn(y, w_bias[h]);
-        const uint16_t bits = p.out_bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(y))
-                                         : __half_as_ushort(__float2half_rn(y));
-        out_tile[m_local * T::kOutPitch + row_local + 8 * h] = bits;
-      }
-    }
-  __syncthreads();
-  uint16_t* out = static_cast<uint16_t*>(p.out);
-#pragma unroll
-  for (int it = 0; it < BM * (BN / 8) / T::kThreads; ++it) {  // BM rows x 16 chunks of 8 outputs
-    const int i = tid + it * T::kThreads;
-    const int m_local = i >> 4, chunk = i & 15;
-    const int m = m0 + m_local, n = n0 + 8 * chunk;
-    if (m < p.M && n < p.N) {  // N % 16 == 0: a chunk of 8 is entirely in or out
-      const size_t idx = static_cast<size_t>(m) * p.N + n;
-      uint4 v = *reinterpret_cast<const uint4*>(out_tile + m_local * T::kOutPitch + 8 * chunk);
-      if (p.residual != nullptr) {  // the tile holds y already rounded: with_residual's rounding of it is exact
-        uint16_t* y = reinterpret_cast<uint16_t*>(&v);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          if (p.out_bf16) {
-            y[j] = __bfloat16_as_ushort(
-                __float2bfloat16_rn(with_residual(p, idx + j, __bfloat162float(__ushort_as_bfloat16(y[j])))));
-          } else {
-            y[j] = __half_as_ushort(__float2half_rn(with_residual(p, idx + j, __half2float(__ushort_as_half(y[j])))));
-          }
-        }
-      }
-      *reinterpret_cast<uint4*>(out + idx) = v;
-    }
-  }
+  wgmma_epilogue<BM, STAGES, PER_GROUP, BlockSync>(p, acc, smem, m0, n0, row_local, g, t, tid);
 #endif  // QOQ_WGMMA_ENABLED
 }
 
