@@ -392,6 +392,16 @@ def test_wgmma_warp_specialised_kernel_from_m_1024(gen, monkeypatch):
     monkeypatch.delenv("QOQ_GEMM_WS_MIN_M")
     assert_per_group_matches(1300, 272, 1664, 64, torch.float16, torch.bfloat16, gen)
 
+
+@needs_hopper
+@pytest.mark.parametrize("bm", (128, 256))
+def test_wgmma_grouped_tile_order_beyond_4096_rows(bm, gen, wgmma):
+    """Past 4096 activation rows the wgmma kernels take their output tiles in groups of 4096 rows (an L2-friendly
+    order): every tile, including the last partial group and partial tiles, is computed once and exactly."""
+    wgmma(bm)
+    assert_per_group_matches(4400, 400, 640, 64, None, torch.float16, gen)
+    assert_per_channel_matches(4400, 400, 640, None, torch.bfloat16, gen)
+
 # ---- Decode kernel (M <= 16: csrc/gemm/w4a8_gemv.cu; the default unless QOQ_GEMM_DECODE=0) ----
 
 def _decode_enabled() -> bool:

@@ -279,6 +279,22 @@ __device__ __forceinline__ void mma_k_tile(uint32_t (&acc)[BM / 2], const uint8_
 }
 #endif
 
+// Output tile (activation-row tile, weight-row tile) of this CTA. The grid is (m tiles, n tiles) and CTAs start
+// roughly in launch order (x fastest); taken as is, one wave of a long prefill streams all M activation rows once
+// per few weight tiles, more than L2 holds from M = 16384 on. Grouped order: groups of kRasterRows activation rows,
+// inside a group the m tiles first, then the next weight tile; with M <= kRasterRows this is the launch order.
+template <int BM>
+__device__ __forceinline__ int2 grouped_tile() {
+  constexpr int kRasterRows = 4096, kGroupTiles = kRasterRows / BM;
+  const int m_tiles = static_cast<int>(gridDim.x);
+  const int linear = static_cast<int>(blockIdx.y * gridDim.x + blockIdx.x);
+  const int per_group = kGroupTiles * static_cast<int>(gridDim.y);
+  const int first_m = linear / per_group * kGroupTiles;
+  const int group_m = min(m_tiles - first_m, kGroupTiles);
+  const int in_group = linear - linear / per_group * per_group;
+  return make_int2(first_m + in_group % group_m, in_group / group_m);
+}
+
 // Split-K: stores this split's accumulators (fragment order: coalesced 1 KB rows), then returns true in the last
 // split of the output tile to finish, with the other splits' partial sums added to acc; false in the others.
 template <int BM>
@@ -390,7 +406,8 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, warp_in_wg = warp & 3;
   const int g = lane >> 2, t = lane & 3;
-  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+  const int2 tile = grouped_tile<BM>();
+  const int m0 = tile.x * BM, n0 = tile.y * BN;
   const int kt0 = SPLIT_K ? blockIdx.z * p.ktiles_per_split : 0;  // this split's k tiles: kt0 .. kt0 + nk - 1
   const int nk = SPLIT_K ? min(p.K / BK - kt0, p.ktiles_per_split) : p.K / BK;
 
@@ -427,7 +444,7 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
   const bool s2_loader = PER_GROUP && tid < BK / p.zp_block * 8;
   const int s2_stride = PER_GROUP ? BK / p.zp_block * 128 : 0;
   const uint8_t* s2_src = PER_GROUP ? p.zp_digits + (static_cast<size_t>(2 * p.M + p.N) +
-                                                    static_cast<size_t>(blockIdx.y) * 128) * p.zp_blocks_pad +
+                                                    static_cast<size_t>(tile.y) * 128) * p.zp_blocks_pad +
                                           static_cast<size_t>(kt0) * s2_stride + 16 * tid
                                     : nullptr;
   const uint32_t smem_base = ptx::smem_addr(smem);

@@ -45,7 +45,8 @@ __global__ void __launch_bounds__(384, 1) w4a8_gemm_wgmma_ws_kernel(const GemmPa
   uint64_t* empty = full + STAGES;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN, nk = p.K / BK;
+  const int2 tile = grouped_tile<BM>();
+  const int m0 = tile.x * BM, n0 = tile.y * BN, nk = p.K / BK;
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       bulk::mbar_init(&full[s], T::kProducerThreads);  // every producer thread, once its copies landed
@@ -84,7 +85,7 @@ __global__ void __launch_bounds__(384, 1) w4a8_gemm_wgmma_ws_kernel(const GemmPa
     const bool s2_loader = PER_GROUP && ptid < BK / p.zp_block * 8;
     const int s2_stride = PER_GROUP ? BK / p.zp_block * 128 : 0;
     const uint8_t* s2_src = PER_GROUP ? p.zp_digits + (static_cast<size_t>(2 * p.M + p.N) +
-                                                      static_cast<size_t>(blockIdx.y) * 128) * p.zp_blocks_pad +
+                                                      static_cast<size_t>(tile.y) * 128) * p.zp_blocks_pad +
                                             16 * ptid
                                       : nullptr;
     const uint32_t smem_base = ptx::smem_addr(smem);
