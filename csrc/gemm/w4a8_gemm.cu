@@ -232,7 +232,8 @@ void launch_wgmma_kernel(const GemmParams& p, const LaunchDims& dims) {
   launch_kernel(kernel, sm90, dims, p);
 }
 
-// Split K only with the 128-row tile (the 256-row one serves large M, where the tiles fill the GPU).
+// The 128-row kernel (large M takes the warp-specialised 256-row one, launch_wgmma_ws); split K when its tiles
+// leave CTA slots idle.
 template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP>
 void launch_wgmma(GemmParams p, const at::TensorOptions& options) {
   using T = WgmmaTile<BM, STAGES>;
