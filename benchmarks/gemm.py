@@ -71,9 +71,11 @@ def make_methods(m: int, n: int, k: int, only_ours: bool = False) -> dict:
     x_sum = x_q.sum(1, dtype=torch.int32)
     w4, s2, z2, s1 = _rand_per_group(n, k, 128, dev)
     qw = ops.pack_weights(w4)
+    packed_scales = ops.pack_scales(s2, z2)  # as QoQLinear keeps it
     zero = torch.randint(0, 16, (n,), dtype=torch.uint8, device=dev)
     methods = {
-        "qoq_per_group": lambda: ops.w4a8_gemm_per_group(x_q, x_s, qw, s2, z2, s1, None, 128, torch.bfloat16),
+        "qoq_per_group": lambda: ops.w4a8_gemm_per_group(x_q, x_s, qw, s2, z2, s1, None, 128, torch.bfloat16,
+                                                         None, packed_scales),
         "qoq_per_channel": lambda: ops.w4a8_gemm_per_channel(x_q, x_s, x_sum, qw, s1, zero, None, torch.bfloat16),
     }
     if only_ours:

@@ -59,8 +59,9 @@ def _to(device, *ts):
     return [None if t is None else t.to(device) for t in ts]
 
 def _kernel_names(gen: torch.Generator, m: int, n: int = 64, k: int = 1024, g: int = 64,
-                  per_group: bool = True) -> list[str]:
-    """CUDA kernels (and memsets) one random GEMM call launches, as the profiler records them."""
+                  per_group: bool = True, packed: bool = False) -> list[str]:
+    """CUDA kernels (and memsets) one random GEMM call launches, as the profiler records them (packed: per group
+    with the packed scales given, as modules call it)."""
     from torch.profiler import ProfilerActivity, profile
 
     w4, s2, z2, s1 = random_per_group(n, k, g, gen)
@@ -68,12 +69,13 @@ def _kernel_names(gen: torch.Generator, m: int, n: int = 64, k: int = 1024, g: i
     qweight = ops.pack_weights(w4)
     if per_group:
         args = _to("cuda", x_q, x_s, qweight, s2, z2, s1)
+        packed_scales = ops.pack_scales(args[3], args[4]) if packed else None
     else:
         args = _to("cuda", x_q, x_s, x_sum, qweight, s1, z2[:, 0].contiguous())
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         if per_group:
-            ops.w4a8_gemm_per_group(*args, group_size=g)
+            ops.w4a8_gemm_per_group(*args, group_size=g, packed_scales=packed_scales)
         else:
             ops.w4a8_gemm_per_channel(*args)
         torch.cuda.synchronize()
@@ -89,9 +91,13 @@ def assert_per_group_matches(m: int, n: int, k: int, g: int, bias_dtype, out_dty
     qweight = ops.pack_weights(w4)
     bias = None if bias_dtype is None else random_bias(n, bias_dtype, gen)
     ref = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, g, out_dtype)
-    out = ops.w4a8_gemm_per_group(*_to("cuda", x_q, x_s, qweight, s2, z2, s1, bias), group_size=g,
-                                  out_dtype=out_dtype)
+    args = _to("cuda", x_q, x_s, qweight, s2, z2, s1, bias)
+    out = ops.w4a8_gemm_per_group(*args, group_size=g, out_dtype=out_dtype)
     assert out.dtype == out_dtype and out.shape == (m, n) and out.is_cuda
+    assert torch.equal(out.cpu(), ref)
+    # with the module's packed scales (without them the op packs them itself where a kernel needs them)
+    packed = ops.pack_scales(args[3], args[4])
+    out = ops.w4a8_gemm_per_group(*args, group_size=g, out_dtype=out_dtype, packed_scales=packed)
     assert torch.equal(out.cpu(), ref)
 
 
@@ -274,10 +280,9 @@ def test_wgmma_llama_shapes_match_reference(n, k, gen, monkeypatch):
 @pytest.mark.parametrize("bm", (128, 256))
 @pytest.mark.parametrize("g,k", ((64, 4608), (128, 4608), (192, 768), (256, 1024), (512, 2048), (128, 14336)))
 def test_wgmma_per_group_zero_point_terms(bm, g, k, gen, wgmma):
-    """Per group the wgmma kernel takes the zero points out before its K loop, from base-256 digits of each k
-    block's activation sum: group sizes 64..512 (192: not a power of two), block counts that are not a multiple
-    of 32 (the mma.sync chunks' padding), and activations at the INT8 extremes, where a block's sum reaches
-    -128 * 128 (the high digit's limit) and 127 * 128."""
+    """Per group the wgmma kernels dequantize each 64-wide k half with its group's constants, staged a tile ahead:
+    group sizes 64..512 (192: not a power of two, so some k tiles' halves lie in different groups; 512: one group
+    over four tiles), group counts that are not a multiple of 4, and activations at the INT8 extremes."""
     m, n = 200, 144
     wgmma(bm)
     x_q = torch.where(torch.rand(m, k, generator=gen) < 0.5, -128, 127).to(torch.int8)
@@ -292,16 +297,28 @@ def test_wgmma_per_group_zero_point_terms(bm, g, k, gen, wgmma):
     assert torch.equal(out.cpu(), ref)
 
 
+@needs_kernel
+def test_cuda_gemm_rejects_bad_packed_scales(gen):
+    n, k, g, m = 208, 512, 128, 256
+    x_q, x_s, _ = random_activations(m, k, gen)
+    w4, s2, z2, s1 = random_per_group(n, k, g, gen)
+    args = _to("cuda", x_q, x_s, ops.pack_weights(w4), s2, z2, s1)
+    packed = ops.pack_scales(args[3], args[4])
+    strided = torch.cat((packed, packed), dim=2)[:, :, :256]
+    for bad, match in ((packed[:1].contiguous(), "shape"), (packed.int(), "uint8"),
+                       (strided, "contiguous"), (packed.cpu(), "packed_scales is on")):
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.qoq.w4a8_gemm_per_group(*args, None, g, torch.float16, None, bad)
+
+
 @needs_hopper
-def test_wgmma_per_group_launches_zero_point_operands(gen, monkeypatch):
-    """The per-group wgmma path is the operand kernel plus the wgmma kernel; per channel needs no operand kernel."""
+def test_wgmma_gemm_is_one_launch_in_both_formats(gen, monkeypatch):
+    """The wgmma path is a single kernel launch in both formats: per group the zero points are applied in the
+    K loop's dequantization, with no helper kernel before it."""
     monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
-    names = _kernel_names(gen, 256)
-    assert sum("zero_point_operands" in name for name in names) == 1, names
-    assert sum("w4a8_gemm_wgmma" in name for name in names) == 1, names
-    names = _kernel_names(gen, 256, per_group=False)
-    assert not any("zero_point_operands" in name for name in names), names
-    assert sum("w4a8_gemm_wgmma" in name for name in names) == 1, names
+    for per_group in (True, False):
+        names = _kernel_names(gen, 256, per_group=per_group, packed=True)
+        assert len(names) == 1 and "w4a8_gemm_wgmma" in names[0], (per_group, names)
 
 
 @needs_hopper

@@ -52,7 +52,13 @@ def test_linear_round_trips_its_weight_and_state_dict(gen):
     other.load_state_dict(q.state_dict())
     x = torch.randn(4, 128, generator=gen).half()
     assert torch.equal(other(x), q(x))
+    # packed_scales is derived from s2 / z2: not saved, rebuilt by load_weight and by every state-dict load
     assert set(q.state_dict()) == {"qweight", "s2", "z2", "s1"}
+    assert torch.equal(q.packed_scales, ops.pack_scales(qw.s2, qw.z2))
+    assert torch.equal(other.packed_scales, q.packed_scales)
+    assigned = QoQLinear(128, 32, group_size=64, device="meta")
+    assigned.load_state_dict(q.state_dict(), assign=True)
+    assert torch.equal(assigned.packed_scales, q.packed_scales)
 
 
 def test_linear_keeps_float16_scales_under_model_dtype_casts(gen):

@@ -62,6 +62,45 @@ def test_pack_unpack_exact(gen):
     assert torch.equal(ops.unpack_weights(packed), w4)
 
 
+@pytest.mark.parametrize("n,groups", [(16, 3), (128, 32), (200, 7), (300, 112)])
+def test_pack_scales_layout_and_inverse(n, groups, gen):
+    """Per 128-row weight tile and group: s2 of the rows, then 240 - z2 * s2; rows past N zero weights."""
+    from qoq_torch.ops.packing import unpack_scales
+
+    s2 = torch.randint(1, 17, (n, groups), generator=gen, dtype=torch.uint8)
+    z2 = torch.randint(0, 16, (n, groups), generator=gen, dtype=torch.uint8)
+    packed = ops.pack_scales(s2, z2)
+    tiles = (n + 127) // 128
+    assert packed.shape == (tiles, groups, 256) and packed.dtype == torch.uint8 and packed.is_contiguous()
+    rows = torch.arange(n)
+    j = torch.randint(0, groups, (n,), generator=gen)
+    assert torch.equal(packed[rows // 128, j, rows % 128], s2[rows, j])
+    assert torch.equal(packed[rows // 128, j, 128 + rows % 128].long(), 240 - z2[rows, j].long() * s2[rows, j].long())
+    pad = tiles * 128 - n
+    if pad:
+        assert int(packed[-1, :, 128 - pad:128].max()) == 0 and int(packed[-1, :, 256 - pad:].min()) == 240
+    s_back, z_back = unpack_scales(packed, n)
+    assert torch.equal(s_back, s2) and torch.equal(z_back, z2)
+    torch.library.opcheck(torch.ops.qoq.pack_scales.default, (s2, z2))
+    with pytest.raises(ValueError, match="z2"):
+        ops.pack_scales(s2, z2[:, :1].contiguous())
+
+
+def test_gemm_checks_packed_scales_and_ignores_their_values_on_cpu(gen):
+    """The reference takes packed_scales (the CUDA kernels' copy) but computes from s2 / z2; a wrong shape,
+    dtype or a missing tile is rejected by name."""
+    n, k, g, m = 200, 256, 64, 3
+    _, x_q, x_s, _ = _quantized_activation(m, k, gen)
+    pg = ops.quantize_weight_per_group(_weight(n, k, gen), g)
+    packed = ops.pack_scales(pg.s2, pg.z2)
+    want = ops.w4a8_gemm_per_group(x_q, x_s, pg.packed(), pg.s2, pg.z2, pg.s1, None, g, torch.float16)
+    got = ops.w4a8_gemm_per_group(x_q, x_s, pg.packed(), pg.s2, pg.z2, pg.s1, None, g, torch.float16, None, packed)
+    assert torch.equal(got, want)
+    for bad in (packed[:1].contiguous(), packed.int(), packed[:, :, :128].contiguous()):
+        with pytest.raises((ValueError, TypeError), match="packed_scales"):
+            ops.w4a8_gemm_per_group(x_q, x_s, pg.packed(), pg.s2, pg.z2, pg.s1, None, g, torch.float16, None, bad)
+
+
 def _quantized_activation(m, k, gen):
     x = torch.randn(m, k, generator=gen).half()
     return x, *ops.quantize_per_token(x)
@@ -130,6 +169,9 @@ def test_opcheck_gemms(m, gen):
                           (x_q, x_s, pg.packed(), pg.s2, pg.z2, pg.s1, None, 128, torch.bfloat16, residual))
     torch.library.opcheck(torch.ops.qoq.w4a8_gemm_per_channel.default,
                           (x_q, x_s, x_sum, pc.packed(), pc.scale, pc.zero, None, torch.bfloat16, residual))
+    torch.library.opcheck(torch.ops.qoq.w4a8_gemm_per_group.default,
+                          (x_q, x_s, pg.packed(), pg.s2, pg.z2, pg.s1, None, 128, torch.bfloat16, residual,
+                           ops.pack_scales(pg.s2, pg.z2)))
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])

@@ -1,5 +1,7 @@
 // CUDA impls of qoq::w4a8_gemm_per_group and qoq::w4a8_gemm_per_channel: argument checks, tile-config
 // choice by M, split-K choice, the opt-in Hopper wgmma path, launch, and the TORCH_LIBRARY_IMPL registration.
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -278,32 +280,29 @@ void launch_wgmma_ws(GemmParams p) {
                 p);
 }
 
-// True when the wgmma path computed the GEMM.
-template <bool PER_GROUP>
-bool try_wgmma(const GemmParams& p, const at::TensorOptions& options) {
+// Whether the wgmma path takes the GEMM (raises under QOQ_GEMM_WGMMA=2 when the device or build lacks it).
+bool wgmma_takes(int64_t M, int64_t K, bool per_group, int64_t group_size, const at::TensorOptions& options) {
   const WgmmaChoice choice = wgmma_choice();
-  if (choice.mode <= 0 || p.M < choice.min_m || p.K % 128 != 0 || (PER_GROUP && p.group_size % 64 != 0)) return false;
+  if (choice.mode <= 0 || M < choice.min_m || K % 128 != 0 || (per_group && group_size % 64 != 0)) return false;
   if (!wgmma_available(options)) {
     TORCH_CHECK(choice.mode != 2, "QOQ_GEMM_WGMMA=2: the wgmma W4A8 kernel needs an sm_90 device and a build "
                 "with an sm_90a image (TORCH_CUDA_ARCH_LIST=9.0a)");
     return false;
   }
-  GemmParams q = p;
-  at::Tensor digits;  // per group: the operands of the zero-point terms (w4a8_gemm_wgmma.cuh)
-  if constexpr (PER_GROUP) {
-    q.zp_block = p.group_size % 128 == 0 ? 128 : 64;  // |block sum| <= 128 * 128: two base-256 digits
-    q.zp_blocks_pad = (p.K / q.zp_block + 31) / 32 * 32;
-    digits = at::empty({static_cast<int64_t>(zp_operand_bytes(q))}, options.dtype(at::kByte));
-    q.zp_digits = digits.data_ptr<uint8_t>();
-    static int8_t sm90_operands[64] = {0};
-    launch_kernel(zero_point_operands_kernel, sm90_operands,
-                  {dim3(static_cast<unsigned>((zp_operand_items(q) + 255) / 256)), dim3(256)}, q);
-  }
+  return true;
+}
+
+// True when the wgmma path computed the GEMM.
+template <bool PER_GROUP>
+bool try_wgmma(const GemmParams& p, const at::TensorOptions& options) {
+  const WgmmaChoice choice = wgmma_choice();
+  if (!wgmma_takes(p.M, p.K, PER_GROUP, p.group_size, options)) return false;
+  TORCH_CHECK(!PER_GROUP || p.packed_scales != nullptr, "internal: the per-group wgmma path needs packed scales");
   const int bm = choice.bm != 0 ? choice.bm : p.M >= wgmma_ws_min_m() ? 256 : 128;
   if (bm == 256 && wgmma_ws_supports(p)) {
-    launch_wgmma_ws<5, PER_GROUP>(q);
+    launch_wgmma_ws<5, PER_GROUP>(p);
   } else {
-    launch_wgmma<128, 4, 2, PER_GROUP>(q, options);
+    launch_wgmma<128, 4, 2, PER_GROUP>(p, options);
   }
   return true;
 }
@@ -402,7 +401,8 @@ at::Tensor run_checked(const at::Tensor& x_q_in, const at::Tensor& x_s, const at
 at::Tensor w4a8_gemm_per_group_cuda(const at::Tensor& x_q_in, const at::Tensor& x_s, const at::Tensor& qweight_in,
                                     const at::Tensor& s2, const at::Tensor& z2, const at::Tensor& s1,
                                     const std::optional<at::Tensor>& bias, int64_t group_size,
-                                    at::ScalarType out_dtype, const std::optional<at::Tensor>& residual) {
+                                    at::ScalarType out_dtype, const std::optional<at::Tensor>& residual,
+                                    const std::optional<at::Tensor>& packed_scales_in) {
   check_common(x_q_in, x_s, qweight_in, bias, out_dtype);
   const int64_t k = x_q_in.size(1), n = qweight_in.size(0);
   check_residual(residual, x_q_in, n, out_dtype);
@@ -420,7 +420,27 @@ at::Tensor w4a8_gemm_per_group_cuda(const at::Tensor& x_q_in, const at::Tensor& 
     TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
   }
   check_per_row("s1", s1, at::kHalf, n, x_q_in);
+  at::Tensor packed_scales;
+  if (packed_scales_in.has_value()) {
+    packed_scales = *packed_scales_in;
+    TORCH_CHECK(packed_scales.device() == x_q_in.device(), "packed_scales is on ", qoq::device_str(packed_scales),
+                " but x_q is on ", qoq::device_str(x_q_in));
+    TORCH_CHECK(packed_scales.scalar_type() == at::kByte, "packed_scales must have dtype uint8, got ",
+                packed_scales.scalar_type());
+    TORCH_CHECK(packed_scales.dim() == 3 && packed_scales.size(0) == (n + 127) / 128 &&
+                    packed_scales.size(1) == k / group_size && packed_scales.size(2) == 256,
+                "packed_scales must have shape [ceil(N/128), K/g, 256] = [", qoq::num((n + 127) / 128), ", ",
+                qoq::num(k / group_size), ", 256] (ops.pack_scales(s2, z2)), got ", qoq::shape_str(packed_scales));
+    TORCH_CHECK(packed_scales.is_contiguous(), "packed_scales must be contiguous");
+  } else if (x_q_in.size(0) > 0 && wgmma_takes(x_q_in.size(0), k, true, group_size, x_q_in.options())) {
+    // Not given (modules always give it): the one packing routine, the Python-registered qoq::pack_scales.
+    static auto pack = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("qoq::pack_scales", "")
+                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+    packed_scales = pack.call(s2, z2);
+  }
   return run_checked<true>(x_q_in, x_s, qweight_in, bias, out_dtype, residual, [&](GemmParams& p) {
+    p.packed_scales = packed_scales.defined() ? packed_scales.data_ptr<uint8_t>() : nullptr;
     p.s2 = s2.data_ptr<uint8_t>();
     p.z2 = z2.data_ptr<uint8_t>();
     p.wscale = reinterpret_cast<const __half*>(s1.data_ptr<at::Half>());

@@ -40,10 +40,7 @@ struct GemmParams {
   int32_t* workspace;
   int32_t* counters;         // [tiles] zeroed: splits finished per output tile
   const void* residual;      // [M, N] in the output dtype, or nullptr: out = residual + y (y rounded first)
-  // Per group, wgmma kernel only: base-256 digits (plane 0 low, u8; plane 1 high, s8) of -sum(x_q) over each
-  // zp_block-wide k block, [2, M, zp_blocks_pad] (group_sum_digits_kernel).
-  const uint8_t* zp_digits;
-  int zp_block, zp_blocks_pad;
+  const uint8_t* packed_scales;  // per group, wgmma kernels: [ceil(N/128), groups, 256] (ops.pack_scales)
 };
 
 // XOR swizzle of 16-byte chunks in a shared-memory tile with rows of ROW_BYTES bytes: the 8 rows one
@@ -56,23 +53,28 @@ __device__ __forceinline__ int swizzle(int row, int chunk) {
   return row * ROW_BYTES + ((chunk ^ ((row / kRowsPerLine) & kMask)) << 4);
 }
 
-// Per (column, group) constants that turn w4 * s2 into (w4 - z2) * s2 with a carry-free bytewise add of
-// c = (256 - z2*s2) mod 256: bytes are split into their low 7 bits (added) and top bit (xored).
+// Per (column, group) constants of the progressive dequantization: s = s2 and c = (128 - z2 * s2) * 0x01010101
+// (mod 2^32). nibbles4 * s + c is, as an exact integer, sum_j ((w4_j - z2) * s2 + 128) * 256^j, and every such
+// digit lies in [0, 255] because (w4 - z2) * s2 lies in [-128, 127] (the format's guarantee): so the four bytes
+// of the 32-bit multiply-add are those digits, with no carry between them. XOR 0x80 per byte subtracts the 128,
+// giving the INT8 weights: two instructions for four weights.
 struct GroupDequant {
-  uint32_t s, c_lo, c_hi;
+  uint32_t s, c;
 };
 
 __device__ __forceinline__ GroupDequant make_group_dequant(uint32_t s2, uint32_t z2) {
-  const uint32_t c = (256u - z2 * s2) & 0xFFu;
-  const uint32_t c4 = c * 0x01010101u;
-  return {s2, c4 & 0x7F7F7F7Fu, c4 & 0x80808080u};
+  return {s2, 0x80808080u - s2 * z2 * 0x01010101u};
 }
 
-// w4 * s2 <= 240 fits a byte, so one 32-bit multiply scales four weights; the add is exact mod 256 and
-// (w4 - z2) * s2 lies in [-128, 127] by construction of the format, so the byte is the INT8 weight.
+// The same constants from the packed scales (ops.pack_scales): s2 and b = 240 - z2 * s2, so that
+// (128 - z2 * s2) * 0x01010101 = b * 0x01010101 - 112 * 0x01010101 (mod 2^32) is one multiply-add.
+__device__ __forceinline__ GroupDequant make_group_dequant_packed(uint32_t s2, uint32_t b) {
+  return {s2, b * 0x01010101u + 0x8F8F8F90u};
+}
+
+// nibbles4: four UINT4 weights of one row and group, one a byte; returns their INT8 values (w4 - z2) * s2.
 __device__ __forceinline__ uint32_t dequant4(uint32_t nibbles4, const GroupDequant& d) {
-  const uint32_t ws = nibbles4 * d.s;
-  return ((ws & 0x7F7F7F7Fu) + d.c_lo) ^ ((ws & 0x80808080u) ^ d.c_hi);
+  return (nibbles4 * d.s + d.c) ^ 0x80808080u;
 }
 
 __device__ __forceinline__ float load_bias(const GemmParams& p, int n) {

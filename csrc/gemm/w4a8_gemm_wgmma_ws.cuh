@@ -7,7 +7,8 @@
 // - two consumer warpgroups (threads 0..255, 64 weight rows each) wait on `full`, run the k tile (mma_k_tile: the
 //   same dequantization and wgmma steps), and release a stage on its `empty` mbarrier as soon as the first wgmma
 //   of the next tile has retired every MMA that read it.
-// The epilogue (zero-point terms, float epilogue, stores) is the 128-row kernel's, among the consumers only.
+// Per group the producer also copies each tile's packed scales into its stage. The epilogue (float epilogue,
+// stores) is the 128-row kernel's, among the consumers only.
 #pragma once
 #include "gemm/bulk_ptx.cuh"
 #include "gemm/w4a8_gemm_wgmma.cuh"
@@ -57,7 +58,7 @@ __global__ void __launch_bounds__(384, 1) w4a8_gemm_wgmma_ws_kernel(const GemmPa
   __syncthreads();
 
   if (tid >= T::kConsumerThreads) {
-    // ---- producer: activations BM rows x 8 chunks, weights 128 rows x 4 chunks, per group the tile's s2 ----
+    // ---- producer: activations BM rows x 8 chunks, weights 128 rows x 4 chunks, per group the constants ----
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(T::kProducerRegs));
     const int ptid = tid - T::kConsumerThreads;
     constexpr int kALoads = BM * 8 / T::kProducerThreads, kWLoads = BN * 4 / T::kProducerThreads;
@@ -66,36 +67,36 @@ __global__ void __launch_bounds__(384, 1) w4a8_gemm_wgmma_ws_kernel(const GemmPa
     const uint32_t w_dst = T::kAStage + swizzle<64>(ptid >> 2, ptid & 3);
     // Sources: a running pointer per operand plus 32-bit row offsets (M * K and N * K / 2 < 2^32, checked by the
     // launch), so the producer fits in kProducerRegs; rows past M / N read the last row with size 0 (zero-filled).
+    // The activation rows' offsets are computed per copy (16 of them: kept in registers they made the producer
+    // spill): row offsets grow with the row, so clamping the offset clamps the row.
     const int8_t* a_src = p.x_q + (ptid & 7) * 16;
     const uint8_t* w_src = p.qweight + (ptid & 3) * 16;
-    uint32_t a_off[kALoads], w_off[kWLoads];
-    uint32_t a_ok = 0, w_ok = 0;  // bit it: the row exists
-#pragma unroll
-    for (int it = 0; it < kALoads; ++it) {
-      const int row = m0 + (ptid >> 3) + kARowStep * it;
-      a_off[it] = static_cast<uint32_t>(min(row, p.M - 1)) * static_cast<uint32_t>(p.K);
-      a_ok |= static_cast<uint32_t>(row < p.M) << it;
-    }
+    const uint32_t a_first = static_cast<uint32_t>(m0 + (ptid >> 3)) * static_cast<uint32_t>(p.K);
+    const uint32_t a_step = static_cast<uint32_t>(kARowStep) * static_cast<uint32_t>(p.K);
+    const uint32_t a_last = static_cast<uint32_t>(p.M - 1) * static_cast<uint32_t>(p.K);
+    uint32_t w_off[kWLoads];
+    uint32_t w_ok = 0;  // bit it: the row exists
 #pragma unroll
     for (int it = 0; it < kWLoads; ++it) {
       const int row = n0 + (ptid >> 2) + kWRowStep * it;
       w_off[it] = static_cast<uint32_t>(min(row, p.N - 1)) * static_cast<uint32_t>(p.K / 2);
       w_ok |= static_cast<uint32_t>(row < p.N) << it;
     }
-    const bool s2_loader = PER_GROUP && ptid < BK / p.zp_block * 8;
-    const int s2_stride = PER_GROUP ? BK / p.zp_block * 128 : 0;
-    const uint8_t* s2_src = PER_GROUP ? p.zp_digits + (static_cast<size_t>(2 * p.M + p.N) +
-                                                      static_cast<size_t>(tile.y) * 128) * p.zp_blocks_pad +
-                                            16 * ptid
-                                      : nullptr;
+    // Per group: producer threads 0..31 copy each k tile's packed scales into its stage with its copies.
+    const bool scale_loader = PER_GROUP && ptid < 32;
+    PackedScaleSource scale_src(p, PER_GROUP ? tile.y : 0, (ptid >> 4) & 1, ptid & 15, 0,
+                                PER_GROUP ? p.group_size : 128);
     const uint32_t smem_base = ptx::smem_addr(smem);
     for (int kt = 0; kt < nk; ++kt) {
       const int s = kt % STAGES;
       if (kt >= STAGES) bulk::mbar_wait(&empty[s], (kt / STAGES - 1) & 1);
       const uint32_t stage = smem_base + s * T::kStageBytes;
+      uint32_t a_row_off = a_first;
+      asm volatile("" : "+r"(a_row_off));  // opaque per pass, so the 16 offsets are not hoisted into registers
 #pragma unroll
       for (int it = 0; it < kALoads; ++it) {
-        ptx::cp_async_16_shared(stage + a_dst + it * kARowStep * BK, a_src + a_off[it], (a_ok >> it & 1) * 16);
+        const uint32_t off = a_row_off + it * a_step;
+        ptx::cp_async_16_shared(stage + a_dst + it * kARowStep * BK, a_src + min(off, a_last), off <= a_last ? 16 : 0);
       }
 #pragma unroll
       for (int it = 0; it < kWLoads; ++it) {
@@ -103,9 +104,9 @@ __global__ void __launch_bounds__(384, 1) w4a8_gemm_wgmma_ws_kernel(const GemmPa
       }
       a_src += BK;
       w_src += BK / 2;
-      if (s2_loader) {
-        ptx::cp_async_16_shared(smem_base + T::kPipeBytes + s * T::kScaleStage + 16 * ptid, s2_src, 16);
-        s2_src += s2_stride;
+      if (scale_loader) {
+        ptx::cp_async_16_shared(smem_base + T::kPipeBytes + s * T::kScaleStage + 16 * ptid,
+                                scale_src.next(p.group_size), 16);
       }
       ptx::cp_async_commit();
       if (kt >= T::kLag) {  // tile kt - kLag has landed: publish it
@@ -124,7 +125,6 @@ __global__ void __launch_bounds__(384, 1) w4a8_gemm_wgmma_ws_kernel(const GemmPa
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(T::kConsumerRegs));
   const int wg = warp >> 2, warp_in_wg = warp & 3, g = lane >> 2, t = lane & 3;
   const int row_local = wg * 64 + warp_in_wg * 16 + g;
-  const int s2_half = PER_GROUP && p.zp_block == 64 ? 128 : 0;
   uint32_t acc[BM / 2];
 #pragma unroll
   for (int i = 0; i < BM / 2; ++i) acc[i] = 0;
@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(384, 1) w4a8_gemm_wgmma_ws_kernel(const GemmPa
     bulk::mbar_wait(&full[s], (kt / STAGES) & 1);
     uint8_t* stage = smem + s * T::kStageBytes;
     mma_k_tile<BM, PER_GROUP>(acc, stage + T::kAStage, ptx::smem_addr(stage), smem + T::kPipeBytes + s * T::kScaleStage,
-                              s2_half, wg, warp_in_wg, lane, [&] {
+                              wg, warp_in_wg, lane, [&] {
                                 // Lane 0 releases for its warp: every lane's reads of that stage fed the warp's
                                 // wgmmas, which the wait before this retired. (A release by every thread, or a
                                 // __syncwarp here, makes ptxas serialize the wgmmas: C7513.)

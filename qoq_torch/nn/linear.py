@@ -36,6 +36,10 @@ def concat_weights(weights: list[QuantizedWeight]) -> QuantizedWeight:
                             zero=torch.cat([w.zero for w in weights]))
 
 
+def _repack_scales_after_load(module: "QoQLinear", incompatible_keys) -> None:
+    module.repack_scales()
+
+
 class QoQLinear(nn.Module):
     """``y = x W^T (+ b)`` with W in QoQ's W4 format and x quantized per token to INT8 on the fly.
 
@@ -48,7 +52,7 @@ class QoQLinear(nn.Module):
 
     _fixed_dtype_buffers = ("s1", "scale")
     # Every buffer that can hold the quantized weight (either format): fixed shape and dtype once built.
-    WEIGHT_BUFFERS = ("qweight", "s2", "z2", "s1", "scale", "zero")
+    WEIGHT_BUFFERS = ("qweight", "s2", "z2", "s1", "scale", "zero", "packed_scales")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 128,
                  dtype: torch.dtype = torch.float16, device: torch.device | str | None = None) -> None:
@@ -65,6 +69,10 @@ class QoQLinear(nn.Module):
             self.register_buffer("s2", torch.ones(n, k // group_size, **u8))
             self.register_buffer("z2", torch.zeros(n, k // group_size, **u8))
             self.register_buffer("s1", torch.zeros(n, dtype=torch.float16, device=device))
+            # The CUDA GEMM's copy of s2 / z2 (ops.pack_scales): derived, so not in the state dict; rebuilt
+            # whenever s2 / z2 are loaded.
+            self.register_buffer("packed_scales", ops.pack_scales(self.s2, self.z2), persistent=False)
+            self.register_load_state_dict_post_hook(_repack_scales_after_load)
         else:
             self.register_buffer("scale", torch.zeros(n, dtype=torch.float16, device=device))
             self.register_buffer("zero", torch.zeros(n, **u8))
@@ -106,6 +114,7 @@ class QoQLinear(nn.Module):
             self.s2.copy_(weight.s2)
             self.z2.copy_(weight.z2)
             self.s1.copy_(weight.s1)
+            self.repack_scales()
         else:
             self.scale.copy_(weight.scale)
             self.zero.copy_(weight.zero)
@@ -113,6 +122,11 @@ class QoQLinear(nn.Module):
             raise ValueError("bias presence does not match the module")
         if bias is not None:
             self.bias.copy_(bias)
+
+    @torch.no_grad()
+    def repack_scales(self) -> None:
+        """Rebuild ``packed_scales`` from ``s2`` / ``z2`` (after anything wrote them)."""
+        self._buffers["packed_scales"] = ops.pack_scales(self.s2, self.z2)
 
     def quantized_weight(self) -> QuantizedWeight:
         """The logical quantized weight held by this module (unpacked; for tests and inspection)."""
@@ -129,7 +143,7 @@ class QoQLinear(nn.Module):
         (``residual + y`` when ``residual [M, N]`` is given, the add in the GEMM's epilogue)."""
         if self.group_size > 0:
             return ops.w4a8_gemm_per_group(x_q, x_s, self.qweight, self.s2, self.z2, self.s1, self.bias,
-                                           self.group_size, out_dtype, residual)
+                                           self.group_size, out_dtype, residual, self.packed_scales)
         return ops.w4a8_gemm_per_channel(x_q, x_s, x_sum, self.qweight, self.scale, self.zero, self.bias, out_dtype,
                                          residual)
 

@@ -48,10 +48,14 @@ def silu_mul_quantize(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def w4a8_gemm_per_group(x_q: torch.Tensor, x_s: torch.Tensor, qweight: torch.Tensor, s2: torch.Tensor,
                         z2: torch.Tensor, s1: torch.Tensor, bias: torch.Tensor | None = None,
                         group_size: int = 128, out_dtype: torch.dtype = torch.float16,
-                        residual: torch.Tensor | None = None) -> torch.Tensor:
+                        residual: torch.Tensor | None = None,
+                        packed_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Progressive W4A8 GEMM ``[M, K] x [N, K]^T -> [M, N]`` in ``out_dtype`` (INT32 accumulation); with
-    ``residual [M, N]`` (``out_dtype``) the output is ``residual + y``, y rounded first (a decoder's residual add)."""
-    return _ops.w4a8_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, group_size, out_dtype, residual)
+    ``residual [M, N]`` (``out_dtype``) the output is ``residual + y``, y rounded first (a decoder's residual add).
+    ``packed_scales`` must be ``pack_scales(s2, z2)`` when given (modules keep it; without it the CUDA prefill
+    kernels pack the scales at every call)."""
+    return _ops.w4a8_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, group_size, out_dtype, residual,
+                                    packed_scales)
 
 
 def w4a8_gemm_per_channel(x_q: torch.Tensor, x_s: torch.Tensor, x_sum: torch.Tensor, qweight: torch.Tensor,
@@ -65,6 +69,12 @@ def w4a8_gemm_per_channel(x_q: torch.Tensor, x_s: torch.Tensor, x_sum: torch.Ten
 def pack_weights(w4: torch.Tensor) -> torch.Tensor:
     """Logical UINT4 ``uint8 [N, K]`` -> the kernels' packed ``uint8 [N, K/2]``."""
     return _ops.pack_weights(w4)
+
+
+def pack_scales(s2: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """Per-group ``s2, z2: uint8 [N, K/g]`` -> the CUDA GEMM's ``uint8 [ceil(N/128), K/g, 256]`` copy of them
+    (docs/formats.md, "Packed scales"); pass it to `w4a8_gemm_per_group` as ``packed_scales``."""
+    return _ops.pack_scales(s2, z2)
 
 
 def unpack_weights(packed: torch.Tensor) -> torch.Tensor:
@@ -111,7 +121,7 @@ def kv4_decode_attention_quantize(q: torch.Tensor, k_cache: torch.Tensor, k_para
 __all__ = [
     "PROTECTIVE_RANGE", "PerChannelWeight", "PerGroupWeight", "add_rmsnorm_quantize", "cuda_available",
     "extension_status", "kv4_append", "kv4_decode_attention", "kv4_decode_attention_quantize", "kv4_dequantize",
-    "kv4_quantize", "pack_weights",
+    "kv4_quantize", "pack_scales", "pack_weights",
     "quantize_per_token", "quantize_weight_int8", "quantize_weight_per_channel", "quantize_weight_per_group",
     "rmsnorm_quantize", "rope", "rope_kv4_append", "silu_mul_quantize", "unpack_weights", "w4a8_gemm_per_channel",
     "w4a8_gemm_per_group",

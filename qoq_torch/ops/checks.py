@@ -63,7 +63,19 @@ def check_bias_and_dtype(bias, n: int, device, out_dtype) -> None:
         raise TypeError(f"out_dtype must be torch.float16 or torch.bfloat16, got {out_dtype}")
 
 
-def check_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, group_size, out_dtype) -> tuple[int, int]:
+def packed_scales_shape(n: int, groups: int) -> tuple[int, int, int]:
+    """Shape of `pack_scales`'s output for ``n`` weight rows and ``groups`` groups a row."""
+    return ((n + 127) // 128, groups, 256)
+
+
+def check_group_scales(s2, z2) -> tuple[int, int]:
+    check("s2", s2, dtypes=(torch.uint8,), dim=2)
+    check("z2", z2, dtypes=(torch.uint8,), shape=tuple(s2.shape), device=s2.device)
+    return s2.shape[0], s2.shape[1]
+
+
+def check_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, group_size, out_dtype,
+                         packed_scales=None) -> tuple[int, int]:
     m, k = check_quantized_activation(x_q, x_s)
     if group_size <= 0 or k % group_size != 0:
         raise ValueError(f"group_size={group_size} must be positive and divide K={k}")
@@ -72,6 +84,9 @@ def check_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, group_size, out_dt
         check(name, t, dtypes=(torch.uint8,), shape=(n, k // group_size), device=x_q.device, contiguous=True)
     check("s1", s1, dtypes=(torch.float16,), shape=(n,), device=x_q.device, contiguous=True)
     check_bias_and_dtype(bias, n, x_q.device, out_dtype)
+    if packed_scales is not None:
+        check("packed_scales", packed_scales, dtypes=(torch.uint8,), shape=packed_scales_shape(n, k // group_size),
+              device=x_q.device, contiguous=True)
     return m, n
 
 

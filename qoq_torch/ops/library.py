@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import checks, reference
-from .packing import pack_int4, unpack_int4
+from .packing import pack_int4, pack_scales, unpack_int4
 
 LIB = torch.library.Library("qoq", "DEF")
 
@@ -20,7 +20,8 @@ SCHEMAS = {
     "silu_mul_quantize": "silu_mul_quantize(Tensor gate_up) -> (Tensor, Tensor, Tensor)",
     "w4a8_gemm_per_group": (
         "w4a8_gemm_per_group(Tensor x_q, Tensor x_s, Tensor qweight, Tensor s2, Tensor z2, Tensor s1, "
-        "Tensor? bias, int group_size, ScalarType out_dtype, Tensor? residual=None) -> Tensor"
+        "Tensor? bias, int group_size, ScalarType out_dtype, Tensor? residual=None, "
+        "Tensor? packed_scales=None) -> Tensor"
     ),
     "w4a8_gemm_per_channel": (
         "w4a8_gemm_per_channel(Tensor x_q, Tensor x_s, Tensor x_sum, Tensor qweight, Tensor scale, "
@@ -28,6 +29,7 @@ SCHEMAS = {
     ),
     "pack_weights": "pack_weights(Tensor w4) -> Tensor",
     "unpack_weights": "unpack_weights(Tensor packed) -> Tensor",
+    "pack_scales": "pack_scales(Tensor s2, Tensor z2) -> Tensor",
     "kv4_append": (
         "kv4_append(Tensor(a!) k_cache, Tensor(b!) k_params, Tensor(c!) v_cache, Tensor(d!) v_params, "
         "Tensor k, Tensor v, Tensor cache_position) -> ()"
@@ -88,8 +90,9 @@ def _check_residual(residual, x_q, m, n, out_dtype):
         checks.check("residual", residual, dtypes=(out_dtype,), shape=(m, n), device=x_q.device, contiguous=True)
 
 
-def _gemm_per_group_fake(x_q, x_s, qweight, s2, z2, s1, bias, group_size, out_dtype, residual=None):
-    m, n = checks.check_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, group_size, out_dtype)
+def _gemm_per_group_fake(x_q, x_s, qweight, s2, z2, s1, bias, group_size, out_dtype, residual=None,
+                         packed_scales=None):
+    m, n = checks.check_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, group_size, out_dtype, packed_scales)
     _check_residual(residual, x_q, m, n, out_dtype)
     return x_q.new_empty((m, n), dtype=out_dtype)
 
@@ -114,6 +117,11 @@ def _pack_fake(w4):
 def _unpack_fake(packed):
     checks.check("packed", packed, dtypes=(torch.uint8,), dim=2)
     return packed.new_empty((packed.shape[0], packed.shape[1] * 2))
+
+
+def _pack_scales_fake(s2, z2):
+    n, groups = checks.check_group_scales(s2, z2)
+    return s2.new_empty(checks.packed_scales_shape(n, groups))
 
 
 def _kv4_append_fake(k_cache, k_params, v_cache, v_params, k, v, cache_position):
@@ -146,6 +154,7 @@ FAKES = {
     "w4a8_gemm_per_channel": _gemm_per_channel_fake,
     "pack_weights": _pack_fake,
     "unpack_weights": _unpack_fake,
+    "pack_scales": _pack_scales_fake,
     "kv4_append": _kv4_append_fake,
     "rope_kv4_append": _rope_kv4_append_fake,
     "kv4_decode_attention": _kv4_decode_fake,
@@ -177,6 +186,11 @@ def _unpack_impl(packed):
     return unpack_int4(packed)
 
 
+def _pack_scales_impl(s2, z2):
+    checks.check_group_scales(s2, z2)
+    return pack_scales(s2, z2)
+
+
 def _rope_kv4_append_positions(qkv, cos, sin, k_cache, k_params, v_cache, v_params, cache_position, num_q_heads):
     checks.check_positions_in_range(cache_position, k_cache.shape[2])
 
@@ -195,7 +209,7 @@ REFERENCES = {
                                               reference.kv4_decode_attention_quantize),
 }
 # The device-agnostic ops (pure tensor code) serve every backend.
-DEVICE_AGNOSTIC = {"pack_weights": _pack_impl, "unpack_weights": _unpack_impl}
+DEVICE_AGNOSTIC = {"pack_weights": _pack_impl, "unpack_weights": _unpack_impl, "pack_scales": _pack_scales_impl}
 
 for _name, _fake in FAKES.items():
     torch.library.register_fake(f"qoq::{_name}", _fake, lib=LIB)

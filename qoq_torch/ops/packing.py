@@ -34,3 +34,39 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     tail = packed[:, full_bytes:]
     tail = torch.stack((tail & 0x0F, tail >> 4), dim=-1).reshape(n, 2 * (half_k - full_bytes))
     return torch.cat((body, tail), dim=1)
+
+
+SCALE_TILE_ROWS = 128  # weight rows per tile of the packed per-group scales (the wgmma kernels' weight tile)
+ZS_BIAS = 240  # the packed z byte is ZS_BIAS - z2 * s2, in 0..240 since s2 <= 16 and z2 <= 15
+
+
+def pack_scales(s2: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """Per-group scales ``s2, z2: uint8 [N, G]`` -> the wgmma kernels' ``uint8 [ceil(N/128), G, 256]``.
+
+    For weight-row tile ``t`` and group ``j``: bytes 0..127 are ``s2`` of rows ``128t..128t+127``, bytes
+    128..255 are ``240 - z2 * s2`` of the same rows (rows past N: s2 = 0 and 240, i.e. zero weights). One
+    group of one tile is 256 contiguous bytes, so a k tile's scales are a few 16-byte copies, and the kernel's
+    dequantization constant ``(128 - z2 * s2) * 0x01010101`` is one multiply-add of the second byte."""
+    if s2.shape != z2.shape or s2.dim() != 2:
+        raise ValueError(f"s2 and z2 must both be [N, G], got {tuple(s2.shape)} and {tuple(z2.shape)}")
+    if s2.dtype != torch.uint8 or z2.dtype != torch.uint8:
+        raise TypeError(f"s2 and z2 must have dtype uint8, got {s2.dtype} and {z2.dtype}")
+    n, groups = s2.shape
+    tiles = (n + SCALE_TILE_ROWS - 1) // SCALE_TILE_ROWS
+    pad = tiles * SCALE_TILE_ROWS - n
+    s = s2.to(torch.int32)
+    zs = ZS_BIAS - z2.to(torch.int32) * s
+    s = torch.nn.functional.pad(s, (0, 0, 0, pad), value=0)
+    zs = torch.nn.functional.pad(zs, (0, 0, 0, pad), value=ZS_BIAS)
+    planes = torch.stack((s, zs), dim=1)  # [tiles * 128, 2, G]
+    planes = planes.view(tiles, SCALE_TILE_ROWS, 2, groups).permute(0, 3, 2, 1)  # [tiles, G, 2, 128]
+    return planes.reshape(tiles, groups, 2 * SCALE_TILE_ROWS).to(torch.uint8).contiguous()
+
+
+def unpack_scales(packed: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_scales` for ``n`` weight rows: ``(s2, z2)``, each ``uint8 [n, G]``."""
+    tiles, groups, width = packed.shape
+    planes = packed.view(tiles, groups, 2, width // 2).permute(0, 3, 2, 1).reshape(-1, 2, groups)[:n]
+    s = planes[:, 0].to(torch.int32)
+    z = (ZS_BIAS - planes[:, 1].to(torch.int32)) // s.clamp(min=1)
+    return s.to(torch.uint8), z.to(torch.uint8)
