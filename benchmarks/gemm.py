@@ -36,7 +36,7 @@ MS = (1, 4, 8, 16, 64, 256, 1024, 4096)
 BASELINES = ("bf16", "fp8_rowwise", "int8_int_mm", "w4a16_int4pack")
 OURS = ("qoq_per_group", "qoq_per_channel")
 # Same callables as OURS, timed with QOQ_GEMM_WGMMA set ("2,<bm>": the wgmma kernel or an error, never a silent
-# fallback); only on sm_90 and for M >= 64, the sizes that path takes.
+# fallback); only on sm_90 and for M >= 33, the sizes that path takes.
 WGMMA = {"qoq_per_group_wgmma": ("qoq_per_group", "2,128"), "qoq_per_group_wgmma256": ("qoq_per_group", "2,256"),
          "qoq_per_channel_wgmma": ("qoq_per_channel", "2,128"),
          "qoq_per_channel_wgmma256": ("qoq_per_channel", "2,256")}
@@ -48,7 +48,7 @@ SMALL_M_MAX = 64  # the decode and small-M kernels' range: the tile kernel is ti
 
 
 def wgmma_enabled(m: int) -> bool:
-    return m >= 64 and torch.cuda.get_device_capability() == (9, 0)
+    return m >= 33 and torch.cuda.get_device_capability() == (9, 0)
 
 
 def _rand_per_group(n: int, k: int, g: int, device: str):

@@ -223,7 +223,7 @@ def _hopper() -> bool:
 
 needs_hopper = pytest.mark.skipif(not _hopper(), reason="the wgmma GEMM path needs an sm_90 GPU")
 
-WGMMA_MS = (64, 100, 128, 1000, 1024)
+WGMMA_MS = (33, 64, 100, 128, 1000, 1024)
 WGMMA_NK = ((16, 128), (272, 1024), (128, 4096), (48, 192))  # N < tile, N tail, long K, K % 128 != 0 (fallback)
 LLAMA_NK = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))  # qkv, o, gate_up, down
 
@@ -323,12 +323,26 @@ def test_wgmma_gemm_is_one_launch_in_both_formats(gen, monkeypatch):
 
 @needs_hopper
 def test_wgmma_default_and_fallbacks_stay_exact(gen, monkeypatch):
-    """Unset: the wgmma kernel for M >= 128, the mma.sync kernel below; mode 0 (the mma.sync kernel) stays exact;
-    M < 64 under mode 2 falls back to the mma.sync kernel (the wgmma path does not take it) instead of raising."""
+    """Unset: the wgmma kernel from M = 33 per group (past the small-M kernel's range; from its QOQ_GEMM_SKINNY_MAX_M
+    + 1 when that is larger) and from M = 65 per channel, the other kernels below; mode 0 (the mma.sync kernel)
+    stays exact; M < 33 under mode 2 falls back (the wgmma path does not take it) instead of raising."""
+    monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
+    monkeypatch.delenv("QOQ_GEMM_SKINNY_MAX_M", raising=False)
+
+    def on_wgmma(m: int, per_group: bool) -> bool:
+        return any("w4a8_gemm_wgmma" in name for name in _kernel_names(gen, m, per_group=per_group, packed=True))
+
+    assert not on_wgmma(32, True) and on_wgmma(33, True) and on_wgmma(64, True)
+    assert not on_wgmma(64, False) and on_wgmma(65, False) and on_wgmma(100, False)
+    monkeypatch.setenv("QOQ_GEMM_SKINNY_MAX_M", "64")
+    assert not on_wgmma(64, True) and on_wgmma(65, True)
+    monkeypatch.delenv("QOQ_GEMM_SKINNY_MAX_M")
+    assert_per_group_matches(33, 144, 1024, 64, torch.float16, torch.bfloat16, gen)
+    assert_per_channel_matches(65, 144, 1024, None, torch.float16, gen)
     n, k, g = 64, 256, 128
     w4, s2, z2, s1 = random_per_group(n, k, g, gen)
     qweight = ops.pack_weights(w4)
-    for m, env in ((100, None), (200, None), (100, "0,128"), (17, "2,128")):
+    for m, env in ((40, None), (100, None), (200, None), (100, "0,128"), (17, "2,128"), (33, "2,128")):
         if env is None:
             monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
         else:

@@ -168,26 +168,31 @@ ForcedChoice forced_choice() {
   return f;
 }
 
-// Hopper path. By default it serves M >= 128 (where it beat the mma.sync kernel on the H100, docs/benchmarks.md)
-// on an sm_90a build running on sm_90. QOQ_GEMM_WGMMA="<mode>[,<bm>]", read at every call (a getenv, negligible
-// next to a GEMM; lets tests and benchmarks switch paths in one process), overrides it: mode 0: off; 1: the wgmma
-// kernel for every shape it takes (M >= 64, K % 128 == 0), else the mma.sync kernel; 2: as 1 but an error
-// instead of the fallback when the device/build lacks the wgmma kernel (tests use it so that a silent fallback
-// cannot pass for the wgmma path). bm: activation rows per CTA, 128 or 256 (the warp-specialised kernel); 0: by M
-// (wgmma_ws_min_m).
+// Hopper path, on an sm_90a build running on sm_90. By default it serves M from wgmma_default_min_m on.
+// QOQ_GEMM_WGMMA="<mode>[,<bm>]", read at every call (a getenv, negligible next to a GEMM; lets tests and benchmarks
+// switch paths in one process), overrides it: mode 0: off; 1: the wgmma kernel for every shape it takes (M >= 33,
+// K % 128 == 0), else the other kernels; 2: as 1 but an error instead of the fallback when the device/build lacks
+// the wgmma kernel (tests use it so that a silent fallback cannot pass for the wgmma path). bm: activation rows per
+// CTA, 128 or 256 (the warp-specialised kernel); 0: by M (wgmma_ws_min_m).
 struct WgmmaChoice {
-  int mode = 1, bm = 0, min_m = 128;
+  int mode = 1, bm = 0, min_m = 0;  // min_m 0: wgmma_default_min_m
 };
 
 WgmmaChoice wgmma_choice() {
   WgmmaChoice c;
   const char* env = std::getenv("QOQ_GEMM_WGMMA");
   if (env != nullptr && *env != '\0') {
-    c.min_m = 64;
+    c.min_m = 33;
     if (std::sscanf(env, "%d,%d", &c.mode, &c.bm) < 1) c.mode = 0;
   }
   return c;
 }
+
+// Smallest M the wgmma path takes by default (H100, docs/benchmarks.md, layer sums at M = 64-112): per group from
+// just past the small-M kernel's range, since the mma.sync tile kernel was 1.3-1.9x slower there (169.8-249.5 us
+// against 127.6-130.0); per channel from 65, as its tile kernel still wins at M = 64 (113.1 against 125.7 us) and
+// loses from 80 (196.4 against 126.8).
+int wgmma_default_min_m(bool per_group) { return per_group ? std::max(33, skinny_max_m(true) + 1) : 65; }
 
 // Whether the running device is sm_90 and this build carries the sm_90a image of the wgmma kernel (a probe
 // kernel reports the compile-time flag of the image the driver picked). Cached per device.
@@ -283,7 +288,8 @@ void launch_wgmma_ws(GemmParams p) {
 // Whether the wgmma path takes the GEMM (raises under QOQ_GEMM_WGMMA=2 when the device or build lacks it).
 bool wgmma_takes(int64_t M, int64_t K, bool per_group, int64_t group_size, const at::TensorOptions& options) {
   const WgmmaChoice choice = wgmma_choice();
-  if (choice.mode <= 0 || M < choice.min_m || K % 128 != 0 || (per_group && group_size % 64 != 0)) return false;
+  const int min_m = choice.min_m > 0 ? choice.min_m : wgmma_default_min_m(per_group);
+  if (choice.mode <= 0 || M < min_m || K % 128 != 0 || (per_group && group_size % 64 != 0)) return false;
   if (!wgmma_available(options)) {
     TORCH_CHECK(choice.mode != 2, "QOQ_GEMM_WGMMA=2: the wgmma W4A8 kernel needs an sm_90 device and a build "
                 "with an sm_90a image (TORCH_CUDA_ARCH_LIST=9.0a)");
