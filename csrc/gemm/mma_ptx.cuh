@@ -43,25 +43,5 @@ __device__ __forceinline__ void mma_s8_16832(int32_t (&d)[4], const uint32_t (&a
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// D = A(16x32 u8, row) * B(32x8, col) + D with B u8 when B_UNSIGNED, else s8; int32 accumulators given as
-// four registers (so a wgmma accumulator's registers can be updated in place).
-template <bool B_UNSIGNED>
-__device__ __forceinline__ void mma_u8_16832(uint32_t& d0, uint32_t& d1, uint32_t& d2, uint32_t& d3,
-                                             const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (B_UNSIGNED) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.s32.u8.u8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+r"(d0), "+r"(d1), "+r"(d2), "+r"(d3)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+r"(d0), "+r"(d1), "+r"(d2), "+r"(d3)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
 }  // namespace ptx
 }  // namespace qoq

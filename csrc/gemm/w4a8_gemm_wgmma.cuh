@@ -63,12 +63,12 @@ struct WgmmaTile {
 };
 
 #if QOQ_WGMMA_ENABLED
-template <int BM, bool A_UNSIGNED>
+template <int BM>
 __device__ __forceinline__ void wgmma_rs(uint32_t (&d)[BM / 2], const uint32_t (&a)[4], uint64_t desc) {
   if constexpr (BM == 128) {
-    wgmma::wgmma_m64n128k32_rs<A_UNSIGNED>(d, a, desc);
+    wgmma::wgmma_m64n128k32_rs(d, a, desc);
   } else {
-    wgmma::wgmma_m64n256k32_rs<A_UNSIGNED>(d, a, desc);
+    wgmma::wgmma_m64n256k32_rs(d, a, desc);
   }
 }
 #endif
@@ -172,7 +172,7 @@ __device__ __forceinline__ void mma_k_tile(uint32_t (&acc)[BM / 2], const uint8_
 #pragma unroll
     for (int i = 0; i < BM / 2; ++i) wgmma::fence_operand(acc[i]);
     wgmma::fence();
-    wgmma_rs<BM, false>(acc, frag, wgmma::make_desc_k_sw128(a_base + 32 * ks));
+    wgmma_rs<BM>(acc, frag, wgmma::make_desc_k_sw128(a_base + 32 * ks));
     wgmma::commit_group();
 #pragma unroll
     for (int i = 0; i < BM / 2; ++i) wgmma::fence_operand(acc[i]);
@@ -224,8 +224,9 @@ __device__ __forceinline__ bool merge_split_partials(const GemmParams& p, uint32
 }
 
 #if QOQ_WGMMA_ENABLED
-// After the K loop (all MMAs done, the pipeline's shared memory free): the float epilogue of docs/formats.md for this thread's accumulators (weight rows row_local, row_local + 8 of the
-// CTA's 128), staged in shared memory and stored in coalesced 16-byte chunks (with the residual when given).
+// After the K loop (all MMAs done, the pipeline's shared memory free): the float epilogue of docs/formats.md for
+// this thread's accumulators (weight rows row_local, row_local + 8 of the CTA's 128), staged in shared memory and
+// stored in coalesced 16-byte chunks (with the residual when given).
 // `tid` 0..255 are the threads that hold accumulators; Sync is their barrier.
 template <int BM, int STAGES, bool PER_GROUP, class Sync>
 __device__ __forceinline__ void wgmma_epilogue(const GemmParams& p, uint32_t (&acc)[BM / 2], uint8_t* smem, int m0,
@@ -366,9 +367,6 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
 
   // This thread's two weight rows (A fragment rows g and g + 8 of its warp's 16).
   const int row_local = wg * 64 + warp_in_wg * 16 + g;
-
-  // Per group: thread tid stages the dequantization constants of weight row tid % 128 (rows past N: N - 1) and
-  // 64-wide half tid / 128, slot tid of each stage's constants.
 
   uint32_t acc[BM / 2];
 #pragma unroll

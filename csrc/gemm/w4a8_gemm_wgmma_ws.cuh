@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(384, 1) w4a8_gemm_wgmma_ws_kernel(const GemmPa
   __syncthreads();
 
   if (tid >= T::kConsumerThreads) {
-    // ---- producer: activations BM rows x 8 chunks, weights 128 rows x 4 chunks, per group the constants ----
+    // ---- producer: activations BM rows x 8 chunks, weights 128 rows x 4 chunks, per group the packed scales ----
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(T::kProducerRegs));
     const int ptid = tid - T::kConsumerThreads;
     constexpr int kALoads = BM * 8 / T::kProducerThreads, kWLoads = BN * 4 / T::kProducerThreads;
@@ -67,8 +67,8 @@ __global__ void __launch_bounds__(384, 1) w4a8_gemm_wgmma_ws_kernel(const GemmPa
     const uint32_t w_dst = T::kAStage + swizzle<64>(ptid >> 2, ptid & 3);
     // Sources: a running pointer per operand plus 32-bit row offsets (M * K and N * K / 2 < 2^32, checked by the
     // launch), so the producer fits in kProducerRegs; rows past M / N read the last row with size 0 (zero-filled).
-    // The activation rows' offsets are computed per copy (16 of them: kept in registers they made the producer
-    // spill): row offsets grow with the row, so clamping the offset clamps the row.
+    // The activation rows' offsets are computed per copy rather than kept (16 registers of the producer's 40; an
+    // intermediate version spilled with them): row offsets grow with the row, so clamping the offset clamps the row.
     const int8_t* a_src = p.x_q + (ptid & 7) * 16;
     const uint8_t* w_src = p.qweight + (ptid & 3) * 16;
     const uint32_t a_first = static_cast<uint32_t>(m0 + (ptid >> 3)) * static_cast<uint32_t>(p.K);
