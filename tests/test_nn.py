@@ -56,6 +56,11 @@ def test_linear_round_trips_its_weight_and_state_dict(gen):
     assert set(q.state_dict()) == {"qweight", "s2", "z2", "s1"}
     assert torch.equal(q.packed_scales, ops.pack_scales(qw.s2, qw.z2))
     assert torch.equal(other.packed_scales, q.packed_scales)
+    # reloading a weight rewrites the buffer in place (a compiled model keeps reading the same tensor)
+    before = other.packed_scales
+    fresh = ops.quantize_weight_per_group(torch.randn(32, 128, generator=gen), 64)
+    other.load_weight(fresh)
+    assert other.packed_scales is before and torch.equal(before, ops.pack_scales(fresh.s2, fresh.z2))
     assigned = QoQLinear(128, 32, group_size=64, device="meta")
     assigned.load_state_dict(q.state_dict(), assign=True)
     assert torch.equal(assigned.packed_scales, q.packed_scales)

@@ -125,8 +125,15 @@ class QoQLinear(nn.Module):
 
     @torch.no_grad()
     def repack_scales(self) -> None:
-        """Rebuild ``packed_scales`` from ``s2`` / ``z2`` (after anything wrote them)."""
-        self._buffers["packed_scales"] = ops.pack_scales(self.s2, self.z2)
+        """Rebuild ``packed_scales`` from ``s2`` / ``z2`` (after anything wrote them). In place when the buffer
+        already lives where s2 does, as the other weight buffers are written: a compiled model keeps reading the
+        same tensor (its guards skip the weight buffers); replaced only after ``load_state_dict(assign=True)``."""
+        packed = ops.pack_scales(self.s2, self.z2)
+        current = self._buffers["packed_scales"]
+        if current.device == packed.device and current.shape == packed.shape and not current.is_meta:
+            current.copy_(packed)
+        else:
+            self._buffers["packed_scales"] = packed
 
     def quantized_weight(self) -> QuantizedWeight:
         """The logical quantized weight held by this module (unpacked; for tests and inspection)."""
