@@ -309,16 +309,21 @@ def sweep_stream() -> dict:
 
 WGMMA_SPLIT_SWEEP_MS = (64, 128, 256, 512, 1024)
 WGMMA_SPLITS = (1, 2, 4, 8, 16)
+WGMMA_WS_SPLITS = (1, 2, 3, 4)
 
 
-def sweep_wgmma_splits() -> dict:
-    """wgmma kernel (128-row tile) with its own split-K choice and with 1..16 splits forced
-    (QOQ_GEMM_WGMMA_SPLITS), against the default dispatch; prints the layer sums of both formats."""
+def sweep_wgmma_splits(ms=None) -> dict:
+    """wgmma kernels (128-row tile; the warp-specialised 256-row one) with their own split-K choice and with
+    split counts forced (QOQ_GEMM_WGMMA_SPLITS), against the default dispatch; prints the layer sums of both
+    formats."""
     def variants(m):
         on = {"QOQ_GEMM_WGMMA": "1,128"}
         return ([("default", {}, None), ("wgmma-auto", on, None)]
-                + [(f"wgmma-s{s}", {**on, "QOQ_GEMM_WGMMA_SPLITS": str(s)}, None) for s in WGMMA_SPLITS])
-    return _sweep_variants(WGMMA_SPLIT_SWEEP_MS, variants, "sweep-wgmma-splits")
+                + [(f"wgmma-s{s}", {**on, "QOQ_GEMM_WGMMA_SPLITS": str(s)}, None) for s in WGMMA_SPLITS]
+                + [("wgmma256", {"QOQ_GEMM_WGMMA": "2,256"}, None)]
+                + [(f"wgmma256-s{s}", {"QOQ_GEMM_WGMMA": "2,256", "QOQ_GEMM_WGMMA_SPLITS": str(s)}, None)
+                   for s in WGMMA_WS_SPLITS])
+    return _sweep_variants(ms or WGMMA_SPLIT_SWEEP_MS, variants, "sweep-wgmma-splits")
 
 
 CHAIN_BYTES = 400 << 20  # weights cycled per layer chain: 8x the 50 MB L2, so no weight is read from L2
@@ -544,7 +549,7 @@ def _check_small_wgmma(gen: torch.Generator) -> None:
     ref_c = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qw, s1, z2[:, 0].contiguous(), None, torch.float16)
     cu = [t.cuda() for t in (x_q, x_s, x_sum, qw, s2, z2, s1, bias)]
     x_q_c, x_s_c, x_sum_c, qw_c, s2_c, z2_c, s1_c, bias_c = cu
-    for bm, splits in ((128, "1"), (256, "1"), (128, "3")):  # 3: split K, 13 k tiles as 5 + 5 + 3
+    for bm, splits in ((128, "1"), (256, "1"), (128, "3"), (256, "3")):  # 3: split K, 13 k tiles as 5 + 5 + 3
         os.environ["QOQ_GEMM_WGMMA"] = f"2,{bm}"
         os.environ["QOQ_GEMM_WGMMA_SPLITS"] = splits
         try:
@@ -596,7 +601,7 @@ def main() -> None:
     elif args.sweep_stream:
         results = sweep_stream()
     elif args.sweep_wgmma_splits:
-        results = sweep_wgmma_splits()
+        results = sweep_wgmma_splits(ms)
     elif args.sweep:
         results = sweep()
     else:

@@ -356,11 +356,12 @@ def test_wgmma_default_and_fallbacks_stay_exact(gen, monkeypatch):
 @needs_hopper
 @pytest.mark.parametrize("splits", ("2", "3", "7", "64"))
 @pytest.mark.parametrize("per_group", (True, False))
-def test_wgmma_split_k_is_exact(splits, per_group, gen, monkeypatch):
-    """Split K on the wgmma path (QOQ_GEMM_WGMMA_SPLITS forces a count; 64 is more than the 32 k tiles, so one
+@pytest.mark.parametrize("bm", ("128", "256"))
+def test_wgmma_split_k_is_exact(bm, splits, per_group, gen, monkeypatch):
+    """Split K on both wgmma kernels (QOQ_GEMM_WGMMA_SPLITS forces a count; 64 is more than the 32 k tiles, so one
     tile a split): the last split of each output tile adds the others' INT32 partials, which gives the reference's
     bits and the unsplit kernel's, with M and N tails, bias, g = 64 (two groups a k tile) and a residual."""
-    m, n, k, g = 200, 272, 4096, 64
+    m, n, k, g = 300 if bm == "256" else 200, 272, 4096, 64
     x_q, x_s, x_sum = random_activations(m, k, gen)
     bias = random_bias(n, torch.float16, gen)
     residual = (torch.randn(m, n, generator=gen) * 4).to(torch.bfloat16)
@@ -376,7 +377,7 @@ def test_wgmma_split_k_is_exact(splits, per_group, gen, monkeypatch):
         ref = torch.ops.qoq.w4a8_gemm_per_channel(*operands, torch.bfloat16, residual)
         run = lambda: ops.w4a8_gemm_per_channel(*_to("cuda", *operands), out_dtype=torch.bfloat16,  # noqa: E731
                                                 residual=residual.cuda())
-    monkeypatch.setenv("QOQ_GEMM_WGMMA", "2,128")
+    monkeypatch.setenv("QOQ_GEMM_WGMMA", f"2,{bm}")
     monkeypatch.setenv("QOQ_GEMM_WGMMA_SPLITS", splits)
     split = run()
     monkeypatch.setenv("QOQ_GEMM_WGMMA_SPLITS", "1")
@@ -404,24 +405,64 @@ def test_wgmma_splits_k_only_when_the_tiles_leave_sms_idle(gen, monkeypatch):
 
 
 
+def _wgmma_splits(tiles: int, ktiles: int, blocks_per_sm: int, sms: int) -> int:
+    """The wgmma kernels' default split-K count (w4a8_gemm.cu, wgmma_ktiles_per_split), written out for the test."""
+    splits = min(blocks_per_sm * sms // tiles, ktiles // 12)
+    if splits > 1 and 10 * tiles >= 7 * sms and ktiles // splits < 48:
+        splits = 1
+    splits = max(1, min(splits, ktiles))
+    per_split = -(-ktiles // splits)
+    return -(-ktiles // per_split)
+
+
+def _per_group_takes_ws(m: int, n: int, k: int, sms: int) -> bool:
+    """The per-group rule below M = 1024 (w4a8_gemm.cu, per_group_prefers_ws): no more waves than the 128-row
+    kernel, and a split K only when K is deep."""
+    if m < 256:
+        return False
+    n_tiles, ktiles = -(-n // 128), k // 128
+    ws_tiles, tiles_128 = -(-m // 256) * n_tiles, -(-m // 128) * n_tiles
+    ws_splits, splits_128 = _wgmma_splits(ws_tiles, ktiles, 1, sms), _wgmma_splits(tiles_128, ktiles, 2, sms)
+    if ws_splits > 1 and ktiles < 64:
+        return False
+    return -(-ws_tiles * ws_splits // sms) <= -(-tiles_128 * splits_128 // (2 * sms))
+
+
 @needs_hopper
-def test_wgmma_warp_specialised_kernel_from_m_1024(gen, monkeypatch):
-    """By default M >= 1024 runs the warp-specialised 256-row kernel and smaller M the 128-row one, in both formats;
-    QOQ_GEMM_WS_MIN_M moves the threshold. Results stay bit-exact (M = 1300: a partial 256-row tile)."""
+def test_wgmma_warp_specialised_kernel_choice(gen, monkeypatch):
+    """By default M >= 1024 runs the warp-specialised 256-row kernel in both formats; below, per channel runs the
+    128-row one, and per group the 256-row one from M = 256 where its grid takes no more waves than the 128-row
+    kernel's (with a split K only for deep K). QOQ_GEMM_WS_MIN_M moves the threshold. Results stay bit-exact
+    (M = 1300: a partial 256-row tile)."""
     import re
 
     monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
     monkeypatch.delenv("QOQ_GEMM_WS_MIN_M", raising=False)
-    ws_kernel = re.compile(r"w4a8_gemm_wgmma_ws_kernel<256, 5, (true|false)>")
+    monkeypatch.delenv("QOQ_GEMM_WGMMA_SPLITS", raising=False)
+    ws_kernel = re.compile(r"w4a8_gemm_wgmma_ws_kernel<256, 5, (true|false), (true|false)>")
+    ws_split_kernel = re.compile(r"w4a8_gemm_wgmma_ws_kernel<256, 5, true, true>")
     for per_group in (True, False):
         assert sum(bool(ws_kernel.search(x)) for x in _kernel_names(gen, 1024, per_group=per_group)) == 1
-        names = _kernel_names(gen, 1023, per_group=per_group)
-        assert not any(ws_kernel.search(x) for x in names), names
-        assert sum("w4a8_gemm_wgmma_kernel<128" in x for x in names) == 1, names
+    names = _kernel_names(gen, 1023, per_group=False)
+    assert not any(ws_kernel.search(x) for x in names), names
+    assert sum("w4a8_gemm_wgmma_kernel<128" in x for x in names) == 1, names
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cases = [(200, 6144, 1024), (300, 6144, 1024), (640, 6144, 1024), (1023, 64, 1024), (768, 6144, 1024),
+             (256, 4096, 4096), (512, 4096, 8192)]
+    expected = [_per_group_takes_ws(m, n, k, sms) for m, n, k in cases]
+    assert any(expected) and not all(expected), expected  # both kernels are exercised
+    for (m, n, k), ws in zip(cases, expected):
+        names = _kernel_names(gen, m, n=n, k=k, per_group=True, packed=True)
+        assert sum(bool(ws_kernel.search(x)) for x in names) == int(ws), (m, n, k, names)
+        assert sum("w4a8_gemm_wgmma_kernel<128" in x for x in names) == int(not ws), (m, n, k, names)
+    # Deep K: the 256-row kernel splits it (64 k tiles, 64 output tiles: two splits from 128 SMs, as on the H100).
+    if _wgmma_splits(64, 64, 1, sms) > 1:
+        assert any(ws_split_kernel.search(x) for x in _kernel_names(gen, 512, n=4096, k=8192, packed=True))
     monkeypatch.setenv("QOQ_GEMM_WS_MIN_M", "512")
-    assert sum(bool(ws_kernel.search(x)) for x in _kernel_names(gen, 600)) == 1
+    assert sum(bool(ws_kernel.search(x)) for x in _kernel_names(gen, 600, per_group=False)) == 1
     monkeypatch.delenv("QOQ_GEMM_WS_MIN_M")
     assert_per_group_matches(1300, 272, 1664, 64, torch.float16, torch.bfloat16, gen)
+    assert_per_group_matches(512, 384, 8192, 128, torch.float16, torch.bfloat16, gen)
 
 
 @needs_hopper

@@ -173,7 +173,7 @@ ForcedChoice forced_choice() {
 // switch paths in one process), overrides it: mode 0: off; 1: the wgmma kernel for every shape it takes (M >= 33,
 // K % 128 == 0), else the other kernels; 2: as 1 but an error instead of the fallback when the device/build lacks
 // the wgmma kernel (tests use it so that a silent fallback cannot pass for the wgmma path). bm: activation rows per
-// CTA, 128 or 256 (the warp-specialised kernel); 0: by M (wgmma_ws_min_m).
+// CTA, 128 or 256 (the warp-specialised kernel); 0: by shape (wgmma_ws_min_m, per_group_prefers_ws).
 struct WgmmaChoice {
   int mode = 1, bm = 0, min_m = 0;  // min_m 0: wgmma_default_min_m
 };
@@ -216,15 +216,18 @@ bool wgmma_available(const at::TensorOptions& options) {
   return state == 1;
 }
 
-// Split-K count of the wgmma kernel: QOQ_GEMM_WGMMA_SPLITS (read at every call; > 0 forces a count, for tests
+// Split-K count of the wgmma kernels: QOQ_GEMM_WGMMA_SPLITS (read at every call; > 0 forces a count, for tests
 // and sweeps) or as many splits as the resident CTA slots hold, each at least 12 k tiles (1536 k) deep (H100
-// sweep, docs/benchmarks.md: deeper splits leave SMs idle, shallower ones pay their fill and merge). Returns k
-// tiles per split; no split is empty.
+// sweep, docs/benchmarks.md: deeper splits leave SMs idle, shallower ones pay their fill and merge), except that
+// tiles covering >= 70% of the SMs are not split into splits of < 48 k tiles (same sweeps: o at M = 384 / 512 and
+// qkv at M = 256, 96-128 tiles of 32 k tiles, ran 7-10% faster unsplit; down at M = 512, 56 k tiles a split,
+// gains from two). Returns k tiles per split; no split is empty.
 int wgmma_ktiles_per_split(int tiles, int ktiles, int blocks_per_sm) {
   int splits = env_int("QOQ_GEMM_WGMMA_SPLITS", 0);
   if (splits <= 0) {
     const int sms = multiprocessor_count();
     splits = std::min(blocks_per_sm * sms / tiles, ktiles / 12);
+    if (splits > 1 && 10 * tiles >= 7 * sms && ktiles / splits < 48) splits = 1;
   }
   splits = std::clamp(splits, 1, ktiles);
   return (ktiles + splits - 1) / splits;
@@ -271,18 +274,60 @@ bool wgmma_ws_supports(const GemmParams& p) {
   return static_cast<uint64_t>(p.M) * p.K < (uint64_t{1} << 32) && static_cast<uint64_t>(p.N) * p.K < (uint64_t{1} << 33);
 }
 
-// The warp-specialised 256-row kernel (w4a8_gemm_wgmma_ws.cuh): one CTA an SM, no split.
-template <int STAGES, bool PER_GROUP>
-void launch_wgmma_ws(GemmParams p) {
+constexpr int kWgmma128BlocksPerSm = 2;  // the 128-row kernel's resident CTAs an SM (launch_wgmma's MIN_BLOCKS)
+
+// Per group from M = 256 up to wgmma_ws_min_m: the warp-specialised kernel when its grid (one CTA an SM) takes no
+// more waves than the 128-row kernel's (two an SM) and it splits K only for deep K (>= 64 k tiles). A wave of
+// either kernel covers the same output area, and the 256-row one dequantizes each weight once per 256 rows instead
+// of 128, so at equal waves it wins per group (not per channel, whose dequantization is cheaper); its split-K merge
+// costs more than it gains at K = 4096. H100 sweep (docs/benchmarks.md, `--sweep-wgmma-splits` at M = 256-1024):
+// gate_up at M = 256 and 768 (61.1 / 167.4 against 66.9 / 174.6 us), qkv at M = 384 / 512, down everywhere
+// (M = 768: 83.1 against 97.9); at M = 768 it takes qkv too (57.4 against 54.3), the one loss in the sweep.
+bool per_group_prefers_ws(const GemmParams& p) {
+  if (p.M < 256 || !wgmma_ws_supports(p)) return false;
+  const int sms = multiprocessor_count(), n_tiles = (p.N + 127) / 128, ktiles = p.K / 128;
+  const int ws_tiles = (p.M + 255) / 256 * n_tiles, tiles_128 = (p.M + 127) / 128 * n_tiles;
+  auto splits = [&](int tiles, int blocks_per_sm) {
+    const int per_split = wgmma_ktiles_per_split(tiles, ktiles, blocks_per_sm);
+    return (ktiles + per_split - 1) / per_split;
+  };
+  const int ws_splits = splits(ws_tiles, 1), splits_128 = splits(tiles_128, kWgmma128BlocksPerSm);
+  if (ws_splits > 1 && ktiles < 64) return false;
+  const int64_t ws_waves = (int64_t{ws_tiles} * ws_splits + sms - 1) / sms;
+  const int64_t waves_128 = (int64_t{tiles_128} * splits_128 + kWgmma128BlocksPerSm * sms - 1) /
+                            (kWgmma128BlocksPerSm * sms);
+  return ws_waves <= waves_128;
+}
+
+template <int STAGES, bool PER_GROUP, bool SPLIT_K>
+void launch_wgmma_ws_kernel(const GemmParams& p, const LaunchDims& dims) {
   using T = WgmmaWsTile<256, STAGES>;
-  p.ktiles_per_split = p.K / T::kBK;
-  p.splits = 1;
-  auto kernel = w4a8_gemm_wgmma_ws_kernel<256, STAGES, PER_GROUP>;
+  auto kernel = w4a8_gemm_wgmma_ws_kernel<256, STAGES, PER_GROUP, SPLIT_K>;
   static bool opted_in[64] = {false};
   allow_dynamic_smem(kernel, T::kSmemBytes, opted_in);
   static int8_t sm90[64] = {0};
-  launch_kernel(kernel, sm90, {dim3((p.M + 255) / 256, (p.N + T::kBN - 1) / T::kBN), dim3(T::kThreads), T::kSmemBytes},
-                p);
+  launch_kernel(kernel, sm90, dims, p);
+}
+
+// The warp-specialised 256-row kernel (w4a8_gemm_wgmma_ws.cuh): one CTA an SM; split K when its tiles leave SMs
+// idle (wgmma_ktiles_per_split with one CTA slot an SM).
+template <int STAGES, bool PER_GROUP>
+void launch_wgmma_ws(GemmParams p, const at::TensorOptions& options) {
+  using T = WgmmaWsTile<256, STAGES>;
+  const int m_tiles = (p.M + 255) / 256, n_tiles = (p.N + T::kBN - 1) / T::kBN, ktiles = p.K / T::kBK;
+  p.ktiles_per_split = wgmma_ktiles_per_split(m_tiles * n_tiles, ktiles, 1);
+  p.splits = (ktiles + p.ktiles_per_split - 1) / p.ktiles_per_split;
+  const LaunchDims dims{dim3(m_tiles, n_tiles, p.splits), dim3(T::kThreads), T::kSmemBytes};
+  if (p.splits > 1) {
+    const int64_t tiles = int64_t{m_tiles} * n_tiles;
+    at::Tensor partials = at::empty({tiles * p.splits * 128 * 256}, options.dtype(at::kInt));
+    at::Tensor counters = at::zeros({tiles}, options.dtype(at::kInt));
+    p.workspace = partials.data_ptr<int32_t>();
+    p.counters = counters.data_ptr<int32_t>();
+    launch_wgmma_ws_kernel<STAGES, PER_GROUP, true>(p, dims);
+    return;
+  }
+  launch_wgmma_ws_kernel<STAGES, PER_GROUP, false>(p, dims);
 }
 
 // Whether the wgmma path takes the GEMM (raises under QOQ_GEMM_WGMMA=2 when the device or build lacks it).
@@ -304,11 +349,12 @@ bool try_wgmma(const GemmParams& p, const at::TensorOptions& options) {
   const WgmmaChoice choice = wgmma_choice();
   if (!wgmma_takes(p.M, p.K, PER_GROUP, p.group_size, options)) return false;
   TORCH_CHECK(!PER_GROUP || p.packed_scales != nullptr, "internal: the per-group wgmma path needs packed scales");
-  const int bm = choice.bm != 0 ? choice.bm : p.M >= wgmma_ws_min_m() ? 256 : 128;
+  int bm = choice.bm;
+  if (bm == 0) bm = p.M >= wgmma_ws_min_m() || (PER_GROUP && per_group_prefers_ws(p)) ? 256 : 128;
   if (bm == 256 && wgmma_ws_supports(p)) {
-    launch_wgmma_ws<5, PER_GROUP>(p);
+    launch_wgmma_ws<5, PER_GROUP>(p, options);
   } else {
-    launch_wgmma<128, 4, 2, PER_GROUP>(p, options);
+    launch_wgmma<128, 4, kWgmma128BlocksPerSm, PER_GROUP>(p, options);
   }
   return true;
 }

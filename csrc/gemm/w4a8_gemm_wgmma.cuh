@@ -202,8 +202,11 @@ __device__ __forceinline__ int2 grouped_tile() {
 
 // Split-K: stores this split's accumulators (fragment order: coalesced 1 KB rows), then returns true in the last
 // split of the output tile to finish, with the other splits' partial sums added to acc; false in the others.
-template <int BM>
-__device__ __forceinline__ bool merge_split_partials(const GemmParams& p, uint32_t (&acc)[BM / 2], int tid) {
+// `tid` 0..255 are the threads that hold accumulators, Sync their barrier, `last` a shared int that nothing else
+// writes until every one of them has returned.
+template <int BM, class Sync>
+__device__ __forceinline__ bool merge_split_partials(const GemmParams& p, uint32_t (&acc)[BM / 2], int tid,
+                                                     int* last) {
   constexpr int kWords = BM / 2 * 256;  // one split's accumulators
   const int tile = blockIdx.y * gridDim.x + blockIdx.x;
   uint32_t* partials = reinterpret_cast<uint32_t*>(p.workspace) + static_cast<size_t>(tile) * p.splits * kWords;
@@ -211,8 +214,10 @@ __device__ __forceinline__ bool merge_split_partials(const GemmParams& p, uint32
 #pragma unroll
   for (int i = 0; i < BM / 2; ++i) __stcg(mine + i * 256 + tid, acc[i]);
   __threadfence();  // this thread's partials are visible device-wide before the tile's counter moves
-  __syncthreads();
-  if (!__syncthreads_or(tid == 0 && atomicAdd(p.counters + tile, 1) == p.splits - 1)) return false;
+  Sync::sync();
+  if (tid == 0) *last = atomicAdd(p.counters + tile, 1) == p.splits - 1;
+  Sync::sync();
+  if (!*last) return false;
   __threadfence();
   for (int z = 0; z < p.splits; ++z) {
     if (z == static_cast<int>(blockIdx.z)) continue;
@@ -394,7 +399,8 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
   ptx::cp_async_wait<0>();
   __syncthreads();  // the pipeline's shared memory is reused below (output tile)
   if constexpr (SPLIT_K) {
-    if (!merge_split_partials<BM>(p, acc, tid)) return;
+    __shared__ int last_split;
+    if (!merge_split_partials<BM, BlockSync>(p, acc, tid, &last_split)) return;
   }
   wgmma_epilogue<BM, STAGES, PER_GROUP, BlockSync>(p, acc, smem, m0, n0, row_local, g, t, tid);
 #endif  // QOQ_WGMMA_ENABLED

@@ -8,7 +8,9 @@
 //   same dequantization and wgmma steps), and release a stage on its `empty` mbarrier as soon as the first wgmma
 //   of the next tile has retired every MMA that read it.
 // Per group the producer also copies each tile's packed scales into its stage. The epilogue (float epilogue,
-// stores) is the 128-row kernel's, among the consumers only.
+// stores) is the 128-row kernel's, among the consumers only, and so is split-K (SPLIT_K, grid z: each split sums
+// its k tiles, the last one of an output tile to finish adds the others' INT32 partials), for the few-tile grids
+// of a few hundred rows.
 #pragma once
 #include "gemm/bulk_ptx.cuh"
 #include "gemm/w4a8_gemm_wgmma.cuh"
@@ -28,12 +30,14 @@ struct WgmmaWsTile : WgmmaTile<BM, STAGES> {
   // setmaxnreg.inc takes registers only from the CTA's pool, which the producers' setmaxnreg.dec fills: consumers
   // may grow by what the producers give up, 2 * (232 - 168) = 168 - 40 (asking for more, .inc waits forever).
   static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168, "register file");
-  static constexpr int kBarrierOffset = Base::kLoopBytes;  // full[STAGES], then empty[STAGES]
-  static constexpr int kSmemBytes = Base::kSmemBytes + 2 * STAGES * 8;
+  // full[STAGES], then empty[STAGES], then split-K's last-split flag (past the output tile, which reuses the loop's
+  // shared memory while a slower consumer may still read the flag).
+  static constexpr int kBarrierOffset = Base::kLoopBytes;
+  static constexpr int kSmemBytes = Base::kSmemBytes + 2 * STAGES * 8 + 16;
   static_assert(Base::kOutBytes <= Base::kLoopBytes, "the output tile must not overlap the barriers");
 };
 
-template <int BM, int STAGES, bool PER_GROUP>
+template <int BM, int STAGES, bool PER_GROUP, bool SPLIT_K>
 __global__ void __launch_bounds__(384, 1) w4a8_gemm_wgmma_ws_kernel(const GemmParams p) {
   pdl_wait();  // PDL (common.cuh): the producer's first stage reads the activations
   pdl_launch_dependents();
@@ -47,7 +51,9 @@ __global__ void __launch_bounds__(384, 1) w4a8_gemm_wgmma_ws_kernel(const GemmPa
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int2 tile = grouped_tile<BM>();
-  const int m0 = tile.x * BM, n0 = tile.y * BN, nk = p.K / BK;
+  const int m0 = tile.x * BM, n0 = tile.y * BN;
+  const int kt0 = SPLIT_K ? blockIdx.z * p.ktiles_per_split : 0;  // this split's k tiles: kt0 .. kt0 + nk - 1
+  const int nk = SPLIT_K ? min(p.K / BK - kt0, p.ktiles_per_split) : p.K / BK;
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       bulk::mbar_init(&full[s], T::kProducerThreads);  // every producer thread, once its copies landed
@@ -69,8 +75,8 @@ __global__ void __launch_bounds__(384, 1) w4a8_gemm_wgmma_ws_kernel(const GemmPa
     // launch), so the producer fits in kProducerRegs; rows past M / N read the last row with size 0 (zero-filled).
     // The activation rows' offsets are computed per copy rather than kept (16 registers of the producer's 40; an
     // intermediate version spilled with them): row offsets grow with the row, so clamping the offset clamps the row.
-    const int8_t* a_src = p.x_q + (ptid & 7) * 16;
-    const uint8_t* w_src = p.qweight + (ptid & 3) * 16;
+    const int8_t* a_src = p.x_q + kt0 * BK + (ptid & 7) * 16;
+    const uint8_t* w_src = p.qweight + kt0 * (BK / 2) + (ptid & 3) * 16;
     const uint32_t a_first = static_cast<uint32_t>(m0 + (ptid >> 3)) * static_cast<uint32_t>(p.K);
     const uint32_t a_step = static_cast<uint32_t>(kARowStep) * static_cast<uint32_t>(p.K);
     const uint32_t a_last = static_cast<uint32_t>(p.M - 1) * static_cast<uint32_t>(p.K);
@@ -84,7 +90,7 @@ __global__ void __launch_bounds__(384, 1) w4a8_gemm_wgmma_ws_kernel(const GemmPa
     }
     // Per group: producer threads 0..31 copy each k tile's packed scales into its stage with its copies.
     const bool scale_loader = PER_GROUP && ptid < 32;
-    PackedScaleSource scale_src(p, PER_GROUP ? tile.y : 0, (ptid >> 4) & 1, ptid & 15, 0,
+    PackedScaleSource scale_src(p, PER_GROUP ? tile.y : 0, (ptid >> 4) & 1, ptid & 15, kt0,
                                 PER_GROUP ? p.group_size : 128);
     const uint32_t smem_base = ptx::smem_addr(smem);
     for (int kt = 0; kt < nk; ++kt) {
@@ -144,6 +150,9 @@ __global__ void __launch_bounds__(384, 1) w4a8_gemm_wgmma_ws_kernel(const GemmPa
 #pragma unroll
   for (int i = 0; i < BM / 2; ++i) wgmma::fence_operand(acc[i]);
   ConsumerSync::sync();  // every consumer is done with the pipeline's shared memory, reused below
+  if constexpr (SPLIT_K) {
+    if (!merge_split_partials<BM, ConsumerSync>(p, acc, tid, reinterpret_cast<int*>(empty + STAGES))) return;
+  }
   wgmma_epilogue<BM, STAGES, PER_GROUP, ConsumerSync>(p, acc, smem, m0, n0, row_local, g, t, tid);
 #endif  // QOQ_WGMMA_ENABLED
 }
