@@ -304,11 +304,61 @@ def test_split_kernel_is_dispatched(gen, monkeypatch):
         for m, k in ((1, 4096), (64, 4096), (1, 14336), (3, 128)):
             names = kernels(op, m, k)
             assert len(names) == 1 and "quantize_rows_cluster_kernel" in names[0], (op, m, k, names)
-        for m, k, offset in ((65, 4096, 0), (1, 4099, 0), (2, 4096, 1)):
+        for m, k, offset in ((1, 4099, 0), (2, 4096, 1)):
             names = kernels(op, m, k, offset)
             assert len(names) == 1 and "quantize_rows_kernel" in names[0], (op, m, k, offset, names)
+        names = kernels(op, 65, 4096)  # past the split's range: rows in registers
+        assert len(names) == 1 and "quantize_rows_regs_kernel" in names[0], (op, names)
     monkeypatch.setenv("QOQ_QUANT_SPLIT", "0")
     assert "quantize_rows_kernel" in kernels("rmsnorm_quantize", 1, 4096)[0]
     monkeypatch.setenv("QOQ_QUANT_SPLIT", "128")
     assert "quantize_rows_cluster_kernel" in kernels("rmsnorm_quantize", 128, 4096)[0]
-    assert "quantize_rows_kernel" in kernels("rmsnorm_quantize", 129, 4096)[0]
+    assert "quantize_rows_regs_kernel" in kernels("rmsnorm_quantize", 129, 4096)[0]
+
+
+@needs_kernel
+@pytest.mark.parametrize("op", QUANT_OPS + ("add_rmsnorm_quantize",))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_rows_in_registers_match_the_shared_memory_kernel(op, dtype, gen, monkeypatch):
+    """From M = 65 aligned rows of up to 1024 vectors (K <= 8192) run the register kernel (2 vectors a thread;
+    longer rows and QOQ_QUANT_REGS=0 the shared-memory one): the same bits as the shared-memory kernel, and the
+    reference's codes within the documented rounding. K = 4104 leaves the last thread one vector of two."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def run(x, w, r):
+        if op == "rmsnorm_quantize":
+            return ops.rmsnorm_quantize(x, w, 1e-6)
+        if op == "add_rmsnorm_quantize":
+            return ops.add_rmsnorm_quantize(x, r, w, 1e-6)
+        return getattr(ops, op)(x)
+
+    for m, k in ((65, 4096), (300, 4104), (97, 8192), (70, 14336), (66, 20000), (200, 128)):
+        width = 2 * k if op == "silu_mul_quantize" else k
+        x = random_rows(m, width, dtype, gen)
+        w = (torch.rand(k, generator=gen) + 0.5).to(dtype)
+        r = random_rows(m, k, dtype, gen)
+        cuda_args = (x.cuda(), w.cuda(), r.cuda())
+        monkeypatch.delenv("QOQ_QUANT_REGS", raising=False)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            in_regs = run(*cuda_args)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        expect = "quantize_rows_regs_kernel" if k <= 8192 else "quantize_rows_kernel"
+        if names:  # the profiler may record nothing on some setups
+            assert any(expect in n for n in names), (op, m, k, names)
+        monkeypatch.setenv("QOQ_QUANT_REGS", "0")
+        in_smem = run(*cuda_args)
+        for a, b in zip(in_regs, in_smem):
+            assert torch.equal(a, b), (op, m, k)
+        if op == "quantize_per_token":
+            ref = torch.ops.qoq.quantize_per_token(x)
+            for a, b in zip(in_regs, ref):
+                assert torch.equal(a.cpu(), b), (op, m, k)
+        elif op == "rmsnorm_quantize":
+            assert_close_quantization(in_regs, torch.ops.qoq.rmsnorm_quantize(x, w, 1e-6))
+        elif op == "silu_mul_quantize":
+            assert_close_quantization(in_regs, torch.ops.qoq.silu_mul_quantize(x))
+        else:
+            h_ref, *ref = torch.ops.qoq.add_rmsnorm_quantize(x, r, w, 1e-6)
+            assert torch.equal(in_regs[0].cpu(), h_ref)
+            assert_close_quantization(in_regs[1:], ref)

@@ -3,7 +3,8 @@
 // x_s = amax / 127 (IEEE division), x_q = clamp(rint(y / x_s), -127, 127), x_s == 0 -> 0.
 // Built without --use_fast_math, so '/' and sqrtf are IEEE and denormals are kept, like the CPU reference.
 //
-// Many rows: one block per row, the row's float32 values staged in shared memory (one global read).
+// Many rows: one block per row, the row held in registers (rows of up to 8192 16-bit values) or, longer, its
+// float32 values staged in shared memory (one global read).
 // Few rows (decode, M <= kSplitMaxM; by default silu_mul_quantize only, whose rows are 14336+ wide) on sm_90: one
 // block per row would leave almost every SM idle and make a long row take several dependent load rounds plus four
 // block barriers, so each row is split over a thread-block
@@ -175,6 +176,87 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_kernel(Args a) {
   rowq::quantize_row<VEC>(ys, amax, a.k, a.x_q + row * a.k, a.x_s + row, a.x_sum + row, iscratch);
 }
 
+// Many rows of up to VPT * blockDim.x vectors (the host launches VPT = 2): as quantize_rows_kernel, but the row
+// stays in registers (VPT vectors a thread, all loads issued before the first use) instead of shared memory, and
+// the RMSNorm weight is loaded whole before the PDL wait, so no pass waits on a second load round. Same per-thread
+// order of the float sum of squares as quantize_rows_kernel (vectors v = threadIdx.x + j * blockDim.x in j order,
+// and the host gives both kernels the same block size), so the same bits.
+constexpr int kRegsMaxThreads = 512;
+template <typename T, int VEC, RowOp OP, int VPT>
+__global__ void __launch_bounds__(kRegsMaxThreads) quantize_rows_regs_kernel(Args a) {
+  __shared__ float fscratch[kMaxWarps];
+  __shared__ int iscratch[kMaxWarps];
+  const int64_t nvec = a.k / VEC;
+  bool in_row[VPT];
+#pragma unroll
+  for (int j = 0; j < VPT; ++j) in_row[j] = threadIdx.x + static_cast<int64_t>(j) * blockDim.x < nvec;
+  float w[kIsNorm<OP> ? VPT : 1][VEC] = {};
+  if constexpr (kIsNorm<OP>) {
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) {
+      if (in_row[j]) load_vec<T, VEC>(static_cast<const T*>(a.weight) + (threadIdx.x + j * blockDim.x) * VEC, w[j]);
+    }
+  }
+  pdl_wait();  // PDL (common.cuh): x, the activations, only after the wait
+  pdl_launch_dependents();
+  const int64_t row = blockIdx.x;
+  const T* x = static_cast<const T*>(a.x) + row * a.k_in;
+  float y[VPT][VEC] = {};  // vectors past the row stay zero: neutral for every reduction
+  float up[OP == RowOp::kSiluMul ? VPT : 1][VEC] = {};
+#pragma unroll
+  for (int j = 0; j < VPT; ++j) {
+    const int64_t v = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+    if (in_row[j]) {
+      load_vec<T, VEC>(x + v * VEC, y[j]);
+      if constexpr (OP == RowOp::kSiluMul) load_vec<T, VEC>(x + a.k + v * VEC, up[j]);
+    }
+  }
+  if constexpr (OP == RowOp::kSiluMul) {
+#pragma unroll
+    for (int j = 0; j < VPT; ++j)
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) y[j][i] = y[j][i] / (1.0f + expf(-y[j][i])) * up[j][i];  // F.silu(gate) * up
+  }
+  if constexpr (kIsNorm<OP>) {
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) {
+      if (!in_row[j]) continue;
+      if constexpr (OP == RowOp::kAddRmsNorm) {
+        const int64_t v = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+        add_store_vec<T, VEC>(y[j], static_cast<const T*>(a.residual) + row * a.k + v * VEC,
+                              static_cast<T*>(a.h_out) + row * a.k + v * VEC);
+      }
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) ss += y[j][i] * y[j][i];
+    }
+    ss = block_reduce(ss, fscratch, SumOp{});
+    const float r = 1.0f / sqrtf(ss / static_cast<float>(a.k) + a.eps);
+#pragma unroll
+    for (int j = 0; j < VPT; ++j)
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) y[j][i] = __fmul_rn(__fmul_rn(y[j][i], r), w[j][i]);
+  }
+  float amax = 0.f;
+#pragma unroll
+  for (int j = 0; j < VPT; ++j)
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) amax = fmaxf(amax, fabsf(y[j][i]));
+  amax = block_reduce(amax, fscratch, MaxOp{});
+  const float scale = amax / 127.0f;  // IEEE division, as the reference
+  int sum = 0;
+#pragma unroll
+  for (int j = 0; j < VPT; ++j) {
+    const int64_t v = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+    if (in_row[j]) sum += quantize_store<VEC>(y[j], scale, a.x_q + row * a.k + v * VEC);
+  }
+  sum = block_reduce(sum, iscratch, SumOp{});
+  if (threadIdx.x == 0) {
+    a.x_s[row] = scale;
+    a.x_sum[row] = sum;
+  }
+}
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 namespace cg = cooperative_groups;
 
@@ -292,8 +374,29 @@ int max_dynamic_smem() {
   return v;
 }
 
+// Many rows of up to 2 * kRegsMaxThreads vectors (K <= 8192 for 16-bit inputs) are held in registers
+// (QOQ_QUANT_REGS=0: the shared-memory kernel instead). H100 (docs/benchmarks.md, benchmarks/quant.py, same run):
+// M = 4096, K = 4096: quantize_per_token 22.8 against 30.5 us, rmsnorm_quantize 29.6 against 41.4 (a copy of the
+// input: 24.3); M = 256: 3.6 / 4.2 against 4.4 / 4.9. Not for longer rows: four vectors a thread (92 registers, one
+// 448-thread block an SM) made silu_mul_quantize's 14336-wide rows slower (M = 4096: 277.1 against 175.6 us).
+constexpr int64_t kRegsMinM = 65;
+template <typename T, int VEC, RowOp OP>
+bool try_launch_regs(const Args& a, int64_t m) {
+  if constexpr (VEC == 1) {
+    return false;  // the rare unaligned view
+  } else {
+    const int64_t nvec = a.k / VEC;
+    if (m < kRegsMinM || nvec > 2 * kRegsMaxThreads || env_int("QOQ_QUANT_REGS", 1) == 0) return false;
+    static int8_t sm90[64] = {0};
+    const int threads = static_cast<int>(std::max<int64_t>(64, ((nvec + 1) / 2 + 31) / 32 * 32));
+    launch_kernel(quantize_rows_regs_kernel<T, VEC, OP, 2>, sm90, {dim3(static_cast<unsigned>(m)), dim3(threads)}, a);
+    return true;
+  }
+}
+
 template <typename T, int VEC, RowOp OP>
 void launch_typed(const Args& a, int64_t m) {
+  if (try_launch_regs<T, VEC, OP>(a, m)) return;
   const size_t smem = static_cast<size_t>(a.k) * sizeof(float);
   const int64_t nvec = a.k / VEC;
   // Few rows (decode) leave most SMs idle, so each row gets up to 1024 threads, one vector each: fewer
