@@ -176,24 +176,26 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_kernel(Args a) {
   rowq::quantize_row<VEC>(ys, amax, a.k, a.x_q + row * a.k, a.x_s + row, a.x_sum + row, iscratch);
 }
 
-// Many rows of up to VPT * blockDim.x vectors (the host launches VPT = 2): as quantize_rows_kernel, but the row
-// stays in registers (VPT vectors a thread, all loads issued before the first use) instead of shared memory, and
-// the RMSNorm weight is loaded whole before the PDL wait, so no pass waits on a second load round. Same per-thread
-// order of the float sum of squares as quantize_rows_kernel (vectors v = threadIdx.x + j * blockDim.x in j order,
-// and the host gives both kernels the same block size), so the same bits.
+// Many rows of up to kRegsVecs * blockDim.x vectors: as quantize_rows_kernel, but the row stays in registers
+// (kRegsVecs vectors a thread, all loads issued before the first use) instead of shared memory, and the RMSNorm
+// weight is loaded whole before the PDL wait, so no pass waits on a second load round. Same per-thread order of the
+// float sum of squares as quantize_rows_kernel (vectors v = threadIdx.x + j * blockDim.x in j order, and the host
+// gives both kernels the same block size), so the same bits. Two vectors a thread, as the shared-memory kernel
+// takes for many rows (four, for longer rows, cost occupancy: see try_launch_regs).
+constexpr int kRegsVecs = 2;
 constexpr int kRegsMaxThreads = 512;
-template <typename T, int VEC, RowOp OP, int VPT>
+template <typename T, int VEC, RowOp OP>
 __global__ void __launch_bounds__(kRegsMaxThreads) quantize_rows_regs_kernel(Args a) {
   __shared__ float fscratch[kMaxWarps];
   __shared__ int iscratch[kMaxWarps];
   const int64_t nvec = a.k / VEC;
-  bool in_row[VPT];
+  bool in_row[kRegsVecs];
 #pragma unroll
-  for (int j = 0; j < VPT; ++j) in_row[j] = threadIdx.x + static_cast<int64_t>(j) * blockDim.x < nvec;
-  float w[kIsNorm<OP> ? VPT : 1][VEC] = {};
+  for (int j = 0; j < kRegsVecs; ++j) in_row[j] = threadIdx.x + static_cast<int64_t>(j) * blockDim.x < nvec;
+  float w[kIsNorm<OP> ? kRegsVecs : 1][VEC] = {};
   if constexpr (kIsNorm<OP>) {
 #pragma unroll
-    for (int j = 0; j < VPT; ++j) {
+    for (int j = 0; j < kRegsVecs; ++j) {
       if (in_row[j]) load_vec<T, VEC>(static_cast<const T*>(a.weight) + (threadIdx.x + j * blockDim.x) * VEC, w[j]);
     }
   }
@@ -201,10 +203,10 @@ __global__ void __launch_bounds__(kRegsMaxThreads) quantize_rows_regs_kernel(Arg
   pdl_launch_dependents();
   const int64_t row = blockIdx.x;
   const T* x = static_cast<const T*>(a.x) + row * a.k_in;
-  float y[VPT][VEC] = {};  // vectors past the row stay zero: neutral for every reduction
-  float up[OP == RowOp::kSiluMul ? VPT : 1][VEC] = {};
+  float y[kRegsVecs][VEC] = {};  // vectors past the row stay zero: neutral for every reduction
+  float up[OP == RowOp::kSiluMul ? kRegsVecs : 1][VEC] = {};
 #pragma unroll
-  for (int j = 0; j < VPT; ++j) {
+  for (int j = 0; j < kRegsVecs; ++j) {
     const int64_t v = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
     if (in_row[j]) {
       load_vec<T, VEC>(x + v * VEC, y[j]);
@@ -213,14 +215,14 @@ __global__ void __launch_bounds__(kRegsMaxThreads) quantize_rows_regs_kernel(Arg
   }
   if constexpr (OP == RowOp::kSiluMul) {
 #pragma unroll
-    for (int j = 0; j < VPT; ++j)
+    for (int j = 0; j < kRegsVecs; ++j)
 #pragma unroll
       for (int i = 0; i < VEC; ++i) y[j][i] = y[j][i] / (1.0f + expf(-y[j][i])) * up[j][i];  // F.silu(gate) * up
   }
   if constexpr (kIsNorm<OP>) {
     float ss = 0.f;
 #pragma unroll
-    for (int j = 0; j < VPT; ++j) {
+    for (int j = 0; j < kRegsVecs; ++j) {
       if (!in_row[j]) continue;
       if constexpr (OP == RowOp::kAddRmsNorm) {
         const int64_t v = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
@@ -233,20 +235,20 @@ __global__ void __launch_bounds__(kRegsMaxThreads) quantize_rows_regs_kernel(Arg
     ss = block_reduce(ss, fscratch, SumOp{});
     const float r = 1.0f / sqrtf(ss / static_cast<float>(a.k) + a.eps);
 #pragma unroll
-    for (int j = 0; j < VPT; ++j)
+    for (int j = 0; j < kRegsVecs; ++j)
 #pragma unroll
       for (int i = 0; i < VEC; ++i) y[j][i] = __fmul_rn(__fmul_rn(y[j][i], r), w[j][i]);
   }
   float amax = 0.f;
 #pragma unroll
-  for (int j = 0; j < VPT; ++j)
+  for (int j = 0; j < kRegsVecs; ++j)
 #pragma unroll
     for (int i = 0; i < VEC; ++i) amax = fmaxf(amax, fabsf(y[j][i]));
   amax = block_reduce(amax, fscratch, MaxOp{});
   const float scale = amax / 127.0f;  // IEEE division, as the reference
   int sum = 0;
 #pragma unroll
-  for (int j = 0; j < VPT; ++j) {
+  for (int j = 0; j < kRegsVecs; ++j) {
     const int64_t v = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
     if (in_row[j]) sum += quantize_store<VEC>(y[j], scale, a.x_q + row * a.k + v * VEC);
   }
@@ -374,7 +376,7 @@ int max_dynamic_smem() {
   return v;
 }
 
-// Many rows of up to 2 * kRegsMaxThreads vectors (K <= 8192 for 16-bit inputs) are held in registers
+// Many rows of up to kRegsVecs * kRegsMaxThreads vectors (K <= 8192 for 16-bit inputs) are held in registers
 // (QOQ_QUANT_REGS=0: the shared-memory kernel instead). H100 (docs/benchmarks.md, benchmarks/quant.py, same run):
 // M = 4096, K = 4096: quantize_per_token 22.8 against 30.5 us, rmsnorm_quantize 29.6 against 41.4 (a copy of the
 // input: 24.3); M = 256: 3.6 / 4.2 against 4.4 / 4.9. Not for longer rows: four vectors a thread (92 registers, one
@@ -386,10 +388,10 @@ bool try_launch_regs(const Args& a, int64_t m) {
     return false;  // the rare unaligned view
   } else {
     const int64_t nvec = a.k / VEC;
-    if (m < kRegsMinM || nvec > 2 * kRegsMaxThreads || env_int("QOQ_QUANT_REGS", 1) == 0) return false;
+    if (m < kRegsMinM || nvec > kRegsVecs * kRegsMaxThreads || env_int("QOQ_QUANT_REGS", 1) == 0) return false;
     static int8_t sm90[64] = {0};
-    const int threads = static_cast<int>(std::max<int64_t>(64, ((nvec + 1) / 2 + 31) / 32 * 32));
-    launch_kernel(quantize_rows_regs_kernel<T, VEC, OP, 2>, sm90, {dim3(static_cast<unsigned>(m)), dim3(threads)}, a);
+    const int threads = static_cast<int>(std::max<int64_t>(64, ((nvec + kRegsVecs - 1) / kRegsVecs + 31) / 32 * 32));
+    launch_kernel(quantize_rows_regs_kernel<T, VEC, OP>, sm90, {dim3(static_cast<unsigned>(m)), dim3(threads)}, a);
     return true;
   }
 }
