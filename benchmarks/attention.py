@@ -315,6 +315,34 @@ def sweep_splits(contexts=(4096, 16384, 32768), batches=None) -> list[dict]:
     return rows
 
 
+def ab_env(assignment: str, batches, contexts, rounds: int = 3) -> list[dict]:
+    """kv4_decode_attention's µs by default and with the environment variable of `assignment` ("NAME=V1,V2,...") at
+    each value, on the same inputs, `rounds` times in a rotated order (the variable is read at each launch, i.e. when
+    the graph is recorded); a row's `us` is each setting's best round."""
+    name, values = assignment.split("=", 1)
+    settings = [None] + values.split(",")
+    label = {v: "default" if v is None else f"{name}={v}" for v in settings}
+    rows = []
+    for b in batches:
+        for t in contexts:
+            data, lens, starts, scale = kv4_sets(b, t)
+            times = {label[v]: [] for v in settings}
+            for r in range(rounds):
+                for k in range(len(settings)):
+                    value = settings[(k + r) % len(settings)]
+                    if value is not None:
+                        os.environ[name] = value
+                    times[label[value]].append(time_graph(
+                        lambda i: ops.kv4_decode_attention(data[i][0], *data[i][1], lens, starts, scale), len(data)))
+                    os.environ.pop(name, None)
+            row = {"batch": b, "context": t, "us": {k: min(v) for k, v in times.items()}, "all_us": times}
+            rows.append(row)
+            print(f"ab b={b} t={t}: " + "  ".join(f"{k} {us:.1f}" for k, us in row["us"].items()), flush=True)
+            del data
+            torch.cuda.empty_cache()
+    return rows
+
+
 def bench_attention_quantize(b: int, t: int) -> dict:
     """Fused kv4_decode_attention_quantize against the two-op chain at batch b, context t (one token per row)."""
     data, lens, starts, scale = kv4_sets(b, t)
@@ -411,7 +439,16 @@ def main() -> None:
     parser.add_argument("--sweep-splits", action="store_true",
                         help="only the decode kernel at forced split counts (batch 1 / 4 / 16 / 64, 4k-32k)")
     parser.add_argument("--batches", type=int, nargs="+", help="with --sweep-splits: only these batch sizes")
+    parser.add_argument("--ab", metavar="NAME=V1,V2",
+                        help="only our kernel, default against these environment settings, alternating (same inputs)")
+    parser.add_argument("--contexts", type=int, nargs="+", help="with --ab: only these contexts")
     args = parser.parse_args()
+    if args.ab:
+        rows = ab_env(args.ab, args.batches or BATCHES, args.contexts or CONTEXTS)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"meta": append_meta(), "ab_rows": rows}, fh, indent=1)
+        return
     if args.sweep_splits:
         rows = sweep_splits(batches=args.batches)
         if args.json:

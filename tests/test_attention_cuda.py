@@ -155,6 +155,37 @@ def test_decode_block_widths_and_split_counts_match_reference(warps, splits, dty
     assert_quantized_equals_unfused(q, caches, lens, starts, 1 / math.sqrt(d))
 
 
+@needs_kernel
+@pytest.mark.parametrize("warps,splits", (("4", "1"), ("8", "1"), ("4", "2"), ("8", "5")))
+def test_decode_prefetch_before_the_wait_changes_no_bit(warps, splits, gen, monkeypatch):
+    """The L2 prefetch before the PDL wait reads the lengths early (possibly stale); the result is the same bits as
+    without it (QOQ_KV4_PREFETCH=0), also when the kernel just before rewrote the lengths and the newest slots."""
+    b, h_q, h_kv, d, t = 3, 32, 8, 128, 1500
+    caches = [c.cuda() for c in random_cache(b, h_kv, t, d, gen)]
+    q = random_query(b, h_q, 1, d, torch.bfloat16, gen).cuda()
+    new = [c.cuda() for c in random_cache(b, h_kv, 16, d, gen)]
+    starts = torch.tensor([0, 17, 39], dtype=torch.int32, device="cuda")
+    monkeypatch.setenv("QOQ_KV4_WARPS", warps)
+    monkeypatch.setenv("QOQ_KV4_SPLITS", splits)
+    results = []
+    for prefetch in ("1", "0"):
+        monkeypatch.setenv("QOQ_KV4_PREFETCH", prefetch)
+        lens = torch.tensor([5, 5, 40], dtype=torch.int32, device="cuda")
+        cc = [c.clone() for c in caches]
+        ops.kv4_decode_attention(q, *cc, lens, starts, 0.088)  # a launch with the short lengths just before
+        lens.copy_(torch.tensor([t, 611, 1400], dtype=torch.int32))
+        for c, n in zip(cc, new):
+            c[:, :, 1384:1400] = n  # the newest slots of row 2, written after its first call
+        results.append(ops.kv4_decode_attention(q, *cc, lens, starts, 0.088))
+    assert torch.equal(results[0], results[1])
+    cpu = [c.clone().cpu() for c in caches]
+    for c, n in zip(cpu, new):
+        c[:, :, 1384:1400] = n.cpu()
+    ref = torch.ops.qoq.kv4_decode_attention(q.cpu(), *cpu, torch.tensor([t, 611, 1400], dtype=torch.int32),
+                                             starts.cpu(), 0.088)
+    assert_attention_close(results[0], ref)
+
+
 def assert_quantized_equals_unfused(q, caches, lens, starts, sm_scale) -> None:
     """kv4_decode_attention_quantize on CUDA == quantize_per_token(kv4_decode_attention(...)) on CUDA, bit for bit,
     and its dequantized rows match the CPU reference attention within the attention tolerance plus half a step."""

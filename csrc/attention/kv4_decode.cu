@@ -24,7 +24,10 @@
 // token's row as quantize_per_token would (quant/row_quantize.cuh): one kernel instead of a merge and a quantize.
 // With more splits it runs the per-head merge, then the quantize_per_token op.
 // All three kernels use programmatic dependent launch (common.cuh): each waits for its predecessor before its
-// first read, so only the launch and the block set-up overlap the previous kernel.
+// first read, so only the launch and the block set-up overlap the previous kernel; before that wait the decode
+// kernel asks L2 for the cache slots of its pipeline fill (a hint: those slots are older than the new token), and
+// it lets its own dependents launch once its K loop is done (QOQ_KV4_PREFETCH=0: neither). Its pipeline fill is
+// issued before the q fragments are built, so the two latencies overlap.
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -97,6 +100,8 @@ struct DecodeArgs {
   bool cluster_merge;       // the splits of a block's rows are one cluster, merged in distributed shared memory
   float scale_log2;         // sm_scale * log2(e)
   bool q_vec16;             // q rows and strides allow 16-byte loads
+  bool prefetch;            // L2-prefetch the first steps before the PDL wait
+  bool late_trigger;        // dependents launched after the K loop (else at the top)
 };
 
 // Index of query row `rg` of the KV head whose first query head is hq0, row b, in [B, H_q, S_q] order.
@@ -153,6 +158,57 @@ __device__ void merge_in_cluster(const DecodeArgs& a, const float* merge_o, cons
 #endif
 }
 
+// Column of element (row r, dim d) in a warp's [row][D] block of the epilogue's O^T exchange. Lane (g, c) stores rows
+// 2c, 2c + 1 at dims (D / 8) g + 2i (+1), which in plain order fall on 2 (D = 128), 4 (64) or 1 (256) banks: a 16-way
+// conflict on each of a lane's 32 stores (~2 µs for 8 warps). XOR-ing bits 0-1 with c and bits 2-4 with the dim's
+// bits 5-7 puts a store's 32 lanes on 32 banks, and maps each aligned 32 dims of a row onto themselves, so the merge's
+// reads of 32 consecutive dims of one row stay conflict-free.
+__device__ __forceinline__ int red_o_col(int r, int d) {
+  return d ^ ((r >> 1) & 3) ^ (((d >> 5) & 3) << 2) ^ (((d >> 7) & 1) << 4);
+}
+
+// Slots [begin, end) of split `split` of a row whose valid slots are [start, len): whole rounds of the warps'
+// 16-slot steps from the step holding `start`; empty when the row has no valid slot.
+template <int kWarps>
+__device__ __forceinline__ void split_slots(const DecodeArgs& a, int len, int start, int split, int& begin, int& end) {
+  const int first = start & ~(kStepSlots - 1);
+  const int span = len - first;
+  begin = 0;
+  end = 0;
+  if (span > 0) {
+    const int per_split = (span + a.splits - 1) / a.splits;
+    const int chunk = (per_split + kWarps * kStepSlots - 1) / (kWarps * kStepSlots) * (kWarps * kStepSlots);
+    begin = first + split * chunk;
+    end = min(begin + chunk, len);
+  }
+}
+
+// Before the PDL wait: asks L2 for the slots the block's pipeline fill will copy (its first kStages - 1 rounds of
+// steps), so that they load while the previous kernel finishes. The cache slots before the new token are not
+// written by the kernels just before (the append writes the new token's slot only), and a prefetch is only a
+// hint: the lengths read here may be stale, so they are clamped like the real ones and steer nothing but it.
+template <int D, int kWarps>
+__device__ __forceinline__ void prefetch_first_steps(const DecodeArgs& a, int b, int hkv, int split) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using G = Geometry<D, kWarps>;
+  int begin, end;
+  // .cg loads (L2 only): an L1 line of them must not outlive the wait, after which the lengths are read again
+  split_slots<kWarps>(a, min(__ldcg(a.kv_lens + b), a.t), max(__ldcg(a.kv_starts + b), 0), split, begin, end);
+  end = min(end, begin + (kStages - 1) * kWarps * kStepSlots);
+  if (end <= begin) return;
+  const int64_t slot0 = (static_cast<int64_t>(b) * a.h_kv + hkv) * a.t + begin;
+  const int code_bytes = (end - begin) * G::kRowBytes, param_bytes = (end - begin) * 4;
+  for (int off = static_cast<int>(threadIdx.x) * 128; off < code_bytes; off += G::kThreads * 128) {
+    kv4::prefetch_l2(a.k_cache + slot0 * G::kRowBytes + off);
+    kv4::prefetch_l2(a.v_cache + slot0 * G::kRowBytes + off);
+  }
+  for (int off = static_cast<int>(threadIdx.x) * 128; off < param_bytes; off += G::kThreads * 128) {
+    kv4::prefetch_l2(reinterpret_cast<const uint8_t*>(a.k_params + slot0 * 2) + off);
+    kv4::prefetch_l2(reinterpret_cast<const uint8_t*>(a.v_params + slot0 * 2) + off);
+  }
+#endif
+}
+
 // NQ = number of 8-row query groups in use (1: rows 0..7, 2: rows 0..15).
 // 4 blocks (16 warps) a multiprocessor for the common shapes: at most 128 registers a thread there.
 // W = warps a block (4, or 8 when there are too few blocks to give every SM several).
@@ -161,9 +217,6 @@ __global__ void __launch_bounds__(32 * W, (NQ == 1 && D <= 128) ? 16 / W : 1) kv
   using G = Geometry<D, W>;
   constexpr int kWarps = W, kThreads = 32 * W;
   extern __shared__ __align__(16) uint8_t smem[];
-  // PDL: q, the lengths and the cache (the append just before wrote it) are all read after the wait
-  pdl_wait();
-  pdl_launch_dependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, c = lane & 3;
   const int split = blockIdx.x % a.splits;  // the splits of one work item are adjacent: a cluster's CTAs
@@ -174,18 +227,85 @@ __global__ void __launch_bounds__(32 * W, (NQ == 1 && D <= 128) ? 16 / W : 1) kv
   const int group = a.h_q / a.h_kv;
   const int rows = group * a.s_q;  // query rows of this KV head
   const int row0 = qc * kRowsPerBlock;
+  if (a.prefetch) prefetch_first_steps<D, kWarps>(a, b, hkv, split);
+  // PDL: q, the lengths and the cache (the append just before wrote it) are all read after the wait
+  pdl_wait();
+  if (!a.late_trigger) pdl_launch_dependents();
 
   // Valid slots [start, len) of this row, clamped to the cache (bad values never index out of bounds).
   const int len = min(a.kv_lens[b], a.t);
   const int start = max(a.kv_starts[b], 0);
-  const int first = start & ~(kStepSlots - 1);
-  const int span = len - first;
-  int split_begin = 0, split_end = 0;
-  if (span > 0) {
-    const int per_split = (span + a.splits - 1) / a.splits;
-    const int chunk = (per_split + kWarps * kStepSlots - 1) / (kWarps * kStepSlots) * (kWarps * kStepSlots);
-    split_begin = first + split * chunk;
-    split_end = min(split_begin + chunk, len);
+  int split_begin, split_end;
+  split_slots<kWarps>(a, len, start, split, split_begin, split_end);
+  const int steps_total = split_end > split_begin ? (split_end - split_begin + kStepSlots - 1) / kStepSlots : 0;
+  const int my_steps = steps_total > warp ? (steps_total - warp + kWarps - 1) / kWarps : 0;
+
+  // ---- the pipeline fill: this lane's operands of its first kStages - 1 steps, in flight during the q set-up ----
+  const int64_t head = static_cast<int64_t>(b) * a.h_kv + hkv;
+  const uint8_t* k_base = a.k_cache + head * a.t * G::kRowBytes;
+  const uint8_t* v_base = a.v_cache + head * a.t * G::kRowBytes;
+  const __half* kp_base = a.k_params + head * a.t * 2;
+  const __half* vp_base = a.v_params + head * a.t * 2;
+  uint8_t* warp_smem = smem + warp * kStages * G::kStageBytes;
+  // This lane's operands at slot 0: K of slot g (chunk c), V of slot 2c (chunk g), params of slot lane % 16.
+  const uint8_t* k_lane = k_base + g * G::kRowBytes + c * G::kKBytes;
+  const uint8_t* v_lane = v_base + 2 * c * G::kRowBytes + g * G::kVBytes;
+  const __half* p_lane = (lane < 16 ? kp_base : vp_base) + (lane & 15) * 2;
+  const int last_slot = a.t - 1;
+
+  // issue(k) copies this lane's operands of step k into stage k % kStages (called for k = 0, 1, 2, ... in order).
+  // This lane's sources for the next step it issues, advanced one round of the warps at each issue (running
+  // pointers: recomputing them from the step index cost ~50 instructions a step).
+  int t_issue = split_begin + warp * kStepSlots;
+  const uint8_t* k_src = k_lane + static_cast<int64_t>(t_issue) * G::kRowBytes;
+  const uint8_t* v_src = v_lane + static_cast<int64_t>(t_issue) * G::kRowBytes;
+  const __half* p_src = p_lane + static_cast<int64_t>(t_issue) * 2;
+  uint8_t* const k_dst = warp_smem + G::kKOffset + lane * G::kKBytes;  // + j * 32 * kKBytes
+  uint8_t* const v_dst = warp_smem + G::kVOffset + lane * G::kVBytes;  // + j * 32 * kVBytes
+  uint8_t* const p_dst = warp_smem + G::kPOffset + lane * 4;
+  constexpr int kRoundSlots = kWarps * kStepSlots;
+  auto issue = [&](int k) {
+    const int stage = (k % kStages) * G::kStageBytes;
+    if (t_issue + kStepSlots <= a.t) {  // whole step inside the cache (warp-uniform): no clamping
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int o = 0; o < G::kKBytes; o += G::kKChunk) {
+          cp_async<G::kKChunk>(k_dst + stage + j * 32 * G::kKBytes + o, k_src + 8 * j * G::kRowBytes + o);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        cp_async<G::kVBytes>(v_dst + stage + j * 32 * G::kVBytes, v_src + ((j & 1) + 8 * (j >> 1)) * G::kRowBytes);
+      }
+      cp_async<4>(p_dst + stage, p_src);
+    } else {  // last step of the cache: slots past it are clamped to the last slot (their values are masked out)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int slot = min(t_issue + 8 * j + g, last_slot);
+        const uint8_t* src = k_base + static_cast<int64_t>(slot) * G::kRowBytes + c * G::kKBytes;
+#pragma unroll
+        for (int o = 0; o < G::kKBytes; o += G::kKChunk) {
+          cp_async<G::kKChunk>(k_dst + stage + j * 32 * G::kKBytes + o, src + o);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int slot = min(t_issue + 2 * c + (j & 1) + 8 * (j >> 1), last_slot);
+        const uint8_t* src = v_base + static_cast<int64_t>(slot) * G::kRowBytes + g * G::kVBytes;
+        cp_async<G::kVBytes>(v_dst + stage + j * 32 * G::kVBytes, src);
+      }
+      const int slot = min(t_issue + (lane & 15), last_slot);
+      cp_async<4>(p_dst + stage, (lane < 16 ? kp_base : vp_base) + static_cast<int64_t>(slot) * 2);
+    }
+    t_issue += kRoundSlots;
+    k_src += kRoundSlots * G::kRowBytes;
+    v_src += kRoundSlots * G::kRowBytes;
+    p_src += kRoundSlots * 2;
+  };
+  for (int k = 0; k < kStages - 1; ++k) {
+    if (k < my_steps) issue(k);
+    kv4::cp_async_commit();
   }
 
   // ---- query fragments (B operand of the QK MMA), the rows' sums and visible ends ----------------------
@@ -282,76 +402,7 @@ __global__ void __launch_bounds__(32 * W, (NQ == 1 && D <= 128) ? 16 / W : 1) kv
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[n][i][j] = 0.f;
   }
-  const int64_t head = static_cast<int64_t>(b) * a.h_kv + hkv;
-  const uint8_t* k_base = a.k_cache + head * a.t * G::kRowBytes;
-  const uint8_t* v_base = a.v_cache + head * a.t * G::kRowBytes;
-  const __half* kp_base = a.k_params + head * a.t * 2;
-  const __half* vp_base = a.v_params + head * a.t * 2;
-  uint8_t* warp_smem = smem + warp * kStages * G::kStageBytes;
-  // This lane's operands at slot 0: K of slot g (chunk c), V of slot 2c (chunk g), params of slot lane % 16.
-  const uint8_t* k_lane = k_base + g * G::kRowBytes + c * G::kKBytes;
-  const uint8_t* v_lane = v_base + 2 * c * G::kRowBytes + g * G::kVBytes;
-  const __half* p_lane = (lane < 16 ? kp_base : vp_base) + (lane & 15) * 2;
 
-  const int steps_total = split_end > split_begin ? (split_end - split_begin + kStepSlots - 1) / kStepSlots : 0;
-  const int my_steps = steps_total > warp ? (steps_total - warp + kWarps - 1) / kWarps : 0;
-  const int last_slot = a.t - 1;
-
-  // issue(k) copies this lane's operands of step k into stage k % kStages (called for k = 0, 1, 2, ... in order).
-  // This lane's sources for the next step it issues, advanced one round of the warps at each issue (running
-  // pointers: recomputing them from the step index cost ~50 instructions a step).
-  int t_issue = split_begin + warp * kStepSlots;
-  const uint8_t* k_src = k_lane + static_cast<int64_t>(t_issue) * G::kRowBytes;
-  const uint8_t* v_src = v_lane + static_cast<int64_t>(t_issue) * G::kRowBytes;
-  const __half* p_src = p_lane + static_cast<int64_t>(t_issue) * 2;
-  uint8_t* const k_dst = warp_smem + G::kKOffset + lane * G::kKBytes;  // + j * 32 * kKBytes
-  uint8_t* const v_dst = warp_smem + G::kVOffset + lane * G::kVBytes;  // + j * 32 * kVBytes
-  uint8_t* const p_dst = warp_smem + G::kPOffset + lane * 4;
-  constexpr int kRoundSlots = kWarps * kStepSlots;
-  auto issue = [&](int k) {
-    const int stage = (k % kStages) * G::kStageBytes;
-    if (t_issue + kStepSlots <= a.t) {  // whole step inside the cache (warp-uniform): no clamping
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-#pragma unroll
-        for (int o = 0; o < G::kKBytes; o += G::kKChunk) {
-          cp_async<G::kKChunk>(k_dst + stage + j * 32 * G::kKBytes + o, k_src + 8 * j * G::kRowBytes + o);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        cp_async<G::kVBytes>(v_dst + stage + j * 32 * G::kVBytes, v_src + ((j & 1) + 8 * (j >> 1)) * G::kRowBytes);
-      }
-      cp_async<4>(p_dst + stage, p_src);
-    } else {  // last step of the cache: slots past it are clamped to the last slot (their values are masked out)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int slot = min(t_issue + 8 * j + g, last_slot);
-        const uint8_t* src = k_base + static_cast<int64_t>(slot) * G::kRowBytes + c * G::kKBytes;
-#pragma unroll
-        for (int o = 0; o < G::kKBytes; o += G::kKChunk) {
-          cp_async<G::kKChunk>(k_dst + stage + j * 32 * G::kKBytes + o, src + o);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int slot = min(t_issue + 2 * c + (j & 1) + 8 * (j >> 1), last_slot);
-        const uint8_t* src = v_base + static_cast<int64_t>(slot) * G::kRowBytes + g * G::kVBytes;
-        cp_async<G::kVBytes>(v_dst + stage + j * 32 * G::kVBytes, src);
-      }
-      const int slot = min(t_issue + (lane & 15), last_slot);
-      cp_async<4>(p_dst + stage, (lane < 16 ? kp_base : vp_base) + static_cast<int64_t>(slot) * 2);
-    }
-    t_issue += kRoundSlots;
-    k_src += kRoundSlots * G::kRowBytes;
-    v_src += kRoundSlots * G::kRowBytes;
-    p_src += kRoundSlots * 2;
-  };
-
-  for (int k = 0; k < kStages - 1; ++k) {
-    if (k < my_steps) issue(k);
-    kv4::cp_async_commit();
-  }
 
   for (int k = 0; k < my_steps; ++k) {
     kv4::cp_async_wait<kStages - 2>();
@@ -504,6 +555,9 @@ __global__ void __launch_bounds__(32 * W, (NQ == 1 && D <= 128) ? 16 / W : 1) kv
     kv4::cp_async_commit();
   }
   kv4::cp_async_wait<0>();
+  // With the prefetch the next kernel launches now, so that its own prefetch overlaps this block's tail (the merge
+  // and the stores) rather than the K loop's reads, whose stream would evict it from L2 first.
+  if (a.late_trigger) pdl_launch_dependents();
 
   // ---- merge the warps (shared memory), then write the output or this split's partial ---------------
 #pragma unroll
@@ -541,10 +595,10 @@ __global__ void __launch_bounds__(32 * W, (NQ == 1 && D <= 128) ? 16 / W : 1) kv
       const int d0 = (D / 8) * g + 2 * i;  // low nibble of byte i of lane group g's V share
       const int r0 = 8 * half + 2 * c;
       float* o = red_o + (warp * kRowsPerBlock) * D;
-      o[r0 * D + d0] = acc[half][i][0];
-      o[(r0 + 1) * D + d0] = acc[half][i][1];
-      o[r0 * D + d0 + 1] = acc[half][i][2];
-      o[(r0 + 1) * D + d0 + 1] = acc[half][i][3];
+      o[r0 * D + red_o_col(r0, d0)] = acc[half][i][0];
+      o[(r0 + 1) * D + red_o_col(r0 + 1, d0)] = acc[half][i][1];
+      o[r0 * D + red_o_col(r0, d0 + 1)] = acc[half][i][2];
+      o[(r0 + 1) * D + red_o_col(r0 + 1, d0 + 1)] = acc[half][i][3];
     }
   }
   __syncthreads();
@@ -566,7 +620,7 @@ __global__ void __launch_bounds__(32 * W, (NQ == 1 && D <= 128) ? 16 / W : 1) kv
         if (mw == -INFINITY) continue;
         const float e = kv4::exp2_approx(mw - m_max);
         l_sum += e * red_l[w * kRowsPerBlock + r];
-        o_sum += e * (red_o[(w * kRowsPerBlock + r) * D + d] + red_vmin[w * kRowsPerBlock + r]);
+        o_sum += e * (red_o[(w * kRowsPerBlock + r) * D + red_o_col(r, d)] + red_vmin[w * kRowsPerBlock + r]);
       }
     }
     const bool seen = l_sum > 0.f;
@@ -696,11 +750,14 @@ __global__ void __launch_bounds__(kMergeQuantThreads) kv4_combine_quantize_kerne
 }
 
 int device_attribute(cudaDeviceAttr attr) {
-  static int cache[2][64] = {{0}};
+  static int cache[3][64] = {{0}};
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  TORCH_INTERNAL_ASSERT(attr == cudaDevAttrMultiProcessorCount || attr == cudaDevAttrMaxSharedMemoryPerBlockOptin);
-  const int which = attr == cudaDevAttrMultiProcessorCount ? 0 : 1;
+  TORCH_INTERNAL_ASSERT(attr == cudaDevAttrMultiProcessorCount || attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ||
+                        attr == cudaDevAttrMaxSharedMemoryPerMultiprocessor);
+  const int which = attr == cudaDevAttrMultiProcessorCount            ? 0
+                    : attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 1
+                                                                      : 2;
   int& v = cache[which][device & 63];
   if (v == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, device));
   return v;
@@ -785,6 +842,11 @@ bool cluster_merge_possible(Kernel kernel, int8_t (&sm90_cache)[64], int8_t (&st
 
 // Sets the kernel's dynamic shared memory limit and returns its resident blocks per SM: both once per device
 // (an occupancy query at every call was host time on the decode path).
+// Dynamic shared memory that leaves room for one block an SM (half the SM's, with the 1 KB a block reserves).
+inline int solo_smem() {
+  return static_cast<int>(device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor) / 2);
+}
+
 template <typename T, int D, int NQ, int W>
 int decode_blocks_per_sm() {
   using G = Geometry<D, W>;
@@ -794,7 +856,8 @@ int decode_blocks_per_sm() {
   C10_CUDA_CHECK(cudaGetDevice(&device));
   int& blocks = per_sm[device & 63];
   if (blocks == 0) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, G::kSmemBytes));
+    const int limit = std::max(G::kSmemBytes, solo_smem());  // the solo launch below may ask for more than its size
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
     int n = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, G::kThreads, G::kSmemBytes));
     blocks = std::max(n, 1);
@@ -858,8 +921,15 @@ void launch_decode(DecodeArgs& a, const at::Tensor& q, DecodeOutput& o, int64_t 
     o.out = at::empty({a.b, a.h_q, a.s_q, D}, q.options());
   }
   a.out = o.out.defined() ? o.out.data_ptr() : nullptr;
+  // A grid of at most one block an SM asks for half an SM's shared memory, so that no SM runs two of its blocks: with
+  // the dependents launched after the K loop (a.late_trigger), the next call's blocks would otherwise land two to an
+  // SM that the previous call had already left, and such a block shares its SM's issue slots (H100, batch 16, 4k /
+  // 16k / 32k: 35.2 / 137.7 / 267.0 µs without this, 29.3 / 101.7 / 195.4 with it). QOQ_KV4_SOLO=0: the block's size.
+  const bool solo = !a.cluster_merge && base_blocks * splits <= device_attribute(cudaDevAttrMultiProcessorCount) &&
+                    env_int("QOQ_KV4_SOLO", 1) != 0;
+  const size_t launch_smem = static_cast<size_t>(solo ? std::max(smem, solo_smem()) : smem);
   launch_kernel(kernel, sm90_decode,
-                {dim3(static_cast<unsigned>(base_blocks * splits)), dim3(kThreads), smem,
+                {dim3(static_cast<unsigned>(base_blocks * splits)), dim3(kThreads), launch_smem,
                  a.cluster_merge ? static_cast<unsigned>(splits) : 0u},
                 a);
   QOQ_CHECK_LAUNCH();
@@ -993,6 +1063,11 @@ void run_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Ten
   a.scale_log2 = static_cast<float>(sm_scale) * kLog2e;
   a.q_vec16 = reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0 && q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 &&
               q.stride(2) % 8 == 0;
+  // QOQ_KV4_PREFETCH (read at every call): bit 0 the L2 prefetch before the PDL wait, bit 1 the dependents launched
+  // after the K loop; default 3 (both), 0 neither (H100 A/B: batch 16 at 4k 29.6 against 30.5 µs, batch 1 10.1 / 10.5)
+  const int prefetch_mode = env_int("QOQ_KV4_PREFETCH", 3);
+  a.prefetch = (prefetch_mode & 1) != 0;
+  a.late_trigger = (prefetch_mode & 2) != 0;
   if (q.scalar_type() == at::kHalf) {
     launch_dim<__half>(a, q, o, d);
   } else {
