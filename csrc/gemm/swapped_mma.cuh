@@ -110,12 +110,18 @@ __device__ __forceinline__ void mma_block_g128(int32_t (&acc)[TT][4], const uint
   }
 }
 
-// Writes a warp's D fragments to partial[(warp * BT + token) * (BR + 1) + row] (odd stride: conflict-free).
+// Row stride (int32 words) of the partial sums in shared memory, [warp][token][row]. A store of store_partials puts
+// lane (g, t) at token 2t (+1) and row g (+8): with a stride of BR + 4 (4 mod 16) the token offsets 2t * stride
+// fall on banks 0 / 8 / 16 / 24 and the 8 rows after each, so the 32 lanes hit 32 banks (BR + 1: up to 4 lanes a
+// bank); reduce_and_store reads consecutive rows of a token (conflict-free from 32 rows a tile).
+constexpr int partial_stride(int br) { return br + 4; }
+
+// Writes a warp's D fragments to partial[(warp * BT + token) * partial_stride(BR) + row].
 // acc[r][j][i] is row 16r + g + 8 * (i / 2), token 8j + 2t + i % 2.
 template <int RT, int TT>
 __device__ __forceinline__ void store_partials(int32_t* partial, const int32_t (&acc)[RT][TT][4], int warp, int g,
                                                int t) {
-  constexpr int BR = 16 * RT, BT = 8 * TT, kStride = BR + 1;
+  constexpr int BR = 16 * RT, BT = 8 * TT, kStride = partial_stride(BR);
 #pragma unroll
   for (int r = 0; r < RT; ++r)
 #pragma unroll
@@ -135,7 +141,7 @@ constexpr int epilogue_iters(int rt, int tt, int nthreads) { return (16 * rt * 8
 template <bool PER_GROUP, int WARPS, int RT, int TT, int ITERS>
 __device__ __forceinline__ void reduce_and_store(const int32_t* partial, const GemmParams& p, int n0, int tid,
                                                  int nthreads, const EpilogueOperands<ITERS>& e) {
-  constexpr int BR = 16 * RT, BT = 8 * TT, kStride = BR + 1;
+  constexpr int BR = 16 * RT, BT = 8 * TT, kStride = partial_stride(BR);
 #pragma unroll
   for (int it = 0; it < ITERS; ++it) {
     const int idx = tid + it * nthreads;

@@ -29,7 +29,7 @@ template <bool PER_GROUP, int TT, int RT>
 __global__ void __launch_bounds__(kThreads, 1) w4a8_skinny_kernel(const GemmParams p) {
   constexpr int BR = 16 * RT;
   constexpr int U = quads_in_flight(TT, RT);
-  extern __shared__ int32_t partial[];  // [kWarps][8 * TT][BR + 1] (swapped::store_partials)
+  extern __shared__ int32_t partial[];  // [kWarps][8 * TT][partial_stride(BR)] (swapped::store_partials)
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_skinny_kernel(const GemmPara
 template <bool PER_GROUP, int TT, int RT>
 void launch_tiles(const GemmParams& p) {
   constexpr int BR = 16 * RT;
-  constexpr int kSmemBytes = kWarps * 8 * TT * (BR + 1) * 4;
+  constexpr int kSmemBytes = kWarps * 8 * TT * swapped::partial_stride(BR) * 4;
   auto kernel = w4a8_skinny_kernel<PER_GROUP, TT, RT>;
   if constexpr (kSmemBytes > 48 * 1024) {  // opt in above the default dynamic shared memory cap, once per device
     static bool opted_in[64] = {false};

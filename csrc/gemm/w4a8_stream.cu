@@ -54,7 +54,7 @@ struct StreamLayout {
   static constexpr int kWeightsOffset = kBarrierBytes;
   static constexpr int kScalesOffset = kWeightsOffset + kStages * kStageWeightBytes;
   static constexpr int kPartialOffset = kScalesOffset + kStages * kStageScaleBytes;
-  static constexpr int kSmemBytes = kPartialOffset + CW * BT * (BR + 1) * 4;
+  static constexpr int kSmemBytes = kPartialOffset + CW * BT * swapped::partial_stride(BR) * 4;
   static_assert(2 * kStages * 8 <= kBarrierBytes, "mbarriers fit their area");
   static_assert(kQuadsPerWarp >= 1 && kRowStride % 16 == 0 && kScalesOffset % 16 == 0, "stage geometry");
 };
