@@ -2,7 +2,9 @@
 
 For each op and M (tokens) at Llama-3-8B widths (hidden 4096, intermediate 14336): our CUDA kernel, the
 reference chain of PyTorch ops on the GPU (qoq_torch.ops.reference: what the model would run without
-the fused kernel), and a device copy of the op's input bytes (the floor for a one-pass kernel).
+the fused kernel), and a device copy of the op's input bytes (the floor for a one-pass kernel), both as the
+driver's memcpy (`copy_`) and as an elementwise kernel (`torch.add(x, 0, out=...)`, the same bytes), beside an
+almost empty kernel (`fill_` of one element: what any kernel launch costs in the graph).
 Median µs of CUDA-graph replays, rotating over input sets larger than L2.
 
     python benchmarks/quant.py [--json out.json]
@@ -62,6 +64,8 @@ def bench(m: int) -> list[dict]:
         row["fused_us"] = time_graph(lambda i: call(fused, i), sets)
         row["unfused_us"] = time_graph(lambda i: call(unfused, i), sets)
         row["copy_us"] = time_graph(lambda i: dst[i].copy_(xs[i]), sets)
+        row["copy_kernel_us"] = time_graph(lambda i: torch.add(xs[i], 0, out=dst[i]), sets)
+        row["empty_kernel_us"] = time_graph(lambda i: dst[i][:1, :1].fill_(1.0), sets)
         row["fused_gbs"] = (in_bytes + out_bytes) / row["fused_us"] / 1e3
         row["copy_gbs"] = 2 * in_bytes / row["copy_us"] / 1e3
         row["speedup_vs_unfused"] = row["unfused_us"] / row["fused_us"]
@@ -98,11 +102,13 @@ def main() -> None:
     torch.manual_seed(0)
     rows = [r for m in MS for r in bench(m)]
     print(f"\nFused quantization kernels ({torch.cuda.get_device_name()}, torch {torch.__version__}), float16 input")
-    print("| op | M | fused µs | GB/s | unfused PyTorch µs | speed-up | copy of input µs |")
-    print("|---|---|---|---|---|---|---|")
+    print("| op | M | fused µs | GB/s | unfused PyTorch µs | speed-up | copy of input µs (memcpy / kernel) | "
+          "empty kernel µs |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['op']} | {r['m']} | {r['fused_us']:.1f} | {r['fused_gbs']:.0f} | {r['unfused_us']:.1f} | "
-              f"{r['speedup_vs_unfused']:.1f}x | {r['copy_us']:.1f} |")
+              f"{r['speedup_vs_unfused']:.1f}x | {r['copy_us']:.1f} / {r['copy_kernel_us']:.1f} | "
+              f"{r['empty_kernel_us']:.1f} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__}, "rows": rows},
