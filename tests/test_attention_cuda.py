@@ -159,7 +159,8 @@ def test_decode_block_widths_and_split_counts_match_reference(warps, splits, dty
 @pytest.mark.parametrize("warps,splits", (("4", "1"), ("8", "1"), ("4", "2"), ("8", "5")))
 def test_decode_prefetch_before_the_wait_changes_no_bit(warps, splits, gen, monkeypatch):
     """The L2 prefetch before the PDL wait reads the lengths early (possibly stale); the result is the same bits as
-    without it (QOQ_KV4_PREFETCH=0), also when the kernel just before rewrote the lengths and the newest slots."""
+    without it (QOQ_KV4_PREFETCH=0) and with the block's own shared memory size (QOQ_KV4_SOLO=0), also when the kernel
+    just before rewrote the lengths and the newest slots."""
     b, h_q, h_kv, d, t = 3, 32, 8, 128, 1500
     caches = [c.cuda() for c in random_cache(b, h_kv, t, d, gen)]
     q = random_query(b, h_q, 1, d, torch.bfloat16, gen).cuda()
@@ -168,8 +169,9 @@ def test_decode_prefetch_before_the_wait_changes_no_bit(warps, splits, gen, monk
     monkeypatch.setenv("QOQ_KV4_WARPS", warps)
     monkeypatch.setenv("QOQ_KV4_SPLITS", splits)
     results = []
-    for prefetch in ("1", "0"):
+    for prefetch, solo in (("3", "1"), ("0", "1"), ("3", "0")):
         monkeypatch.setenv("QOQ_KV4_PREFETCH", prefetch)
+        monkeypatch.setenv("QOQ_KV4_SOLO", solo)
         lens = torch.tensor([5, 5, 40], dtype=torch.int32, device="cuda")
         cc = [c.clone() for c in caches]
         ops.kv4_decode_attention(q, *cc, lens, starts, 0.088)  # a launch with the short lengths just before
@@ -177,7 +179,7 @@ def test_decode_prefetch_before_the_wait_changes_no_bit(warps, splits, gen, monk
         for c, n in zip(cc, new):
             c[:, :, 1384:1400] = n  # the newest slots of row 2, written after its first call
         results.append(ops.kv4_decode_attention(q, *cc, lens, starts, 0.088))
-    assert torch.equal(results[0], results[1])
+    assert all(torch.equal(results[0], r) for r in results[1:])
     cpu = [c.clone().cpu() for c in caches]
     for c, n in zip(cpu, new):
         c[:, :, 1384:1400] = n.cpu()
