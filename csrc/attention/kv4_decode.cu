@@ -403,7 +403,6 @@ __global__ void __launch_bounds__(32 * W, (NQ == 1 && D <= 128) ? 16 / W : 1) kv
       for (int j = 0; j < 4; ++j) acc[n][i][j] = 0.f;
   }
 
-
   for (int k = 0; k < my_steps; ++k) {
     kv4::cp_async_wait<kStages - 2>();
     __syncwarp();  // the params of a step are copied by other lanes
@@ -555,8 +554,8 @@ __global__ void __launch_bounds__(32 * W, (NQ == 1 && D <= 128) ? 16 / W : 1) kv
     kv4::cp_async_commit();
   }
   kv4::cp_async_wait<0>();
-  // With the prefetch the next kernel launches now, so that its own prefetch overlaps this block's tail (the merge
-  // and the stores) rather than the K loop's reads, whose stream would evict it from L2 first.
+  // The next kernel launches now (a.late_trigger), so that its prefetch overlaps this block's tail (the merge and the
+  // stores) rather than the K loop's reads, whose stream would evict the prefetched lines from L2 first.
   if (a.late_trigger) pdl_launch_dependents();
 
   // ---- merge the warps (shared memory), then write the output or this split's partial ---------------
@@ -840,13 +839,13 @@ bool cluster_merge_possible(Kernel kernel, int8_t (&sm90_cache)[64], int8_t (&st
   return s == 1;
 }
 
-// Sets the kernel's dynamic shared memory limit and returns its resident blocks per SM: both once per device
-// (an occupancy query at every call was host time on the decode path).
 // Dynamic shared memory that leaves room for one block an SM (half the SM's, with the 1 KB a block reserves).
 inline int solo_smem() {
   return static_cast<int>(device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor) / 2);
 }
 
+// Sets the kernel's dynamic shared memory limit and returns its resident blocks per SM: both once per device
+// (an occupancy query at every call was host time on the decode path).
 template <typename T, int D, int NQ, int W>
 int decode_blocks_per_sm() {
   using G = Geometry<D, W>;
@@ -856,7 +855,7 @@ int decode_blocks_per_sm() {
   C10_CUDA_CHECK(cudaGetDevice(&device));
   int& blocks = per_sm[device & 63];
   if (blocks == 0) {
-    const int limit = std::max(G::kSmemBytes, solo_smem());  // the solo launch below may ask for more than its size
+    const int limit = std::max(G::kSmemBytes, solo_smem());  // launch_decode's solo launch asks for more than it uses
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
     int n = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, G::kThreads, G::kSmemBytes));
