@@ -438,7 +438,7 @@ def main() -> None:
                         help="only the attention + o_proj input quantization comparison (contexts 384 and 4096)")
     parser.add_argument("--sweep-splits", action="store_true",
                         help="only the decode kernel at forced split counts (batch 1 / 4 / 16 / 64, 4k-32k)")
-    parser.add_argument("--batches", type=int, nargs="+", help="with --sweep-splits: only these batch sizes")
+    parser.add_argument("--batches", type=int, nargs="+", help="with --sweep-splits or --ab: only these batch sizes")
     parser.add_argument("--ab", metavar="NAME=V1,V2",
                         help="only our kernel, default against these environment settings, alternating (same inputs)")
     parser.add_argument("--contexts", type=int, nargs="+", help="with --ab: only these contexts")
