@@ -361,7 +361,7 @@ def _graph_us_per_pass(calls, passes: int, replays: int = 10) -> float:
     return graph_replay_us(record, passes, replays)
 
 
-def layer_chain(ms) -> dict:
+def layer_chain(ms, methods=CHAIN_METHODS) -> dict:
     """The four Llama-3-8B layer GEMMs back to back in a CUDA graph (our kernels launched with PDL, so each one's
     start overlaps the previous one's tail; in a decode step a quantization kernel sits between them), cycling over
     enough layer copies that the weights read per pass (>= CHAIN_BYTES) never fit L2. Reported per layer, beside the
@@ -374,10 +374,11 @@ def layer_chain(ms) -> dict:
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     for m in ms:
         copies = {name: max(1, math.ceil(CHAIN_BYTES / (params * WEIGHT_BYTES_PER_PARAM[name])))
-                  for name in CHAIN_METHODS}
-        layers = [{shape: make_methods(m, n, k) for shape, (n, k) in SHAPES.items()}
+                  for name in methods}
+        only_ours = set(methods) <= set(OURS)
+        layers = [{shape: make_methods(m, n, k, only_ours=only_ours) for shape, (n, k) in SHAPES.items()}
                   for _ in range(max(copies.values()))]
-        for name in CHAIN_METHODS:
+        for name in methods:
             per_layer = [{shape: layer[shape][name] for shape in SHAPES} for layer in layers[:copies[name]]]
             calls = [fn for layer in per_layer for fn in layer.values()]
             chain = _graph_us_per_pass(calls, passes=max(1, 8 // len(per_layer))) / len(per_layer)
@@ -580,6 +581,7 @@ def main() -> None:
                     help="wgmma kernel split-K counts (QOQ_GEMM_WGMMA_SPLITS) against the default dispatch")
     ap.add_argument("--layer-chain", action="store_true",
                     help="a layer's four GEMMs back to back in a CUDA graph vs cold per-GEMM sums (--ms)")
+    ap.add_argument("--methods", help="comma-separated subset of " + ",".join(CHAIN_METHODS) + " for --layer-chain")
     ap.add_argument("--chain-sweep", action="store_true",
                     help="small-M paths and streaming variants, each shape timed back to back in a CUDA graph")
     ap.add_argument("--check-small", action="store_true", help="only run small correctness cases")
@@ -591,7 +593,11 @@ def main() -> None:
         return
     ms = None if args.ms is None else [int(m) for m in args.ms.split(",")]
     if args.layer_chain:
-        results = layer_chain(ms or CHAIN_SWEEP_MS)
+        methods = CHAIN_METHODS if args.methods is None else tuple(args.methods.split(","))
+        unknown = set(methods) - set(CHAIN_METHODS)
+        if unknown:
+            sys.exit(f"unknown --methods {sorted(unknown)}; choose from {', '.join(CHAIN_METHODS)}")
+        results = layer_chain(ms or CHAIN_SWEEP_MS, methods)
     elif args.chain_sweep:
         results = chain_sweep(ms or CHAIN_SWEEP_MS)
     elif args.sweep_decode:

@@ -79,6 +79,46 @@ def test_quantize_per_token_zero_and_tiny_rows(k, split, ctas, gen, monkeypatch)
     assert float(got[1][1]) == 0.0 and not bool(torch.isnan(got[1]).any())
 
 
+def half_integer_quotient_rows(m: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """float32 rows whose values y put y / x_s exactly on, one ulp beside, and 2^-13 beside half-integers (the
+    kernels round with a reciprocal multiply and divide only near half-integers), for scales whose reciprocal is
+    exact or not; each row's first element is its amax, 127 x_s."""
+    rows = []
+    for r in range(m):
+        scale = torch.tensor([(1.0, 3.0, 0.1, 1 / 3, 7.3e-3, 2.0 ** -20, 1e5, 0.7)[r % 8]], dtype=torch.float32)
+        amax = scale * 127
+        scale = amax / 127  # the kernels' x_s
+        codes = torch.randint(-127, 127, (k,), generator=gen).float() + 0.5
+        offsets = torch.tensor([0.0, 2.0 ** -13, -(2.0 ** -13)])[torch.randint(0, 3, (k,), generator=gen)]
+        y = (codes + offsets) * scale
+        ulp = torch.randint(-1, 2, (k,), generator=gen)
+        y = torch.where(ulp > 0, torch.nextafter(y, torch.full_like(y, 1e30)),
+                        torch.where(ulp < 0, torch.nextafter(y, torch.full_like(y, -1e30)), y))
+        y = y.clamp(-amax, amax)
+        y[0] = amax
+        rows.append(y)
+    return torch.stack(rows)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", (8, 100))
+@pytest.mark.parametrize("split", (None, "64"))
+def test_quantize_per_token_half_integer_quotients_bit_exact(m, split, gen, monkeypatch):
+    """Quotients on and around rounding ties quantize as the reference's IEEE division does, on the one-block, the
+    register and the cluster-split kernels."""
+    if split is None:
+        monkeypatch.delenv("QOQ_QUANT_SPLIT", raising=False)
+    else:
+        monkeypatch.setenv("QOQ_QUANT_SPLIT", split)
+    x = half_integer_quotient_rows(m, 4096, gen)
+    got = ops.quantize_per_token(x.cuda())
+    ref = torch.ops.qoq.quantize_per_token(x)
+    ties = ((x / ref[1].unsqueeze(1)).frac().abs() == 0.5).sum()
+    assert int(ties) > 1000  # the rows do hit exact ties
+    for g, r in zip(got, ref):
+        assert torch.equal(g.cpu(), r)
+
+
 @needs_kernel
 @pytest.mark.parametrize("m,k", SHAPES)
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))

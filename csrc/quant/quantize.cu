@@ -95,7 +95,8 @@ struct Args {
 template <typename T, int VEC, RowOp OP>
 __global__ void __launch_bounds__(kMaxThreads) quantize_rows_kernel(Args a) {
   extern __shared__ float ys[];
-  __shared__ float fscratch[kMaxWarps];
+  __shared__ float ss_scratch[kMaxWarps];  // block_reduce needs one scratch array per call site
+  __shared__ float amax_scratch[kMaxWarps];
   __shared__ int iscratch[kMaxWarps];
   const int64_t nvec = a.k / VEC;
   // RMSNorm: this thread's first weight vector (a module buffer, which PDL lets us read before the wait) is loaded
@@ -151,7 +152,7 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_kernel(Args a) {
         ss += f[i] * f[i];
       }
     }
-    ss = block_reduce(ss, fscratch, SumOp{});
+    ss = block_reduce(ss, ss_scratch, SumOp{});
     const float r = 1.0f / sqrtf(ss / static_cast<float>(a.k) + a.eps);
     const T* w = static_cast<const T*>(a.weight);
     // Each thread rewrites only the elements it wrote above: no barrier needed between the passes.
@@ -171,8 +172,8 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_kernel(Args a) {
       }
     }
   }
-  // quantize_row reads back only this thread's own elements (same v loop), so block_reduce's barriers suffice.
-  amax = block_reduce(amax, fscratch, MaxOp{});
+  // quantize_row reads back only this thread's own elements (same v loop), so block_reduce's barrier suffices.
+  amax = block_reduce(amax, amax_scratch, MaxOp{});
   rowq::quantize_row<VEC>(ys, amax, a.k, a.x_q + row * a.k, a.x_s + row, a.x_sum + row, iscratch);
 }
 
@@ -186,7 +187,8 @@ constexpr int kRegsVecs = 2;
 constexpr int kRegsMaxThreads = 512;
 template <typename T, int VEC, RowOp OP>
 __global__ void __launch_bounds__(kRegsMaxThreads) quantize_rows_regs_kernel(Args a) {
-  __shared__ float fscratch[kMaxWarps];
+  __shared__ float ss_scratch[kMaxWarps];  // block_reduce needs one scratch array per call site
+  __shared__ float amax_scratch[kMaxWarps];
   __shared__ int iscratch[kMaxWarps];
   const int64_t nvec = a.k / VEC;
   bool in_row[kRegsVecs];
@@ -232,7 +234,7 @@ __global__ void __launch_bounds__(kRegsMaxThreads) quantize_rows_regs_kernel(Arg
 #pragma unroll
       for (int i = 0; i < VEC; ++i) ss += y[j][i] * y[j][i];
     }
-    ss = block_reduce(ss, fscratch, SumOp{});
+    ss = block_reduce(ss, ss_scratch, SumOp{});
     const float r = 1.0f / sqrtf(ss / static_cast<float>(a.k) + a.eps);
 #pragma unroll
     for (int j = 0; j < kRegsVecs; ++j)
@@ -244,8 +246,8 @@ __global__ void __launch_bounds__(kRegsMaxThreads) quantize_rows_regs_kernel(Arg
   for (int j = 0; j < kRegsVecs; ++j)
 #pragma unroll
     for (int i = 0; i < VEC; ++i) amax = fmaxf(amax, fabsf(y[j][i]));
-  amax = block_reduce(amax, fscratch, MaxOp{});
-  const float scale = amax / 127.0f;  // IEEE division, as the reference
+  amax = block_reduce(amax, amax_scratch, MaxOp{});
+  const rowq::RowScale scale = rowq::make_row_scale(amax);
   int sum = 0;
 #pragma unroll
   for (int j = 0; j < kRegsVecs; ++j) {
@@ -254,7 +256,7 @@ __global__ void __launch_bounds__(kRegsMaxThreads) quantize_rows_regs_kernel(Arg
   }
   sum = block_reduce(sum, iscratch, SumOp{});
   if (threadIdx.x == 0) {
-    a.x_s[row] = scale;
+    a.x_s[row] = scale.scale;
     a.x_sum[row] = sum;
   }
 }
@@ -347,7 +349,7 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_cluster_kernel(Args
   if constexpr (OP != RowOp::kRmsNorm) cluster.barrier_wait();  // the start barrier above
   amax = cluster_all_reduce(amax, amax_slots, p, MaxOp{});
 
-  const float scale = amax / 127.0f;  // IEEE division, as the reference
+  const rowq::RowScale scale = rowq::make_row_scale(amax);
   int sum = 0;
   if (active) sum = quantize_store<VEC>(y, scale, a.x_q + row * a.k + v * VEC);
   // The code sum is needed by rank 0 only: each warp stores its partial straight into rank 0's slots. After this
@@ -358,7 +360,7 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_cluster_kernel(Args
   if (p.rank == 0 && p.warp == 0) {
     sum = fold_slots(sum_slots, p.ctas * p.nwarps, p.lane, SumOp{});
     if (p.lane == 0) {
-      a.x_s[row] = scale;
+      a.x_s[row] = scale.scale;
       a.x_sum[row] = sum;
     }
   }
