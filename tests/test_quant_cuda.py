@@ -60,8 +60,9 @@ def test_quantize_per_token_bit_exact(m, k, dtype, gen):
 @needs_kernel
 @pytest.mark.parametrize("k,split,ctas", ((96, None, None), (4096, "64", None), (4096, "64", "1"), (4096, "64", "8")))
 def test_quantize_per_token_zero_and_tiny_rows(k, split, ctas, gen, monkeypatch):
-    """Zero, denormal and all-underflow rows stay bit-exact (scale 0 -> codes 0, no NaN), on the one-block kernel and
-    on the cluster split (QOQ_QUANT_SPLIT, QOQ_QUANT_SPLIT_CTAS)."""
+    """Zero, denormal and all-underflow rows stay bit-exact (scale 0 -> codes 0, no NaN, code sum 0 although the
+    kernels add it up with atomics into memory a previous call left its sums in), on the one-block kernel and on the
+    cluster split (QOQ_QUANT_SPLIT, QOQ_QUANT_SPLIT_CTAS)."""
     for name, value in (("QOQ_QUANT_SPLIT", split), ("QOQ_QUANT_SPLIT_CTAS", ctas)):
         if value is None:
             monkeypatch.delenv(name, raising=False)
@@ -72,6 +73,9 @@ def test_quantize_per_token_zero_and_tiny_rows(k, split, ctas, gen, monkeypatch)
     x[3] = 1e-42  # denormal input: scale 1e-42 / 127 underflows towards 0 differently per path
     x[4] = 0.0
     x[4, k - 1] = -1e-45  # amax / 127 underflows to 0: scale 0, codes 0
+    stale = ops.quantize_per_token((x.abs() + 1).cuda())  # its freed x_sum is likely the next call's
+    assert bool((stale[2] > 0).all())
+    del stale
     got = ops.quantize_per_token(x.cuda())
     ref = torch.ops.qoq.quantize_per_token(x)
     for g, r in zip(got, ref):
@@ -313,7 +317,7 @@ def test_split_under_cuda_graph(gen, monkeypatch):
 @needs_kernel
 def test_split_kernel_is_dispatched(gen, monkeypatch):
     """On sm_90 silu_mul_quantize at M <= 64 with aligned rows runs the cluster kernel alone, the other two ops the
-    row kernel (their default); with QOQ_QUANT_SPLIT=64 every op splits; M = 65, K % 8 != 0, an unaligned view and
+    register kernel (the shared-memory one for rows over 1024 vectors; their default); with QOQ_QUANT_SPLIT=64 every op splits; M = 65, K % 8 != 0, an unaligned view and
     QOQ_QUANT_SPLIT=0 run the row kernel; QOQ_QUANT_SPLIT=<m> moves the threshold."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -338,7 +342,8 @@ def test_split_kernel_is_dispatched(gen, monkeypatch):
     for m, k in ((1, 4096), (64, 14336)):
         assert "quantize_rows_cluster_kernel" in kernels("silu_mul_quantize", m, k)[0], (m, k)
         for op in ("quantize_per_token", "rmsnorm_quantize"):
-            assert "quantize_rows_kernel" in kernels(op, m, k)[0], (op, m, k)
+            expect = "quantize_rows_regs_kernel" if k <= 8192 else "quantize_rows_kernel"
+            assert expect in kernels(op, m, k)[0], (op, m, k)
     monkeypatch.setenv("QOQ_QUANT_SPLIT", "64")
     for op in QUANT_OPS:
         for m, k in ((1, 4096), (64, 4096), (1, 14336), (3, 128)):
@@ -350,7 +355,8 @@ def test_split_kernel_is_dispatched(gen, monkeypatch):
         names = kernels(op, 65, 4096)  # past the split's range: rows in registers
         assert len(names) == 1 and "quantize_rows_regs_kernel" in names[0], (op, names)
     monkeypatch.setenv("QOQ_QUANT_SPLIT", "0")
-    assert "quantize_rows_kernel" in kernels("rmsnorm_quantize", 1, 4096)[0]
+    assert "quantize_rows_regs_kernel" in kernels("rmsnorm_quantize", 1, 4096)[0]
+    assert "quantize_rows_kernel" in kernels("silu_mul_quantize", 1, 14336)[0]
     monkeypatch.setenv("QOQ_QUANT_SPLIT", "128")
     assert "quantize_rows_cluster_kernel" in kernels("rmsnorm_quantize", 128, 4096)[0]
     assert "quantize_rows_regs_kernel" in kernels("rmsnorm_quantize", 129, 4096)[0]
@@ -361,8 +367,9 @@ def test_split_kernel_is_dispatched(gen, monkeypatch):
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_rows_in_registers_match_the_shared_memory_kernel(op, dtype, gen, monkeypatch):
     """From M = 65 aligned rows of up to 1024 vectors (K <= 8192) run the register kernel (2 vectors a thread;
-    longer rows and QOQ_QUANT_REGS=0 the shared-memory one): the same bits as the shared-memory kernel, and the
-    reference's codes within the documented rounding. K = 4104 leaves the last thread one vector of two."""
+    longer rows and QOQ_QUANT_REGS=0 the shared-memory one), and below M = 65 rows of up to 1024 vectors (one a
+    thread; the cluster split off): the same bits as the shared-memory kernel, and the reference's codes within the
+    documented rounding. K = 4104 leaves the last thread one vector of two."""
     from torch.profiler import ProfilerActivity, profile
 
     def run(x, w, r):
@@ -372,7 +379,9 @@ def test_rows_in_registers_match_the_shared_memory_kernel(op, dtype, gen, monkey
             return ops.add_rmsnorm_quantize(x, r, w, 1e-6)
         return getattr(ops, op)(x)
 
-    for m, k in ((65, 4096), (300, 4104), (97, 8192), (70, 14336), (66, 20000), (200, 128)):
+    monkeypatch.setenv("QOQ_QUANT_SPLIT", "0")
+    for m, k in ((65, 4096), (300, 4104), (97, 8192), (70, 14336), (66, 20000), (200, 128),
+                 (1, 4096), (16, 4104), (5, 8192), (3, 14336), (64, 128)):
         width = 2 * k if op == "silu_mul_quantize" else k
         x = random_rows(m, width, dtype, gen)
         w = (torch.rand(k, generator=gen) + 0.5).to(dtype)

@@ -719,10 +719,10 @@ __global__ void __launch_bounds__(kMergeQuantThreads) kv4_combine_quantize_kerne
     int8_t* x_q, float* x_s, int32_t* x_sum) {
   extern __shared__ float ys[];
   __shared__ float fscratch[rowq::kMaxWarps];
-  __shared__ int iscratch[rowq::kMaxWarps];
   pdl_wait();
   pdl_launch_dependents();
   const int64_t token = blockIdx.x;
+  rowq::clear_row_sum(x_sum + token);
   const int64_t b = token / s_q, i = token % s_q;
   const int64_t k = static_cast<int64_t>(h_q) * d_size;
   float* head_max = ys + k;
@@ -745,7 +745,7 @@ __global__ void __launch_bounds__(kMergeQuantThreads) kv4_combine_quantize_kerne
     }
   }
   amax = rowq::block_reduce(amax, fscratch, rowq::MaxOp{});
-  rowq::quantize_row<kMergeQuantVec>(ys, amax, k, x_q + token * k, x_s + token, x_sum + token, iscratch);
+  rowq::quantize_row<kMergeQuantVec>(ys, amax, k, x_q + token * k, x_s + token, x_sum + token);
 }
 
 int device_attribute(cudaDeviceAttr attr) {

@@ -3,8 +3,9 @@
 // x_s = amax / 127 (IEEE division), x_q = clamp(rint(y / x_s), -127, 127), x_s == 0 -> 0.
 // Built without --use_fast_math, so '/' and sqrtf are IEEE and denormals are kept, like the CPU reference.
 //
-// Many rows: one block per row, the row held in registers (rows of up to 8192 16-bit values) or, longer, its
-// float32 values staged in shared memory (one global read).
+// One block per row: the row held in registers (rows of up to 8192 16-bit values: one 16-byte vector a thread for
+// few rows, two for many) or, longer, its float32 values staged in shared memory (one global read). Every kernel adds
+// up the row's code sum with one global atomic a warp (rowq::add_row_sum) instead of a last block or cluster barrier.
 // Few rows (decode, M <= kSplitMaxM; by default silu_mul_quantize only, whose rows are 14336+ wide) on sm_90: one
 // block per row would leave almost every SM idle and make a long row take several dependent load rounds plus four
 // block barriers, so each row is split over a thread-block
@@ -97,7 +98,6 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_kernel(Args a) {
   extern __shared__ float ys[];
   __shared__ float ss_scratch[kMaxWarps];  // block_reduce needs one scratch array per call site
   __shared__ float amax_scratch[kMaxWarps];
-  __shared__ int iscratch[kMaxWarps];
   const int64_t nvec = a.k / VEC;
   // RMSNorm: this thread's first weight vector (a module buffer, which PDL lets us read before the wait) is loaded
   // now, so that the pass after the sum of squares does not start with a DRAM round trip (at M = 1 each thread
@@ -111,6 +111,7 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_kernel(Args a) {
   pdl_wait();  // PDL (common.cuh): x, the activations, only after the wait
   pdl_launch_dependents();
   const int64_t row = blockIdx.x;
+  rowq::clear_row_sum(a.x_sum + row);
   const T* x = static_cast<const T*>(a.x) + row * a.k_in;
   float amax = 0.f;
 
@@ -174,22 +175,22 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_kernel(Args a) {
   }
   // quantize_row reads back only this thread's own elements (same v loop), so block_reduce's barrier suffices.
   amax = block_reduce(amax, amax_scratch, MaxOp{});
-  rowq::quantize_row<VEC>(ys, amax, a.k, a.x_q + row * a.k, a.x_s + row, a.x_sum + row, iscratch);
+  rowq::quantize_row<VEC>(ys, amax, a.k, a.x_q + row * a.k, a.x_s + row, a.x_sum + row);
 }
 
-// Many rows of up to kRegsVecs * blockDim.x vectors: as quantize_rows_kernel, but the row stays in registers
-// (kRegsVecs vectors a thread, all loads issued before the first use) instead of shared memory, and the RMSNorm
-// weight is loaded whole before the PDL wait, so no pass waits on a second load round. Same per-thread order of the
-// float sum of squares as quantize_rows_kernel (vectors v = threadIdx.x + j * blockDim.x in j order, and the host
-// gives both kernels the same block size), so the same bits. Two vectors a thread, as the shared-memory kernel
-// takes for many rows (four, for longer rows, cost occupancy: see try_launch_regs).
-constexpr int kRegsVecs = 2;
-constexpr int kRegsMaxThreads = 512;
-template <typename T, int VEC, RowOp OP>
-__global__ void __launch_bounds__(kRegsMaxThreads) quantize_rows_regs_kernel(Args a) {
+// Rows of up to VECS * blockDim.x vectors: as quantize_rows_kernel, but the row stays in registers (VECS vectors a
+// thread, all loads issued before the first use) instead of shared memory, and the RMSNorm weight is loaded whole
+// before the PDL wait, so no pass waits on a second load round. Same per-thread order of the float sum of squares as
+// quantize_rows_kernel (vectors v = threadIdx.x + j * blockDim.x in j order, and the host gives both kernels the
+// same block size), so the same bits. As the shared-memory kernel takes them: one vector a thread (up to 1024
+// threads) for few rows, two (up to 512) for many (four, for longer rows, cost occupancy: see try_launch_regs).
+template <int VECS>
+constexpr int kRegsMaxThreads = VECS == 1 ? kMaxThreads : 512;
+template <typename T, int VEC, RowOp OP, int VECS>
+__global__ void __launch_bounds__(kRegsMaxThreads<VECS>) quantize_rows_regs_kernel(Args a) {
+  constexpr int kRegsVecs = VECS;
   __shared__ float ss_scratch[kMaxWarps];  // block_reduce needs one scratch array per call site
   __shared__ float amax_scratch[kMaxWarps];
-  __shared__ int iscratch[kMaxWarps];
   const int64_t nvec = a.k / VEC;
   bool in_row[kRegsVecs];
 #pragma unroll
@@ -204,6 +205,7 @@ __global__ void __launch_bounds__(kRegsMaxThreads) quantize_rows_regs_kernel(Arg
   pdl_wait();  // PDL (common.cuh): x, the activations, only after the wait
   pdl_launch_dependents();
   const int64_t row = blockIdx.x;
+  rowq::clear_row_sum(a.x_sum + row);
   const T* x = static_cast<const T*>(a.x) + row * a.k_in;
   float y[kRegsVecs][VEC] = {};  // vectors past the row stay zero: neutral for every reduction
   float up[OP == RowOp::kSiluMul ? kRegsVecs : 1][VEC] = {};
@@ -254,11 +256,8 @@ __global__ void __launch_bounds__(kRegsMaxThreads) quantize_rows_regs_kernel(Arg
     const int64_t v = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
     if (in_row[j]) sum += quantize_store<VEC>(y[j], scale, a.x_q + row * a.k + v * VEC);
   }
-  sum = block_reduce(sum, iscratch, SumOp{});
-  if (threadIdx.x == 0) {
-    a.x_s[row] = scale.scale;
-    a.x_sum[row] = sum;
-  }
+  if (threadIdx.x == 0) a.x_s[row] = scale.scale;
+  rowq::add_row_sum(sum, a.x_sum + row);
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -299,7 +298,6 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_cluster_kernel(Args
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   __shared__ float ss_slots[kMaxPartials];
   __shared__ float amax_slots[kMaxPartials];
-  __shared__ int sum_slots[kMaxPartials];
   const cg::cluster_group cluster = cg::this_cluster();
   // A CTA may touch another's shared memory only once every CTA of the cluster runs: arrive here and wait just
   // before the first remote store, so the wait hides behind the global loads.
@@ -320,6 +318,8 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_cluster_kernel(Args
   // PDL (common.cuh): the weight above may be read while the previous kernel runs, x only after it is done.
   pdl_wait();
   pdl_launch_dependents();
+  // rowq::add_row_sum: rank 0 clears the code sum before the amax all-reduce's cluster barrier.
+  if (p.rank == 0) rowq::clear_row_sum(a.x_sum + row);
 
   if constexpr (OP == RowOp::kIdentity) {
     if (active) load_vec<T, VEC>(x, y);
@@ -352,18 +352,10 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_cluster_kernel(Args
   const rowq::RowScale scale = rowq::make_row_scale(amax);
   int sum = 0;
   if (active) sum = quantize_store<VEC>(y, scale, a.x_q + row * a.k + v * VEC);
-  // The code sum is needed by rank 0 only: each warp stores its partial straight into rank 0's slots. After this
-  // barrier no CTA touches another's shared memory, so every CTA may exit.
-  sum = warp_reduce(sum, SumOp{});
-  if (p.lane == 0) *cluster.map_shared_rank(sum_slots + p.rank * p.nwarps + p.warp, 0) = sum;
-  cluster.sync();
-  if (p.rank == 0 && p.warp == 0) {
-    sum = fold_slots(sum_slots, p.ctas * p.nwarps, p.lane, SumOp{});
-    if (p.lane == 0) {
-      a.x_s[row] = scale.scale;
-      a.x_sum[row] = sum;
-    }
-  }
+  // Each warp adds its part of the code sum to global memory: no CTA touches another's shared memory after the
+  // amax all-reduce (its remote stores precede its cluster barrier), so every CTA may exit.
+  if (p.rank == 0 && threadIdx.x == 0) a.x_s[row] = scale.scale;
+  rowq::add_row_sum(sum, a.x_sum + row);
 #else
   __trap();  // never launched: the host only picks this kernel when its image was built for sm_90+
 #endif
@@ -383,18 +375,32 @@ int max_dynamic_smem() {
 // M = 4096, K = 4096: quantize_per_token 22.8 against 30.5 us, rmsnorm_quantize 29.6 against 41.4 (a copy of the
 // input: 24.3); M = 256: 3.6 / 4.2 against 4.4 / 4.9. Not for longer rows: four vectors a thread (92 registers, one
 // 448-thread block an SM) made silu_mul_quantize's 14336-wide rows slower (M = 4096: 277.1 against 175.6 us).
+// Few rows (M <= 64, as long as the shared-memory kernel gives them one vector a thread) are held in registers too
+// (QOQ_QUANT_REGS=0 or QOQ_QUANT_REGS_FEW=0: not).
 constexpr int64_t kRegsMinM = 65;
+template <typename T, int VEC, RowOp OP, int VECS>
+void launch_regs(const Args& a, int64_t m, int64_t nvec) {
+  static int8_t sm90[64] = {0};
+  const int threads = static_cast<int>(std::max<int64_t>(64, ((nvec + VECS - 1) / VECS + 31) / 32 * 32));
+  launch_kernel(quantize_rows_regs_kernel<T, VEC, OP, VECS>, sm90, {dim3(static_cast<unsigned>(m)), dim3(threads)}, a);
+}
+
 template <typename T, int VEC, RowOp OP>
 bool try_launch_regs(const Args& a, int64_t m) {
   if constexpr (VEC == 1) {
     return false;  // the rare unaligned view
   } else {
     const int64_t nvec = a.k / VEC;
-    if (m < kRegsMinM || nvec > kRegsVecs * kRegsMaxThreads || env_int("QOQ_QUANT_REGS", 1) == 0) return false;
-    static int8_t sm90[64] = {0};
-    const int threads = static_cast<int>(std::max<int64_t>(64, ((nvec + kRegsVecs - 1) / kRegsVecs + 31) / 32 * 32));
-    launch_kernel(quantize_rows_regs_kernel<T, VEC, OP>, sm90, {dim3(static_cast<unsigned>(m)), dim3(threads)}, a);
-    return true;
+    if (env_int("QOQ_QUANT_REGS", 1) == 0) return false;
+    if (m >= kRegsMinM && nvec <= 2 * kRegsMaxThreads<2>) {
+      launch_regs<T, VEC, OP, 2>(a, m, nvec);
+      return true;
+    }
+    if (m < kRegsMinM && nvec <= kRegsMaxThreads<1> && env_int("QOQ_QUANT_REGS_FEW", 1) != 0) {
+      launch_regs<T, VEC, OP, 1>(a, m, nvec);
+      return true;
+    }
+    return false;
   }
 }
 

@@ -104,23 +104,33 @@ __device__ __forceinline__ int quantize_store(const float* y, const RowScale& s,
   return sum;
 }
 
+// The row's code sum without a block barrier after the codes: thread 0 zeroes `*row_sum` (clear_row_sum) before a
+// barrier that every thread passes before its add (the amax reduction's; after the PDL wait, like every global
+// write), then each warp adds its part with one atomic (add_row_sum). An integer sum: the same in any order.
+__device__ __forceinline__ void clear_row_sum(int32_t* row_sum) {
+  if (threadIdx.x == 0) *row_sum = 0;
+}
+
+__device__ __forceinline__ void add_row_sum(int sum, int32_t* row_sum) {
+  sum = warp_reduce(sum, SumOp{});
+  if ((threadIdx.x & 31) == 0 && sum != 0) atomicAdd(row_sum, sum);
+}
+
 // Quantizes the float32 row `ys[0..k)` (shared memory) whose amax is `amax` into `row_q [k]`, `*row_s` and
-// `*row_sum`. Each thread reads back only the vectors v = threadIdx.x + i * blockDim.x, so a caller that wrote ys
-// with the same loop needs no barrier before (block_reduce's barrier orders the rest).
+// `*row_sum` (which the caller cleared with clear_row_sum before its amax reduction). Each thread reads back only the
+// vectors v = threadIdx.x + i * blockDim.x, so a caller that wrote ys with the same loop needs no barrier before
+// (block_reduce's barrier orders the rest).
 template <int VEC>
 __device__ __forceinline__ void quantize_row(const float* ys, float amax, int64_t k, int8_t* row_q, float* row_s,
-                                             int32_t* row_sum, int* iscratch) {
+                                             int32_t* row_sum) {
   const RowScale scale = make_row_scale(amax);
   const int64_t nvec = k / VEC;
   int sum = 0;
   for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
     sum += quantize_store<VEC>(ys + v * VEC, scale, row_q + v * VEC);
   }
-  sum = block_reduce(sum, iscratch, SumOp{});
-  if (threadIdx.x == 0) {
-    *row_s = scale.scale;
-    *row_sum = sum;
-  }
+  if (threadIdx.x == 0) *row_s = scale.scale;
+  add_row_sum(sum, row_sum);
 }
 
 }  // namespace rowq
