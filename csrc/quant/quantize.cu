@@ -370,7 +370,7 @@ int max_dynamic_smem() {
   return v;
 }
 
-// Many rows of up to kRegsVecs * kRegsMaxThreads vectors (K <= 8192 for 16-bit inputs) are held in registers
+// Many rows of up to 2 * kRegsMaxThreads<2> vectors (K <= 8192 for 16-bit inputs) are held in registers
 // (QOQ_QUANT_REGS=0: the shared-memory kernel instead). H100 (docs/benchmarks.md, benchmarks/quant.py, same run):
 // M = 4096, K = 4096: quantize_per_token 22.8 against 30.5 us, rmsnorm_quantize 29.6 against 41.4 (a copy of the
 // input: 24.3); M = 256: 3.6 / 4.2 against 4.4 / 4.9. Not for longer rows: four vectors a thread (92 registers, one
