@@ -259,12 +259,11 @@ void launch_w4a8_stream(const GemmParams& p, int sms) {
               ", N=", qoq::num(p.N), ", K=", qoq::num(p.K), ")");
   // QOQ_GEMM_STREAM_VARIANT=<0..3> overrides the variant (benchmarks and tests); 32-row tiles need N % 32 == 0.
   // Defaults from the H100 layer-chain sweep (docs/benchmarks.md): one block an SM with 16 consumer warps (3) for long
-  // rows (K >= 4 stages: three stages in flight, e.g. down_proj) and, per channel or at M > 8, where each block walks
-  // several tiles (N / 32 >= 2 blocks an SM: a finer share of the tiles, e.g. gate_up), and per group at M > 8
-  // everywhere (M = 16: qkv 8.54 vs 8.90 us, o 5.74 vs 6.33 on two blocks); two 8-warp blocks an SM (2) otherwise.
-  // Per group at M <= 8, gate_up ran faster on two blocks (21.97 vs 25.33 us at M = 1).
-  const bool many_tiles = p.N / 32 >= 2 * sms && (!PER_GROUP || p.M > 8);
-  const bool one_wide_block = many_tiles || p.K >= 4 * 2048 || (PER_GROUP && p.M > 8);
+  // rows (K >= 4 stages: three stages in flight, e.g. down_proj), per group at M > 8 (M = 16: qkv 8.54 vs 8.90 us,
+  // o 5.74 vs 6.33 on two blocks) and per channel where each block walks several tiles (N / 32 >= 2 blocks an SM: a
+  // finer share of the tiles, e.g. gate_up); two 8-warp blocks an SM (2) otherwise. Per group at M <= 8, gate_up ran
+  // faster on two blocks (21.97 vs 25.33 us at M = 1).
+  const bool one_wide_block = p.K >= 4 * 2048 || (PER_GROUP ? p.M > 8 : p.N / 32 >= 2 * sms);
   int variant = env_int("QOQ_GEMM_STREAM_VARIANT", one_wide_block ? 3 : 2);
   if (variant < 0 || variant >= kVariants || p.N % 32 != 0) variant = 0;
   if (PER_GROUP && p.group_size == 128) {

@@ -100,8 +100,7 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_kernel(Args a) {
   __shared__ float amax_scratch[kMaxWarps];
   const int64_t nvec = a.k / VEC;
   // RMSNorm: this thread's first weight vector (a module buffer, which PDL lets us read before the wait) is loaded
-  // now, so that the pass after the sum of squares does not start with a DRAM round trip (at M = 1 each thread
-  // has only this one vector).
+  // now, so that the pass after the sum of squares does not start with a DRAM round trip.
   float w_first[VEC] = {};
   if constexpr (kIsNorm<OP>) {
     if (static_cast<int64_t>(threadIdx.x) < nvec) {
@@ -375,14 +374,17 @@ int max_dynamic_smem() {
 // M = 4096, K = 4096: quantize_per_token 22.8 against 30.5 us, rmsnorm_quantize 29.6 against 41.4 (a copy of the
 // input: 24.3); M = 256: 3.6 / 4.2 against 4.4 / 4.9. Not for longer rows: four vectors a thread (92 registers, one
 // 448-thread block an SM) made silu_mul_quantize's 14336-wide rows slower (M = 4096: 277.1 against 175.6 us).
-// Few rows (M <= 64, as long as the shared-memory kernel gives them one vector a thread) are held in registers too
-// (QOQ_QUANT_REGS=0 or QOQ_QUANT_REGS_FEW=0: not).
-constexpr int64_t kRegsMinM = 65;
-template <typename T, int VEC, RowOp OP, int VECS>
-void launch_regs(const Args& a, int64_t m, int64_t nvec) {
-  static int8_t sm90[64] = {0};
-  const int threads = static_cast<int>(std::max<int64_t>(64, ((nvec + VECS - 1) / VECS + 31) / 32 * 32));
-  launch_kernel(quantize_rows_regs_kernel<T, VEC, OP, VECS>, sm90, {dim3(static_cast<unsigned>(m)), dim3(threads)}, a);
+// Few rows (M <= 64) are held in registers too, one vector a thread (QOQ_QUANT_REGS=0 or QOQ_QUANT_REGS_FEW=0: not).
+//
+// Both kernels give a row of M rows the block size below, which is what keeps their float sums in the same order (the
+// same bits): few rows (decode) leave most SMs idle, so each row gets up to 1024 threads, one vector each (fewer
+// dependent load rounds a thread); many rows about two vectors a thread, at most 512 threads.
+constexpr int64_t kFewRowsMaxM = 64;
+inline int vectors_per_thread(int64_t m) { return m <= kFewRowsMaxM ? 1 : 2; }
+inline int row_threads(int64_t m, int64_t nvec) {
+  const int64_t per_thread = vectors_per_thread(m);
+  const int64_t cap = per_thread == 1 ? kRegsMaxThreads<1> : kRegsMaxThreads<2>;
+  return static_cast<int>(std::min<int64_t>(cap, std::max<int64_t>(64, ((nvec + per_thread - 1) / per_thread + 31) / 32 * 32)));
 }
 
 template <typename T, int VEC, RowOp OP>
@@ -391,16 +393,18 @@ bool try_launch_regs(const Args& a, int64_t m) {
     return false;  // the rare unaligned view
   } else {
     const int64_t nvec = a.k / VEC;
-    if (env_int("QOQ_QUANT_REGS", 1) == 0) return false;
-    if (m >= kRegsMinM && nvec <= 2 * kRegsMaxThreads<2>) {
-      launch_regs<T, VEC, OP, 2>(a, m, nvec);
-      return true;
+    const int vecs = vectors_per_thread(m);
+    const int threads = row_threads(m, nvec);
+    if (nvec > static_cast<int64_t>(vecs) * threads || env_int("QOQ_QUANT_REGS", 1) == 0) return false;
+    if (vecs == 1 && env_int("QOQ_QUANT_REGS_FEW", 1) == 0) return false;
+    static int8_t sm90[2][64] = {{0}};
+    const LaunchDims dims{dim3(static_cast<unsigned>(m)), dim3(threads)};
+    if (vecs == 1) {
+      launch_kernel(quantize_rows_regs_kernel<T, VEC, OP, 1>, sm90[0], dims, a);
+    } else {
+      launch_kernel(quantize_rows_regs_kernel<T, VEC, OP, 2>, sm90[1], dims, a);
     }
-    if (m < kRegsMinM && nvec <= kRegsMaxThreads<1> && env_int("QOQ_QUANT_REGS_FEW", 1) != 0) {
-      launch_regs<T, VEC, OP, 1>(a, m, nvec);
-      return true;
-    }
-    return false;
+    return true;
   }
 }
 
@@ -408,12 +412,7 @@ template <typename T, int VEC, RowOp OP>
 void launch_typed(const Args& a, int64_t m) {
   if (try_launch_regs<T, VEC, OP>(a, m)) return;
   const size_t smem = static_cast<size_t>(a.k) * sizeof(float);
-  const int64_t nvec = a.k / VEC;
-  // Few rows (decode) leave most SMs idle, so each row gets up to 1024 threads, one vector each: fewer
-  // dependent load rounds per thread. Many rows: about two vectors per thread, at most 512 threads.
-  const int64_t per_thread = m <= 64 ? 1 : 2;
-  const int64_t cap = m <= 64 ? kMaxThreads : 512;
-  int threads = static_cast<int>(std::min<int64_t>(cap, std::max<int64_t>(64, ((nvec + per_thread - 1) / per_thread + 31) / 32 * 32)));
+  const int threads = row_threads(m, a.k / VEC);
   auto kernel = quantize_rows_kernel<T, VEC, OP>;
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
