@@ -120,3 +120,16 @@ def test_reference_is_the_op():
     x = torch.randn(6, 64).half()
     for a, b in zip(ops.quantize_per_token(x), reference.quantize_per_token(x)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rmsnorm_quantize_scale_is_max_of_x_times_weight_times_r(dtype, gen):
+    # The contract's order y = (x * w) * r makes amax |y| = max |x * w| * r exactly (docs/formats.md), which the
+    # CUDA kernels rely on; with y = (x * r) * w the two differ in the last bit on some of these rows.
+    x = (3 * torch.randn(64, 512, generator=gen)).to(dtype)
+    w = (torch.rand(512, generator=gen) + 0.5).to(dtype)
+    _, x_s, _ = ops.rmsnorm_quantize(x, w, 1e-6)
+    xf = x.float()
+    r = torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + 1e-6)
+    expected = ((xf * w.float()).abs().amax(dim=1, keepdim=True) * r).squeeze(1) / 127
+    assert torch.equal(x_s, expected)

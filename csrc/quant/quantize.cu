@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_kernel(Args a) {
         amax = fmaxf(amax, fabsf(y));
       }
     }
-  } else {  // kRmsNorm / kAddRmsNorm: sum of squares first, then y = (x * r) * w
+  } else {  // kRmsNorm / kAddRmsNorm: sum of squares first, then y = (x * w) * r
     float ss = 0.f;
     for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
       float f[VEC];
@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_kernel(Args a) {
       }
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        const float y = __fmul_rn(__fmul_rn(ys[v * VEC + i], r), wf[i]);
+        const float y = __fmul_rn(__fmul_rn(ys[v * VEC + i], wf[i]), r);  // (x * w) * r, docs/formats.md
         ys[v * VEC + i] = y;
         amax = fmaxf(amax, fabsf(y));
       }
@@ -222,8 +222,11 @@ __global__ void __launch_bounds__(kRegsMaxThreads<VECS>) quantize_rows_regs_kern
 #pragma unroll
       for (int i = 0; i < VEC; ++i) y[j][i] = y[j][i] / (1.0f + expf(-y[j][i])) * up[j][i];  // F.silu(gate) * up
   }
+  float amax = 0.f;
   if constexpr (kIsNorm<OP>) {
-    float ss = 0.f;
+    // y = (x * w) * r (docs/formats.md): r > 0 scales every |x * w| by one rounded multiply, which keeps their order,
+    // so amax = max|x * w| * r exactly, and one reduction gives both the sum of squares and that max.
+    float ss = 0.f, pmax = 0.f;
 #pragma unroll
     for (int j = 0; j < kRegsVecs; ++j) {
       if (!in_row[j]) continue;
@@ -233,21 +236,26 @@ __global__ void __launch_bounds__(kRegsMaxThreads<VECS>) quantize_rows_regs_kern
                               static_cast<T*>(a.h_out) + row * a.k + v * VEC);
       }
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) ss += y[j][i] * y[j][i];
+      for (int i = 0; i < VEC; ++i) {
+        ss += y[j][i] * y[j][i];
+        y[j][i] = __fmul_rn(y[j][i], w[j][i]);
+        pmax = fmaxf(pmax, fabsf(y[j][i]));
+      }
     }
-    ss = block_reduce(ss, ss_scratch, SumOp{});
+    rowq::block_reduce_sum_max(ss, pmax, ss_scratch, amax_scratch);
     const float r = 1.0f / sqrtf(ss / static_cast<float>(a.k) + a.eps);
 #pragma unroll
     for (int j = 0; j < kRegsVecs; ++j)
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) y[j][i] = __fmul_rn(__fmul_rn(y[j][i], r), w[j][i]);
+      for (int i = 0; i < VEC; ++i) y[j][i] = __fmul_rn(y[j][i], r);
+    amax = __fmul_rn(pmax, r);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kRegsVecs; ++j)
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) amax = fmaxf(amax, fabsf(y[j][i]));
+    amax = block_reduce(amax, amax_scratch, MaxOp{});
   }
-  float amax = 0.f;
-#pragma unroll
-  for (int j = 0; j < kRegsVecs; ++j)
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) amax = fmaxf(amax, fabsf(y[j][i]));
-  amax = block_reduce(amax, amax_scratch, MaxOp{});
   const rowq::RowScale scale = rowq::make_row_scale(amax);
   int sum = 0;
 #pragma unroll
@@ -341,7 +349,7 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_cluster_kernel(Args
     ss = cluster_all_reduce(ss, ss_slots, p, SumOp{});
     const float r = 1.0f / sqrtf(ss / static_cast<float>(a.k) + a.eps);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) y[i] = __fmul_rn(__fmul_rn(y[i], r), w[i]);
+    for (int i = 0; i < VEC; ++i) y[i] = __fmul_rn(__fmul_rn(y[i], w[i]), r);  // (x * w) * r, docs/formats.md
   }
 #pragma unroll
   for (int i = 0; i < VEC; ++i) amax = fmaxf(amax, fabsf(y[i]));

@@ -51,6 +51,22 @@ __device__ __forceinline__ V block_reduce(V v, V* scratch, Op op) {
   return warp_reduce(lane < static_cast<int>(blockDim.x >> 5) ? scratch[lane] : V(0), op);
 }
 
+// Two block-wide reductions with one barrier: the float sum `ss` (fixed order, as block_reduce) and the max `m` of
+// non-negative values. `ss_scratch` and `m_scratch` (kMaxWarps entries each) follow block_reduce's rule.
+__device__ __forceinline__ void block_reduce_sum_max(float& ss, float& m, float* ss_scratch, float* m_scratch) {
+  ss = warp_reduce(ss, SumOp{});
+  m = warp_reduce(m, MaxOp{});
+  const int lane = threadIdx.x & 31;
+  if (lane == 0) {
+    ss_scratch[threadIdx.x >> 5] = ss;
+    m_scratch[threadIdx.x >> 5] = m;
+  }
+  __syncthreads();
+  const bool warp_in = lane < static_cast<int>(blockDim.x >> 5);
+  ss = warp_reduce(warp_in ? ss_scratch[lane] : 0.f, SumOp{});
+  m = warp_reduce(warp_in ? m_scratch[lane] : 0.f, MaxOp{});
+}
+
 // A row's scale x_s = amax / 127 (IEEE division, as the reference) and what quantize_store needs to round y / x_s
 // without dividing: its reciprocal, usable when x_s is a normal float (then 1 / x_s <= 2^126 is finite and correctly
 // rounded).
