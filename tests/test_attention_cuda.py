@@ -138,11 +138,13 @@ def test_decode_cluster_merge_equals_merge_kernel(h_q, h_kv, s_q, d, dtype, gen,
 
 @needs_kernel
 @pytest.mark.parametrize("warps", ("4", "8"))
-@pytest.mark.parametrize("splits", ("1", "2", "5"))
+@pytest.mark.parametrize("splits", ("1", "2", "5", "8", "16", "17", "40"))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_decode_block_widths_and_split_counts_match_reference(warps, splits, dtype, gen, monkeypatch):
-    """4- and 8-warp blocks (QOQ_KV4_WARPS), one split, two (cluster merge) and five (merge kernel), with ragged rows
-    and left padding, all match the reference; the quantized op stays bit-equal to quantizing the plain op."""
+    """4- and 8-warp blocks (QOQ_KV4_WARPS), one split, two (cluster merge) and more (merge kernel: one round of
+    loads up to 16 splits, rounds of 16 beyond, the last one partial; empty splits past the shortest rows), with ragged
+    rows and left padding, all match the reference; the quantized op stays bit-equal to quantizing the plain op (its
+    own merge up to 8 splits, the per-head merge beyond)."""
     b, h_q, h_kv, s_q, d, t = 3, 32, 8, 1, 128, 1500
     caches = random_cache(b, h_kv, t, d, gen)
     q = random_query(b, h_q, s_q, d, dtype, gen)

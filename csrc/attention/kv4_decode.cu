@@ -639,59 +639,89 @@ __global__ void __launch_bounds__(32 * W, (NQ == 1 && D <= 128) ? 16 / W : 1) kv
   if (a.cluster_merge) merge_in_cluster<T, D, kThreads>(a, merge_o, merge_lse, red_m, block_rows, b, hkv * group, row0);
 }
 
-// Largest base-2 log-sum-exp over the splits of query row `row` (-inf when no split saw a slot). Every thread reads
-// the (few, L1-resident) lse values itself; the loops over splits are unrolled so that their loads are independent
-// (a serial chain of global loads here once cost 20 µs at 64 splits).
-__device__ __forceinline__ float max_lse(const float* part_lse, int64_t row, int64_t rows_total, int splits) {
-  const float* lse = part_lse + row;  // lse of split s: lse[s * rows_total]
-  float m_max = -INFINITY;
-#pragma unroll 4
-  for (int s = 0; s < splits; ++s) m_max = fmaxf(m_max, lse[s * rows_total]);
-  return m_max;
-}
-
 // Elements d0 .. d0 + N - 1 of query row `row` merged over the splits: sum_s w_s o_s / sum_s w_s with
 // w_s = 2^(lse_s - m_max) (the split holding the max weighs exactly 1, so one split returns its values unchanged).
-// N = 8 reads each split's values with two 16-byte loads (d0 % 8 == 0); the loop over splits is unrolled and stores
-// nothing, so the loads of several splits are in flight together.
-template <int N>
+// N = 8 reads each split's values with two 16-byte loads (d0 % 8 == 0).
+// The loads are issued in rounds of kMergeRound splits, each before the first use of its values: every round is one
+// L2 latency on the path from the decode kernel's end to the next kernel (a loop with a load round per split made
+// the merge the largest part of a batch-1 call). MAXS > 0 (splits <= MAXS <= kMergeRound): every split's
+// log-sum-exp and values in one round. MAXS == 0: any count, the log-sum-exp maximum then the values, by rounds.
+constexpr int kMergeRound = 16;
+template <int N, int MAXS>
 __device__ __forceinline__ void merge_splits(const float* part_o, const float* part_lse, int64_t row, int d0,
-                                             int64_t rows_total, int splits, int d_size, float m_max, float (&out)[N]) {
+                                             int64_t rows_total, int splits, int d_size, float (&out)[N]) {
   static_assert(N == 1 || N == 8, "one value or two 16-byte vectors");
+  const float* lse = part_lse + row;                // lse of split s: lse[s * rows_total]
+  const float* o = part_o + row * d_size + d0;      // o of split s: o[s * rows_total * d_size]
+  auto load = [&](int s, float (&v)[N]) {
+    if constexpr (N == 8) {
+      const float4 lo = reinterpret_cast<const float4*>(o + s * rows_total * d_size)[0];
+      const float4 hi = reinterpret_cast<const float4*>(o + s * rows_total * d_size)[1];
+      v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+    } else {
+      v[0] = o[s * rows_total * d_size];
+    }
+  };
   float num[N], den = 0.f;
 #pragma unroll
   for (int j = 0; j < N; ++j) num[j] = 0.f;
-  if (m_max != -INFINITY) {
-    const float* lse = part_lse + row;
-    const float* o = part_o + row * d_size + d0;  // o of split s: o[s * rows_total * d_size]
-#pragma unroll 4
-    for (int s = 0; s < splits; ++s) {
-      float v[N];  // never written for an empty split (its weight is 0)
-      if constexpr (N == 8) {
-        const float4 lo = reinterpret_cast<const float4*>(o + s * rows_total * d_size)[0];
-        const float4 hi = reinterpret_cast<const float4*>(o + s * rows_total * d_size)[1];
-        v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
-      } else {
-        v[0] = o[s * rows_total * d_size];
+  if constexpr (MAXS > 0) {
+    static_assert(MAXS <= kMergeRound, "one round of loads");
+    float l[MAXS], v[MAXS][N];  // v of an empty split is loaded but never used (its weight is 0)
+#pragma unroll
+    for (int s = 0; s < MAXS; ++s) {
+      if (s < splits) {
+        l[s] = lse[s * rows_total];
+        load(s, v[s]);
       }
-      accumulate_split<N>(lse[s * rows_total], m_max, v, num, den);
+    }
+    float m_max = -INFINITY;
+#pragma unroll
+    for (int s = 0; s < MAXS; ++s) {
+      if (s < splits) m_max = fmaxf(m_max, l[s]);
+    }
+    if (m_max != -INFINITY) {
+#pragma unroll
+      for (int s = 0; s < MAXS; ++s) {
+        if (s < splits) accumulate_split<N>(l[s], m_max, v[s], num, den);
+      }
+    }
+  } else {
+    float m_max = -INFINITY;
+#pragma unroll kMergeRound
+    for (int s = 0; s < splits; ++s) m_max = fmaxf(m_max, lse[s * rows_total]);
+    if (m_max != -INFINITY) {
+#pragma unroll 1
+      for (int c = 0; c < splits; c += kMergeRound) {
+        float l[kMergeRound], v[kMergeRound][N];
+#pragma unroll
+        for (int j = 0; j < kMergeRound; ++j) {
+          if (c + j < splits) {
+            l[j] = lse[(c + j) * rows_total];
+            load(c + j, v[j]);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kMergeRound; ++j) {
+          if (c + j < splits) accumulate_split<N>(l[j], m_max, v[j], num, den);
+        }
+      }
     }
   }
 #pragma unroll
   for (int j = 0; j < N; ++j) out[j] = den > 0.f ? num[j] / den : 0.f;
 }
 
-// Merges the splits of one query row per block.
-template <typename T>
+// Merges the splits of one query row per block (MAXS: merge_splits).
+template <typename T, int MAXS>
 __global__ void __launch_bounds__(128) kv4_combine_kernel(const float* part_o, const float* part_lse, T* out,
                                                           int64_t rows_total, int splits, int d_size) {
   pdl_wait();
   pdl_launch_dependents();
   const int64_t row = blockIdx.x;
-  const float m_max = max_lse(part_lse, row, rows_total, splits);
   for (int d = threadIdx.x; d < d_size; d += blockDim.x) {
     float value[1];
-    merge_splits<1>(part_o, part_lse, row, d, rows_total, splits, d_size, m_max, value);
+    merge_splits<1, MAXS>(part_o, part_lse, row, d, rows_total, splits, d_size, value);
     out[row * d_size + d] = from_float<T>(value[0]);
   }
 }
@@ -699,7 +729,7 @@ __global__ void __launch_bounds__(128) kv4_combine_kernel(const float* part_o, c
 // kv4_decode_attention_quantize's merge: one block per query token (b, i) merges the splits of all its H_q heads,
 // rounds each value to T (what kv4_decode_attention returns) and quantizes the token's [H_q * D] row in the
 // order o_proj reads it (head-major), exactly as quantize_per_token. Dynamic shared memory: the row's H_q * D
-// float values, then the H_q per-head lse maxima.
+// float values.
 constexpr int kMergeQuantThreads = 512;
 constexpr int kMergeQuantVec = 8;  // H_q * D is a multiple of 64
 // One block per token reads all its splits: beyond this many the per-head merge (one block per head) and the quantize
@@ -725,18 +755,13 @@ __global__ void __launch_bounds__(kMergeQuantThreads) kv4_combine_quantize_kerne
   rowq::clear_row_sum(x_sum + token);
   const int64_t b = token / s_q, i = token % s_q;
   const int64_t k = static_cast<int64_t>(h_q) * d_size;
-  float* head_max = ys + k;
-  for (int h = threadIdx.x; h < h_q; h += blockDim.x) {
-    head_max[h] = max_lse(part_lse, (b * h_q + h) * s_q + i, rows_total, splits);
-  }
-  __syncthreads();
   float amax = 0.f;
   for (int64_t v = threadIdx.x; v < k / kMergeQuantVec; v += blockDim.x) {
     const int64_t e = v * kMergeQuantVec;  // a vector lies within one head: D % 8 == 0
     const int h = static_cast<int>(e / d_size), d0 = static_cast<int>(e % d_size);
     float y[kMergeQuantVec];
-    merge_splits<kMergeQuantVec>(part_o, part_lse, (b * h_q + h) * s_q + i, d0, rows_total, splits, d_size,
-                                 head_max[h], y);
+    merge_splits<kMergeQuantVec, kMergeQuantMaxSplits>(part_o, part_lse, (b * h_q + h) * s_q + i, d0, rows_total,
+                                                       splits, d_size, y);
 #pragma unroll
     for (int j = 0; j < kMergeQuantVec; ++j) {
       y[j] = to_float<T>(from_float<T>(y[j]));  // the value kv4_decode_attention returns
@@ -774,7 +799,7 @@ template <typename T>
 void launch_merge_quantize(const DecodeArgs& a, int d, const DecodeOutput& o) {
   auto kernel = kv4_combine_quantize_kernel<T>;
   const int64_t k = static_cast<int64_t>(a.h_q) * d;
-  const size_t smem = static_cast<size_t>(k + a.h_q) * sizeof(float);
+  const size_t smem = static_cast<size_t>(k) * sizeof(float);
   static size_t configured[64] = {0};  // per device: the largest dynamic shared memory size allowed so far
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -874,8 +899,8 @@ inline int64_t decode_items(const DecodeArgs& a) {
 // Splits for half a wave of resident 4-warp blocks, at most kMaxSplits, each covering at least 256 slots of the
 // cache: more cost more in partial results, their merge and fixed per-block work than they gain in parallelism
 // (H100, `benchmarks/attention.py --sweep-splits` at 4k-32k slots: batch 1 is fastest with 16 splits, batch 4 with
-// 8, batch 16 with 2 merged in a cluster, batch 64 with 1; a full wave (64 / 16 / 4) was up to 40% slower). For
-// up to 8 query rows launch_rows may then take 8-warp blocks, with this count or, at 2, with one split.
+// 8, batch 16 with 2 merged in a cluster, batch 64 with 1; a full wave (64 / 16 / 4) was up to 40% slower). Up to
+// 8 query rows with at most one work item an SM take launch_rows's own count instead (8-warp blocks).
 // QOQ_KV4_SPLITS=<n> forces the count (read at every call: a getenv, negligible next to the launch).
 template <typename T, int D, int NQ>
 int64_t decode_splits(const DecodeArgs& a) {
@@ -938,8 +963,11 @@ void launch_decode(DecodeArgs& a, const at::Tensor& q, DecodeOutput& o, int64_t 
     return;
   }
   if (a.partials) {
-    static int8_t sm90_combine[64] = {0};
-    launch_kernel(kv4_combine_kernel<T>, sm90_combine, {dim3(static_cast<unsigned>(rows_total)), dim3(128)},
+    // Up to kMergeRound splits (the default cap is kMaxSplits) one round of loads; more, rounds of kMergeRound.
+    static int8_t sm90_combine[2][64] = {{0}};
+    const int variant = a.splits <= kMergeRound ? 0 : 1;
+    auto combine = variant == 0 ? kv4_combine_kernel<T, kMergeRound> : kv4_combine_kernel<T, 0>;
+    launch_kernel(combine, sm90_combine[variant], {dim3(static_cast<unsigned>(rows_total)), dim3(128)},
                   static_cast<const float*>(a.part_o), static_cast<const float*>(a.part_lse), static_cast<T*>(a.out),
                   rows_total, a.splits, D);
     QOQ_CHECK_LAUNCH();
@@ -951,24 +979,22 @@ template <typename T, int D>
 void launch_rows(DecodeArgs& a, const at::Tensor& q, DecodeOutput& o) {
   const int rows = (a.h_q / a.h_kv) * a.s_q;
   if (rows <= 8) {
-    // 8-warp blocks where the 4-warp grid leaves SMs with few warps (one warp a scheduler is latency-bound, ~0.6 µs
-    // a step). H100 sweep (`--sweep-splits` with QOQ_KV4_WARPS=4 / 8, µs at 4k / 16k / 32k slots): batch 16, where
-    // the 4-warp rule gives 2 splits, runs one 8-warp block per item and no merge: 32.4 / 104.7 / 198.8 against
-    // 36.3 / 110.0 / 206.7; batch 1 keeps its 16 splits in 8-warp blocks when each split covers >= 1024 slots:
-    // 17.6 / 23.3 against 18.2 / 27.1 at 16k / 32k (at 4k, 256-slot splits: 12.7 against 11.6, so not there);
-    // batch 4 (8 splits) stays on 4-warp blocks (16.6 / 39.8 / 60.3 against 20.3 / 39.4 / 64.3).
+    // Up to one block an SM (items <= SMs): 8-warp blocks, and as many splits as fill the SMs with such blocks (at
+    // most kMaxSplits, each of at least one round of the warps' steps, 128 slots); more items: 4-warp blocks and the
+    // 4-warp split rule. H100 sweep of warps x splits (docs/results/attention_warps_splits_sweep_h100.txt, µs at 1k /
+    // 4k / 16k slots, this rule against the one before it): batch 1 6.6 / 8.4 / 13.5 against 8.1 / 9.0 / 13.6, batch
+    // 2 6.8 / 10.4 / 19.5 against 8.2 / 14.2 / 28.8, batch 4 8.2 / 13.4 / 32.0 against 8.7 / 20.0 / 48.4, batch 8
+    // 10.7 / 19.4 / 55.1 against 14.4 / 29.1 / 85.4; batch 16 (one 8-warp block per item, no split) as before. With
+    // fewer splits a block walks more steps per warp; with more, the blocks share SMs or their fixed cost outweighs.
     // QOQ_KV4_WARPS=4|8 forces the width (the split count is then the 4-warp rule's unless QOQ_KV4_SPLITS is set).
     int64_t splits = decode_splits<T, D, 1>(a);
     const int64_t items = decode_items(a), sms = device_attribute(cudaDevAttrMultiProcessorCount);
     const bool forced_splits = env_int("QOQ_KV4_SPLITS", 0) > 0;
     int warps = env_int("QOQ_KV4_WARPS", 0);
     if (warps != 4 && warps != 8) {
-      warps = 4;
-      if (!forced_splits && splits <= 2 && 4 * items >= 3 * sms && items <= sms) {
-        warps = 8;
-        splits = 1;
-      } else if (items * splits <= sms && a.t >= 1024 * splits) {
-        warps = 8;
+      warps = items <= sms ? 8 : 4;
+      if (warps == 8 && !forced_splits) {
+        splits = std::max<int64_t>(1, std::min<int64_t>({sms / items, kMaxSplits, (a.t + 127) / 128}));
       }
     }
     if (warps == 8) {
