@@ -63,53 +63,6 @@ __device__ __forceinline__ void mma_chunk(int32_t (&acc)[TT][4], const uint4& w_
   }
 }
 
-// Per group with group_size 128, a 128-wide k block is one group for every lane, so the raw UINT4 values are
-// multiplied as they are (0..15 as INT8, no dequantization) and the group's scale and zero are applied to the block's
-// INT32 sums: sum_k x (w4 - z2) s2 = s2 (sum_k x w4 - z2 sum_k x), exact in wrapping 32-bit arithmetic (the final
-// sum fits in int32). xsum[j] = sum_k x over the block for the D fragment's tokens (an mma against an all-ones A).
-template <int TT>
-__device__ __forceinline__ void activation_sums(int32_t (&xsum)[TT][4], const uint32_t (&xb)[TT][8], int M) {
-  const uint32_t ones[4] = {0x01010101u, 0x01010101u, 0x01010101u, 0x01010101u};
-#pragma unroll
-  for (int j = 0; j < TT; ++j) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) xsum[j][i] = 0;
-    if (8 * j >= M) continue;  // warp-uniform
-#pragma unroll
-    for (int wd = 0; wd < 4; ++wd) ptx::mma_s8_16832(xsum[j], ones, xb[j][wd], xb[j][4 + wd]);
-  }
-}
-
-template <int TT>
-__device__ __forceinline__ void mma_block_g128(int32_t (&acc)[TT][4], const uint4& w_g, const uint4& w_g8,
-                                               uint32_t sz_g, uint32_t sz_g8, const uint32_t (&xb)[TT][8],
-                                               const int32_t (&xsum)[TT][4], int M) {
-  const uint32_t w0[4] = {w_g.x, w_g.y, w_g.z, w_g.w};
-  const uint32_t w1[4] = {w_g8.x, w_g8.y, w_g8.z, w_g8.w};
-  int32_t dot[TT][4] = {};
-#pragma unroll
-  for (int wd = 0; wd < 4; ++wd) {
-    const uint32_t a[4] = {w0[wd] & 0x0F0F0F0Fu, w1[wd] & 0x0F0F0F0Fu, (w0[wd] >> 4) & 0x0F0F0F0Fu,
-                           (w1[wd] >> 4) & 0x0F0F0F0Fu};
-#pragma unroll
-    for (int j = 0; j < TT; ++j) {
-      if (8 * j >= M) break;
-      ptx::mma_s8_16832(dot[j], a, xb[j][wd], xb[j][4 + wd]);
-    }
-  }
-  // D element i is row g (i < 2) or g + 8 (i >= 2).
-  const uint32_t s[2] = {sz_g & 0xFFu, sz_g8 & 0xFFu}, z[2] = {sz_g >> 8, sz_g8 >> 8};
-#pragma unroll
-  for (int j = 0; j < TT; ++j) {
-    if (8 * j >= M) break;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t centered = static_cast<uint32_t>(dot[j][i]) - z[i >> 1] * static_cast<uint32_t>(xsum[j][i]);
-      acc[j][i] = static_cast<int32_t>(static_cast<uint32_t>(acc[j][i]) + s[i >> 1] * centered);
-    }
-  }
-}
-
 // Row stride (int32 words) of the partial sums in shared memory, [warp][token][row]. A store of store_partials puts
 // lane (g, t) at token 2t (+1) and row g (+8): with a stride of BR + 4 (4 mod 16) the token offsets 2t * stride
 // fall on banks 0 / 8 / 16 / 24 and the 8 rows after each, so the 32 lanes hit 32 banks (BR + 1: up to 4 lanes a

@@ -12,8 +12,9 @@
 //   - 8 or 16 consumer warps split each stage's k blocks and multiply on INT8 mma.sync with the operands swapped
 //     (swapped_mma.cuh), release the stage through a second mbarrier, and at the end of a tile reduce their INT32
 //     sums in shared memory in a fixed order (exact, deterministic, no workspace) and store the contract's epilogue,
-//     whose per-row operands they loaded when the tile started. Per group with group_size 128 the weights are not
-//     dequantized: each 128-wide k block is one group, whose scale and zero are applied to its INT32 sums.
+//     whose per-row operands they loaded when the tile started. Per group the weights are dequantized to INT8 in
+//     registers (faster at every M <= 16 than multiplying the raw UINT4 values and scaling each 128-wide group's INT32
+//     sums, which needs the activation sums too: H100 layer chain at g = 128, docs/benchmarks.md).
 // Shared-memory weight rows are padded by 64 bytes so that the 8 lanes of each 16-byte access phase (rows g, g + 1,
 // chunks t = 0..3) fall in distinct banks.
 #include <algorithm>
@@ -59,8 +60,7 @@ struct StreamLayout {
   static_assert(kQuadsPerWarp >= 1 && kRowStride % 16 == 0 && kScalesOffset % 16 == 0, "stage geometry");
 };
 
-// G128: per group with group_size 128, multiplied without dequantization (swapped::mma_block_g128).
-template <bool PER_GROUP, bool G128, int TT, int RT, int CW, int BLOCKS>
+template <bool PER_GROUP, int TT, int RT, int CW, int BLOCKS>
 __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BLOCKS)
     w4a8_stream_kernel(const GemmParams p) {
 #if QOQ_BULK_ENABLED
@@ -162,8 +162,6 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
         const int qq = warp + u * kConsumerWarps;
         if (qq >= quads) break;  // qq grows with u
         const int chunk = 4 * qq + t;  // the lane's 32-wide k chunk within the stage
-        int32_t xsum[G128 ? TT : 1][4];
-        if constexpr (G128) swapped::activation_sums<TT>(xsum, xb[u], p.M);
 #pragma unroll
         for (int r = 0; r < RT; ++r) {
           const int row = 16 * r + g;
@@ -176,11 +174,7 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
             sz_g = s2s[row * gps + grp] | (static_cast<uint32_t>(z2s[row * gps + grp]) << 8);
             sz_g8 = s2s[(row + 8) * gps + grp] | (static_cast<uint32_t>(z2s[(row + 8) * gps + grp]) << 8);
           }
-          if constexpr (G128) {
-            swapped::mma_block_g128<TT>(acc[r], w_g, w_g8, sz_g, sz_g8, xb[u], xsum, p.M);
-          } else {
-            swapped::mma_chunk<PER_GROUP, TT>(acc[r], w_g, w_g8, sz_g, sz_g8, xb[u], p.M);
-          }
+          swapped::mma_chunk<PER_GROUP, TT>(acc[r], w_g, w_g8, sz_g, sz_g8, xb[u], p.M);
         }
       }
       __syncwarp();
@@ -196,13 +190,13 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
 
 bool stream_image_available() {
   static int8_t cached[64] = {0};
-  return runs_sm90_image(w4a8_stream_kernel<true, false, 1, 1, 8, 1>, cached);
+  return runs_sm90_image(w4a8_stream_kernel<true, 1, 1, 8, 1>, cached);
 }
 
-template <bool PER_GROUP, bool G128, int TT, int RT, int CW, int BLOCKS>
+template <bool PER_GROUP, int TT, int RT, int CW, int BLOCKS>
 void launch_tiles(const GemmParams& p, int sms) {
   using L = StreamLayout<TT, RT, CW, BLOCKS>;
-  auto kernel = w4a8_stream_kernel<PER_GROUP, G128, TT, RT, CW, BLOCKS>;
+  auto kernel = w4a8_stream_kernel<PER_GROUP, TT, RT, CW, BLOCKS>;
   static bool opted_in[64] = {false};
   allow_dynamic_smem(kernel, L::kSmemBytes, opted_in);
   static int8_t sm90[64] = {0};
@@ -214,24 +208,24 @@ void launch_tiles(const GemmParams& p, int sms) {
 // with each warp loading the next stage's activations before working on the current one: none was faster.)
 constexpr int kVariants = 4;
 
-template <bool PER_GROUP, bool G128, int TT>
+template <bool PER_GROUP, int TT>
 void launch_variant(const GemmParams& p, int sms, int variant) {
   switch (variant) {
-    case 1: return launch_tiles<PER_GROUP, G128, TT, 2, 8, 1>(p, sms);
-    case 2: return launch_tiles<PER_GROUP, G128, TT, 2, 8, 2>(p, sms);
-    case 3: return launch_tiles<PER_GROUP, G128, TT, 2, 16, 1>(p, sms);
-    default: return launch_tiles<PER_GROUP, G128, TT, 1, 8, 1>(p, sms);
+    case 1: return launch_tiles<PER_GROUP, TT, 2, 8, 1>(p, sms);
+    case 2: return launch_tiles<PER_GROUP, TT, 2, 8, 2>(p, sms);
+    case 3: return launch_tiles<PER_GROUP, TT, 2, 16, 1>(p, sms);
+    default: return launch_tiles<PER_GROUP, TT, 1, 8, 1>(p, sms);
   }
 }
 
-template <bool PER_GROUP, bool G128>
+template <bool PER_GROUP>
 void launch_m(const GemmParams& p, int sms, int variant) {
   if (p.M <= 8) {
-    launch_variant<PER_GROUP, G128, 1>(p, sms, variant);
+    launch_variant<PER_GROUP, 1>(p, sms, variant);
   } else if (p.M <= 16) {
-    launch_variant<PER_GROUP, G128, 2>(p, sms, variant);
+    launch_variant<PER_GROUP, 2>(p, sms, variant);
   } else {
-    launch_variant<PER_GROUP, G128, 4>(p, sms, variant);
+    launch_variant<PER_GROUP, 4>(p, sms, variant);
   }
 }
 
@@ -262,15 +256,13 @@ void launch_w4a8_stream(const GemmParams& p, int sms) {
   // rows (K >= 4 stages: three stages in flight, e.g. down_proj), per group at M > 8 (M = 16: qkv 8.54 vs 8.90 us,
   // o 5.74 vs 6.33 on two blocks) and per channel where each block walks several tiles (N / 32 >= 2 blocks an SM: a
   // finer share of the tiles, e.g. gate_up); two 8-warp blocks an SM (2) otherwise. Per group at M <= 8, gate_up ran
-  // faster on two blocks (21.97 vs 25.33 us at M = 1).
+  // faster on two blocks (21.97 vs 25.33 us at M = 1). Choosing each shape's best variant from a sweep that times every
+  // shape back to back with itself lost in the layer chain, where consecutive GEMMs then switch between block shapes
+  // (per group M = 16: 62.1 against 58.0 us a layer; docs/benchmarks.md).
   const bool one_wide_block = p.K >= 4 * 2048 || (PER_GROUP ? p.M > 8 : p.N / 32 >= 2 * sms);
   int variant = env_int("QOQ_GEMM_STREAM_VARIANT", one_wide_block ? 3 : 2);
   if (variant < 0 || variant >= kVariants || p.N % 32 != 0) variant = 0;
-  if (PER_GROUP && p.group_size == 128) {
-    launch_m<true, true>(p, sms, variant);
-  } else {
-    launch_m<PER_GROUP, false>(p, sms, variant);
-  }
+  launch_m<PER_GROUP>(p, sms, variant);
 }
 
 template void launch_w4a8_stream<true>(const GemmParams& p, int sms);
