@@ -62,24 +62,56 @@ def _rand_per_group(n: int, k: int, g: int, device: str):
     return w4.reshape(n, k).to(torch.uint8), s2.to(torch.uint8), z2.to(torch.uint8), s1
 
 
-def make_methods(m: int, n: int, k: int, only_ours: bool = False) -> dict:
-    """name -> zero-argument callable computing the [m, n] layer output on random data."""
+def make_weights(n: int, k: int, only_ours: bool = False) -> dict:
+    """The random [n, k] layer weights of every method (ours only with only_ours), independent of M."""
     dev = "cuda"
+    w4, s2, z2, s1 = _rand_per_group(n, k, 128, dev)
+    w = {"qw": ops.pack_weights(w4), "s2": s2, "z2": z2, "s1": s1,
+         "packed_scales": ops.pack_scales(s2, z2),  # as QoQLinear keeps it
+         "zero": torch.randint(0, 16, (n,), dtype=torch.uint8, device=dev)}
+    if only_ours:
+        return w
+    w["bf16"] = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+    w["fp8"] = torch.randn(n, k, device=dev).to(torch.float8_e4m3fn)
+    w["fp8_scale"] = torch.rand(1, n, device=dev)
+    w["int8_t"] = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev).t()
+    w["int8_scale"] = torch.rand(n, device=dev)
+    try:
+        # Timing only: core PyTorch's own packing of the same 4-bit values (its nibble order, not ours).
+        w["int4pack"] = torch._convert_weight_to_int4pack((w4[:, ::2] << 4 | w4[:, 1::2]).contiguous(), 8)
+        w["int4pack_sz"] = torch.rand(k // 128, n, 2, device=dev, dtype=torch.bfloat16)
+    except Exception as exc:  # noqa: BLE001  (op missing or layout changed in this torch build)
+        print(f"# w4a16_int4pack unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return w
+
+
+def make_methods(m: int, n: int, k: int, only_ours: bool = False, weights: dict | None = None) -> dict:
+    """name -> zero-argument callable computing the [m, n] layer output on random data (the weights of
+    make_weights(n, k, only_ours), new ones unless given)."""
+    dev = "cuda"
+    w = make_weights(n, k, only_ours) if weights is None else weights
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
     x_s = torch.rand(m, device=dev) * 0.01
     x_sum = x_q.sum(1, dtype=torch.int32)
-    w4, s2, z2, s1 = _rand_per_group(n, k, 128, dev)
-    qw = ops.pack_weights(w4)
-    packed_scales = ops.pack_scales(s2, z2)  # as QoQLinear keeps it
-    zero = torch.randint(0, 16, (n,), dtype=torch.uint8, device=dev)
     methods = {
-        "qoq_per_group": lambda: ops.w4a8_gemm_per_group(x_q, x_s, qw, s2, z2, s1, None, 128, torch.bfloat16,
-                                                         None, packed_scales),
-        "qoq_per_channel": lambda: ops.w4a8_gemm_per_channel(x_q, x_s, x_sum, qw, s1, zero, None, torch.bfloat16),
+        "qoq_per_group": lambda: ops.w4a8_gemm_per_group(x_q, x_s, w["qw"], w["s2"], w["z2"], w["s1"], None, 128,
+                                                         torch.bfloat16, None, w["packed_scales"]),
+        "qoq_per_channel": lambda: ops.w4a8_gemm_per_channel(x_q, x_s, x_sum, w["qw"], w["s1"], w["zero"], None,
+                                                             torch.bfloat16),
     }
     if only_ours:
         return methods
+    methods["bf16"] = lambda: F.linear(x, w["bf16"])
+    x8 = torch.randn(m, k, device=dev).to(torch.float8_e4m3fn)
+    sa = torch.rand(m, 1, device=dev)
+    methods["fp8_rowwise"] = lambda: torch._scaled_mm(x8, w["fp8"].t(), scale_a=sa, scale_b=w["fp8_scale"],
+                                                      out_dtype=torch.bfloat16)
+    methods["int8_int_mm"] = lambda: (torch._int_mm(x_q, w["int8_t"]).float() * x_s[:, None]
+                                      * w["int8_scale"]).to(torch.bfloat16)
+    if "int4pack" in w:
+        methods["w4a16_int4pack"] = lambda: torch._weight_int4pack_mm(x, w["int4pack"], 128, w["int4pack_sz"])
+    return methods
     w_bf16 = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
     methods["bf16"] = lambda: F.linear(x, w_bf16)
     x8 = torch.randn(m, k, device=dev).to(torch.float8_e4m3fn)
@@ -366,32 +398,47 @@ def layer_chain(ms, methods=CHAIN_METHODS) -> dict:
     start overlaps the previous one's tail; in a decode step a quantization kernel sits between them), cycling over
     enough layer copies that the weights read per pass (>= CHAIN_BYTES) never fit L2. Reported per layer, beside the
     per-GEMM sums of the same calls timed cold (L2 evicted by a write, as triton's do_bench does, and by a read).
+    As in a model, the weights are allocated once and every M runs on them, and the chains of all M are timed before
+    any cold timing: new weights for each M and the cold timings' 256 MB memsets between two chains moved our chain
+    times by up to 4-6 us a layer from one M to the next (docs/benchmarks.md, "The layer chain's set-up").
     """
     import math
 
     params = sum(n * k for n, k in SHAPES.values())
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda").view(torch.float32)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    copies = {name: max(1, math.ceil(CHAIN_BYTES / (params * WEIGHT_BYTES_PER_PARAM[name]))) for name in methods}
+    only_ours = set(methods) <= set(OURS)
+    weights = [{shape: make_weights(n, k, only_ours) for shape, (n, k) in SHAPES.items()}
+               for _ in range(max(copies.values()))]
+
+    def layers_for(m: int) -> list[dict]:
+        return [{shape: make_methods(m, n, k, only_ours, weights=w[shape]) for shape, (n, k) in SHAPES.items()}
+                for w in weights]
+
+    rows = {}
     for m in ms:
-        copies = {name: max(1, math.ceil(CHAIN_BYTES / (params * WEIGHT_BYTES_PER_PARAM[name])))
-                  for name in methods}
-        only_ours = set(methods) <= set(OURS)
-        layers = [{shape: make_methods(m, n, k, only_ours=only_ours) for shape, (n, k) in SHAPES.items()}
-                  for _ in range(max(copies.values()))]
+        layers = layers_for(m)
         for name in methods:
             per_layer = [{shape: layer[shape][name] for shape in SHAPES} for layer in layers[:copies[name]]]
             calls = [fn for layer in per_layer for fn in layer.values()]
             chain = _graph_us_per_pass(calls, passes=max(1, 8 // len(per_layer))) / len(per_layer)
-            cold = {mode: sum(_cold_times(fn, flush, mode) for fn in per_layer[0].values())
-                    for mode in ("zero", "read")}
-            row = {"m": m, "method": name, "layer_chain_us": chain, "cold_zero_flush_sum_us": cold["zero"],
-                   "cold_read_flush_sum_us": cold["read"], "layer_copies": len(per_layer)}
-            results["rows"].append(row)
+            rows[(m, name)] = {"m": m, "method": name, "layer_chain_us": chain, "layer_copies": len(per_layer)}
             gbs = params * WEIGHT_BYTES_PER_PARAM[name] / chain / 1e3
-            print(f"layer-chain M={m} {name}: chain {chain:.1f} us/layer ({gbs:.0f} GB/s of weights), cold sums "
-                  f"{cold['zero']:.1f} (zero flush) / {cold['read']:.1f} (read flush) us", flush=True)
+            print(f"layer-chain M={m} {name}: chain {chain:.1f} us/layer ({gbs:.0f} GB/s of weights)", flush=True)
         del layers
-        torch.cuda.empty_cache()
+    for m in ms:
+        first = layers_for(m)[0]
+        for name in methods:
+            cold = {mode: sum(_cold_times(first[shape][name], flush, mode) for shape in SHAPES)
+                    for mode in ("zero", "read")}
+            rows[(m, name)].update(cold_zero_flush_sum_us=cold["zero"], cold_read_flush_sum_us=cold["read"])
+            print(f"layer-chain M={m} {name}: cold sums {cold['zero']:.1f} (zero flush) / {cold['read']:.1f} "
+                  f"(read flush) us", flush=True)
+        del first
+    results["rows"] = list(rows.values())
+    del weights
+    torch.cuda.empty_cache()
     return results
 
 

@@ -802,8 +802,8 @@ STREAM_NK = ((16, 512), (48, 1024), (96, 2560), (4160, 1024), (80, 14336))
 @pytest.mark.parametrize("n,k", STREAM_NK)
 def test_stream_matches_reference(variant, m, n, k, gen, monkeypatch):
     """Each forced variant (QOQ_GEMM_STREAM_VARIANT: rows per tile, consumer warps, blocks per SM; N % 32 != 0 falls
-    back to 16-row tiles) is exact in both formats, group sizes 64 (dequantized) and 128 (raw UINT4 products), every
-    bias dtype and both output dtypes."""
+    back to 16-row tiles) is exact in both formats, group sizes 64 and 128, every bias dtype and both output
+    dtypes."""
     monkeypatch.setenv("QOQ_GEMM_STREAM_VARIANT", str(variant))
     out_dtype = (torch.float16, torch.bfloat16)[m % 2]
     for g in (64, 128):

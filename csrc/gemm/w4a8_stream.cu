@@ -253,14 +253,15 @@ void launch_w4a8_stream(const GemmParams& p, int sms) {
   TORCH_CHECK(stream_supports(p, PER_GROUP), "w4a8 streaming kernel: unsupported shape or device (M=", qoq::num(p.M),
               ", N=", qoq::num(p.N), ", K=", qoq::num(p.K), ")");
   // QOQ_GEMM_STREAM_VARIANT=<0..3> overrides the variant (benchmarks and tests); 32-row tiles need N % 32 == 0.
-  // Defaults from the H100 layer-chain sweep (docs/benchmarks.md): one block an SM with 16 consumer warps (3) for long
-  // rows (K >= 4 stages: three stages in flight, e.g. down_proj), per group at M > 8 (M = 16: qkv 8.54 vs 8.90 us,
-  // o 5.74 vs 6.33 on two blocks) and per channel where each block walks several tiles (N / 32 >= 2 blocks an SM: a
-  // finer share of the tiles, e.g. gate_up); two 8-warp blocks an SM (2) otherwise. Per group at M <= 8, gate_up ran
-  // faster on two blocks (21.97 vs 25.33 us at M = 1). Choosing each shape's best variant from a sweep that times every
-  // shape back to back with itself lost in the layer chain, where consecutive GEMMs then switch between block shapes
-  // (per group M = 16: 62.1 against 58.0 us a layer; docs/benchmarks.md).
-  const bool one_wide_block = p.K >= 4 * 2048 || (PER_GROUP ? p.M > 8 : p.N / 32 >= 2 * sms);
+  // Defaults from the H100 layer chain (docs/benchmarks.md), where each GEMM's start overlaps the previous one's tail:
+  // one block an SM with 16 consumer warps (3) per channel at every shape, and per group for long rows (K >= 4
+  // stages: three stages in flight, e.g. down_proj) and at M > 8; two 8-warp blocks an SM (2) per group otherwise.
+  // Timed each shape back to back with itself, two blocks were faster on the short GEMMs (per channel M = 1: qkv 5.03
+  // vs 5.81 us, o 3.81 vs 4.55), but in the chain a GEMM whose block shape differs from its predecessor's starts
+  // later: per channel with variant 3 everywhere ran 48.5-49.0 us a layer at M = 16 against 50.7-51.0 for the mixed
+  // rule before it, and no slower at M = 1-8. Per group at M <= 8, gate_up ran faster on two blocks (21.97 vs 25.33
+  // us at M = 1), and its mixed rule beat both uniform ones in the chain (M = 1: 46.4 against 49.1 / 51.2 us).
+  const bool one_wide_block = !PER_GROUP || p.K >= 4 * 2048 || p.M > 8;
   int variant = env_int("QOQ_GEMM_STREAM_VARIANT", one_wide_block ? 3 : 2);
   if (variant < 0 || variant >= kVariants || p.N % 32 != 0) variant = 0;
   launch_m<PER_GROUP>(p, sms, variant);
