@@ -112,24 +112,6 @@ def make_methods(m: int, n: int, k: int, only_ours: bool = False, weights: dict 
     if "int4pack" in w:
         methods["w4a16_int4pack"] = lambda: torch._weight_int4pack_mm(x, w["int4pack"], 128, w["int4pack_sz"])
     return methods
-    w_bf16 = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
-    methods["bf16"] = lambda: F.linear(x, w_bf16)
-    x8 = torch.randn(m, k, device=dev).to(torch.float8_e4m3fn)
-    w8 = torch.randn(n, k, device=dev).to(torch.float8_e4m3fn)
-    sa = torch.rand(m, 1, device=dev)
-    sb = torch.rand(1, n, device=dev)
-    methods["fp8_rowwise"] = lambda: torch._scaled_mm(x8, w8.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
-    wi8_t = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev).t()
-    sw = torch.rand(n, device=dev)
-    methods["int8_int_mm"] = lambda: (torch._int_mm(x_q, wi8_t).float() * x_s[:, None] * sw).to(torch.bfloat16)
-    try:
-        # Timing only: core PyTorch's own packing of the same 4-bit values (its nibble order, not ours).
-        w_int4 = torch._convert_weight_to_int4pack((w4[:, ::2] << 4 | w4[:, 1::2]).contiguous(), 8)
-        sz = torch.rand(k // 128, n, 2, device=dev, dtype=torch.bfloat16)
-        methods["w4a16_int4pack"] = lambda: torch._weight_int4pack_mm(x, w_int4, 128, sz)
-    except Exception as exc:  # noqa: BLE001  (op missing or layout changed in this torch build)
-        print(f"# w4a16_int4pack unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
-    return methods
 
 
 def bench(fn, wgmma_env: str | None = None, force_env: str | None = None) -> float | None:
