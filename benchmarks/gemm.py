@@ -438,10 +438,13 @@ def chain_sweep(ms) -> dict:
     variants = ([("default", {})] + [(f"stream-v{v}", {**stream_on, "QOQ_GEMM_STREAM_VARIANT": str(v)})
                                      for v in STREAM_VARIANTS] + [("no-stream", {"QOQ_GEMM_STREAM": "0"})])
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    # the weights once for all M, as layer_chain does (new weights for each M moved the chain times)
+    weights = {shape: [make_weights(n, k, only_ours=True)
+                       for _ in range(math.ceil(CHAIN_BYTES / (n * k * WEIGHT_BYTES_PER_PARAM["qoq_per_group"])))]
+               for shape, (n, k) in SHAPES.items()}
     for m in ms:
-        copies = {shape: [make_methods(m, n, k, only_ours=True)
-                          for _ in range(math.ceil(CHAIN_BYTES / (n * k * WEIGHT_BYTES_PER_PARAM["qoq_per_group"])))]
-                  for shape, (n, k) in SHAPES.items()}
+        copies = {shape: [make_methods(m, *SHAPES[shape], only_ours=True, weights=w) for w in shape_weights]
+                  for shape, shape_weights in weights.items()}
         for label, env in variants:
             os.environ.update(env)
             try:
@@ -462,7 +465,8 @@ def chain_sweep(ms) -> dict:
                 for name in env:
                     os.environ.pop(name, None)
         del copies
-        torch.cuda.empty_cache()
+    del weights
+    torch.cuda.empty_cache()
     return results
 
 
