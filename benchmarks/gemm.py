@@ -394,13 +394,12 @@ def layer_chain(ms, methods=CHAIN_METHODS) -> dict:
     weights = [{shape: make_weights(n, k, only_ours) for shape, (n, k) in SHAPES.items()}
                for _ in range(max(copies.values()))]
 
-    def layers_for(m: int) -> list[dict]:
-        return [{shape: make_methods(m, n, k, only_ours, weights=w[shape]) for shape, (n, k) in SHAPES.items()}
-                for w in weights]
+    def layer_for(m: int, w: dict) -> dict:
+        return {shape: make_methods(m, n, k, only_ours, weights=w[shape]) for shape, (n, k) in SHAPES.items()}
 
     rows = {}
     for m in ms:
-        layers = layers_for(m)
+        layers = [layer_for(m, w) for w in weights]
         for name in methods:
             per_layer = [{shape: layer[shape][name] for shape in SHAPES} for layer in layers[:copies[name]]]
             calls = [fn for layer in per_layer for fn in layer.values()]
@@ -410,7 +409,7 @@ def layer_chain(ms, methods=CHAIN_METHODS) -> dict:
             print(f"layer-chain M={m} {name}: chain {chain:.1f} us/layer ({gbs:.0f} GB/s of weights)", flush=True)
         del layers
     for m in ms:
-        first = layers_for(m)[0]
+        first = layer_for(m, weights[0])  # the cold timings use the first layer copy only
         for name in methods:
             cold = {mode: sum(_cold_times(first[shape][name], flush, mode) for shape in SHAPES)
                     for mode in ("zero", "read")}
