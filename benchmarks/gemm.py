@@ -96,7 +96,7 @@ def make_methods(m: int, n: int, k: int, only_ours: bool = False, weights: dict 
     x_sum = x_q.sum(1, dtype=torch.int32)
     methods = {
         "qoq_per_group": lambda: ops.w4a8_gemm_per_group(x_q, x_s, w["qw"], w["s2"], w["z2"], w["s1"], None, 128,
-                                                         torch.bfloat16, None, w["packed_scales"]),
+                                                         torch.bfloat16, None, w["packed_scales"], x_sum),
         "qoq_per_channel": lambda: ops.w4a8_gemm_per_channel(x_q, x_s, x_sum, w["qw"], w["s1"], w["zero"], None,
                                                              torch.bfloat16),
     }

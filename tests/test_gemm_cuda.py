@@ -60,8 +60,8 @@ def _to(device, *ts):
 
 def _kernel_names(gen: torch.Generator, m: int, n: int = 64, k: int = 1024, g: int = 64,
                   per_group: bool = True, packed: bool = False) -> list[str]:
-    """CUDA kernels (and memsets) one random GEMM call launches, as the profiler records them (packed: per group
-    with the packed scales given, as modules call it)."""
+    """CUDA kernels (and memsets) one random GEMM call launches, as the profiler records them (per group with the
+    activation row sums given, as modules call it; packed: with the packed scales given too)."""
     from torch.profiler import ProfilerActivity, profile
 
     w4, s2, z2, s1 = random_per_group(n, k, g, gen)
@@ -70,12 +70,13 @@ def _kernel_names(gen: torch.Generator, m: int, n: int = 64, k: int = 1024, g: i
     if per_group:
         args = _to("cuda", x_q, x_s, qweight, s2, z2, s1)
         packed_scales = ops.pack_scales(args[3], args[4]) if packed else None
+        x_sum = x_sum.cuda()
     else:
         args = _to("cuda", x_q, x_s, x_sum, qweight, s1, z2[:, 0].contiguous())
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         if per_group:
-            ops.w4a8_gemm_per_group(*args, group_size=g, packed_scales=packed_scales)
+            ops.w4a8_gemm_per_group(*args, group_size=g, packed_scales=packed_scales, x_sum=x_sum)
         else:
             ops.w4a8_gemm_per_channel(*args)
         torch.cuda.synchronize()
@@ -85,8 +86,8 @@ def _kernel_names(gen: torch.Generator, m: int, n: int = 64, k: int = 1024, g: i
 
 def assert_per_group_matches(m: int, n: int, k: int, g: int, bias_dtype, out_dtype, gen: torch.Generator) -> None:
     """Random per-group operands through the CUDA op (whatever kernel the dispatch, or the caller's environment,
-    picks) equal the CPU reference bit for bit."""
-    x_q, x_s, _ = random_activations(m, k, gen)
+    picks) equal the CPU reference bit for bit, with and without the row sums and packed scales modules give."""
+    x_q, x_s, x_sum = random_activations(m, k, gen)
     w4, s2, z2, s1 = random_per_group(n, k, g, gen)
     qweight = ops.pack_weights(w4)
     bias = None if bias_dtype is None else random_bias(n, bias_dtype, gen)
@@ -95,9 +96,10 @@ def assert_per_group_matches(m: int, n: int, k: int, g: int, bias_dtype, out_dty
     out = ops.w4a8_gemm_per_group(*args, group_size=g, out_dtype=out_dtype)
     assert out.dtype == out_dtype and out.shape == (m, n) and out.is_cuda
     assert torch.equal(out.cpu(), ref)
-    # with the module's packed scales (without them the op packs them itself where a kernel needs them)
+    # with the module's packed scales and row sums (without them the op computes them where a kernel needs them)
     packed = ops.pack_scales(args[3], args[4])
-    out = ops.w4a8_gemm_per_group(*args, group_size=g, out_dtype=out_dtype, packed_scales=packed)
+    out = ops.w4a8_gemm_per_group(*args, group_size=g, out_dtype=out_dtype, packed_scales=packed,
+                                  x_sum=x_sum.cuda())
     assert torch.equal(out.cpu(), ref)
 
 
@@ -170,6 +172,9 @@ def test_opcheck_cuda(gen):
     bias = random_bias(n, torch.float16, gen)
     torch.library.opcheck(torch.ops.qoq.w4a8_gemm_per_group.default,
                           (*_to("cuda", x_q, x_s, qweight, s2, z2, s1, bias), 128, torch.bfloat16))
+    torch.library.opcheck(torch.ops.qoq.w4a8_gemm_per_group.default,
+                          (*_to("cuda", x_q, x_s, qweight, s2, z2, s1, bias), 128, torch.bfloat16, None, None,
+                           x_sum.cuda()))
     torch.library.opcheck(torch.ops.qoq.w4a8_gemm_per_channel.default,
                           (*_to("cuda", x_q, x_s, x_sum, qweight, s1, zero), None, torch.float16))
 
@@ -185,7 +190,7 @@ def test_bad_input_rejected(gen):
         a = {**good, **over}
         g = a.pop("group_size", 128)
         return torch.ops.qoq.w4a8_gemm_per_group(a["x_q"], a["x_s"], a["qweight"], a["s2"], a["z2"], a["s1"], None,
-                                                 g, torch.float16)
+                                                 g, torch.float16, x_sum=a.get("x_sum"))
 
     cases = [
         (dict(x_q=good["x_q"].int()), "x_q"),
@@ -201,6 +206,9 @@ def test_bad_input_rejected(gen):
         (dict(group_size=96), "group_size"),
         (dict(group_size=32, s2=torch.ones(n, k // 32, dtype=torch.uint8, device="cuda"),
               z2=torch.ones(n, k // 32, dtype=torch.uint8, device="cuda")), "multiple of 64"),
+        (dict(x_sum=x_sum), "x_sum must be a CUDA tensor"),
+        (dict(x_sum=x_sum[:2].cuda()), "x_sum must have shape"),
+        (dict(x_sum=x_sum.long().cuda()), "x_sum must have dtype"),
     ]
     for over, msg in cases:
         with pytest.raises((RuntimeError, ValueError, TypeError), match=msg):
@@ -616,11 +624,10 @@ def test_decode_kernel_is_dispatched(gen, monkeypatch):
     weights = _to("cuda", ops.pack_weights(w4), s2, z2, s1)
 
     def kernels(m: int) -> list[str]:
-        x_q, x_s, _ = random_activations(m, k, gen)
-        x = _to("cuda", x_q, x_s)
+        x_q, x_s, x_sum = _to("cuda", *random_activations(m, k, gen))
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            ops.w4a8_gemm_per_group(*x, *weights, group_size=g)
+            ops.w4a8_gemm_per_group(x_q, x_s, *weights, group_size=g, x_sum=x_sum)  # as modules call it
             torch.cuda.synchronize()
         return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]  # kernels, memsets
 

@@ -101,6 +101,21 @@ def test_gemm_checks_packed_scales_and_ignores_their_values_on_cpu(gen):
             ops.w4a8_gemm_per_group(x_q, x_s, pg.packed(), pg.s2, pg.z2, pg.s1, None, g, torch.float16, None, bad)
 
 
+def test_gemm_per_group_checks_x_sum(gen):
+    """x_sum (x_q's row sums, what the CUDA kernels take instead of summing) is checked by name and never changes
+    the CPU result; the module passes the quantize op's."""
+    n, k, g, m = 64, 256, 128, 3
+    _, x_q, x_s, x_sum = _quantized_activation(m, k, gen)
+    assert torch.equal(x_sum, x_q.sum(1, dtype=torch.int32))
+    pg = ops.quantize_weight_per_group(_weight(n, k, gen), g)
+    want = ops.w4a8_gemm_per_group(x_q, x_s, pg.packed(), pg.s2, pg.z2, pg.s1, None, g, torch.float16)
+    got = ops.w4a8_gemm_per_group(x_q, x_s, pg.packed(), pg.s2, pg.z2, pg.s1, None, g, torch.float16, x_sum=x_sum)
+    assert torch.equal(got, want)
+    for bad, err in ((x_sum[:2], ValueError), (x_sum.long(), TypeError), (x_sum.view(m, 1), ValueError)):
+        with pytest.raises(err, match="x_sum"):
+            ops.w4a8_gemm_per_group(x_q, x_s, pg.packed(), pg.s2, pg.z2, pg.s1, None, g, torch.float16, x_sum=bad)
+
+
 def _quantized_activation(m, k, gen):
     x = torch.randn(m, k, generator=gen).half()
     return x, *ops.quantize_per_token(x)
@@ -171,7 +186,7 @@ def test_opcheck_gemms(m, gen):
                           (x_q, x_s, x_sum, pc.packed(), pc.scale, pc.zero, None, torch.bfloat16, residual))
     torch.library.opcheck(torch.ops.qoq.w4a8_gemm_per_group.default,
                           (x_q, x_s, pg.packed(), pg.s2, pg.z2, pg.s1, None, 128, torch.bfloat16, residual,
-                           ops.pack_scales(pg.s2, pg.z2)))
+                           ops.pack_scales(pg.s2, pg.z2), x_sum))
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])

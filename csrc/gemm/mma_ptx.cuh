@@ -34,14 +34,19 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_ad
                : "r"(smem_addr(row_addr)));
 }
 
-// D = A(16x32 s8, row) * B(32x8 s8, col) + D, int32 accumulators.
-__device__ __forceinline__ void mma_s8_16832(int32_t (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+// D = A(16x32, row) * B(32x8, col) + D, int32 accumulators (wrapping: the exact sums the kernels keep fit in
+// int32). The weights are the unsigned operand (UINT4 values, or the biased INT8 of dequant4): A when the
+// weights are the A operand (u8s8, the small-M kernels), B when they are the B operand (s8u8, the tile kernel).
+#define QOQ_MMA_16832(NAME, ATYPE, BTYPE)                                                                        \
+  __device__ __forceinline__ void NAME(int32_t(&d)[4], const uint32_t(&a)[4], uint32_t b0, uint32_t b1) {       \
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32." ATYPE "." BTYPE                                       \
+                 ".s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"                    \
+                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])                                               \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                               \
+  }
+QOQ_MMA_16832(mma_u8s8_16832, "u8", "s8")
+QOQ_MMA_16832(mma_s8u8_16832, "s8", "u8")
+#undef QOQ_MMA_16832
 
 }  // namespace ptx
 }  // namespace qoq

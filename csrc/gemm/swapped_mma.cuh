@@ -6,8 +6,8 @@
 // is exactly an mma A fragment once the k order inside an mma is permuted; the activations are loaded under the
 // same permutation (lane (g, t) reads the 32 bytes of chunk 4q + t of token g), and a dot product does not depend
 // on the k order. Per group, a chunk lies in one group (group_size % 64 == 0), so the weights are dequantized to
-// INT8 in registers with the bytewise (w4 - z2) * s2 of the tile kernel; per channel the UINT4 values are used as
-// they are and the zero point is applied in the epilogue with the activation row sum.
+// biased INT8 (w4 - z2) * s2 + 128 in registers with the bytewise dequant4 of the tile kernel; per channel the UINT4
+// values are used as they are. Both are unsigned MMA operands, and the epilogue takes weight_zero * x_sum off.
 #pragma once
 #include "gemm/mma_ptx.cuh"
 #include "gemm/w4a8_gemm_kernel.cuh"
@@ -58,7 +58,7 @@ __device__ __forceinline__ void mma_chunk(int32_t (&acc)[TT][4], const uint4& w_
 #pragma unroll
     for (int j = 0; j < TT; ++j) {
       if (8 * j >= M) break;  // warp-uniform: token tiles past M hold only zeros
-      ptx::mma_s8_16832(acc[j], a, xb[j][wd], xb[j][4 + wd]);
+      ptx::mma_u8s8_16832(acc[j], a, xb[j][wd], xb[j][4 + wd]);
     }
   }
 }
@@ -103,7 +103,7 @@ __device__ __forceinline__ void reduce_and_store(const int32_t* partial, const G
     uint32_t sum = 0;  // wrap-around is harmless: the exact sum fits in int32
 #pragma unroll
     for (int i = 0; i < WARPS; ++i) sum += static_cast<uint32_t>(partial[(i * BT + m) * kStride + row]);
-    if constexpr (!PER_GROUP) sum -= e.zero_sum[it];
+    sum -= e.zero_sum[it];
     store_one(p, m, n0 + row,
               epilogue_value(static_cast<int32_t>(sum), e.xs[it], e.ws[it], p.bias_kind != kNoBias, e.bias[it]));
   }

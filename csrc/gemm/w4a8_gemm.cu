@@ -454,7 +454,8 @@ at::Tensor w4a8_gemm_per_group_cuda(const at::Tensor& x_q_in, const at::Tensor& 
                                     const at::Tensor& s2, const at::Tensor& z2, const at::Tensor& s1,
                                     const std::optional<at::Tensor>& bias, int64_t group_size,
                                     at::ScalarType out_dtype, const std::optional<at::Tensor>& residual,
-                                    const std::optional<at::Tensor>& packed_scales_in) {
+                                    const std::optional<at::Tensor>& packed_scales_in,
+                                    const std::optional<at::Tensor>& x_sum_in) {
   check_common(x_q_in, x_s, qweight_in, bias, out_dtype);
   const int64_t k = x_q_in.size(1), n = qweight_in.size(0);
   check_residual(residual, x_q_in, n, out_dtype);
@@ -491,7 +492,17 @@ at::Tensor w4a8_gemm_per_group_cuda(const at::Tensor& x_q_in, const at::Tensor& 
                            .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
     packed_scales = pack.call(s2, z2);
   }
+  // The MMA kernels' epilogue takes kGroupBias * x_sum off their INT32 sums (w4a8_gemm_kernel.cuh). Not given (the
+  // modules always give it, from the quantize op): one reduction of x_q.
+  at::Tensor x_sum;
+  if (x_sum_in.has_value()) {
+    x_sum = *x_sum_in;
+    check_per_row("x_sum", x_sum, at::kInt, x_q_in.size(0), x_q_in);
+  } else {
+    x_sum = x_q_in.sum(1, /*keepdim=*/false, at::kInt);
+  }
   return run_checked<true>(x_q_in, x_s, qweight_in, bias, out_dtype, residual, [&](GemmParams& p) {
+    p.x_sum = x_sum.data_ptr<int32_t>();
     p.packed_scales = packed_scales.defined() ? packed_scales.data_ptr<uint8_t>() : nullptr;
     p.s2 = s2.data_ptr<uint8_t>();
     p.z2 = z2.data_ptr<uint8_t>();

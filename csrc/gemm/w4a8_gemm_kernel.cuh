@@ -22,7 +22,7 @@ enum BiasKind : int { kNoBias = 0, kBiasF32 = 1, kBiasF16 = 2, kBiasBF16 = 3 };
 struct GemmParams {
   const int8_t* x_q;         // [M, K]
   const float* x_s;          // [M]
-  const int32_t* x_sum;      // [M]    (per channel)
+  const int32_t* x_sum;      // [M]    row sums of x_q (per group: read by the MMA kernels, see kGroupBias)
   const uint8_t* qweight;    // [N, K/2] packed
   const uint8_t* s2;         // [N, K/g] (per group)
   const uint8_t* z2;         // [N, K/g] (per group)
@@ -56,14 +56,18 @@ __device__ __forceinline__ int swizzle(int row, int chunk) {
 // Per (column, group) constants of the progressive dequantization: s = s2 and c = (128 - z2 * s2) * 0x01010101
 // (mod 2^32). nibbles4 * s + c is, as an exact integer, sum_j ((w4_j - z2) * s2 + 128) * 256^j, and every such
 // digit lies in [0, 255] because (w4 - z2) * s2 lies in [-128, 127] (the format's guarantee): so the four bytes
-// of the 32-bit multiply-add are those digits, with no carry between them. XOR 0x80 per byte subtracts the 128,
-// giving the INT8 weights: two instructions for four weights.
+// of the 32-bit multiply-add are those digits, with no carry between them. They are the INT8 weights biased by
+// 128, a valid unsigned (u8) MMA operand: one instruction for four weights. The INT32 sum over K then holds an
+// extra kGroupBias * x_sum[m], which the epilogue subtracts exactly as it subtracts the per-channel zero point
+// (weight_zero: the per-group kernels' zero point is kGroupBias for every row).
+constexpr uint32_t kGroupBias = 128;
+
 struct GroupDequant {
   uint32_t s, c;
 };
 
 __device__ __forceinline__ GroupDequant make_group_dequant(uint32_t s2, uint32_t z2) {
-  return {s2, 0x80808080u - s2 * z2 * 0x01010101u};
+  return {s2, (kGroupBias - s2 * z2) * 0x01010101u};
 }
 
 // The same constants from the packed scales (ops.pack_scales): s2 and b = 240 - z2 * s2, so that
@@ -72,9 +76,21 @@ __device__ __forceinline__ GroupDequant make_group_dequant_packed(uint32_t s2, u
   return {s2, b * 0x01010101u + 0x8F8F8F90u};
 }
 
-// nibbles4: four UINT4 weights of one row and group, one a byte; returns their INT8 values (w4 - z2) * s2.
+// nibbles4: four UINT4 weights of one row and group, one a byte; returns their biased values
+// (w4 - z2) * s2 + kGroupBias, one unsigned byte each.
 __device__ __forceinline__ uint32_t dequant4(uint32_t nibbles4, const GroupDequant& d) {
-  return (nibbles4 * d.s + d.c) ^ 0x80808080u;
+  return nibbles4 * d.s + d.c;
+}
+
+// The zero point the epilogue takes off the INT32 sum, times x_sum[m]: per channel the format's zero[n], per
+// group the dequantization's bias (the MMA kernels; the dp4a decode kernel applies z2 per chunk instead).
+template <bool PER_GROUP>
+__device__ __forceinline__ uint32_t weight_zero(const GemmParams& p, int n) {
+  if constexpr (PER_GROUP) {
+    return kGroupBias;
+  } else {
+    return p.zero[n];
+  }
 }
 
 __device__ __forceinline__ float load_bias(const GemmParams& p, int n) {
@@ -105,12 +121,13 @@ __device__ __forceinline__ float epilogue_value(const GemmParams& p, int32_t acc
 template <int ITERS>
 struct EpilogueOperands {
   float xs[ITERS], ws[ITERS], bias[ITERS];
-  uint32_t zero_sum[ITERS];  // per channel: zero[n] * x_sum[m], subtracted from the accumulator
+  uint32_t zero_sum[ITERS];  // weight_zero(n) * x_sum[m], subtracted from the accumulator (ZERO_TERM kernels)
 };
 
 // load_epilogue in two halves for PDL (common.cuh): the weight operands (s[n], bias[n], zero[n]) may be loaded
-// before pdl_wait(), the activation ones (x_s[m], x_sum[m]) only after it.
-template <bool PER_GROUP, int ITERS>
+// before pdl_wait(), the activation ones (x_s[m], x_sum[m]) only after it. ZERO_TERM: the kernel's INT32 sum
+// needs the weight_zero * x_sum correction (every kernel but the per-group dp4a one).
+template <bool PER_GROUP, bool ZERO_TERM = true, int ITERS>
 __device__ __forceinline__ void load_epilogue_weights(EpilogueOperands<ITERS>& e, const GemmParams& p, int n0,
                                                       int rows, int tid, int nthreads) {
 #pragma unroll
@@ -122,12 +139,12 @@ __device__ __forceinline__ void load_epilogue_weights(EpilogueOperands<ITERS>& e
       const int n = n0 + idx % rows;
       e.ws[i] = __half2float(p.wscale[n]);
       if (p.bias_kind != kNoBias) e.bias[i] = load_bias(p, n);
-      if constexpr (!PER_GROUP) e.zero_sum[i] = p.zero[n];  // times x_sum[m] in load_epilogue_activations
+      if constexpr (ZERO_TERM) e.zero_sum[i] = weight_zero<PER_GROUP>(p, n);  // times x_sum[m] below
     }
   }
 }
 
-template <bool PER_GROUP, int ITERS>
+template <bool PER_GROUP, bool ZERO_TERM = true, int ITERS>
 __device__ __forceinline__ void load_epilogue_activations(EpilogueOperands<ITERS>& e, const GemmParams& p, int rows,
                                                           int tid, int nthreads) {
 #pragma unroll
@@ -136,16 +153,16 @@ __device__ __forceinline__ void load_epilogue_activations(EpilogueOperands<ITERS
     if (idx < rows * p.M) {
       const int m = idx / rows;
       e.xs[i] = p.x_s[m];
-      if constexpr (!PER_GROUP) e.zero_sum[i] *= static_cast<uint32_t>(p.x_sum[m]);
+      if constexpr (ZERO_TERM) e.zero_sum[i] *= static_cast<uint32_t>(p.x_sum[m]);
     }
   }
 }
 
-template <bool PER_GROUP, int ITERS>
+template <bool PER_GROUP, bool ZERO_TERM = true, int ITERS>
 __device__ __forceinline__ void load_epilogue(EpilogueOperands<ITERS>& e, const GemmParams& p, int n0, int rows,
                                               int tid, int nthreads) {
-  load_epilogue_weights<PER_GROUP>(e, p, n0, rows, tid, nthreads);
-  load_epilogue_activations<PER_GROUP>(e, p, rows, tid, nthreads);
+  load_epilogue_weights<PER_GROUP, ZERO_TERM>(e, p, n0, rows, tid, nthreads);
+  load_epilogue_activations<PER_GROUP, ZERO_TERM>(e, p, rows, tid, nthreads);
 }
 
 // `residual + y` as the decoder adds them: y rounded to the output dtype, the float sum rounded by the store.
@@ -361,9 +378,9 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, MIN_BLOCKS)
           if constexpr (PER_GROUP) {
             b0 = dequant4(b0, dq[nt]);
             b1 = dequant4(b1, dq[nt]);
-          }  // per channel: the UINT4 values 0..15 are already valid s8 operands
+          }  // per channel: the UINT4 values 0..15 are already valid u8 operands
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) ptx::mma_s8_16832(acc[mt][nt], af[mt], b0, b1);
+          for (int mt = 0; mt < MT; ++mt) ptx::mma_s8u8_16832(acc[mt][nt], af[mt], b0, b1);
         }
       }
     }
@@ -417,16 +434,13 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, MIN_BLOCKS)
       const int m = row_base + mt * 16 + 8 * h;
       if (m >= p.M) continue;
       const float xs = p.x_s[m];
-      const int32_t zero_corr_sum = PER_GROUP ? 0 : p.x_sum[m];
+      const int32_t x_sum = p.x_sum[m];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const int n = col_base + nt * 8;
         if (n >= p.N) continue;  // N is even, so n + 1 < N too
-        int32_t a0 = acc[mt][nt][2 * h], a1 = acc[mt][nt][2 * h + 1];
-        if constexpr (!PER_GROUP) {
-          a0 -= static_cast<int32_t>(p.zero[n]) * zero_corr_sum;
-          a1 -= static_cast<int32_t>(p.zero[n + 1]) * zero_corr_sum;
-        }
+        const int32_t a0 = acc[mt][nt][2 * h] - static_cast<int32_t>(weight_zero<PER_GROUP>(p, n)) * x_sum;
+        const int32_t a1 = acc[mt][nt][2 * h + 1] - static_cast<int32_t>(weight_zero<PER_GROUP>(p, n + 1)) * x_sum;
         store_pair(p, m, n, epilogue_value(p, a0, xs, n), epilogue_value(p, a1, xs, n + 1));
       }
     }

@@ -1,4 +1,4 @@
-// W4A8 GEMM for Hopper (sm_90a) at prefill sizes: warpgroup MMA (wgmma m64nBMk32 s8), INT32 accumulation
+// W4A8 GEMM for Hopper (sm_90a) at prefill sizes: warpgroup MMA (wgmma m64nBMk32 u8 x s8), INT32 accumulation
 // over all of K, the float epilogue of docs/formats.md. Off by default (QOQ_GEMM_WGMMA, see w4a8_gemm.cu).
 //
 // The product is computed transposed, out^T[n, m] = W8'[n, :] . X[m, :], so that the dequantized weights are
@@ -9,10 +9,10 @@
 // - A operand (weights): the packed v2 layout makes ldmatrix.x4 of the packed rows deliver to lane (g, t)
 //   the word with k 4t..4t+3 (low nibbles) and 16+4t..16+4t+3 (high nibbles) of rows g and g+8, which is
 //   exactly the wgmma/mma.m16n8k32 A fragment {row g k 4t, row g+8 k 4t, row g k 16+4t, row g+8 k 16+4t}:
-//   unpacking is a mask and a shift. Per channel the UINT4 values are the s8 operand (the zero point is the
-//   epilogue's x_sum term). Per group the operand is the INT8 weight (w4 - z2) * s2 itself, two instructions for
-//   four weights (dequant4: a multiply-add that is carry-free by the format's guarantee, then a XOR), so the INT32
-//   sum over K is the format's accumulator with nothing left for the epilogue. The scales of the tile's 128
+//   unpacking is a mask and a shift. Per channel the UINT4 values are the u8 operand (the zero point is the
+//   epilogue's x_sum term). Per group the operand is the biased INT8 weight (w4 - z2) * s2 + 128, one
+//   instruction for four weights (dequant4: a multiply-add that is carry-free by the format's guarantee), and
+//   the epilogue takes 128 * x_sum off the INT32 sum, as per channel it takes zero * x_sum. The scales of the tile's 128
 //   weight rows and two 64-wide k halves ride in its pipeline stage, copied with 16-byte cp.async from the
 //   packed scales (ops.pack_scales: per weight tile and group, s2 of the 128 rows then 240 - z2 * s2, from which
 //   the dequantization constant (128 - z2 * s2) * 0x01010101 is one multiply-add).
@@ -162,7 +162,7 @@ __device__ __forceinline__ void mma_k_tile(uint32_t (&acc)[BM / 2], const uint8_
       hi0 = dequant4(hi0, dq[0][h]);
       lo1 = dequant4(lo1, dq[1][h]);
       hi1 = dequant4(hi1, dq[1][h]);
-    }  // per channel: the UINT4 values 0..15 are already valid s8 operands
+    }  // per channel: the UINT4 values 0..15 are already valid u8 operands
     frag[0] = lo0;  // row g,     k 4t..4t+3
     frag[1] = lo1;  // row g + 8, k 4t..4t+3
     frag[2] = hi0;  // row g,     k 16+4t..16+4t+3
@@ -243,12 +243,12 @@ __device__ __forceinline__ void wgmma_epilogue(const GemmParams& p, uint32_t (&a
   // Accumulator d[4i + 2h + e]: weight row g + 8h, activation row 8i + 2t + e (wgmma D fragment layout).
   uint16_t* out_tile = reinterpret_cast<uint16_t*>(smem);
   float w_scale[2], w_bias[2];
-  int32_t w_zero[2] = {0, 0};
+  int32_t w_zero[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     w_scale[h] = __half2float(p.wscale[n_rows[h]]);
     w_bias[h] = load_bias(p, n_rows[h]);
-    if constexpr (!PER_GROUP) w_zero[h] = p.zero[n_rows[h]];
+    w_zero[h] = static_cast<int32_t>(weight_zero<PER_GROUP>(p, n_rows[h]));
   }
 #pragma unroll
   for (int i = 0; i < BM / 8; ++i)
@@ -257,7 +257,7 @@ __device__ __forceinline__ void wgmma_epilogue(const GemmParams& p, uint32_t (&a
       const int m_local = 8 * i + 2 * t + e;
       const int m = min(m0 + m_local, p.M - 1);  // rows past M are computed but never stored
       const float xs = p.x_s[m];
-      const int32_t x_sum = PER_GROUP ? 0 : p.x_sum[m];
+      const int32_t x_sum = p.x_sum[m];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int32_t a = static_cast<int32_t>(acc[4 * i + 2 * h + e]) - w_zero[h] * x_sum;

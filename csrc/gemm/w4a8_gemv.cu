@@ -75,10 +75,10 @@ __global__ void __launch_bounds__(kThreads, MINB) w4a8_gemv_kernel(const GemmPar
   prefetch_first_weights<PER_GROUP, true>(p, n0, BR, U * kChunkStride * 16, threadIdx.x);
   constexpr int kEpilogueIters = (BR * MAXM + kThreads - 1) / kThreads;
   EpilogueOperands<kEpilogueIters> epi;
-  load_epilogue_weights<PER_GROUP>(epi, p, n0, BR, threadIdx.x, kThreads);
+  load_epilogue_weights<PER_GROUP, !PER_GROUP>(epi, p, n0, BR, threadIdx.x, kThreads);
   pdl_wait();
   pdl_launch_dependents();
-  load_epilogue_activations<PER_GROUP>(epi, p, BR, threadIdx.x, kThreads);
+  load_epilogue_activations<PER_GROUP, !PER_GROUP>(epi, p, BR, threadIdx.x, kThreads);
 
   uint32_t acc[R][MAXM];
 #pragma unroll

@@ -66,19 +66,21 @@ __device__ __forceinline__ void fence_operand(uint32_t& r) { asm volatile("" : "
   "+r"(d[(o) + 54]), "+r"(d[(o) + 55]), "+r"(d[(o) + 56]), "+r"(d[(o) + 57]), "+r"(d[(o) + 58]), "+r"(d[(o) + 59]), \
   "+r"(d[(o) + 60]), "+r"(d[(o) + 61]), "+r"(d[(o) + 62]), "+r"(d[(o) + 63])
 
-// D[64 x 128] += A[64 x 32] (registers) * B[32 x 128] (shared memory via desc_b), s8 operands, s32 accumulators.
+// D[64 x 128] += A[64 x 32] (registers, u8: the weights) * B[32 x 128] (shared memory via desc_b, s8),
+// s32 accumulators.
 __device__ __forceinline__ void wgmma_m64n128k32_rs(uint32_t (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {" QOQ_WGMMA_REGS_64 "}, "
+               "wgmma.mma_async.sync.aligned.m64n128k32.s32.u8.s8 {" QOQ_WGMMA_REGS_64 "}, "
                "{%64, %65, %66, %67}, %68, p;\n}\n"
                : QOQ_WGMMA_OUTS_64(0)
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
 }
 
-// D[64 x 256] += A[64 x 32] (registers) * B[32 x 256] (shared memory via desc_b), s8 operands, s32 accumulators.
+// D[64 x 256] += A[64 x 32] (registers, u8: the weights) * B[32 x 256] (shared memory via desc_b, s8),
+// s32 accumulators.
 __device__ __forceinline__ void wgmma_m64n256k32_rs(uint32_t (&d)[128], const uint32_t (&a)[4], uint64_t desc_b) {
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 {" QOQ_WGMMA_REGS_128 "}, "
+               "wgmma.mma_async.sync.aligned.m64n256k32.s32.u8.s8 {" QOQ_WGMMA_REGS_128 "}, "
                "{%128, %129, %130, %131}, %132, p;\n}\n"
                : QOQ_WGMMA_OUTS_64(0), QOQ_WGMMA_OUTS_64(64)
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));

@@ -150,7 +150,7 @@ class QoQLinear(nn.Module):
         (``residual + y`` when ``residual [M, N]`` is given, the add in the GEMM's epilogue)."""
         if self.group_size > 0:
             return ops.w4a8_gemm_per_group(x_q, x_s, self.qweight, self.s2, self.z2, self.s1, self.bias,
-                                           self.group_size, out_dtype, residual, self.packed_scales)
+                                           self.group_size, out_dtype, residual, self.packed_scales, x_sum)
         return ops.w4a8_gemm_per_channel(x_q, x_s, x_sum, self.qweight, self.scale, self.zero, self.bias, out_dtype,
                                          residual)
 

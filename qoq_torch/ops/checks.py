@@ -75,8 +75,8 @@ def check_group_scales(s2, z2) -> tuple[int, int]:
 
 
 def check_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, group_size, out_dtype,
-                         packed_scales=None) -> tuple[int, int]:
-    m, k = check_quantized_activation(x_q, x_s)
+                         packed_scales=None, x_sum=None) -> tuple[int, int]:
+    m, k = check_quantized_activation(x_q, x_s, x_sum)
     if group_size <= 0 or k % group_size != 0:
         raise ValueError(f"group_size={group_size} must be positive and divide K={k}")
     n = check_packed_weight(qweight, k, x_q.device)

@@ -21,7 +21,7 @@ SCHEMAS = {
     "w4a8_gemm_per_group": (
         "w4a8_gemm_per_group(Tensor x_q, Tensor x_s, Tensor qweight, Tensor s2, Tensor z2, Tensor s1, "
         "Tensor? bias, int group_size, ScalarType out_dtype, Tensor? residual=None, "
-        "Tensor? packed_scales=None) -> Tensor"
+        "Tensor? packed_scales=None, Tensor? x_sum=None) -> Tensor"
     ),
     "w4a8_gemm_per_channel": (
         "w4a8_gemm_per_channel(Tensor x_q, Tensor x_s, Tensor x_sum, Tensor qweight, Tensor scale, "
@@ -91,8 +91,9 @@ def _check_residual(residual, x_q, m, n, out_dtype):
 
 
 def _gemm_per_group_fake(x_q, x_s, qweight, s2, z2, s1, bias, group_size, out_dtype, residual=None,
-                         packed_scales=None):
-    m, n = checks.check_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, group_size, out_dtype, packed_scales)
+                         packed_scales=None, x_sum=None):
+    m, n = checks.check_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, group_size, out_dtype, packed_scales,
+                                       x_sum)
     _check_residual(residual, x_q, m, n, out_dtype)
     return x_q.new_empty((m, n), dtype=out_dtype)
 

@@ -58,8 +58,9 @@ def _add_residual(y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tenso
 
 
 def w4a8_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, group_size: int, out_dtype, residual=None,
-                        packed_scales=None):
-    # packed_scales (pack_scales(s2, z2), the CUDA kernels' copy of the same values) does not enter the math.
+                        packed_scales=None, x_sum=None):
+    # packed_scales (pack_scales(s2, z2)) and x_sum (x_q's row sums) are what the CUDA kernels take instead of
+    # recomputing them; when given they must be those values, and they do not enter the math here.
     w4 = unpack_int4(qweight)
     n, k = w4.shape
     w8 = (w4.view(n, k // group_size, group_size).double() - z2.double().unsqueeze(-1)) * s2.double().unsqueeze(-1)
