@@ -424,9 +424,9 @@ def _wgmma_splits(tiles: int, ktiles: int, blocks_per_sm: int, sms: int) -> int:
 
 
 def _per_group_takes_ws(m: int, n: int, k: int, sms: int) -> bool:
-    """The per-group rule below M = 1024 (w4a8_gemm.cu, per_group_prefers_ws): no more waves than the 128-row
-    kernel, and a split K only when K is deep."""
-    if m < 256:
+    """The per-group rule below M = 1024 (w4a8_gemm.cu, per_group_prefers_ws): from M = 768, no more waves than the
+    128-row kernel, and a split K only when K is deep."""
+    if m < 768:
         return False
     n_tiles, ktiles = -(-n // 128), k // 128
     ws_tiles, tiles_128 = -(-m // 256) * n_tiles, -(-m // 128) * n_tiles
@@ -439,7 +439,7 @@ def _per_group_takes_ws(m: int, n: int, k: int, sms: int) -> bool:
 @needs_hopper
 def test_wgmma_warp_specialised_kernel_choice(gen, monkeypatch):
     """By default M >= 1024 runs the warp-specialised 256-row kernel in both formats; below, per channel runs the
-    128-row one, and per group the 256-row one from M = 256 where its grid takes no more waves than the 128-row
+    128-row one, and per group the 256-row one from M = 768 where its grid takes no more waves than the 128-row
     kernel's (with a split K only for deep K). QOQ_GEMM_WS_MIN_M moves the threshold. Results stay bit-exact
     (M = 1300: a partial 256-row tile)."""
     import re
@@ -456,21 +456,21 @@ def test_wgmma_warp_specialised_kernel_choice(gen, monkeypatch):
     assert sum("w4a8_gemm_wgmma_kernel<128" in x for x in names) == 1, names
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cases = [(200, 6144, 1024), (300, 6144, 1024), (640, 6144, 1024), (1023, 64, 1024), (768, 6144, 1024),
-             (256, 4096, 4096), (512, 4096, 8192)]
+             (256, 4096, 4096), (512, 4096, 8192), (800, 28672, 1024)]
     expected = [_per_group_takes_ws(m, n, k, sms) for m, n, k in cases]
     assert any(expected) and not all(expected), expected  # both kernels are exercised
     for (m, n, k), ws in zip(cases, expected):
         names = _kernel_names(gen, m, n=n, k=k, per_group=True, packed=True)
         assert sum(bool(ws_kernel.search(x)) for x in names) == int(ws), (m, n, k, names)
         assert sum("w4a8_gemm_wgmma_kernel<128" in x for x in names) == int(not ws), (m, n, k, names)
-    # Deep K: the 256-row kernel splits it (64 k tiles, 64 output tiles: two splits from 128 SMs, as on the H100).
-    if _wgmma_splits(64, 64, 1, sms) > 1:
-        assert any(ws_split_kernel.search(x) for x in _kernel_names(gen, 512, n=4096, k=8192, packed=True))
+    # Deep K: the 256-row kernel splits it (64 k tiles, 48 output tiles: two splits from 132 SMs, as on the H100).
+    if _wgmma_splits(48, 64, 1, sms) > 1:
+        assert any(ws_split_kernel.search(x) for x in _kernel_names(gen, 768, n=2048, k=8192, packed=True))
     monkeypatch.setenv("QOQ_GEMM_WS_MIN_M", "512")
     assert sum(bool(ws_kernel.search(x)) for x in _kernel_names(gen, 600, per_group=False)) == 1
     monkeypatch.delenv("QOQ_GEMM_WS_MIN_M")
     assert_per_group_matches(1300, 272, 1664, 64, torch.float16, torch.bfloat16, gen)
-    assert_per_group_matches(512, 384, 8192, 128, torch.float16, torch.bfloat16, gen)
+    assert_per_group_matches(768, 384, 8192, 128, torch.float16, torch.bfloat16, gen)
 
 
 @needs_hopper

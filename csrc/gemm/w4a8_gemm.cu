@@ -276,15 +276,20 @@ bool wgmma_ws_supports(const GemmParams& p) {
 
 constexpr int kWgmma128BlocksPerSm = 2;  // the 128-row kernel's resident CTAs an SM (launch_wgmma's MIN_BLOCKS)
 
-// Per group from M = 256 up to wgmma_ws_min_m: the warp-specialised kernel when its grid (one CTA an SM) takes no
-// more waves than the 128-row kernel's (two an SM) and it splits K only for deep K (>= 64 k tiles). A wave of
-// either kernel covers the same output area, and the 256-row one dequantizes each weight once per 256 rows instead
-// of 128, so at equal waves it wins per group (not per channel, whose dequantization is cheaper); its split-K merge
-// costs more than it gains at K = 4096. H100 sweep (docs/benchmarks.md, `--sweep-wgmma-splits` at M = 256-1024):
-// gate_up at M = 256 and 768 (61.1 / 167.4 against 66.9 / 174.6 us), qkv at M = 384 / 512, down everywhere
-// (M = 768: 83.1 against 97.9); at M = 768 it takes qkv too (57.4 against 54.3), the one loss in the sweep.
+// Per group from M = kPerGroupWsMinM up to wgmma_ws_min_m: the warp-specialised kernel when its grid (one CTA an SM)
+// takes no more waves than the 128-row kernel's (two an SM) and it splits K only for deep K (>= 64 k tiles). A wave
+// of either kernel covers the same output area, and the 256-row one dequantizes each weight once per 256 rows
+// instead of 128, so at equal waves it wins per group (not per channel, whose dequantization is cheaper); its
+// split-K merge costs more than it gains at K = 4096. H100 sweep of single GEMMs (docs/benchmarks.md,
+// `--sweep-wgmma-splits` at M = 256-1024): it won gate_up at M = 256 and 768, qkv at M = 384 / 512, down
+// everywhere. But in a layer's four GEMMs back to back (the layer chain, as a model runs them), the 128-row kernel
+// everywhere was faster below M = 768 (M = 256 / 384 / 512: 145 / 201 / 221 against 167-169 / 213-217 / 233 us a
+// layer); at M = 768 the two were within the spread between calls (rule 317-358, 128-row 329-335), and at 1024
+// the rule won (351-382 against 403-408). docs/results/gemm_prefill_chain_ws_rule_h100.txt.
+constexpr int kPerGroupWsMinM = 768;
+
 bool per_group_prefers_ws(const GemmParams& p) {
-  if (p.M < 256 || !wgmma_ws_supports(p)) return false;
+  if (p.M < kPerGroupWsMinM || !wgmma_ws_supports(p)) return false;
   const int sms = multiprocessor_count(), n_tiles = (p.N + 127) / 128, ktiles = p.K / 128;
   const int ws_tiles = (p.M + 255) / 256 * n_tiles, tiles_128 = (p.M + 127) / 128 * n_tiles;
   auto splits = [&](int tiles, int blocks_per_sm) {

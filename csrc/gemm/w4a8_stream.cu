@@ -12,10 +12,9 @@
 //   - 8 or 16 consumer warps split each stage's k blocks and multiply on INT8 mma.sync with the operands swapped
 //     (swapped_mma.cuh), release the stage through a second mbarrier, and at the end of a tile reduce their INT32
 //     sums in shared memory in a fixed order (exact, deterministic, no workspace) and store the contract's epilogue,
-//     whose per-row operands they loaded when the tile started. Per group the weights are dequantized to INT8 in
-//     registers (H100 layer chain at g = 128: ~1% faster at M = 8 / 16 and the same below than multiplying the raw
-//     UINT4 values and scaling each 128-wide group's INT32 sums, which needs the activation sums too;
-//     docs/benchmarks.md).
+//     whose per-row operands they loaded when the tile started. Per group the weights are dequantized to biased
+//     INT8 in registers (H100 layer chain at g = 128: ~1% faster at M = 8 / 16 and the same below than multiplying
+//     the raw UINT4 values and scaling each 128-wide group's INT32 sums; docs/benchmarks.md).
 // Shared-memory weight rows are padded by 64 bytes so that the 8 lanes of each 16-byte access phase (rows g, g + 1,
 // chunks t = 0..3) fall in distinct banks.
 #include <algorithm>
