@@ -332,7 +332,7 @@ def test_wgmma_gemm_is_one_launch_in_both_formats(gen, monkeypatch):
 @needs_hopper
 def test_wgmma_default_and_fallbacks_stay_exact(gen, monkeypatch):
     """Unset: the wgmma kernel from M = 33 per group (past the small-M kernel's range; from its QOQ_GEMM_SKINNY_MAX_M
-    + 1 when that is larger) and from M = 65 per channel, the other kernels below; mode 0 (the mma.sync kernel)
+    + 1 when that is larger) and from M = 64 per channel, the other kernels below; mode 0 (the mma.sync kernel)
     stays exact; M < 33 under mode 2 falls back (the wgmma path does not take it) instead of raising."""
     monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
     monkeypatch.delenv("QOQ_GEMM_SKINNY_MAX_M", raising=False)
@@ -341,12 +341,12 @@ def test_wgmma_default_and_fallbacks_stay_exact(gen, monkeypatch):
         return any("w4a8_gemm_wgmma" in name for name in _kernel_names(gen, m, per_group=per_group, packed=True))
 
     assert not on_wgmma(32, True) and on_wgmma(33, True) and on_wgmma(64, True)
-    assert not on_wgmma(64, False) and on_wgmma(65, False) and on_wgmma(100, False)
+    assert not on_wgmma(63, False) and on_wgmma(64, False) and on_wgmma(100, False)
     monkeypatch.setenv("QOQ_GEMM_SKINNY_MAX_M", "64")
     assert not on_wgmma(64, True) and on_wgmma(65, True)
     monkeypatch.delenv("QOQ_GEMM_SKINNY_MAX_M")
     assert_per_group_matches(33, 144, 1024, 64, torch.float16, torch.bfloat16, gen)
-    assert_per_channel_matches(65, 144, 1024, None, torch.float16, gen)
+    assert_per_channel_matches(64, 144, 1024, None, torch.float16, gen)
     n, k, g = 64, 256, 128
     w4, s2, z2, s1 = random_per_group(n, k, g, gen)
     qweight = ops.pack_weights(w4)
@@ -856,7 +856,8 @@ def test_stream_misaligned_scales_fall_back_exactly(gen):
 @needs_stream
 def test_stream_kernel_is_dispatched(gen, monkeypatch):
     """Within its M range the streaming kernel runs alone (no memset, no workspace); group size 256, K % (4 g) != 0,
-    M = 33, a forced tile config and QOQ_GEMM_STREAM=0 do not take it; by default it serves 1 <= M <= 16."""
+    M = 33, a forced tile config and QOQ_GEMM_STREAM=0 do not take it; by default it serves 1 <= M <= 16 per channel
+    and 1 <= M <= 32 per group."""
     def kernels(m: int, k: int = 1024, g: int = 128, per_group: bool = True) -> list[str]:
         return _kernel_names(gen, m, k=k, g=g, per_group=per_group)
 
@@ -877,11 +878,13 @@ def test_stream_kernel_is_dispatched(gen, monkeypatch):
     assert not any("w4a8_stream_kernel" in x for x in kernels(4))
     monkeypatch.delenv("QOQ_GEMM_STREAM")
     monkeypatch.delenv("QOQ_GEMM_STREAM_MIN_M")
-    monkeypatch.delenv("QOQ_GEMM_STREAM_MAX_M")  # the defaults: 1 <= M <= 16 in both formats
+    monkeypatch.delenv("QOQ_GEMM_STREAM_MAX_M")  # the defaults: 1 <= M <= 16 per channel, 1 <= M <= 32 per group
     for m in (1, 2, 9, 16):
-        assert any("w4a8_stream_kernel" in x for x in kernels(m)), m
         assert any("w4a8_stream_kernel" in x for x in kernels(m, per_group=False)), m
-    assert not any("w4a8_stream_kernel" in x for x in kernels(17))
+    for m in (1, 2, 9, 16, 17, 24, 32):
+        assert any("w4a8_stream_kernel" in x for x in kernels(m)), m
+    assert not any("w4a8_stream_kernel" in x for x in kernels(17, per_group=False))
+    assert not any("w4a8_stream_kernel" in x for x in kernels(33))
 
 
 @needs_kernel

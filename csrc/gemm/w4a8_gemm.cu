@@ -188,11 +188,12 @@ WgmmaChoice wgmma_choice() {
   return c;
 }
 
-// Smallest M the wgmma path takes by default (H100, docs/benchmarks.md, layer sums at M = 64-112): per group from
-// just past the small-M kernel's range, since the mma.sync tile kernel was 1.3-1.9x slower there (169.8-249.5 us
-// against 127.6-130.0); per channel from 65, as its tile kernel still wins at M = 64 (113.1 against 125.7 us) and
-// loses from 80 (196.4 against 126.8).
-int wgmma_default_min_m(bool per_group) { return per_group ? std::max(33, skinny_max_m(true) + 1) : 65; }
+// Smallest M the wgmma path takes by default (H100, docs/benchmarks.md): per group from just past the small-M
+// kernels' range, since the mma.sync tile kernel was 1.3-1.9x slower there (layer sums at M = 64-112: 169.8-249.5 us
+// against 127.6-130.0); per channel from 64: in the layer chain (four GEMMs back to back) it ran 104.4-104.8 us a
+// layer at M = 64 against the tile kernel's 109.3-111.7, while the tile kernel keeps M = 48 (85.2-85.8 against
+// 104.1-105.2).
+int wgmma_default_min_m(bool per_group) { return per_group ? std::max(33, skinny_max_m(true) + 1) : 64; }
 
 // Whether the running device is sm_90 and this build carries the sm_90a image of the wgmma kernel (a probe
 // kernel reports the compile-time flag of the image the driver picked). Cached per device.
@@ -368,7 +369,7 @@ template <bool PER_GROUP>
 void dispatch(GemmParams p, const at::TensorOptions& options) {
   if (try_wgmma<PER_GROUP>(p, options)) return;
   const ForcedChoice forced = forced_choice();
-  if (forced.config < 0 && p.M >= stream_min_m() && p.M <= stream_max_m() && stream_supports(p, PER_GROUP)) {
+  if (forced.config < 0 && p.M >= stream_min_m() && p.M <= stream_max_m(PER_GROUP) && stream_supports(p, PER_GROUP)) {
     // small M on sm_90: the streaming kernel (w4a8_stream.cu)
     launch_w4a8_stream<PER_GROUP>(p, multiprocessor_count());
     return;

@@ -30,10 +30,11 @@ namespace qoq {
 namespace {
 
 constexpr int kMaxM = 32;
-// Defaults from the H100 layer-chain sweep (benchmarks/gemm.py --chain-sweep, docs/benchmarks.md: each shape timed
-// back to back in a CUDA graph): 1 <= M <= 16 in both formats; above M = 16 the small-M and tile kernels are faster.
-// (At M = 1 the dp4a decode kernel is faster timed alone, and end to end the two are even.)
-constexpr int kDefaultMinM = 1, kDefaultMaxM = 16;
+// Defaults from the H100 layer chain (benchmarks/gemm.py --layer-chain, docs/benchmarks.md: a layer's four GEMMs back
+// to back in a CUDA graph): 1 <= M <= 16 per channel, whose tile kernel is as fast at M = 17-24 and faster at 32
+// (68.5-68.9 against 73.6-74.0 us a layer); 1 <= M <= 32 per group, where the small-M kernel ran 96-104 us a layer at
+// M = 17-32 against 73-86 here. (At M = 1 the dp4a decode kernel is faster timed alone; end to end the two are even.)
+constexpr int kDefaultMinM = 1, kDefaultMaxM[2] = {16, 32};  // [per_group]
 // Arrivals that complete a full stage: the producer's expect_tx, plus per group each producer lane's cp.async.
 constexpr int full_arrivals(bool per_group) { return per_group ? 1 + 32 : 1; }
 
@@ -231,9 +232,9 @@ void launch_m(const GemmParams& p, int sms, int variant) {
 
 }  // namespace
 
-int stream_max_m() {
+int stream_max_m(bool per_group) {
   if (env_int("QOQ_GEMM_STREAM", 1) == 0) return 0;
-  return std::clamp(env_int("QOQ_GEMM_STREAM_MAX_M", kDefaultMaxM), 0, kMaxM);
+  return std::clamp(env_int("QOQ_GEMM_STREAM_MAX_M", kDefaultMaxM[per_group ? 1 : 0]), 0, kMaxM);
 }
 
 int stream_min_m() { return std::max(1, env_int("QOQ_GEMM_STREAM_MIN_M", kDefaultMinM)); }

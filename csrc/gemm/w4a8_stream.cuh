@@ -4,9 +4,10 @@
 
 namespace qoq {
 
-// The M range the streaming kernel serves by default (1..16; 0: never). QOQ_GEMM_STREAM=0 disables it,
-// QOQ_GEMM_STREAM_MIN_M / QOQ_GEMM_STREAM_MAX_M=<m> change the bounds (the kernel takes 1..32); read at each call.
-int stream_max_m();
+// The M range the streaming kernel serves by default (1..16 per channel, 1..32 per group; 0: never).
+// QOQ_GEMM_STREAM=0 disables it, QOQ_GEMM_STREAM_MIN_M / QOQ_GEMM_STREAM_MAX_M=<m> change the bounds in both formats
+// (the kernel takes 1..32); read at each call.
+int stream_max_m(bool per_group);
 int stream_min_m();
 
 // Whether the kernel takes these operands on the current device: 1 <= M <= 32, N % 16 == 0, K % 128 == 0, per
