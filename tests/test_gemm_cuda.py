@@ -213,6 +213,13 @@ def test_bad_input_rejected(gen):
     for over, msg in cases:
         with pytest.raises((RuntimeError, ValueError, TypeError), match=msg):
             call(**over)
+    deep_k = 65536 + 128  # past the per-group kernels' INT32 range for biased weights
+    with pytest.raises(RuntimeError, match="K <= 65536"):
+        torch.ops.qoq.w4a8_gemm_per_group(torch.ones(1, deep_k, dtype=torch.int8, device="cuda"), good["x_s"][:1],
+                                          torch.ones(n, deep_k // 2, dtype=torch.uint8, device="cuda"),
+                                          torch.ones(n, deep_k // 128, dtype=torch.uint8, device="cuda"),
+                                          torch.ones(n, deep_k // 128, dtype=torch.uint8, device="cuda"), good["s1"],
+                                          None, 128, torch.float16)
     x_q_bad_k = torch.zeros(m, 96, dtype=torch.int8, device="cuda")
     with pytest.raises(RuntimeError, match="multiple of 64"):
         torch.ops.qoq.w4a8_gemm_per_channel(x_q_bad_k, good["x_s"], x_sum.cuda(),

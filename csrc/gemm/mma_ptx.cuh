@@ -34,8 +34,8 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_ad
                : "r"(smem_addr(row_addr)));
 }
 
-// D = A(16x32, row) * B(32x8, col) + D, int32 accumulators (wrapping: the exact sums the kernels keep fit in
-// int32). The weights are the unsigned operand (UINT4 values, or the biased INT8 of dequant4): A when the
+// D = A(16x32, row) * B(32x8, col) + D, int32 accumulators (every partial sum fits: 255 * 128 * K < 2^31 for the
+// K <= 65536 the entry points allow). The weights are the unsigned operand (UINT4 values, or the biased INT8 of dequant4): A when the
 // weights are the A operand (u8s8, the small-M kernels), B when they are the B operand (s8u8, the tile kernel).
 #define QOQ_MMA_16832(NAME, ATYPE, BTYPE)                                                                        \
   __device__ __forceinline__ void NAME(int32_t(&d)[4], const uint32_t(&a)[4], uint32_t b0, uint32_t b1) {       \

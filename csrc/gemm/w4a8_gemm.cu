@@ -456,6 +456,8 @@ at::Tensor run_checked(const at::Tensor& x_q_in, const at::Tensor& x_s, const at
   return out;
 }
 
+constexpr int64_t kPerGroupMaxK = 65536;
+
 at::Tensor w4a8_gemm_per_group_cuda(const at::Tensor& x_q_in, const at::Tensor& x_s, const at::Tensor& qweight_in,
                                     const at::Tensor& s2, const at::Tensor& z2, const at::Tensor& s1,
                                     const std::optional<at::Tensor>& bias, int64_t group_size,
@@ -469,6 +471,9 @@ at::Tensor w4a8_gemm_per_group_cuda(const at::Tensor& x_q_in, const at::Tensor& 
               qoq::num(k));
   TORCH_CHECK(group_size % 64 == 0, "group_size must be a multiple of 64 for the CUDA W4A8 GEMM, got ",
               qoq::num(group_size));
+  // The MMA kernels sum biased weights (0..255) times activations (-128..127) in INT32: 255 * 128 * K < 2^31.
+  TORCH_CHECK(k <= kPerGroupMaxK, "the CUDA per-group W4A8 GEMM takes K <= ", qoq::num(kPerGroupMaxK),
+              " (its INT32 sums), got K=", qoq::num(k));
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"s2", &s2}, {"z2", &z2}}) {
     TORCH_CHECK(t->is_cuda(), name, " must be a CUDA tensor, got ", qoq::device_str(*t));
     TORCH_CHECK(t->device() == x_q_in.device(), name, " is on ", qoq::device_str(*t), " but x_q is on ",

@@ -12,8 +12,8 @@
 //   unpacking is a mask and a shift. Per channel the UINT4 values are the u8 operand (the zero point is the
 //   epilogue's x_sum term). Per group the operand is the biased INT8 weight (w4 - z2) * s2 + 128, one
 //   instruction for four weights (dequant4: a multiply-add that is carry-free by the format's guarantee), and
-//   the epilogue takes 128 * x_sum off the INT32 sum, as per channel it takes zero * x_sum. The scales of the tile's 128
-//   weight rows and two 64-wide k halves ride in its pipeline stage, copied with 16-byte cp.async from the
+//   the epilogue takes 128 * x_sum off the INT32 sum, as per channel it takes zero * x_sum. The scales of the
+//   tile's 128 weight rows and two 64-wide k halves ride in its pipeline stage, copied with 16-byte cp.async from the
 //   packed scales (ops.pack_scales: per weight tile and group, s2 of the 128 rows then 240 - z2 * s2, from which
 //   the dequantization constant (128 - z2 * s2) * 0x01010101 is one multiply-add).
 // - B operand (activations): K-major, 128-byte rows (BK = 128 int8), 128-byte swizzle, one descriptor per
