@@ -191,8 +191,8 @@ WgmmaChoice wgmma_choice() {
 // Smallest M the wgmma path takes by default (H100, docs/benchmarks.md): per group from just past the small-M
 // kernels' range, since the mma.sync tile kernel was 1.3-1.9x slower there (layer sums at M = 64-112: 169.8-249.5 us
 // against 127.6-130.0); per channel from 64: in the layer chain (four GEMMs back to back) it ran 104.4-104.8 us a
-// layer at M = 64 against the tile kernel's 109.3-111.7, while the tile kernel keeps M = 48 (85.2-85.8 against
-// 104.1-105.2).
+// layer at M = 64 against the tile kernel's 109.3-111.7 (timed cold, each GEMM alone: 108.5-127.2 against
+// 106.7-111.8), while the tile kernel keeps M = 48 (85.2-85.8 against 104.1-105.2).
 int wgmma_default_min_m(bool per_group) { return per_group ? std::max(33, skinny_max_m(true) + 1) : 64; }
 
 // Whether the running device is sm_90 and this build carries the sm_90a image of the wgmma kernel (a probe
@@ -286,7 +286,9 @@ constexpr int kWgmma128BlocksPerSm = 2;  // the 128-row kernel's resident CTAs a
 // everywhere. But in a layer's four GEMMs back to back (the layer chain, as a model runs them), the 128-row kernel
 // everywhere was faster below M = 768 (M = 256 / 384 / 512: 145 / 201 / 221 against 167-169 / 213-217 / 233 us a
 // layer); at M = 768 the two were within the spread between calls (rule 317-358, 128-row 329-335), and at 1024
-// the rule won (351-382 against 403-408). docs/results/gemm_prefill_chain_ws_rule_h100.txt.
+// the rule won (351-382 against 403-408). Timed cold (each GEMM alone, L2 flushed) the old rule was faster at
+// M = 256 (157-161 against 181-184 us with L2 zeroed, 154-157 against 162-168 read-flushed), about even at 384-512.
+// docs/results/gemm_prefill_chain_ws_rule_h100.txt.
 constexpr int kPerGroupWsMinM = 768;
 
 bool per_group_prefers_ws(const GemmParams& p) {
