@@ -192,8 +192,12 @@ WgmmaChoice wgmma_choice() {
 // kernels' range, since the mma.sync tile kernel was 1.3-1.9x slower there (layer sums at M = 64-112: 169.8-249.5 us
 // against 127.6-130.0); per channel from 64: in the layer chain (four GEMMs back to back) it ran 104.4-104.8 us a
 // layer at M = 64 against the tile kernel's 109.3-111.7 (timed cold, each GEMM alone: 108.5-127.2 against
-// 106.7-111.8), while the tile kernel keeps M = 48 (85.2-85.8 against 104.1-105.2).
-int wgmma_default_min_m(bool per_group) { return per_group ? std::max(33, skinny_max_m(true) + 1) : 64; }
+// 106.7-111.8), while the tile kernel keeps M = 48 (85.2-85.8 against 104.1-105.2). End to end the chain was right:
+// decode at batch 64 ran 11283-11443 tok/s against 10937 with the tile kernel at M = 64. QOQ_GEMM_WGMMA_CHANNEL_MIN_M
+// overrides the per-channel bound (read at every call, for A/B runs of one build).
+int wgmma_default_min_m(bool per_group) {
+  return per_group ? std::max(33, skinny_max_m(true) + 1) : env_int("QOQ_GEMM_WGMMA_CHANNEL_MIN_M", 64);
+}
 
 // Whether the running device is sm_90 and this build carries the sm_90a image of the wgmma kernel (a probe
 // kernel reports the compile-time flag of the image the driver picked). Cached per device.
@@ -288,11 +292,13 @@ constexpr int kWgmma128BlocksPerSm = 2;  // the 128-row kernel's resident CTAs a
 // layer); at M = 768 the two were within the spread between calls (rule 317-358, 128-row 329-335), and at 1024
 // the rule won (351-382 against 403-408). Timed cold (each GEMM alone, L2 flushed) the old rule was faster at
 // M = 256 (157-161 against 181-184 us with L2 zeroed, 154-157 against 162-168 read-flushed), about even at 384-512.
-// docs/results/gemm_prefill_chain_ws_rule_h100.txt.
+// End to end, HF's eager prefill at 256-768 tokens is host-bound (TTFT the same under both rules), so the GEMMs set
+// the time only back to back, as in the chain. docs/results/gemm_prefill_chain_ws_rule_h100.txt,
+// dispatch_rules_e2e_ab_h100.txt. QOQ_GEMM_WS_GROUP_MIN_M overrides (read at every call).
 constexpr int kPerGroupWsMinM = 768;
 
 bool per_group_prefers_ws(const GemmParams& p) {
-  if (p.M < kPerGroupWsMinM || !wgmma_ws_supports(p)) return false;
+  if (p.M < env_int("QOQ_GEMM_WS_GROUP_MIN_M", kPerGroupWsMinM) || !wgmma_ws_supports(p)) return false;
   const int sms = multiprocessor_count(), n_tiles = (p.N + 127) / 128, ktiles = p.K / 128;
   const int ws_tiles = (p.M + 255) / 256 * n_tiles, tiles_128 = (p.M + 127) / 128 * n_tiles;
   auto splits = [&](int tiles, int blocks_per_sm) {
