@@ -3,7 +3,7 @@
 Usage: python benchmarks/prefill_ab.py --variant qoq-g128 --batches 2 4 --prompt 128 \
            --setting QOQ_GEMM_WS_GROUP_MIN_M=256 [--setting NAME=VALUE,NAME=VALUE ...] [--json OUT.json]
 
-For each batch, ``generate`` of one new token (the prompt's prefill plus one decode step, eager, static cache) is
+For each batch, ``generate`` of one new token (the prompt's prefill, which yields it; eager, static cache) is
 timed ``--reps`` times under each setting in turn (the default environment first), for ``--rounds`` rounds; the
 table gives each setting's median ms per round. The settings are environment variables that the extension reads at
 every call (docs/formats.md), so one process and one model serve every setting. Needs a CUDA GPU and the built
