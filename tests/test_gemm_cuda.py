@@ -230,7 +230,7 @@ def test_bad_input_rejected(gen):
                                             good["s1"], None, torch.float16)
 
 
-# ---- Hopper wgmma path (opt-in: QOQ_GEMM_WGMMA="<mode>,<bm>", see csrc/gemm/w4a8_gemm.cu) ----
+# ---- Hopper wgmma path (default from M = 33 / 64; QOQ_GEMM_WGMMA="<mode>,<bm>" forces it, see csrc/gemm/w4a8_gemm.cu) ----
 
 def _hopper() -> bool:
     return _cuda_kernels_built() and torch.cuda.get_device_capability() == (9, 0)

@@ -35,8 +35,8 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_ad
 }
 
 // D = A(16x32, row) * B(32x8, col) + D, int32 accumulators (every partial sum fits: 255 * 128 * K < 2^31 for the
-// K <= 65536 the entry points allow). The weights are the unsigned operand (UINT4 values, or the biased INT8 of dequant4): A when the
-// weights are the A operand (u8s8, the small-M kernels), B when they are the B operand (s8u8, the tile kernel).
+// K <= 65536 the entry points allow). The weights are the unsigned operand (UINT4 values, or the biased INT8 of
+// dequant4): A in the small-M kernels (u8s8), B in the tile kernel (s8u8).
 #define QOQ_MMA_16832(NAME, ATYPE, BTYPE)                                                                        \
   __device__ __forceinline__ void NAME(int32_t(&d)[4], const uint32_t(&a)[4], uint32_t b0, uint32_t b1) {       \
     asm volatile("mma.sync.aligned.m16n8k32.row.col.s32." ATYPE "." BTYPE                                       \

@@ -1,5 +1,5 @@
 // CUDA impls of qoq::w4a8_gemm_per_group and qoq::w4a8_gemm_per_channel: argument checks, tile-config
-// choice by M, split-K choice, the opt-in Hopper wgmma path, launch, and the TORCH_LIBRARY_IMPL registration.
+// choice by M, split-K choice, the Hopper wgmma path, launch, and the TORCH_LIBRARY_IMPL registration.
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>

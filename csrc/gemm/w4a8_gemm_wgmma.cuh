@@ -1,5 +1,6 @@
 // W4A8 GEMM for Hopper (sm_90a) at prefill sizes: warpgroup MMA (wgmma m64nBMk32 u8 x s8), INT32 accumulation
-// over all of K, the float epilogue of docs/formats.md. Off by default (QOQ_GEMM_WGMMA, see w4a8_gemm.cu).
+// over all of K, the float epilogue of docs/formats.md. The default from M = 33 per group and M = 64 per channel on
+// sm_90a (wgmma_default_min_m; QOQ_GEMM_WGMMA overrides, see w4a8_gemm.cu).
 //
 // The product is computed transposed, out^T[n, m] = W8'[n, :] . X[m, :], so that the dequantized weights are
 // the wgmma A operand, taken from registers (no shared-memory round trip for the INT8 weights), and the
