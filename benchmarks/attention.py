@@ -315,10 +315,12 @@ def sweep_splits(contexts=(4096, 16384, 32768), batches=None) -> list[dict]:
     return rows
 
 
-def ab_env(assignment: str, batches, contexts, rounds: int = 3) -> list[dict]:
-    """kv4_decode_attention's µs by default and with the environment variable of `assignment` ("NAME=V1,V2,...") at
-    each value, on the same inputs, `rounds` times in a rotated order (the variable is read at each launch, i.e. when
-    the graph is recorded); a row's `us` is each setting's best round."""
+def ab_env(assignment: str, batches, contexts, rounds: int = 3, quantize: bool = False) -> list[dict]:
+    """kv4_decode_attention's µs (`quantize`: kv4_decode_attention_quantize's) by default and with the environment
+    variable of `assignment` ("NAME=V1,V2,...") at each value, on the same inputs, `rounds` times in a rotated order
+    (the variable is read at each launch, i.e. when the graph is recorded); a row's `us` is each setting's best
+    round."""
+    op = ops.kv4_decode_attention_quantize if quantize else ops.kv4_decode_attention
     name, values = assignment.split("=", 1)
     settings = [None] + values.split(",")
     label = {v: "default" if v is None else f"{name}={v}" for v in settings}
@@ -333,11 +335,12 @@ def ab_env(assignment: str, batches, contexts, rounds: int = 3) -> list[dict]:
                     if value is not None:
                         os.environ[name] = value
                     times[label[value]].append(time_graph(
-                        lambda i: ops.kv4_decode_attention(data[i][0], *data[i][1], lens, starts, scale), len(data)))
+                        lambda i: op(data[i][0], *data[i][1], lens, starts, scale), len(data)))
                     os.environ.pop(name, None)
-            row = {"batch": b, "context": t, "us": {k: min(v) for k, v in times.items()}, "all_us": times}
+            row = {"batch": b, "context": t, "op": op.__name__, "us": {k: min(v) for k, v in times.items()},
+                   "all_us": times}
             rows.append(row)
-            print(f"ab b={b} t={t}: " + "  ".join(f"{k} {us:.1f}" for k, us in row["us"].items()), flush=True)
+            print(f"ab {'quantize ' if quantize else ''}b={b} t={t}: " + "  ".join(f"{k} {us:.1f}" for k, us in row["us"].items()), flush=True)
             del data
             torch.cuda.empty_cache()
     return rows
@@ -442,9 +445,11 @@ def main() -> None:
     parser.add_argument("--ab", metavar="NAME=V1,V2",
                         help="only our kernel, default against these environment settings, alternating (same inputs)")
     parser.add_argument("--contexts", type=int, nargs="+", help="with --ab: only these contexts")
+    parser.add_argument("--ab-quantize", action="store_true",
+                        help="with --ab: time kv4_decode_attention_quantize instead of kv4_decode_attention")
     args = parser.parse_args()
     if args.ab:
-        rows = ab_env(args.ab, args.batches or BATCHES, args.contexts or CONTEXTS)
+        rows = ab_env(args.ab, args.batches or BATCHES, args.contexts or CONTEXTS, quantize=args.ab_quantize)
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump({"meta": append_meta(), "ab_rows": rows}, fh, indent=1)
