@@ -1,6 +1,6 @@
 """Plots for docs/: GEMM layer-sum time vs M and end-to-end tokens/s vs batch, from the committed JSON results.
 
-Usage: python benchmarks/plot.py [--gemm docs/results/gemm_h100.json] [--e2e docs/results/e2e_h100.json]
+Usage: python benchmarks/plot.py [--gemm docs/results/gemm_h100.json] [--e2e RUN.json [RUN2.json ...]]
                                  [--out docs/plots]   (needs matplotlib)
 """
 from __future__ import annotations
@@ -43,13 +43,15 @@ def plot_gemm(path: str, out: str) -> None:
     fig.savefig(os.path.join(out, "gemm.png"), dpi=110)
 
 
-def plot_e2e(path: str, out: str) -> None:
+def plot_e2e(paths: list[str], out: str) -> None:
+    """tokens/s against batch from one or more e2e JSON files of the same device (e.g. one per protocol)."""
     import matplotlib.pyplot as plt
 
-    data = json.load(open(path))
+    files = [json.load(open(p)) for p in paths]
+    data = files[0]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
-    for r in data["rows"]:
+    for r in (row for f in files for row in f["rows"]):
         if r["tokens_per_s"]:
             protocol = f"{r['prompt_len']}/{r['new_tokens']}"
             series.setdefault((r["model"], r["variant"], protocol), []).append((r["batch"], r["tokens_per_s"]))
@@ -66,7 +68,8 @@ def plot_e2e(path: str, out: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gemm", default="docs/results/gemm_h100.json")
-    parser.add_argument("--e2e", default="docs/results/e2e_h100_run9.json")
+    parser.add_argument("--e2e", nargs="+",
+                        default=["docs/results/e2e_h100_run12.json", "docs/results/e2e_h100_run12_1024x512.json"])
     parser.add_argument("--out", default="docs/plots")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
