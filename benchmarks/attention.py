@@ -340,7 +340,8 @@ def ab_env(assignment: str, batches, contexts, rounds: int = 3, quantize: bool =
             row = {"batch": b, "context": t, "op": op.__name__, "us": {k: min(v) for k, v in times.items()},
                    "all_us": times}
             rows.append(row)
-            print(f"ab {'quantize ' if quantize else ''}b={b} t={t}: " + "  ".join(f"{k} {us:.1f}" for k, us in row["us"].items()), flush=True)
+            settings_us = "  ".join(f"{k} {us:.1f}" for k, us in row["us"].items())
+            print(f"ab {'quantize ' if quantize else ''}b={b} t={t}: {settings_us}", flush=True)
             del data
             torch.cuda.empty_cache()
     return rows

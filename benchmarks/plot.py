@@ -47,8 +47,11 @@ def plot_e2e(paths: list[str], out: str) -> None:
     """tokens/s against batch from one or more e2e JSON files of the same device (e.g. one per protocol)."""
     import matplotlib.pyplot as plt
 
-    files = [json.load(open(p)) for p in paths]
-    data = files[0]
+    files = []
+    for p in paths:
+        with open(p) as fh:
+            files.append(json.load(fh))
+    device = files[0]["device"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
     for r in (row for f in files for row in f["rows"]):
@@ -59,7 +62,7 @@ def plot_e2e(paths: list[str], out: str) -> None:
         ax.plot(*zip(*sorted(pts)), marker="o", linestyle="-" if protocol == "128/256" else "--",
                 label=f"{model} {variant} {protocol}")
     ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="output tokens/s (prompt/new tokens in the legend)",
-           title=f"HF generate + torch.compile, {data['device']}")
+           title=f"HF generate + torch.compile, {device}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "e2e.png"), dpi=110)
