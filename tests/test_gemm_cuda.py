@@ -371,7 +371,7 @@ def test_wgmma_default_and_fallbacks_stay_exact(gen, monkeypatch):
 @needs_hopper
 @pytest.mark.parametrize("splits", ("2", "3", "7", "64"))
 @pytest.mark.parametrize("per_group", (True, False))
-@pytest.mark.parametrize("bm", ("128", "256"))
+@pytest.mark.parametrize("bm", ("16", "64", "128", "256"))
 def test_wgmma_split_k_is_exact(bm, splits, per_group, gen, monkeypatch):
     """Split K on both wgmma kernels (QOQ_GEMM_WGMMA_SPLITS forces a count; 64 is more than the 32 k tiles, so one
     tile a split): the last split of each output tile adds the others' INT32 partials, which gives the reference's
@@ -399,6 +399,101 @@ def test_wgmma_split_k_is_exact(bm, splits, per_group, gen, monkeypatch):
     whole = run()
     assert torch.equal(split.cpu(), ref)
     assert torch.equal(split, whole)
+
+
+@needs_hopper
+@pytest.mark.parametrize("bm", (16, 32, 64))
+@pytest.mark.parametrize("m", (1, 7, 16, 33, 100))
+@pytest.mark.parametrize("n,k", WGMMA_NK)
+def test_wgmma_narrow_tiles_match_reference(bm, m, n, k, gen, monkeypatch):
+    """The narrow wgmma tiles (16, 32 or 64 activation rows a CTA, QOQ_GEMM_WGMMA="2,<bm>,1" from M = 1): both
+    formats equal the reference bit for bit with M below, at and above the tile (several m tiles), N tails, bias,
+    g = 64 and 128, and the default split-K of a small grid."""
+    monkeypatch.setenv("QOQ_GEMM_WGMMA", f"2,{bm},1")
+    g = 64 if (k % 128 or m % 2) else 128
+    assert_per_group_matches(m, n, k, g, torch.float16 if m % 3 else None, (torch.float16, torch.bfloat16)[m % 2], gen)
+    assert_per_channel_matches(m, n, k, torch.bfloat16 if m % 2 == 0 else None, (torch.float16, torch.bfloat16)[m % 2],
+                               gen)
+
+
+@needs_hopper
+@pytest.mark.parametrize("bm", (16, 32, 64))
+def test_wgmma_narrow_tile_is_the_kernel_that_runs(bm, gen, monkeypatch):
+    """QOQ_GEMM_WGMMA="2,<bm>,1" launches the narrow instantiation, with split K for a grid of 2 x 1 tiles of 32 k
+    tiles, as one launch (the split counters are kept, not zeroed by a memset each call)."""
+    import re
+
+    monkeypatch.setenv("QOQ_GEMM_WGMMA", f"2,{bm},1")
+    monkeypatch.delenv("QOQ_GEMM_WGMMA_SPLITS", raising=False)
+    pattern = re.compile(rf"w4a8_gemm_wgmma_kernel<{bm}, \d+, \d+, (true|false), true>")
+    for per_group in (True, False):
+        names = _kernel_names(gen, 5, n=256, k=4096, per_group=per_group, packed=True)
+        assert len(names) == 1 and pattern.search(names[0]), names
+
+
+@needs_hopper
+def test_wgmma_narrow_tile_is_the_default_up_to_64_rows(gen, monkeypatch):
+    """Unset, the wgmma path takes the 64-row tile up to M = 64 (per group from M = 33, per channel at M = 64) and
+    the 128-row tile above; QOQ_GEMM_WGMMA_NARROW_MAX_M=0 restores the 128-row tile."""
+    import re
+
+    monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
+    monkeypatch.delenv("QOQ_GEMM_WGMMA_SPLITS", raising=False)
+    monkeypatch.delenv("QOQ_GEMM_SKINNY_MAX_M", raising=False)
+
+    def tile(m: int, per_group: bool) -> int:
+        names = _kernel_names(gen, m, n=256, k=4096, per_group=per_group, packed=True)
+        found = [re.search(r"w4a8_gemm_wgmma_kernel<(\d+),", name) for name in names]
+        assert len(names) == 1 and found[0], names
+        return int(found[0].group(1))
+
+    assert tile(33, True) == 64 and tile(64, True) == 64 and tile(64, False) == 64
+    assert tile(65, True) == 128 and tile(100, False) == 128
+    monkeypatch.setenv("QOQ_GEMM_WGMMA_NARROW_MAX_M", "0")
+    assert tile(48, True) == 128 and tile(64, False) == 128
+
+
+@needs_hopper
+@pytest.mark.parametrize("per_group", (True, False))
+def test_wgmma_split_counters_are_reused_across_calls_streams_and_graphs(per_group, gen, monkeypatch):
+    """Split K keeps one zeroed counter array per stream, which every call leaves at zero again: calls in a row
+    (different data, different tile counts), on a second stream, and replayed from a CUDA graph captured while
+    its stream had no array yet all give the reference's bits."""
+    monkeypatch.setenv("QOQ_GEMM_WGMMA", "2,16,1")
+    monkeypatch.setenv("QOQ_GEMM_WGMMA_SPLITS", "5")
+    k, g = 2048, 128
+
+    def case(m: int, n: int):
+        x_q, x_s, x_sum = random_activations(m, k, gen)
+        if per_group:
+            w4, s2, z2, s1 = random_per_group(n, k, g, gen)
+            operands = (x_q, x_s, ops.pack_weights(w4), s2, z2, s1, None)
+            ref = torch.ops.qoq.w4a8_gemm_per_group(*operands, g, torch.float16)
+            dev = _to("cuda", *operands)
+            return ref, lambda: ops.w4a8_gemm_per_group(*dev, group_size=g)
+        w4, scale, zero = random_per_channel(n, k, gen)
+        operands = (x_q, x_s, x_sum, ops.pack_weights(w4), scale, zero, None)
+        ref = torch.ops.qoq.w4a8_gemm_per_channel(*operands, torch.float16)
+        dev = _to("cuda", *operands)
+        return ref, lambda: ops.w4a8_gemm_per_channel(*dev)
+
+    for m, n in ((3, 256), (16, 640), (40, 128), (3, 256)):
+        ref, run = case(m, n)
+        assert torch.equal(run().cpu(), ref), (m, n)
+    side = torch.cuda.Stream()
+    ref, run = case(9, 384)
+    with torch.cuda.stream(side):
+        out = run()
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(out.cpu(), ref)
+    ref, run = case(12, 512)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured.cpu(), ref)
 
 
 @needs_hopper

@@ -1,11 +1,14 @@
 // CUDA impls of qoq::w4a8_gemm_per_group and qoq::w4a8_gemm_per_channel: argument checks, tile-config
 // choice by M, split-K choice, the Hopper wgmma path, launch, and the TORCH_LIBRARY_IMPL registration.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
 #include <optional>
+#include <vector>
 
 #include "common.cuh"
 #include "gemm/w4a8_gemm_kernel.cuh"
@@ -183,7 +186,8 @@ WgmmaChoice wgmma_choice() {
   const char* env = std::getenv("QOQ_GEMM_WGMMA");
   if (env != nullptr && *env != '\0') {
     c.min_m = 33;
-    if (std::sscanf(env, "%d,%d", &c.mode, &c.bm) < 1) c.mode = 0;
+    if (std::sscanf(env, "%d,%d,%d", &c.mode, &c.bm, &c.min_m) < 1) c.mode = 0;
+    c.min_m = std::max(c.min_m, 1);
   }
   return c;
 }
@@ -238,6 +242,66 @@ int wgmma_ktiles_per_split(int tiles, int ktiles, int blocks_per_sm) {
   return (ktiles + splits - 1) / splits;
 }
 
+// Split-K count of the narrow wgmma tiles (BM < 128: few activation rows, memory-bound): as many splits as keep the
+// grid within one wave of resident CTA slots, each at least kNarrowMinKtiles k tiles deep
+// (QOQ_GEMM_WGMMA_NARROW_MIN_KT overrides the depth; QOQ_GEMM_WGMMA_SPLITS forces a count). Returns k tiles per
+// split; no split is empty.
+constexpr int kNarrowMinKtiles = 8;
+int wgmma_narrow_ktiles_per_split(int tiles, int ktiles, int blocks_per_sm) {
+  int splits = env_int("QOQ_GEMM_WGMMA_SPLITS", 0);
+  if (splits <= 0) {
+    const int slots = blocks_per_sm * multiprocessor_count();
+    splits = std::min(slots / tiles, ktiles / env_int("QOQ_GEMM_WGMMA_NARROW_MIN_KT", kNarrowMinKtiles));
+  }
+  splits = std::clamp(splits, 1, ktiles);
+  return (ktiles + splits - 1) / splits;
+}
+
+// The split-K counters of the wgmma kernels: kSplitCounters zeroed int32 per (device, stream), allocated on first
+// use and kept for the process. The last split of each output tile sets its counter back to 0, so the next GEMM
+// on the stream (which runs after this one has finished) starts from zeros; GEMMs on different streams may overlap,
+// so each stream has its own array (a CUDA graph keeps the array of the stream it was captured on). Returns nullptr
+// when `needed` counters are more than an array holds, for a 65th stream, or when the allocation fails: the caller
+// then allocates zeroed counters for the call. A first use while a CUDA graph is captured allocates in relaxed
+// capture mode (as the caching allocator's own cudaMalloc does) and zeroes on a private stream that is waited for,
+// so none of it becomes part of the graph.
+constexpr int64_t kSplitCounters = int64_t{1} << 16;
+constexpr size_t kSplitCounterStreams = 64;
+
+int32_t* split_counters(int64_t needed) {
+  if (needed > kSplitCounters) return nullptr;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  struct Entry {
+    int device;
+    cudaStream_t stream;
+    int32_t* counters;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> entries;
+  const std::lock_guard<std::mutex> lock(mutex);
+  for (const Entry& e : entries) {
+    if (e.device == device && e.stream == stream) return e.counters;
+  }
+  if (entries.size() >= kSplitCounterStreams) return nullptr;
+  const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
+  void* counters = nullptr;
+  cudaStream_t zeroing = nullptr;
+  bool ok = cudaMalloc(&counters, kSplitCounters * sizeof(int32_t)) == cudaSuccess;
+  ok = ok && cudaStreamCreateWithFlags(&zeroing, cudaStreamNonBlocking) == cudaSuccess;
+  ok = ok && cudaMemsetAsync(counters, 0, kSplitCounters * sizeof(int32_t), zeroing) == cudaSuccess;
+  ok = ok && cudaStreamSynchronize(zeroing) == cudaSuccess;
+  if (zeroing != nullptr) (void)cudaStreamDestroy(zeroing);
+  if (!ok) {
+    if (counters != nullptr) (void)cudaFree(counters);
+    (void)cudaGetLastError();  // no kept counters: the call allocates its own
+    return nullptr;
+  }
+  entries.push_back({device, stream, static_cast<int32_t*>(counters)});
+  return static_cast<int32_t*>(counters);
+}
+
 template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP, bool SPLIT_K>
 void launch_wgmma_kernel(const GemmParams& p, const LaunchDims& dims) {
   auto kernel = w4a8_gemm_wgmma_kernel<BM, STAGES, MIN_BLOCKS, PER_GROUP, SPLIT_K>;
@@ -253,19 +317,22 @@ template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP>
 void launch_wgmma(GemmParams p, const at::TensorOptions& options) {
   using T = WgmmaTile<BM, STAGES>;
   const int m_tiles = (p.M + BM - 1) / BM, n_tiles = (p.N + T::kBN - 1) / T::kBN, ktiles = p.K / T::kBK;
-  p.ktiles_per_split = BM == 128 ? wgmma_ktiles_per_split(m_tiles * n_tiles, ktiles, MIN_BLOCKS) : ktiles;
+  p.ktiles_per_split = BM < 128 ? wgmma_narrow_ktiles_per_split(m_tiles * n_tiles, ktiles, MIN_BLOCKS)
+                                 : wgmma_ktiles_per_split(m_tiles * n_tiles, ktiles, MIN_BLOCKS);
   p.splits = (ktiles + p.ktiles_per_split - 1) / p.ktiles_per_split;
   const LaunchDims dims{dim3(m_tiles, n_tiles, p.splits), dim3(T::kThreads), T::kSmemBytes};
-  if constexpr (BM == 128) {
-    if (p.splits > 1) {
-      const int64_t tiles = int64_t{m_tiles} * n_tiles;
-      at::Tensor partials = at::empty({tiles * p.splits * (BM / 2) * 256}, options.dtype(at::kInt));
-      at::Tensor counters = at::zeros({tiles}, options.dtype(at::kInt));
-      p.workspace = partials.data_ptr<int32_t>();
+  if (p.splits > 1) {
+    const int64_t tiles = int64_t{m_tiles} * n_tiles;
+    at::Tensor partials = at::empty({tiles * p.splits * (BM / 2) * 256}, options.dtype(at::kInt));
+    at::Tensor counters;
+    p.counters = split_counters(tiles);
+    if (p.counters == nullptr) {
+      counters = at::zeros({tiles}, options.dtype(at::kInt));
       p.counters = counters.data_ptr<int32_t>();
-      launch_wgmma_kernel<BM, STAGES, MIN_BLOCKS, PER_GROUP, true>(p, dims);
-      return;
     }
+    p.workspace = partials.data_ptr<int32_t>();
+    launch_wgmma_kernel<BM, STAGES, MIN_BLOCKS, PER_GROUP, true>(p, dims);
+    return;
   }
   launch_wgmma_kernel<BM, STAGES, MIN_BLOCKS, PER_GROUP, false>(p, dims);
 }
@@ -280,6 +347,11 @@ bool wgmma_ws_supports(const GemmParams& p) {
 }
 
 constexpr int kWgmma128BlocksPerSm = 2;  // the 128-row kernel's resident CTAs an SM (launch_wgmma's MIN_BLOCKS)
+// The narrow tiles (16-64 activation rows): memory-bound, so deeper pipelines (4 tiles in flight a CTA).
+constexpr int kNarrowStages = 6, kNarrowBlocksPerSm = 2;
+// Up to this M the default wgmma tile is the narrow one of 64 activation rows (H100 layer chain,
+// docs/benchmarks.md); QOQ_GEMM_WGMMA_NARROW_MAX_M overrides (0: never).
+int wgmma_narrow_max_m() { return env_int("QOQ_GEMM_WGMMA_NARROW_MAX_M", 64); }
 
 // Per group from M = kPerGroupWsMinM up to wgmma_ws_min_m: the warp-specialised kernel when its grid (one CTA an SM)
 // takes no more waves than the 128-row kernel's (two an SM) and it splits K only for deep K (>= 64 k tiles). A wave
@@ -364,9 +436,19 @@ bool try_wgmma(const GemmParams& p, const at::TensorOptions& options) {
   if (!wgmma_takes(p.M, p.K, PER_GROUP, p.group_size, options)) return false;
   TORCH_CHECK(!PER_GROUP || p.packed_scales != nullptr, "internal: the per-group wgmma path needs packed scales");
   int bm = choice.bm;
-  if (bm == 0) bm = p.M >= wgmma_ws_min_m() || (PER_GROUP && per_group_prefers_ws(p)) ? 256 : 128;
+  if (bm == 0) {
+    bm = p.M >= wgmma_ws_min_m() || (PER_GROUP && per_group_prefers_ws(p)) ? 256
+         : p.M <= wgmma_narrow_max_m()                                    ? 64
+                                                                          : 128;
+  }
   if (bm == 256 && wgmma_ws_supports(p)) {
     launch_wgmma_ws<5, PER_GROUP>(p, options);
+  } else if (bm == 16) {
+    launch_wgmma<16, kNarrowStages, kNarrowBlocksPerSm, PER_GROUP>(p, options);
+  } else if (bm == 32) {
+    launch_wgmma<32, kNarrowStages, kNarrowBlocksPerSm, PER_GROUP>(p, options);
+  } else if (bm == 64) {
+    launch_wgmma<64, kNarrowStages, kNarrowBlocksPerSm, PER_GROUP>(p, options);
   } else {
     launch_wgmma<128, 4, kWgmma128BlocksPerSm, PER_GROUP>(p, options);
   }

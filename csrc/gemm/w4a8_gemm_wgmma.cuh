@@ -58,7 +58,8 @@ struct WgmmaTile {
   // +1024: the kernel aligns its base to the 1024-byte swizzle atom itself.
   static constexpr int kSmemBytes = (kLoopBytes > kOutBytes ? kLoopBytes : kOutBytes) + 1024;
   static constexpr int kPrefetch = STAGES - 2;      // tiles in flight beyond the one being computed
-  static_assert(BM == 128 || BM == 256, "wgmma N (activation rows per CTA) must be 128 or 256");
+  static_assert(BM == 16 || BM == 32 || BM == 64 || BM == 128 || BM == 256,
+                "wgmma N (activation rows per CTA) must be 16, 32, 64, 128 or 256");
   static_assert(STAGES >= 3, "the refill-two-iterations-later scheme needs >= 3 stages");
   static_assert(kAStage % 1024 == 0 && kStageBytes % 1024 == 0, "stages must keep 1024-byte alignment");
 };
@@ -66,7 +67,13 @@ struct WgmmaTile {
 #if QOQ_WGMMA_ENABLED
 template <int BM>
 __device__ __forceinline__ void wgmma_rs(uint32_t (&d)[BM / 2], const uint32_t (&a)[4], uint64_t desc) {
-  if constexpr (BM == 128) {
+  if constexpr (BM == 16) {
+    wgmma::wgmma_m64n16k32_rs(d, a, desc);
+  } else if constexpr (BM == 32) {
+    wgmma::wgmma_m64n32k32_rs(d, a, desc);
+  } else if constexpr (BM == 64) {
+    wgmma::wgmma_m64n64k32_rs(d, a, desc);
+  } else if constexpr (BM == 128) {
     wgmma::wgmma_m64n128k32_rs(d, a, desc);
   } else {
     wgmma::wgmma_m64n256k32_rs(d, a, desc);
@@ -216,7 +223,11 @@ __device__ __forceinline__ bool merge_split_partials(const GemmParams& p, uint32
   for (int i = 0; i < BM / 2; ++i) __stcg(mine + i * 256 + tid, acc[i]);
   __threadfence();  // this thread's partials are visible device-wide before the tile's counter moves
   Sync::sync();
-  if (tid == 0) *last = atomicAdd(p.counters + tile, 1) == p.splits - 1;
+  if (tid == 0) {
+    const bool is_last = atomicAdd(p.counters + tile, 1) == p.splits - 1;
+    *last = is_last;
+    if (is_last) p.counters[tile] = 0;  // every split has counted: leave the counter at zero for the next GEMM
+  }
   Sync::sync();
   if (!*last) return false;
   __threadfence();
@@ -305,7 +316,6 @@ __global__ void wgmma_probe_kernel(int* out) { *out = QOQ_WGMMA_ENABLED; }
 // the same with 255 registers allowed, so not register pressure).
 template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP, bool SPLIT_K>
 __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const GemmParams p) {
-  pdl_wait();  // PDL (common.cuh): the first stage loads activations with the weights, so wait at the top
   pdl_launch_dependents();
 #if QOQ_WGMMA_ENABLED
   using T = WgmmaTile<BM, STAGES>;
@@ -328,7 +338,9 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
   // This thread's cp.async sources, as running pointers (load_tile is called for kt = 0, 1, 2, ... in order),
   // and destinations (byte offsets inside a stage): BM activation rows x 8 chunks of 16 bytes, 128 weight rows
   // x 4 chunks of 16; rows past M / N read row 0 with size 0 (zero-filled).
-  constexpr int kALoads = BM * 8 / T::kThreads, kWLoads = BN * 4 / T::kThreads;
+  // Fewer than 32 activation rows (BM * 8 < 256 chunks): only the first BM * 8 threads copy activations.
+  constexpr int kALoads = BM * 8 >= T::kThreads ? BM * 8 / T::kThreads : 1, kWLoads = BN * 4 / T::kThreads;
+  const bool a_loader = BM * 8 >= T::kThreads || tid < BM * 8;
   // Load `it` covers row (tid >> 3) + 32 it (activations) or (tid >> 2) + 64 it (weights), and the swizzles depend
   // on the row only through row % 8, so one destination per operand plus a fixed stride.
   const uint32_t a_dst = swizzle<128>(tid >> 3, tid & 7);  // = the wgmma 128-byte swizzle
@@ -338,7 +350,7 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
 #pragma unroll
   for (int it = 0; it < kALoads; ++it) {
     const int row = (tid >> 3) + 32 * it;
-    const bool ok = m0 + row < p.M;
+    const bool ok = a_loader && m0 + row < p.M;
     a_src[it] = p.x_q + static_cast<size_t>(ok ? m0 + row : 0) * p.K + kt0 * BK + (tid & 7) * 16;
     a_ok |= static_cast<uint32_t>(ok) << it;
   }
@@ -355,13 +367,16 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
   PackedScaleSource scale_src(p, PER_GROUP ? tile.y : 0, (tid >> 4) & 1, tid & 15, kt0, PER_GROUP ? p.group_size : 128);
   const uint32_t smem_base = ptx::smem_addr(smem);
 
-  auto load_tile = [&](int s) {
+  auto load_activations = [&](int s) {
     const uint32_t stage = smem_base + s * T::kStageBytes;
 #pragma unroll
     for (int it = 0; it < kALoads; ++it) {
-      ptx::cp_async_16_shared(stage + a_dst + it * 32 * BK, a_src[it], (a_ok >> it & 1) * 16);
+      if (a_loader) ptx::cp_async_16_shared(stage + a_dst + it * 32 * BK, a_src[it], (a_ok >> it & 1) * 16);
       a_src[it] += BK;
     }
+  };
+  auto load_weights = [&](int s) {
+    const uint32_t stage = smem_base + s * T::kStageBytes;
 #pragma unroll
     for (int it = 0; it < kWLoads; ++it) {
       ptx::cp_async_16_shared(stage + w_dst + it * 64 * (BK / 2), w_src[it], (w_ok >> it & 1) * 16);
@@ -378,9 +393,17 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
 #pragma unroll
   for (int i = 0; i < BM / 2; ++i) acc[i] = 0;
 
+  // The first D tiles' weights (and scales) do not depend on the previous kernel: under PDL they are copied
+  // before its results are waited for, as one cp.async group older than every later one, so that the waits
+  // below count the same groups.
+#pragma unroll
+  for (int s = 0; s < D; ++s)
+    if (s < nk) load_weights(s);
+  ptx::cp_async_commit();
+  pdl_wait();  // PDL (common.cuh): the activations are the previous kernel's output
 #pragma unroll
   for (int s = 0; s < D; ++s) {
-    if (s < nk) load_tile(s);
+    if (s < nk) load_activations(s);
     ptx::cp_async_commit();
   }
   for (int kt = 0; kt < nk; ++kt) {
@@ -388,7 +411,10 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
     ptx::cp_async_wait<D - 1>();          // this thread's copies of tile kt have landed
     wgmma::fence_proxy_async_shared();    // ... and are visible to the tensor cores' (async proxy) reads
     __syncthreads();                      // everyone's copies; every MMA of tile kt - 2 has completed
-    if (kt + D < nk) load_tile((kt + D) % STAGES);  // tile kt + D, into the stage tile kt - 2 used
+    if (kt + D < nk) {  // tile kt + D, into the stage tile kt - 2 used
+      load_activations((kt + D) % STAGES);
+      load_weights((kt + D) % STAGES);
+    }
     ptx::cp_async_commit();
 
     mma_k_tile<BM, PER_GROUP>(acc, stage_w(s), ptx::smem_addr(stage_a(s)), stage_scales(s), wg, warp_in_wg, lane,

@@ -42,6 +42,10 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
 // Keeps the compiler from moving reads/writes of `r` across wgmma issue/wait points.
 __device__ __forceinline__ void fence_operand(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
 
+#define QOQ_WGMMA_REGS_8 "%0, %1, %2, %3, %4, %5, %6, %7"
+#define QOQ_WGMMA_REGS_16 QOQ_WGMMA_REGS_8 ", %8, %9, %10, %11, %12, %13, %14, %15"
+#define QOQ_WGMMA_REGS_32 \
+  QOQ_WGMMA_REGS_16 ", %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
 #define QOQ_WGMMA_REGS_64 \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
@@ -65,6 +69,34 @@ __device__ __forceinline__ void fence_operand(uint32_t& r) { asm volatile("" : "
   "+r"(d[(o) + 48]), "+r"(d[(o) + 49]), "+r"(d[(o) + 50]), "+r"(d[(o) + 51]), "+r"(d[(o) + 52]), "+r"(d[(o) + 53]), \
   "+r"(d[(o) + 54]), "+r"(d[(o) + 55]), "+r"(d[(o) + 56]), "+r"(d[(o) + 57]), "+r"(d[(o) + 58]), "+r"(d[(o) + 59]), \
   "+r"(d[(o) + 60]), "+r"(d[(o) + 61]), "+r"(d[(o) + 62]), "+r"(d[(o) + 63])
+
+#define QOQ_WGMMA_OUTS_8(o) \
+  "+r"(d[(o) + 0]), "+r"(d[(o) + 1]), "+r"(d[(o) + 2]), "+r"(d[(o) + 3]), "+r"(d[(o) + 4]), "+r"(d[(o) + 5]), \
+  "+r"(d[(o) + 6]), "+r"(d[(o) + 7])
+
+// D[64 x N] += A[64 x 32] (registers, u8: the weights) * B[32 x N] (shared memory via desc_b, s8), s32
+// accumulators, for the narrow tiles of few activation rows (N = 16, 32, 64: N / 2 accumulators a thread).
+__device__ __forceinline__ void wgmma_m64n16k32_rs(uint32_t (&d)[8], const uint32_t (&a)[4], uint64_t desc_b) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n16k32.s32.u8.s8 {" QOQ_WGMMA_REGS_8 "}, "
+               "{%8, %9, %10, %11}, %12, p;\n}\n"
+               : QOQ_WGMMA_OUTS_8(0)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+}
+__device__ __forceinline__ void wgmma_m64n32k32_rs(uint32_t (&d)[16], const uint32_t (&a)[4], uint64_t desc_b) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n32k32.s32.u8.s8 {" QOQ_WGMMA_REGS_16 "}, "
+               "{%16, %17, %18, %19}, %20, p;\n}\n"
+               : QOQ_WGMMA_OUTS_8(0), QOQ_WGMMA_OUTS_8(8)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+}
+__device__ __forceinline__ void wgmma_m64n64k32_rs(uint32_t (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n64k32.s32.u8.s8 {" QOQ_WGMMA_REGS_32 "}, "
+               "{%32, %33, %34, %35}, %36, p;\n}\n"
+               : QOQ_WGMMA_OUTS_8(0), QOQ_WGMMA_OUTS_8(8), QOQ_WGMMA_OUTS_8(16), QOQ_WGMMA_OUTS_8(24)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+}
 
 // D[64 x 128] += A[64 x 32] (registers, u8: the weights) * B[32 x 128] (shared memory via desc_b, s8),
 // s32 accumulators.
