@@ -339,7 +339,7 @@ def test_wgmma_gemm_is_one_launch_in_both_formats(gen, monkeypatch):
 @needs_hopper
 def test_wgmma_default_and_fallbacks_stay_exact(gen, monkeypatch):
     """Unset: the wgmma kernel from M = 33 per group (past the small-M kernel's range; from its QOQ_GEMM_SKINNY_MAX_M
-    + 1 when that is larger) and from M = 64 per channel, the other kernels below; mode 0 (the mma.sync kernel)
+    + 1 when that is larger) and from M = 33 per channel, the other kernels below; mode 0 (the mma.sync kernel)
     stays exact; M < 33 under mode 2 falls back (the wgmma path does not take it) instead of raising."""
     monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
     monkeypatch.delenv("QOQ_GEMM_SKINNY_MAX_M", raising=False)
@@ -348,7 +348,7 @@ def test_wgmma_default_and_fallbacks_stay_exact(gen, monkeypatch):
         return any("w4a8_gemm_wgmma" in name for name in _kernel_names(gen, m, per_group=per_group, packed=True))
 
     assert not on_wgmma(32, True) and on_wgmma(33, True) and on_wgmma(64, True)
-    assert not on_wgmma(63, False) and on_wgmma(64, False) and on_wgmma(100, False)
+    assert not on_wgmma(32, False) and on_wgmma(33, False) and on_wgmma(100, False)
     monkeypatch.setenv("QOQ_GEMM_SKINNY_MAX_M", "64")
     assert not on_wgmma(64, True) and on_wgmma(65, True)
     monkeypatch.delenv("QOQ_GEMM_SKINNY_MAX_M")
@@ -432,8 +432,8 @@ def test_wgmma_narrow_tile_is_the_kernel_that_runs(bm, gen, monkeypatch):
 
 
 @needs_hopper
-def test_wgmma_narrow_tile_is_the_default_up_to_64_rows(gen, monkeypatch):
-    """Unset, the wgmma path takes the 64-row tile up to M = 64 (per group from M = 33, per channel at M = 64) and
+def test_wgmma_narrow_tile_is_the_default_up_to_128_rows(gen, monkeypatch):
+    """Unset, the wgmma path takes the 64-row tile from M = 33 up to M = 128 in both formats and
     the 128-row tile above; QOQ_GEMM_WGMMA_NARROW_MAX_M=0 restores the 128-row tile."""
     import re
 
@@ -447,8 +447,9 @@ def test_wgmma_narrow_tile_is_the_default_up_to_64_rows(gen, monkeypatch):
         assert len(names) == 1 and found[0], names
         return int(found[0].group(1))
 
-    assert tile(33, True) == 64 and tile(64, True) == 64 and tile(64, False) == 64
-    assert tile(65, True) == 128 and tile(100, False) == 128
+    assert tile(33, True) == 64 and tile(64, True) == 64 and tile(33, False) == 64
+    assert tile(128, True) == 64 and tile(100, False) == 64
+    assert tile(129, True) == 128 and tile(200, False) == 128
     monkeypatch.setenv("QOQ_GEMM_WGMMA_NARROW_MAX_M", "0")
     assert tile(48, True) == 128 and tile(64, False) == 128
 
@@ -499,7 +500,7 @@ def test_wgmma_split_counters_are_reused_across_calls_streams_and_graphs(per_gro
 @needs_hopper
 def test_wgmma_splits_k_only_when_the_tiles_leave_sms_idle(gen, monkeypatch):
     """By default the wgmma kernel splits K for a grid smaller than the GPU (2 x 1 tiles, 32 k tiles: the split
-    instantiation) and not for one that fills it (256 weight tiles)."""
+    instantiation) and not for one that fills it (2 x 256 tiles)."""
     import re
 
     monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
@@ -509,7 +510,7 @@ def test_wgmma_splits_k_only_when_the_tiles_leave_sms_idle(gen, monkeypatch):
     for per_group in (True, False):
         names = _kernel_names(gen, 256, k=4096, per_group=per_group)
         assert sum(bool(split_kernel.search(x)) for x in names) == 1, names
-        names = _kernel_names(gen, 128, n=32768, per_group=per_group)
+        names = _kernel_names(gen, 256, n=32768, per_group=per_group)
         assert sum(bool(whole_kernel.search(x)) for x in names) == 1, names
         assert not any(split_kernel.search(x) for x in names), names
 

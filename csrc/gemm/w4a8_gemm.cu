@@ -172,11 +172,12 @@ ForcedChoice forced_choice() {
 }
 
 // Hopper path, on an sm_90a build running on sm_90. By default it serves M from wgmma_default_min_m on.
-// QOQ_GEMM_WGMMA="<mode>[,<bm>]", read at every call (a getenv, negligible next to a GEMM; lets tests and benchmarks
-// switch paths in one process), overrides it: mode 0: off; 1: the wgmma kernel for every shape it takes (M >= 33,
-// K % 128 == 0), else the other kernels; 2: as 1 but an error instead of the fallback when the device/build lacks
-// the wgmma kernel (tests use it so that a silent fallback cannot pass for the wgmma path). bm: activation rows per
-// CTA, 128 or 256 (the warp-specialised kernel); 0: by shape (wgmma_ws_min_m, per_group_prefers_ws).
+// QOQ_GEMM_WGMMA="<mode>[,<bm>[,<min_m>]]", read at every call (a getenv, negligible next to a GEMM; lets tests and
+// benchmarks switch paths in one process), overrides it: mode 0: off; 1: the wgmma kernel for every shape it takes
+// (M >= min_m, 33 unless given; K % 128 == 0), else the other kernels; 2: as 1 but an error instead of the fallback
+// when the device/build lacks the wgmma kernel (tests use it so that a silent fallback cannot pass for the wgmma
+// path). bm: activation rows per CTA, 16, 32 or 64 (the narrow tiles), 128, or 256 (the warp-specialised kernel);
+// 0: by shape (wgmma_narrow_max_m, wgmma_ws_min_m, per_group_prefers_ws).
 struct WgmmaChoice {
   int mode = 1, bm = 0, min_m = 0;  // min_m 0: wgmma_default_min_m
 };
@@ -194,13 +195,12 @@ WgmmaChoice wgmma_choice() {
 
 // Smallest M the wgmma path takes by default (H100, docs/benchmarks.md): per group from just past the small-M
 // kernels' range, since the mma.sync tile kernel was 1.3-1.9x slower there (layer sums at M = 64-112: 169.8-249.5 us
-// against 127.6-130.0); per channel from 64: in the layer chain (four GEMMs back to back) it ran 104.4-104.8 us a
-// layer at M = 64 against the tile kernel's 109.3-111.7 (timed cold, each GEMM alone: 108.5-127.2 against
-// 106.7-111.8), while the tile kernel keeps M = 48 (85.2-85.8 against 104.1-105.2). End to end the chain was right:
-// decode at batch 64 ran 11283-11443 tok/s against 10937 with the tile kernel at M = 64. QOQ_GEMM_WGMMA_CHANNEL_MIN_M
-// overrides the per-channel bound (read at every call, for A/B runs of one build).
+// against 127.6-130.0); per channel from 33, where the narrow 64-row tile ran the layer chain (four GEMMs back to
+// back) in 77.3-79.6 us a layer at M = 33-56 against the tile kernel's 85.0-85.4 (below, at M = 17-32, the tile
+// kernel keeps it: 66-69 against 78). QOQ_GEMM_WGMMA_CHANNEL_MIN_M overrides the per-channel bound (read at every
+// call, for A/B runs of one build).
 int wgmma_default_min_m(bool per_group) {
-  return per_group ? std::max(33, skinny_max_m(true) + 1) : env_int("QOQ_GEMM_WGMMA_CHANNEL_MIN_M", 64);
+  return per_group ? std::max(33, skinny_max_m(true) + 1) : env_int("QOQ_GEMM_WGMMA_CHANNEL_MIN_M", 33);
 }
 
 // Whether the running device is sm_90 and this build carries the sm_90a image of the wgmma kernel (a probe
@@ -351,7 +351,7 @@ constexpr int kWgmma128BlocksPerSm = 2;  // the 128-row kernel's resident CTAs a
 constexpr int kNarrowStages = 6, kNarrowBlocksPerSm = 2;
 // Up to this M the default wgmma tile is the narrow one of 64 activation rows (H100 layer chain,
 // docs/benchmarks.md); QOQ_GEMM_WGMMA_NARROW_MAX_M overrides (0: never).
-int wgmma_narrow_max_m() { return env_int("QOQ_GEMM_WGMMA_NARROW_MAX_M", 64); }
+int wgmma_narrow_max_m() { return env_int("QOQ_GEMM_WGMMA_NARROW_MAX_M", 128); }
 
 // Per group from M = kPerGroupWsMinM up to wgmma_ws_min_m: the warp-specialised kernel when its grid (one CTA an SM)
 // takes no more waves than the 128-row kernel's (two an SM) and it splits K only for deep K (>= 64 k tiles). A wave
