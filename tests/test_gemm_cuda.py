@@ -338,20 +338,20 @@ def test_wgmma_gemm_is_one_launch_in_both_formats(gen, monkeypatch):
 
 @needs_hopper
 def test_wgmma_default_and_fallbacks_stay_exact(gen, monkeypatch):
-    """Unset: the wgmma kernel from M = 33 per group (past the small-M kernel's range; from its QOQ_GEMM_SKINNY_MAX_M
-    + 1 when that is larger) and from M = 33 per channel, the other kernels below; mode 0 (the mma.sync kernel)
-    stays exact; M < 33 under mode 2 falls back (the wgmma path does not take it) instead of raising."""
+    """Unset: the wgmma kernel from M = 24 per group and from M = 33 per channel (QOQ_GEMM_WGMMA_GROUP_MIN_M /
+    _CHANNEL_MIN_M move them), the other kernels below; mode 0 (the mma.sync kernel) stays exact; M < 33 under
+    mode 2 falls back (the wgmma path does not take it) instead of raising."""
     monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
     monkeypatch.delenv("QOQ_GEMM_SKINNY_MAX_M", raising=False)
 
     def on_wgmma(m: int, per_group: bool) -> bool:
         return any("w4a8_gemm_wgmma" in name for name in _kernel_names(gen, m, per_group=per_group, packed=True))
 
-    assert not on_wgmma(32, True) and on_wgmma(33, True) and on_wgmma(64, True)
+    assert not on_wgmma(23, True) and on_wgmma(24, True) and on_wgmma(64, True)
     assert not on_wgmma(32, False) and on_wgmma(33, False) and on_wgmma(100, False)
-    monkeypatch.setenv("QOQ_GEMM_SKINNY_MAX_M", "64")
+    monkeypatch.setenv("QOQ_GEMM_WGMMA_GROUP_MIN_M", "65")
     assert not on_wgmma(64, True) and on_wgmma(65, True)
-    monkeypatch.delenv("QOQ_GEMM_SKINNY_MAX_M")
+    monkeypatch.delenv("QOQ_GEMM_WGMMA_GROUP_MIN_M")
     assert_per_group_matches(33, 144, 1024, 64, torch.float16, torch.bfloat16, gen)
     assert_per_channel_matches(64, 144, 1024, None, torch.float16, gen)
     n, k, g = 64, 256, 128
@@ -433,8 +433,8 @@ def test_wgmma_narrow_tile_is_the_kernel_that_runs(bm, gen, monkeypatch):
 
 @needs_hopper
 def test_wgmma_narrow_tile_is_the_default_up_to_128_rows(gen, monkeypatch):
-    """Unset, the wgmma path takes the 64-row tile from M = 33 up to M = 128 in both formats and
-    the 128-row tile above; QOQ_GEMM_WGMMA_NARROW_MAX_M=0 restores the 128-row tile."""
+    """Unset, the wgmma path takes the 32-row tile up to M = 32 per group and M = 64 per channel, the 64-row tile
+    above up to M = 128, and the 128-row tile beyond; QOQ_GEMM_WGMMA_NARROW_MAX_M=0 restores the 128-row tile."""
     import re
 
     monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
@@ -447,8 +447,8 @@ def test_wgmma_narrow_tile_is_the_default_up_to_128_rows(gen, monkeypatch):
         assert len(names) == 1 and found[0], names
         return int(found[0].group(1))
 
-    assert tile(33, True) == 64 and tile(64, True) == 64 and tile(33, False) == 64
-    assert tile(128, True) == 64 and tile(100, False) == 64
+    assert tile(24, True) == 32 and tile(32, True) == 32 and tile(33, True) == 64 and tile(128, True) == 64
+    assert tile(33, False) == 32 and tile(64, False) == 32 and tile(65, False) == 64 and tile(100, False) == 64
     assert tile(129, True) == 128 and tile(200, False) == 128
     monkeypatch.setenv("QOQ_GEMM_WGMMA_NARROW_MAX_M", "0")
     assert tile(48, True) == 128 and tile(64, False) == 128
@@ -795,6 +795,7 @@ def _skinny_kernel_for_every_m(request, monkeypatch):
         monkeypatch.setenv("QOQ_GEMM_SKINNY_MAX_M", "64")
     if request.node.name.startswith("test_skinny"):
         monkeypatch.setenv("QOQ_GEMM_STREAM", "0")
+        monkeypatch.setenv("QOQ_GEMM_WGMMA", "0")
 
 
 # M in every 8-token-tile bucket and at its edges; (N, K): one 16-row block, N = 48 (not a multiple of 32: fewer
@@ -893,10 +894,12 @@ needs_stream = pytest.mark.skipif(not _stream_enabled(),
 
 @pytest.fixture(autouse=True)
 def _stream_kernel_for_every_m(request, monkeypatch):
-    """Its own tests run the streaming kernel for every M it takes (1..32), whatever its default range (2..16)."""
+    """Its own tests run the streaming kernel for every M it takes (1..32), whatever its default range, ahead of the
+    wgmma kernel (which takes per group M >= 24 by default)."""
     if request.node.name.startswith("test_stream") and "QOQ_GEMM_STREAM_MAX_M" not in os.environ:
         monkeypatch.setenv("QOQ_GEMM_STREAM_MAX_M", "32")
         monkeypatch.setenv("QOQ_GEMM_STREAM_MIN_M", "1")
+        monkeypatch.setenv("QOQ_GEMM_WGMMA_GROUP_MIN_M", "33")
 
 
 # M in every 8-token-tile bucket and at its edges. (N, K): one 16-row tile (N % 32 != 0: 32-row tiles fall back),
@@ -960,7 +963,7 @@ def test_stream_misaligned_scales_fall_back_exactly(gen):
 def test_stream_kernel_is_dispatched(gen, monkeypatch):
     """Within its M range the streaming kernel runs alone (no memset, no workspace); group size 256, K % (4 g) != 0,
     M = 33, a forced tile config and QOQ_GEMM_STREAM=0 do not take it; by default it serves 1 <= M <= 16 per channel
-    and 1 <= M <= 32 per group."""
+    and 1 <= M <= 23 per group (the wgmma kernel takes M >= 24 there)."""
     def kernels(m: int, k: int = 1024, g: int = 128, per_group: bool = True) -> list[str]:
         return _kernel_names(gen, m, k=k, g=g, per_group=per_group)
 
@@ -981,11 +984,14 @@ def test_stream_kernel_is_dispatched(gen, monkeypatch):
     assert not any("w4a8_stream_kernel" in x for x in kernels(4))
     monkeypatch.delenv("QOQ_GEMM_STREAM")
     monkeypatch.delenv("QOQ_GEMM_STREAM_MIN_M")
-    monkeypatch.delenv("QOQ_GEMM_STREAM_MAX_M")  # the defaults: 1 <= M <= 16 per channel, 1 <= M <= 32 per group
+    monkeypatch.delenv("QOQ_GEMM_STREAM_MAX_M")  # the defaults: 1 <= M <= 16 per channel, 1 <= M <= 23 per group
+    monkeypatch.delenv("QOQ_GEMM_WGMMA_GROUP_MIN_M")
     for m in (1, 2, 9, 16):
         assert any("w4a8_stream_kernel" in x for x in kernels(m, per_group=False)), m
-    for m in (1, 2, 9, 16, 17, 24, 32):
+    for m in (1, 2, 9, 16, 17, 23):
         assert any("w4a8_stream_kernel" in x for x in kernels(m)), m
+    for m in (24, 32):
+        assert not any("w4a8_stream_kernel" in x for x in kernels(m)), m
     assert not any("w4a8_stream_kernel" in x for x in kernels(17, per_group=False))
     assert not any("w4a8_stream_kernel" in x for x in kernels(33))
 

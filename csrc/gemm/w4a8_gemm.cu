@@ -193,14 +193,14 @@ WgmmaChoice wgmma_choice() {
   return c;
 }
 
-// Smallest M the wgmma path takes by default (H100, docs/benchmarks.md): per group from just past the small-M
-// kernels' range, since the mma.sync tile kernel was 1.3-1.9x slower there (layer sums at M = 64-112: 169.8-249.5 us
-// against 127.6-130.0); per channel from 33, where the narrow 64-row tile ran the layer chain (four GEMMs back to
-// back) in 77.3-79.6 us a layer at M = 33-56 against the tile kernel's 85.0-85.4 (below, at M = 17-32, the tile
-// kernel keeps it: 66-69 against 78). QOQ_GEMM_WGMMA_CHANNEL_MIN_M overrides the per-channel bound (read at every
-// call, for A/B runs of one build).
+// Smallest M the wgmma path takes by default (H100 layer chain, four GEMMs back to back, docs/benchmarks.md): per
+// group from 24, where the narrow 32-row tile ran 69.4-69.9 us a layer at M = 24-32 against the streaming kernel's
+// 75.5-84.8 (which keeps M <= 20: 74.0 against 76.1); per channel from 33, where the narrow tiles ran 74.4-79.6 us at
+// M = 33-64 against the tile kernel's 85.0-111.1 (below, the tile kernel keeps it: 66-69 against 67-78).
+// QOQ_GEMM_WGMMA_GROUP_MIN_M / QOQ_GEMM_WGMMA_CHANNEL_MIN_M override them (read at every call, for A/B runs of one
+// build).
 int wgmma_default_min_m(bool per_group) {
-  return per_group ? std::max(33, skinny_max_m(true) + 1) : env_int("QOQ_GEMM_WGMMA_CHANNEL_MIN_M", 33);
+  return per_group ? env_int("QOQ_GEMM_WGMMA_GROUP_MIN_M", 24) : env_int("QOQ_GEMM_WGMMA_CHANNEL_MIN_M", 33);
 }
 
 // Whether the running device is sm_90 and this build carries the sm_90a image of the wgmma kernel (a probe
@@ -349,8 +349,8 @@ bool wgmma_ws_supports(const GemmParams& p) {
 constexpr int kWgmma128BlocksPerSm = 2;  // the 128-row kernel's resident CTAs an SM (launch_wgmma's MIN_BLOCKS)
 // The narrow tiles (16-64 activation rows): memory-bound, so deeper pipelines (4 tiles in flight a CTA).
 constexpr int kNarrowStages = 6, kNarrowBlocksPerSm = 2;
-// Up to this M the default wgmma tile is the narrow one of 64 activation rows (H100 layer chain,
-// docs/benchmarks.md); QOQ_GEMM_WGMMA_NARROW_MAX_M overrides (0: never).
+// Up to this M the default wgmma tile is a narrow one (H100 layer chain, docs/benchmarks.md): 32 activation rows up
+// to M = 32 per group and M = 64 per channel, 64 rows above; QOQ_GEMM_WGMMA_NARROW_MAX_M overrides (0: never).
 int wgmma_narrow_max_m() { return env_int("QOQ_GEMM_WGMMA_NARROW_MAX_M", 128); }
 
 // Per group from M = kPerGroupWsMinM up to wgmma_ws_min_m: the warp-specialised kernel when its grid (one CTA an SM)
@@ -438,8 +438,9 @@ bool try_wgmma(const GemmParams& p, const at::TensorOptions& options) {
   int bm = choice.bm;
   if (bm == 0) {
     bm = p.M >= wgmma_ws_min_m() || (PER_GROUP && per_group_prefers_ws(p)) ? 256
-         : p.M <= wgmma_narrow_max_m()                                    ? 64
-                                                                          : 128;
+         : p.M > wgmma_narrow_max_m()                                     ? 128
+         : p.M <= (PER_GROUP ? 32 : 64)                                   ? 32
+                                                                          : 64;
   }
   if (bm == 256 && wgmma_ws_supports(p)) {
     launch_wgmma_ws<5, PER_GROUP>(p, options);
