@@ -1,6 +1,7 @@
-// W4A8 GEMM for Hopper (sm_90a) at prefill sizes: warpgroup MMA (wgmma m64nBMk32 u8 x s8), INT32 accumulation
-// over all of K, the float epilogue of docs/formats.md. The default from M = 33 per group and M = 64 per channel on
-// sm_90a (wgmma_default_min_m; QOQ_GEMM_WGMMA overrides, see w4a8_gemm.cu).
+// W4A8 GEMM for Hopper (sm_90a) from a few dozen rows to prefill sizes: warpgroup MMA (wgmma m64nBMk32 u8 x s8),
+// INT32 accumulation over all of K, the float epilogue of docs/formats.md. The default from M = 24 per group and
+// M = 33 per channel on sm_90a (wgmma_default_min_m; QOQ_GEMM_WGMMA overrides, see w4a8_gemm.cu), with the narrow
+// tiles (BM = 32 or 64 activation rows, memory-bound) up to M = 128 and BM = 128 above.
 //
 // The product is computed transposed, out^T[n, m] = W8'[n, :] . X[m, :], so that the dequantized weights are
 // the wgmma A operand, taken from registers (no shared-memory round trip for the INT8 weights), and the
@@ -23,8 +24,8 @@
 //   per operand); a stage is refilled two iterations after it was read (wgmma.wait_group<1> keeps at most one
 //   MMA in flight per warpgroup, so everything issued two iterations ago has completed before the barrier that
 //   precedes the refill).
-// - Split-K (grid z, when the output tiles alone leave SMs idle: prefill of a few hundred tokens): each split
-//   sums its k tiles and stores its INT32 accumulators in fragment order; the last split of a tile to finish
+// - Split-K (grid z, when the output tiles alone leave SMs idle: decode batches, prefill of a few hundred tokens):
+//   each split sums its k tiles and stores its INT32 accumulators in fragment order; the last split of a tile to finish
 //   (an atomic counter) adds the others' and runs the zero-point terms and the epilogue. INT32 sums are exact
 //   in any order, so the result does not depend on the split count.
 // - Epilogue: float math in registers, 16-bit results staged in shared memory, coalesced 16-byte stores.
@@ -335,9 +336,9 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
   auto stage_w = [&](int s) { return smem + s * T::kStageBytes + T::kAStage; };
   auto stage_scales = [&](int s) { return smem + T::kPipeBytes + s * T::kScaleStage; };
 
-  // This thread's cp.async sources, as running pointers (load_tile is called for kt = 0, 1, 2, ... in order),
-  // and destinations (byte offsets inside a stage): BM activation rows x 8 chunks of 16 bytes, 128 weight rows
-  // x 4 chunks of 16; rows past M / N read row 0 with size 0 (zero-filled).
+  // This thread's cp.async sources, as running pointers (load_activations and load_weights are each called for
+  // kt = 0, 1, 2, ... in order), and destinations (byte offsets inside a stage): BM activation rows x 8 chunks of
+  // 16 bytes, 128 weight rows x 4 chunks of 16; rows past M / N read row 0 with size 0 (zero-filled).
   // Fewer than 32 activation rows (BM * 8 < 256 chunks): only the first BM * 8 threads copy activations.
   constexpr int kALoads = BM * 8 >= T::kThreads ? BM * 8 / T::kThreads : 1, kWLoads = BN * 4 / T::kThreads;
   const bool a_loader = BM * 8 >= T::kThreads || tid < BM * 8;
