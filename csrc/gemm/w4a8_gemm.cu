@@ -302,6 +302,22 @@ int32_t* split_counters(int64_t needed) {
   return static_cast<int32_t*>(counters);
 }
 
+// Split-K scratch of a wgmma launch: the INT32 partial accumulators (`words` a split) of every output tile and its
+// counter (split_counters, or zeroed ones for this call where none can be kept), bound into `p`; the tensors live as
+// long as this object, i.e. across the launch (the caching allocator orders their reuse after it on the stream).
+struct SplitScratch {
+  at::Tensor partials, counters;
+  SplitScratch(GemmParams& p, int64_t tiles, int64_t words, const at::TensorOptions& options) {
+    partials = at::empty({tiles * p.splits * words}, options.dtype(at::kInt));
+    p.workspace = partials.data_ptr<int32_t>();
+    p.counters = split_counters(tiles);
+    if (p.counters == nullptr) {
+      counters = at::zeros({tiles}, options.dtype(at::kInt));
+      p.counters = counters.data_ptr<int32_t>();
+    }
+  }
+};
+
 template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP, bool SPLIT_K>
 void launch_wgmma_kernel(const GemmParams& p, const LaunchDims& dims) {
   auto kernel = w4a8_gemm_wgmma_kernel<BM, STAGES, MIN_BLOCKS, PER_GROUP, SPLIT_K>;
@@ -322,15 +338,7 @@ void launch_wgmma(GemmParams p, const at::TensorOptions& options) {
   p.splits = (ktiles + p.ktiles_per_split - 1) / p.ktiles_per_split;
   const LaunchDims dims{dim3(m_tiles, n_tiles, p.splits), dim3(T::kThreads), T::kSmemBytes};
   if (p.splits > 1) {
-    const int64_t tiles = int64_t{m_tiles} * n_tiles;
-    at::Tensor partials = at::empty({tiles * p.splits * (BM / 2) * 256}, options.dtype(at::kInt));
-    at::Tensor counters;
-    p.counters = split_counters(tiles);
-    if (p.counters == nullptr) {
-      counters = at::zeros({tiles}, options.dtype(at::kInt));
-      p.counters = counters.data_ptr<int32_t>();
-    }
-    p.workspace = partials.data_ptr<int32_t>();
+    const SplitScratch scratch(p, int64_t{m_tiles} * n_tiles, (BM / 2) * 256, options);
     launch_wgmma_kernel<BM, STAGES, MIN_BLOCKS, PER_GROUP, true>(p, dims);
     return;
   }
@@ -405,11 +413,7 @@ void launch_wgmma_ws(GemmParams p, const at::TensorOptions& options) {
   p.splits = (ktiles + p.ktiles_per_split - 1) / p.ktiles_per_split;
   const LaunchDims dims{dim3(m_tiles, n_tiles, p.splits), dim3(T::kThreads), T::kSmemBytes};
   if (p.splits > 1) {
-    const int64_t tiles = int64_t{m_tiles} * n_tiles;
-    at::Tensor partials = at::empty({tiles * p.splits * 128 * 256}, options.dtype(at::kInt));
-    at::Tensor counters = at::zeros({tiles}, options.dtype(at::kInt));
-    p.workspace = partials.data_ptr<int32_t>();
-    p.counters = counters.data_ptr<int32_t>();
+    const SplitScratch scratch(p, int64_t{m_tiles} * n_tiles, 128 * 256, options);
     launch_wgmma_ws_kernel<STAGES, PER_GROUP, true>(p, dims);
     return;
   }

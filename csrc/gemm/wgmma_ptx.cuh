@@ -47,9 +47,7 @@ __device__ __forceinline__ void fence_operand(uint32_t& r) { asm volatile("" : "
 #define QOQ_WGMMA_REGS_32 \
   QOQ_WGMMA_REGS_16 ", %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
 #define QOQ_WGMMA_REGS_64 \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  QOQ_WGMMA_REGS_32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
 #define QOQ_WGMMA_REGS_128 \
   QOQ_WGMMA_REGS_64 ", " \
@@ -57,66 +55,33 @@ __device__ __forceinline__ void fence_operand(uint32_t& r) { asm volatile("" : "
   "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
   "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
   "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-#define QOQ_WGMMA_OUTS_64(o) \
-  "+r"(d[(o) + 0]), "+r"(d[(o) + 1]), "+r"(d[(o) + 2]), "+r"(d[(o) + 3]), "+r"(d[(o) + 4]), "+r"(d[(o) + 5]), \
-  "+r"(d[(o) + 6]), "+r"(d[(o) + 7]), "+r"(d[(o) + 8]), "+r"(d[(o) + 9]), "+r"(d[(o) + 10]), "+r"(d[(o) + 11]), \
-  "+r"(d[(o) + 12]), "+r"(d[(o) + 13]), "+r"(d[(o) + 14]), "+r"(d[(o) + 15]), "+r"(d[(o) + 16]), "+r"(d[(o) + 17]), \
-  "+r"(d[(o) + 18]), "+r"(d[(o) + 19]), "+r"(d[(o) + 20]), "+r"(d[(o) + 21]), "+r"(d[(o) + 22]), "+r"(d[(o) + 23]), \
-  "+r"(d[(o) + 24]), "+r"(d[(o) + 25]), "+r"(d[(o) + 26]), "+r"(d[(o) + 27]), "+r"(d[(o) + 28]), "+r"(d[(o) + 29]), \
-  "+r"(d[(o) + 30]), "+r"(d[(o) + 31]), "+r"(d[(o) + 32]), "+r"(d[(o) + 33]), "+r"(d[(o) + 34]), "+r"(d[(o) + 35]), \
-  "+r"(d[(o) + 36]), "+r"(d[(o) + 37]), "+r"(d[(o) + 38]), "+r"(d[(o) + 39]), "+r"(d[(o) + 40]), "+r"(d[(o) + 41]), \
-  "+r"(d[(o) + 42]), "+r"(d[(o) + 43]), "+r"(d[(o) + 44]), "+r"(d[(o) + 45]), "+r"(d[(o) + 46]), "+r"(d[(o) + 47]), \
-  "+r"(d[(o) + 48]), "+r"(d[(o) + 49]), "+r"(d[(o) + 50]), "+r"(d[(o) + 51]), "+r"(d[(o) + 52]), "+r"(d[(o) + 53]), \
-  "+r"(d[(o) + 54]), "+r"(d[(o) + 55]), "+r"(d[(o) + 56]), "+r"(d[(o) + 57]), "+r"(d[(o) + 58]), "+r"(d[(o) + 59]), \
-  "+r"(d[(o) + 60]), "+r"(d[(o) + 61]), "+r"(d[(o) + 62]), "+r"(d[(o) + 63])
-
 #define QOQ_WGMMA_OUTS_8(o) \
   "+r"(d[(o) + 0]), "+r"(d[(o) + 1]), "+r"(d[(o) + 2]), "+r"(d[(o) + 3]), "+r"(d[(o) + 4]), "+r"(d[(o) + 5]), \
   "+r"(d[(o) + 6]), "+r"(d[(o) + 7])
+#define QOQ_WGMMA_OUTS_64(o)                                                                              \
+  QOQ_WGMMA_OUTS_8(o), QOQ_WGMMA_OUTS_8((o) + 8), QOQ_WGMMA_OUTS_8((o) + 16), QOQ_WGMMA_OUTS_8((o) + 24),       \
+      QOQ_WGMMA_OUTS_8((o) + 32), QOQ_WGMMA_OUTS_8((o) + 40), QOQ_WGMMA_OUTS_8((o) + 48), QOQ_WGMMA_OUTS_8((o) + 56)
 
 // D[64 x N] += A[64 x 32] (registers, u8: the weights) * B[32 x N] (shared memory via desc_b, s8), s32
-// accumulators, for the narrow tiles of few activation rows (N = 16, 32, 64: N / 2 accumulators a thread).
-__device__ __forceinline__ void wgmma_m64n16k32_rs(uint32_t (&d)[8], const uint32_t (&a)[4], uint64_t desc_b) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n16k32.s32.u8.s8 {" QOQ_WGMMA_REGS_8 "}, "
-               "{%8, %9, %10, %11}, %12, p;\n}\n"
-               : QOQ_WGMMA_OUTS_8(0)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
-}
-__device__ __forceinline__ void wgmma_m64n32k32_rs(uint32_t (&d)[16], const uint32_t (&a)[4], uint64_t desc_b) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n32k32.s32.u8.s8 {" QOQ_WGMMA_REGS_16 "}, "
-               "{%16, %17, %18, %19}, %20, p;\n}\n"
-               : QOQ_WGMMA_OUTS_8(0), QOQ_WGMMA_OUTS_8(8)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
-}
-__device__ __forceinline__ void wgmma_m64n64k32_rs(uint32_t (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n64k32.s32.u8.s8 {" QOQ_WGMMA_REGS_32 "}, "
-               "{%32, %33, %34, %35}, %36, p;\n}\n"
-               : QOQ_WGMMA_OUTS_8(0), QOQ_WGMMA_OUTS_8(8), QOQ_WGMMA_OUTS_8(16), QOQ_WGMMA_OUTS_8(24)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
-}
-
-// D[64 x 128] += A[64 x 32] (registers, u8: the weights) * B[32 x 128] (shared memory via desc_b, s8),
-// s32 accumulators.
-__device__ __forceinline__ void wgmma_m64n128k32_rs(uint32_t (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n128k32.s32.u8.s8 {" QOQ_WGMMA_REGS_64 "}, "
-               "{%64, %65, %66, %67}, %68, p;\n}\n"
-               : QOQ_WGMMA_OUTS_64(0)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
-}
-
-// D[64 x 256] += A[64 x 32] (registers, u8: the weights) * B[32 x 256] (shared memory via desc_b, s8),
-// s32 accumulators.
-__device__ __forceinline__ void wgmma_m64n256k32_rs(uint32_t (&d)[128], const uint32_t (&a)[4], uint64_t desc_b) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n256k32.s32.u8.s8 {" QOQ_WGMMA_REGS_128 "}, "
-               "{%128, %129, %130, %131}, %132, p;\n}\n"
-               : QOQ_WGMMA_OUTS_64(0), QOQ_WGMMA_OUTS_64(64)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
-}
+// accumulators (N / 2 a thread): wgmma_m64n{16,32,64,128,256}k32_rs, the narrow tiles' and the prefill tiles'.
+// Operand numbers: the accumulators first, then the 4 A registers, the descriptor and the scale-d predicate.
+#define QOQ_WGMMA_RS(N, REGS, A_OPS, DESC_OP, PRED_OP, ...)                                                        \
+  __device__ __forceinline__ void wgmma_m64n##N##k32_rs(uint32_t(&d)[(N) / 2], const uint32_t(&a)[4],            \
+                                                        uint64_t desc_b) {                                       \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " PRED_OP ", 0;\n"                                            \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k32.s32.u8.s8 {" REGS "}, "                             \
+                 "{" A_OPS "}, " DESC_OP ", p;\n}\n"                                                               \
+                 : __VA_ARGS__                                                                                   \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));                             \
+  }
+QOQ_WGMMA_RS(16, QOQ_WGMMA_REGS_8, "%8, %9, %10, %11", "%12", "%13", QOQ_WGMMA_OUTS_8(0))
+QOQ_WGMMA_RS(32, QOQ_WGMMA_REGS_16, "%16, %17, %18, %19", "%20", "%21", QOQ_WGMMA_OUTS_8(0), QOQ_WGMMA_OUTS_8(8))
+QOQ_WGMMA_RS(64, QOQ_WGMMA_REGS_32, "%32, %33, %34, %35", "%36", "%37", QOQ_WGMMA_OUTS_8(0), QOQ_WGMMA_OUTS_8(8),
+             QOQ_WGMMA_OUTS_8(16), QOQ_WGMMA_OUTS_8(24))
+QOQ_WGMMA_RS(128, QOQ_WGMMA_REGS_64, "%64, %65, %66, %67", "%68", "%69", QOQ_WGMMA_OUTS_64(0))
+QOQ_WGMMA_RS(256, QOQ_WGMMA_REGS_128, "%128, %129, %130, %131", "%132", "%133", QOQ_WGMMA_OUTS_64(0),
+             QOQ_WGMMA_OUTS_64(64))
+#undef QOQ_WGMMA_RS
 
 #endif  // QOQ_WGMMA_ENABLED
 
