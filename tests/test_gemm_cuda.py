@@ -338,7 +338,7 @@ def test_wgmma_gemm_is_one_launch_in_both_formats(gen, monkeypatch):
 
 @needs_hopper
 def test_wgmma_default_and_fallbacks_stay_exact(gen, monkeypatch):
-    """Unset: the wgmma kernel from M = 24 per group and from M = 33 per channel (QOQ_GEMM_WGMMA_GROUP_MIN_M /
+    """Unset: the wgmma kernel from M = 17 per group and from M = 33 per channel (QOQ_GEMM_WGMMA_GROUP_MIN_M /
     _CHANNEL_MIN_M move them), the other kernels below; mode 0 (the mma.sync kernel) stays exact; M < 33 under
     mode 2 falls back (the wgmma path does not take it) instead of raising."""
     monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
@@ -347,7 +347,7 @@ def test_wgmma_default_and_fallbacks_stay_exact(gen, monkeypatch):
     def on_wgmma(m: int, per_group: bool) -> bool:
         return any("w4a8_gemm_wgmma" in name for name in _kernel_names(gen, m, per_group=per_group, packed=True))
 
-    assert not on_wgmma(23, True) and on_wgmma(24, True) and on_wgmma(64, True)
+    assert not on_wgmma(16, True) and on_wgmma(17, True) and on_wgmma(64, True)
     assert not on_wgmma(32, False) and on_wgmma(33, False) and on_wgmma(100, False)
     monkeypatch.setenv("QOQ_GEMM_WGMMA_GROUP_MIN_M", "65")
     assert not on_wgmma(64, True) and on_wgmma(65, True)
@@ -417,6 +417,20 @@ def test_wgmma_narrow_tiles_match_reference(bm, m, n, k, gen, monkeypatch):
 
 
 @needs_hopper
+@pytest.mark.parametrize("distance", ("0", "1", "64"))
+def test_wgmma_l2_prefetch_distance_keeps_the_bits(distance, gen, monkeypatch):
+    """The narrow tiles' L2 weight prefetch (QOQ_GEMM_WGMMA_L2_PREFETCH k tiles beyond the stage copies, clipped to
+    each split's k range) is only a hint: off, one tile ahead and past the end of K, whole and split in 3, both
+    formats equal the reference bit for bit."""
+    monkeypatch.setenv("QOQ_GEMM_WGMMA", "2,32,1")
+    monkeypatch.setenv("QOQ_GEMM_WGMMA_L2_PREFETCH", distance)
+    for splits in ("1", "3"):
+        monkeypatch.setenv("QOQ_GEMM_WGMMA_SPLITS", splits)
+        assert_per_group_matches(20, 272, 4608, 128, None, torch.float16, gen)
+        assert_per_channel_matches(20, 272, 4608, torch.bfloat16, torch.bfloat16, gen)
+
+
+@needs_hopper
 @pytest.mark.parametrize("bm", (16, 32, 64))
 def test_wgmma_narrow_tile_is_the_kernel_that_runs(bm, gen, monkeypatch):
     """QOQ_GEMM_WGMMA="2,<bm>,1" launches the narrow instantiation, with split K for a grid of 2 x 1 tiles of 32 k
@@ -425,7 +439,7 @@ def test_wgmma_narrow_tile_is_the_kernel_that_runs(bm, gen, monkeypatch):
 
     monkeypatch.setenv("QOQ_GEMM_WGMMA", f"2,{bm},1")
     monkeypatch.delenv("QOQ_GEMM_WGMMA_SPLITS", raising=False)
-    pattern = re.compile(rf"w4a8_gemm_wgmma_kernel<{bm}, \d+, \d+, (true|false), true>")
+    pattern = re.compile(rf"w4a8_gemm_wgmma_kernel<{bm}, \d+, \d+, (true|false), true[,>]")
     for per_group in (True, False):
         names = _kernel_names(gen, 5, n=256, k=4096, per_group=per_group, packed=True)
         assert len(names) == 1 and pattern.search(names[0]), names
@@ -447,7 +461,7 @@ def test_wgmma_narrow_tile_is_the_default_up_to_128_rows(gen, monkeypatch):
         assert len(names) == 1 and found[0], names
         return int(found[0].group(1))
 
-    assert tile(24, True) == 32 and tile(32, True) == 32 and tile(33, True) == 64 and tile(128, True) == 64
+    assert tile(17, True) == 32 and tile(32, True) == 32 and tile(33, True) == 64 and tile(128, True) == 64
     assert tile(33, False) == 32 and tile(64, False) == 32 and tile(65, False) == 64 and tile(100, False) == 64
     assert tile(129, True) == 128 and tile(200, False) == 128
     monkeypatch.setenv("QOQ_GEMM_WGMMA_NARROW_MAX_M", "0")
@@ -505,8 +519,8 @@ def test_wgmma_splits_k_only_when_the_tiles_leave_sms_idle(gen, monkeypatch):
 
     monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
     monkeypatch.delenv("QOQ_GEMM_WGMMA_SPLITS", raising=False)
-    split_kernel = re.compile(r"w4a8_gemm_wgmma_kernel<128, 4, 2, (true|false), true>")
-    whole_kernel = re.compile(r"w4a8_gemm_wgmma_kernel<128, 4, 2, (true|false), false>")
+    split_kernel = re.compile(r"w4a8_gemm_wgmma_kernel<128, 4, 2, (true|false), true[,>]")
+    whole_kernel = re.compile(r"w4a8_gemm_wgmma_kernel<128, 4, 2, (true|false), false[,>]")
     for per_group in (True, False):
         names = _kernel_names(gen, 256, k=4096, per_group=per_group)
         assert sum(bool(split_kernel.search(x)) for x in names) == 1, names
@@ -962,8 +976,8 @@ def test_stream_misaligned_scales_fall_back_exactly(gen):
 @needs_stream
 def test_stream_kernel_is_dispatched(gen, monkeypatch):
     """Within its M range the streaming kernel runs alone (no memset, no workspace); group size 256, K % (4 g) != 0,
-    M = 33, a forced tile config and QOQ_GEMM_STREAM=0 do not take it; by default it serves 1 <= M <= 16 per channel
-    and 1 <= M <= 23 per group (the wgmma kernel takes M >= 24 there)."""
+    M = 33, a forced tile config and QOQ_GEMM_STREAM=0 do not take it; by default it serves 1 <= M <= 16 in both
+    formats (per group the wgmma kernel takes M >= 17)."""
     def kernels(m: int, k: int = 1024, g: int = 128, per_group: bool = True) -> list[str]:
         return _kernel_names(gen, m, k=k, g=g, per_group=per_group)
 
@@ -984,13 +998,12 @@ def test_stream_kernel_is_dispatched(gen, monkeypatch):
     assert not any("w4a8_stream_kernel" in x for x in kernels(4))
     monkeypatch.delenv("QOQ_GEMM_STREAM")
     monkeypatch.delenv("QOQ_GEMM_STREAM_MIN_M")
-    monkeypatch.delenv("QOQ_GEMM_STREAM_MAX_M")  # the defaults: 1 <= M <= 16 per channel, 1 <= M <= 23 per group
-    monkeypatch.delenv("QOQ_GEMM_WGMMA_GROUP_MIN_M")
+    monkeypatch.delenv("QOQ_GEMM_STREAM_MAX_M")  # the defaults: 1 <= M <= 16 per channel, 1 <= M <= 16 per group
+    monkeypatch.delenv("QOQ_GEMM_WGMMA_GROUP_MIN_M")  # (per group from M = 17 on the wgmma kernel)
     for m in (1, 2, 9, 16):
         assert any("w4a8_stream_kernel" in x for x in kernels(m, per_group=False)), m
-    for m in (1, 2, 9, 16, 17, 23):
         assert any("w4a8_stream_kernel" in x for x in kernels(m)), m
-    for m in (24, 32):
+    for m in (17, 23, 24, 32):
         assert not any("w4a8_stream_kernel" in x for x in kernels(m)), m
     assert not any("w4a8_stream_kernel" in x for x in kernels(17, per_group=False))
     assert not any("w4a8_stream_kernel" in x for x in kernels(33))

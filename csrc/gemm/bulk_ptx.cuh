@@ -19,6 +19,11 @@ namespace bulk {
 #if QOQ_BULK_ENABLED
 using ptx::smem_addr;
 
+// Asks L2 for `bytes` (a multiple of 16) of global memory from `src` (16-byte aligned); nothing waits for it.
+__device__ __forceinline__ void prefetch_l2(const void* src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
+}
+
 __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
 }

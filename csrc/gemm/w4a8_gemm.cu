@@ -194,13 +194,13 @@ WgmmaChoice wgmma_choice() {
 }
 
 // Smallest M the wgmma path takes by default (H100 layer chain, four GEMMs back to back, docs/benchmarks.md): per
-// group from 24, where the narrow 32-row tile ran 69.4-69.9 us a layer at M = 24-32 against the streaming kernel's
-// 75.5-84.8 (which keeps M <= 20: 74.0 against 76.1); per channel from 33, where the narrow tiles ran 74.4-79.6 us at
-// M = 33-64 against the tile kernel's 85.0-111.1 (below, the tile kernel keeps it: 66-69 against 67-78).
-// QOQ_GEMM_WGMMA_GROUP_MIN_M / QOQ_GEMM_WGMMA_CHANNEL_MIN_M override them (read at every call, for A/B runs of one
-// build).
+// group from 17, where the narrow 32-row tile (with its L2 weight prefetch) ran 67.3-67.9 us a layer at M = 20-23
+// against the streaming kernel's 74.1-75.6 (72.1-72.4 against 73.1-73.4 at M = 17); per channel from 33, where the
+// narrow tiles ran 73.6-76.3 us at M = 33-64 against the tile kernel's 85.0-111.1 (below, the tile kernel keeps it:
+// 66-69 against 67-78). QOQ_GEMM_WGMMA_GROUP_MIN_M / QOQ_GEMM_WGMMA_CHANNEL_MIN_M override them (read at every
+// call, for A/B runs of one build).
 int wgmma_default_min_m(bool per_group) {
-  return per_group ? env_int("QOQ_GEMM_WGMMA_GROUP_MIN_M", 24) : env_int("QOQ_GEMM_WGMMA_CHANNEL_MIN_M", 33);
+  return per_group ? env_int("QOQ_GEMM_WGMMA_GROUP_MIN_M", 17) : env_int("QOQ_GEMM_WGMMA_CHANNEL_MIN_M", 33);
 }
 
 // Whether the running device is sm_90 and this build carries the sm_90a image of the wgmma kernel (a probe
@@ -336,6 +336,11 @@ void launch_wgmma(GemmParams p, const at::TensorOptions& options) {
   p.ktiles_per_split = BM < 128 ? wgmma_narrow_ktiles_per_split(m_tiles * n_tiles, ktiles, MIN_BLOCKS)
                                  : wgmma_ktiles_per_split(m_tiles * n_tiles, ktiles, MIN_BLOCKS);
   p.splits = (ktiles + p.ktiles_per_split - 1) / p.ktiles_per_split;
+  // L2 prefetch of the weights (narrow tiles whose grid has one m tile; w4a8_gemm_wgmma.cuh): 4 k tiles beyond the
+  // stage copies by default (H100 layer chain, docs/benchmarks.md: per group 76-77 against 80-82 us a layer at
+  // M = 33-64; 8 and 16 tiles ahead gained less, and grids of two or more m tiles, narrow or 128-row, lost 10-15%).
+  // QOQ_GEMM_WGMMA_L2_PREFETCH sets the distance (0: off).
+  p.l2_prefetch_tiles = BM < 128 && m_tiles == 1 ? std::max(0, env_int("QOQ_GEMM_WGMMA_L2_PREFETCH", 4)) : 0;
   const LaunchDims dims{dim3(m_tiles, n_tiles, p.splits), dim3(T::kThreads), T::kSmemBytes};
   if (p.splits > 1) {
     const SplitScratch scratch(p, int64_t{m_tiles} * n_tiles, (BM / 2) * 256, options);
@@ -355,10 +360,15 @@ bool wgmma_ws_supports(const GemmParams& p) {
 }
 
 constexpr int kWgmma128BlocksPerSm = 2;  // the 128-row kernel's resident CTAs an SM (launch_wgmma's MIN_BLOCKS)
-// The narrow tiles (16-64 activation rows): memory-bound, so deeper pipelines (4 tiles in flight a CTA).
-constexpr int kNarrowStages = 6, kNarrowBlocksPerSm = 2;
-// Up to this M the default wgmma tile is a narrow one (H100 layer chain, docs/benchmarks.md): 32 activation rows up
-// to M = 32 per group and M = 64 per channel, 64 rows above; QOQ_GEMM_WGMMA_NARROW_MAX_M overrides (0: never).
+// The narrow tiles (16-64 activation rows): memory-bound, so deeper pipelines: 6 stages (4 tiles in flight a CTA),
+// 8 for the 16- and 32-row tiles, whose stages are smaller (two CTAs an SM either way).
+constexpr int kNarrowBlocksPerSm = 2;
+template <int BM>
+constexpr int narrow_stages() { return BM <= 32 ? 8 : 6; }
+// Up to this M the default wgmma tile is a narrow one (H100, docs/benchmarks.md): 32 activation rows up to M = 32
+// per group and M = 64 per channel, 64 rows above. (Per channel at M = 33-64 the layer chain preferred the 64-row
+// tile, 72.6-74.0 against 73.6-76.3 us a layer, but end to end at batch 48 two 32-row m tiles decoded 11093-11203
+// tok/s against 10883-10938.) QOQ_GEMM_WGMMA_NARROW_MAX_M overrides (0: never).
 int wgmma_narrow_max_m() { return env_int("QOQ_GEMM_WGMMA_NARROW_MAX_M", 128); }
 
 // Per group from M = kPerGroupWsMinM up to wgmma_ws_min_m: the warp-specialised kernel when its grid (one CTA an SM)
@@ -449,11 +459,11 @@ bool try_wgmma(const GemmParams& p, const at::TensorOptions& options) {
   if (bm == 256 && wgmma_ws_supports(p)) {
     launch_wgmma_ws<5, PER_GROUP>(p, options);
   } else if (bm == 16) {
-    launch_wgmma<16, kNarrowStages, kNarrowBlocksPerSm, PER_GROUP>(p, options);
+    launch_wgmma<16, narrow_stages<16>(), kNarrowBlocksPerSm, PER_GROUP>(p, options);
   } else if (bm == 32) {
-    launch_wgmma<32, kNarrowStages, kNarrowBlocksPerSm, PER_GROUP>(p, options);
+    launch_wgmma<32, narrow_stages<32>(), kNarrowBlocksPerSm, PER_GROUP>(p, options);
   } else if (bm == 64) {
-    launch_wgmma<64, kNarrowStages, kNarrowBlocksPerSm, PER_GROUP>(p, options);
+    launch_wgmma<64, narrow_stages<64>(), kNarrowBlocksPerSm, PER_GROUP>(p, options);
   } else {
     launch_wgmma<128, 4, kWgmma128BlocksPerSm, PER_GROUP>(p, options);
   }

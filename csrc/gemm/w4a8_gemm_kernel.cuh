@@ -41,6 +41,7 @@ struct GemmParams {
   int32_t* counters;         // [tiles] zeroed: splits finished per output tile
   const void* residual;      // [M, N] in the output dtype, or nullptr: out = residual + y (y rounded first)
   const uint8_t* packed_scales;  // per group, wgmma kernels: [ceil(N/128), groups, 256] (ops.pack_scales)
+  int l2_prefetch_tiles;     // wgmma kernel: k tiles of weights asked from L2 ahead of the stage copies (0: none)
 };
 
 // XOR swizzle of 16-byte chunks in a shared-memory tile with rows of ROW_BYTES bytes: the 8 rows one

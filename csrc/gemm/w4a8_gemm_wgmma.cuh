@@ -36,6 +36,7 @@
 #include <cstdint>
 
 #include "common.cuh"
+#include "gemm/bulk_ptx.cuh"
 #include "gemm/mma_ptx.cuh"
 #include "gemm/w4a8_gemm_kernel.cuh"
 #include "gemm/wgmma_ptx.cuh"
@@ -123,6 +124,55 @@ struct PackedScaleSource {
 };
 
 #if QOQ_WGMMA_ENABLED
+// Per group: the dequantization constants of this thread's weight rows (row_local, row_local + 8) for both 64-wide
+// k halves of a tile, from the packed scales at `scales` ([half][s2 of 128 rows, then 240 - z2 * s2]).
+__device__ __forceinline__ void load_group_dequant(GroupDequant (&dq)[2][2], const uint8_t* scales, int row_local) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t* half_scales = scales + 256 * h + row_local + 8 * r;
+      dq[r][h] = make_group_dequant_packed(half_scales[0], half_scales[128]);
+    }
+}
+
+// The packed weight words of a k tile's 4 k steps by ldmatrix: [step][0] rows g, [step][1] rows g + 8 (lane t's
+// word of each block).
+__device__ __forceinline__ void load_packed_weights(uint32_t (&packed)[4][2], const uint8_t* w_stage, int wg,
+                                                    int warp_in_wg, int lane) {
+#pragma unroll
+  for (int pair = 0; pair < 2; ++pair) {
+    const int row = wg * 64 + warp_in_wg * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+    const int chunk = 2 * pair + (lane >> 4);
+    uint32_t r[4];
+    ptx::ldmatrix_x4(r, w_stage + swizzle<64>(row, chunk));
+    packed[2 * pair][0] = r[0];
+    packed[2 * pair][1] = r[1];
+    packed[2 * pair + 1][0] = r[2];
+    packed[2 * pair + 1][1] = r[3];
+  }
+}
+
+// The A fragment of k step ks from its packed words: unpacked (per channel the UINT4 values 0..15 are already valid
+// u8 operands) or, per group, dequantized to the biased INT8 weights.
+template <bool PER_GROUP>
+__device__ __forceinline__ void make_fragment(uint32_t (&frag)[4], const uint32_t (&packed)[2],
+                                              const GroupDequant (&dq)[2][2], int ks) {
+  uint32_t lo0 = packed[0] & 0x0F0F0F0Fu, lo1 = packed[1] & 0x0F0F0F0Fu;
+  uint32_t hi0 = (packed[0] >> 4) & 0x0F0F0F0Fu, hi1 = (packed[1] >> 4) & 0x0F0F0F0Fu;
+  if constexpr (PER_GROUP) {
+    const int h = ks >> 1;  // k 32*ks..32*ks+31 lies in 64-wide half h, inside one scale group
+    lo0 = dequant4(lo0, dq[0][h]);
+    hi0 = dequant4(hi0, dq[0][h]);
+    lo1 = dequant4(lo1, dq[1][h]);
+    hi1 = dequant4(hi1, dq[1][h]);
+  }
+  frag[0] = lo0;  // row g,     k 4t..4t+3
+  frag[1] = lo1;  // row g + 8, k 4t..4t+3
+  frag[2] = hi0;  // row g,     k 16+4t..16+4t+3
+  frag[3] = hi1;  // row g + 8, k 16+4t..16+4t+3
+}
+
 // One 128-wide k tile of the K loop for this thread's warpgroup (64 weight rows, BM activation rows): its packed
 // weights by ldmatrix from `w_stage`, unpacked (per group: dequantized with the packed scales at `scales`,
 // [half][s2 of 128 rows, then 240 - z2 * s2]) into the register A operand,
@@ -136,46 +186,14 @@ __device__ __forceinline__ void mma_k_tile(uint32_t (&acc)[BM / 2], const uint8_
   const int g = lane >> 2;
   const int row_local = wg * 64 + warp_in_wg * 16 + g;
   GroupDequant dq[2][2];  // [row g, g + 8][64-wide half]
-  if constexpr (PER_GROUP) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint8_t* half_scales = scales + 256 * h + row_local + 8 * r;
-        dq[r][h] = make_group_dequant_packed(half_scales[0], half_scales[128]);
-      }
-  }
-
-  // Packed words of the 4 k steps: [step][0] rows g, [step][1] rows g + 8 (lane t's word of each block).
+  if constexpr (PER_GROUP) load_group_dequant(dq, scales, row_local);
   uint32_t packed[4][2];
-#pragma unroll
-  for (int pair = 0; pair < 2; ++pair) {
-    const int row = wg * 64 + warp_in_wg * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-    const int chunk = 2 * pair + (lane >> 4);
-    uint32_t r[4];
-    ptx::ldmatrix_x4(r, w_stage + swizzle<64>(row, chunk));
-    packed[2 * pair][0] = r[0];
-    packed[2 * pair][1] = r[1];
-    packed[2 * pair + 1][0] = r[2];
-    packed[2 * pair + 1][1] = r[3];
-  }
+  load_packed_weights(packed, w_stage, wg, warp_in_wg, lane);
 
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks) {
     uint32_t frag[4];
-    uint32_t lo0 = packed[ks][0] & 0x0F0F0F0Fu, lo1 = packed[ks][1] & 0x0F0F0F0Fu;
-    uint32_t hi0 = (packed[ks][0] >> 4) & 0x0F0F0F0Fu, hi1 = (packed[ks][1] >> 4) & 0x0F0F0F0Fu;
-    if constexpr (PER_GROUP) {
-      const int h = ks >> 1;  // k 32*ks..32*ks+31 lies in 64-wide half h, inside one scale group
-      lo0 = dequant4(lo0, dq[0][h]);
-      hi0 = dequant4(hi0, dq[0][h]);
-      lo1 = dequant4(lo1, dq[1][h]);
-      hi1 = dequant4(hi1, dq[1][h]);
-    }  // per channel: the UINT4 values 0..15 are already valid u8 operands
-    frag[0] = lo0;  // row g,     k 4t..4t+3
-    frag[1] = lo1;  // row g + 8, k 4t..4t+3
-    frag[2] = hi0;  // row g,     k 16+4t..16+4t+3
-    frag[3] = hi1;  // row g + 8, k 16+4t..16+4t+3
+    make_fragment<PER_GROUP>(frag, packed[ks], dq, ks);
 #pragma unroll
     for (int i = 0; i < 4; ++i) wgmma::fence_operand(frag[i]);
 #pragma unroll
@@ -190,6 +208,49 @@ __device__ __forceinline__ void mma_k_tile(uint32_t (&acc)[BM / 2], const uint8_
 #pragma unroll
     for (int i = 0; i < 4; ++i) wgmma::fence_operand(frag[i]);
   }
+}
+#endif
+
+#if QOQ_WGMMA_ENABLED
+// The narrow tiles' k tile (BM < 128: few activation rows, so a wgmma is short and its latency, not its work, sets
+// the pace): the four k steps go out back to back as one commit group, so the tensor cores pipeline them. All four
+// fragments are built first, in `frag`, after waiting for the previous call's group (which read `frag`); the
+// ldmatrix loads of this tile are issued before that wait, so they overlap the previous tile's MMAs. Returns with
+// this tile's group in flight. (Two alternating fragment sets waited for with wait_group<1> made ptxas serialize
+// the wgmmas, C7513, even with the fragments fenced after the wait.) H100 layer chain, docs/benchmarks.md: 1-4%
+// faster a layer at M = 33-128 than mma_k_tile's one wgmma in flight behind another.
+template <int BM, bool PER_GROUP>
+__device__ __forceinline__ void mma_k_tile_batched(uint32_t (&acc)[BM / 2], uint32_t (&frag)[4][4],
+                                                   const uint8_t* w_stage, uint32_t a_base, const uint8_t* scales,
+                                                   int wg, int warp_in_wg, int lane) {
+  const int g = lane >> 2;
+  const int row_local = wg * 64 + warp_in_wg * 16 + g;
+  GroupDequant dq[2][2];
+  if constexpr (PER_GROUP) load_group_dequant(dq, scales, row_local);
+  uint32_t packed[4][2];
+  load_packed_weights(packed, w_stage, wg, warp_in_wg, lane);
+  wgmma::wait_group<0>();  // the previous tile's group, which read `frag`
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {  // nothing below may move above the wait
+    wgmma::fence_operand(packed[ks][0]);
+    wgmma::fence_operand(packed[ks][1]);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) wgmma::fence_operand(frag[ks][i]);
+  }
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) make_fragment<PER_GROUP>(frag[ks], packed[ks], dq, ks);
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) wgmma::fence_operand(frag[ks][i]);
+#pragma unroll
+  for (int i = 0; i < BM / 2; ++i) wgmma::fence_operand(acc[i]);
+  wgmma::fence();
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) wgmma_rs<BM>(acc, frag[ks], wgmma::make_desc_k_sw128(a_base + 32 * ks));
+  wgmma::commit_group();
+#pragma unroll
+  for (int i = 0; i < BM / 2; ++i) wgmma::fence_operand(acc[i]);
 }
 #endif
 
@@ -394,6 +455,19 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
 #pragma unroll
   for (int i = 0; i < BM / 2; ++i) acc[i] = 0;
 
+  // L2 prefetch of the weights, l2_prefetch_tiles k tiles beyond the stage copies (which keep only D tiles in
+  // flight): threads 0..127 ask for their weight row's next kL2Chunk tiles (64 bytes a tile) every kL2Chunk tiles,
+  // within this split's k range; the first window (tiles D .. ahead - 1) before the PDL wait.
+  constexpr int kL2Chunk = 4;
+  const int ahead = D + p.l2_prefetch_tiles;
+  const bool l2_loader = p.l2_prefetch_tiles > 0 && tid < BN && n0 + tid < p.N;
+  const uint8_t* l2_row = p.qweight + static_cast<size_t>(min(n0 + tid, p.N - 1)) * (p.K / 2) + kt0 * (BK / 2);
+  auto prefetch_weights = [&](int first, int count) {  // tiles first .. first + count - 1 of this split
+    count = min(count, nk - first);
+    if (l2_loader && count > 0) bulk::prefetch_l2(l2_row + first * (BK / 2), count * (BK / 2));
+  };
+  prefetch_weights(D, ahead - D);
+
   // The first D tiles' weights (and scales) do not depend on the previous kernel: under PDL they are copied
   // before its results are waited for, as one cp.async group older than every later one, so that the waits
   // below count the same groups.
@@ -407,8 +481,7 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
     if (s < nk) load_activations(s);
     ptx::cp_async_commit();
   }
-  for (int kt = 0; kt < nk; ++kt) {
-    const int s = kt % STAGES;
+  auto next_tile = [&](int kt) {  // tile kt's stage is ready to read, and tile kt + D's copies are issued
     ptx::cp_async_wait<D - 1>();          // this thread's copies of tile kt have landed
     wgmma::fence_proxy_async_shared();    // ... and are visible to the tensor cores' (async proxy) reads
     __syncthreads();                      // everyone's copies; every MMA of tile kt - 2 has completed
@@ -417,9 +490,26 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
       load_weights((kt + D) % STAGES);
     }
     ptx::cp_async_commit();
-
-    mma_k_tile<BM, PER_GROUP>(acc, stage_w(s), ptx::smem_addr(stage_a(s)), stage_scales(s), wg, warp_in_wg, lane,
-                              [] {});
+    if (kt % kL2Chunk == 0) prefetch_weights(kt + ahead, kL2Chunk);
+  };
+  if constexpr (BM < 128) {
+    // Narrow tiles: each k tile's four wgmmas go out as one group (mma_k_tile_batched), which the next tile waits
+    // for before it rewrites `frag`; so every MMA of tile kt - 1 has completed before the barrier of tile kt + 1
+    // and the refill after it (stage of tile kt - 1), as the refill-two-iterations-later scheme needs.
+    uint32_t frag[4][4];
+    for (int kt = 0; kt < nk; ++kt) {
+      const int s = kt % STAGES;
+      next_tile(kt);
+      mma_k_tile_batched<BM, PER_GROUP>(acc, frag, stage_w(s), ptx::smem_addr(stage_a(s)), stage_scales(s), wg,
+                                        warp_in_wg, lane);
+    }
+  } else {
+    for (int kt = 0; kt < nk; ++kt) {
+      const int s = kt % STAGES;
+      next_tile(kt);
+      mma_k_tile<BM, PER_GROUP>(acc, stage_w(s), ptx::smem_addr(stage_a(s)), stage_scales(s), wg, warp_in_wg, lane,
+                                [] {});
+    }
   }
   wgmma::wait_group<0>();
 #pragma unroll

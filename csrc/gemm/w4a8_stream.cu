@@ -33,7 +33,7 @@ constexpr int kMaxM = 32;
 // Defaults from the H100 layer chain (benchmarks/gemm.py --layer-chain, docs/benchmarks.md: a layer's four GEMMs back
 // to back in a CUDA graph): 1 <= M <= 16 per channel, whose tile kernel is as fast at M = 17-24 and faster at 32
 // (68.5-68.9 against 73.6-74.0 us a layer); 1 <= M <= 32 per group, where the small-M kernel ran 96-104 us a layer at
-// M = 17-32 against 73-86 here (on sm_90a the wgmma kernel, tried first, takes M >= 24 per group by default:
+// M = 17-32 against 73-86 here (on sm_90a the wgmma kernel, tried first, takes M >= 17 per group by default:
 // wgmma_default_min_m). (At M = 1 the dp4a decode kernel is faster timed alone; end to end the two are even.)
 constexpr int kDefaultMinM = 1, kDefaultMaxM[2] = {16, 32};  // [per_group]
 // Arrivals that complete a full stage: the producer's expect_tx, plus per group each producer lane's cp.async.
