@@ -21,9 +21,9 @@
 // - B operand (activations): K-major, 128-byte rows (BK = 128 int8), 128-byte swizzle, one descriptor per
 //   k step of 32 (start address + 32 bytes).
 // - Pipeline: STAGES shared-memory stages filled by cp.async (running source pointers, one destination offset
-//   per operand); a stage is refilled two iterations after it was read (wgmma.wait_group<1> keeps at most one
-//   MMA in flight per warpgroup, so everything issued two iterations ago has completed before the barrier that
-//   precedes the refill).
+//   per operand); a stage is refilled two iterations after it was read (a k tile's four wgmmas are one commit
+//   group, which the next tile waits for before it builds its fragments, so everything issued two iterations ago
+//   has completed before the barrier that precedes the refill).
 // - Split-K (grid z, when the output tiles alone leave SMs idle: decode batches, prefill of a few hundred tokens):
 //   each split sums its k tiles and stores its INT32 accumulators in fragment order; the last split of a tile to finish
 //   (an atomic counter) adds the others' and runs the zero-point terms and the epilogue. INT32 sums are exact
@@ -173,7 +173,8 @@ __device__ __forceinline__ void make_fragment(uint32_t (&frag)[4], const uint32_
   frag[3] = hi1;  // row g + 8, k 16+4t..16+4t+3
 }
 
-// One 128-wide k tile of the K loop for this thread's warpgroup (64 weight rows, BM activation rows): its packed
+// One 128-wide k tile of the warp-specialised kernel's K loop (w4a8_gemm_wgmma_ws.cuh) for this thread's warpgroup
+// (64 weight rows, BM activation rows): its packed
 // weights by ldmatrix from `w_stage`, unpacked (per group: dequantized with the packed scales at `scales`,
 // [half][s2 of 128 rows, then 240 - z2 * s2]) into the register A operand,
 // and four wgmma k steps against the activations at shared address `a_base`. At most one wgmma stays in flight
@@ -212,13 +213,13 @@ __device__ __forceinline__ void mma_k_tile(uint32_t (&acc)[BM / 2], const uint8_
 #endif
 
 #if QOQ_WGMMA_ENABLED
-// The narrow tiles' k tile (BM < 128: few activation rows, so a wgmma is short and its latency, not its work, sets
-// the pace): the four k steps go out back to back as one commit group, so the tensor cores pipeline them. All four
-// fragments are built first, in `frag`, after waiting for the previous call's group (which read `frag`); the
-// ldmatrix loads of this tile are issued before that wait, so they overlap the previous tile's MMAs. Returns with
-// this tile's group in flight. (Two alternating fragment sets waited for with wait_group<1> made ptxas serialize
-// the wgmmas, C7513, even with the fragments fenced after the wait.) H100 layer chain, docs/benchmarks.md: 1-4%
-// faster a layer at M = 33-128 than mma_k_tile's one wgmma in flight behind another.
+// The k tile of w4a8_gemm_wgmma_kernel (the 16- to 128-row tiles): the four k steps go out back to back as one
+// commit group, so the tensor cores pipeline them. All four fragments are built first, in `frag`, after waiting for
+// the previous call's group (which read `frag`); the ldmatrix loads of this tile are issued before that wait, so they
+// overlap the previous tile's MMAs. Returns with this tile's group in flight. (Two alternating fragment sets waited
+// for with wait_group<1> made ptxas serialize the wgmmas, C7513, even with the fragments fenced after the wait.)
+// H100, docs/benchmarks.md: against mma_k_tile's one wgmma in flight behind another, 1-4% faster a layer chained at
+// M = 33-128 (narrow tiles) and +0.7-0.9% decode tok/s end to end at batch 256 (128-row tile).
 template <int BM, bool PER_GROUP>
 __device__ __forceinline__ void mma_k_tile_batched(uint32_t (&acc)[BM / 2], uint32_t (&frag)[4][4],
                                                    const uint8_t* w_stage, uint32_t a_base, const uint8_t* scales,
@@ -492,24 +493,15 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
     ptx::cp_async_commit();
     if (kt % kL2Chunk == 0) prefetch_weights(kt + ahead, kL2Chunk);
   };
-  if constexpr (BM < 128) {
-    // Narrow tiles: each k tile's four wgmmas go out as one group (mma_k_tile_batched), which the next tile waits
-    // for before it rewrites `frag`; so every MMA of tile kt - 1 has completed before the barrier of tile kt + 1
-    // and the refill after it (stage of tile kt - 1), as the refill-two-iterations-later scheme needs.
-    uint32_t frag[4][4];
-    for (int kt = 0; kt < nk; ++kt) {
-      const int s = kt % STAGES;
-      next_tile(kt);
-      mma_k_tile_batched<BM, PER_GROUP>(acc, frag, stage_w(s), ptx::smem_addr(stage_a(s)), stage_scales(s), wg,
-                                        warp_in_wg, lane);
-    }
-  } else {
-    for (int kt = 0; kt < nk; ++kt) {
-      const int s = kt % STAGES;
-      next_tile(kt);
-      mma_k_tile<BM, PER_GROUP>(acc, stage_w(s), ptx::smem_addr(stage_a(s)), stage_scales(s), wg, warp_in_wg, lane,
-                                [] {});
-    }
+  // Each k tile's four wgmmas go out as one group (mma_k_tile_batched), which the next tile waits for before it
+  // rewrites `frag`; so every MMA of tile kt - 1 has completed before the barrier of tile kt + 1 and the refill
+  // after it (stage of tile kt - 1), as the refill-two-iterations-later scheme needs.
+  uint32_t frag[4][4];
+  for (int kt = 0; kt < nk; ++kt) {
+    const int s = kt % STAGES;
+    next_tile(kt);
+    mma_k_tile_batched<BM, PER_GROUP>(acc, frag, stage_w(s), ptx::smem_addr(stage_a(s)), stage_scales(s), wg,
+                                      warp_in_wg, lane);
   }
   wgmma::wait_group<0>();
 #pragma unroll
