@@ -1,5 +1,5 @@
 // W4A8 GEMM for Hopper (sm_90a) from a few dozen rows to prefill sizes: warpgroup MMA (wgmma m64nBMk32 u8 x s8),
-// INT32 accumulation over all of K, the float epilogue of docs/formats.md. The default from M = 24 per group and
+// INT32 accumulation over all of K, the float epilogue of docs/formats.md. The default from M = 17 per group and
 // M = 33 per channel on sm_90a (wgmma_default_min_m; QOQ_GEMM_WGMMA overrides, see w4a8_gemm.cu), with the narrow
 // tiles (BM = 32 or 64 activation rows, memory-bound) up to M = 128 and BM = 128 above.
 //
@@ -174,11 +174,10 @@ __device__ __forceinline__ void make_fragment(uint32_t (&frag)[4], const uint32_
 }
 
 // One 128-wide k tile of the warp-specialised kernel's K loop (w4a8_gemm_wgmma_ws.cuh) for this thread's warpgroup
-// (64 weight rows, BM activation rows): its packed
-// weights by ldmatrix from `w_stage`, unpacked (per group: dequantized with the packed scales at `scales`,
-// [half][s2 of 128 rows, then 240 - z2 * s2]) into the register A operand,
-// and four wgmma k steps against the activations at shared address `a_base`. At most one wgmma stays in flight
-// (wait_group<1> after each), so the call returns with this tile's last step possibly running;
+// (64 weight rows, BM activation rows): its packed weights by ldmatrix from `w_stage`, unpacked (per group:
+// dequantized with the packed scales at `scales`, [half][s2 of 128 rows, then 240 - z2 * s2]) into the register A
+// operand, and four wgmma k steps against the activations at shared address `a_base`. At most one wgmma stays in
+// flight (wait_group<1> after each), so the call returns with this tile's last step possibly running;
 // after_first_step() runs once the first step's wait has retired every MMA of the previous tile.
 template <int BM, bool PER_GROUP, class AfterFirstStep>
 __device__ __forceinline__ void mma_k_tile(uint32_t (&acc)[BM / 2], const uint8_t* w_stage, uint32_t a_base,
