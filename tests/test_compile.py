@@ -115,3 +115,35 @@ def test_decode_step_graph_fuses_the_residual_add_into_the_mlp_norm():
     assert sum("add_rmsnorm_quantize" in t for t in targets) == layers  # one per layer: the MLP's norm
     plain = [t for t in targets if "rmsnorm_quantize" in t and "add_rmsnorm_quantize" not in t]
     assert len(plain) == layers  # the attention's norm
+
+
+def test_decode_step_computes_its_cache_positions_and_masks_once_not_per_layer():
+    """The static KV4 cache's per-step tensors (slot positions, lengths, the counter's update, the first visible
+    slot) are traced once per forward: the graph of a 4-layer model has as many of those ops as a 2-layer one's."""
+    import collections
+
+    def op_counts(layers):
+        model = qoq_torch.quantize(tiny_model("llama", num_hidden_layers=layers),
+                                   config=qoq_torch.QoQConfig(group_size=GROUP_SIZE), progress=False)
+        ids, mask = left_padded(PROMPTS)
+        cache = KV4Cache(model.config, max_cache_len=16)
+        graphs = []
+
+        def backend(gm, inputs):
+            graphs.append(gm)
+            return gm
+
+        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        with torch.no_grad():
+            model(ids, attention_mask=mask, past_key_values=cache)
+            torch._dynamo.reset()
+            torch.compile(model, backend=backend, fullgraph=True)(
+                torch.tensor([[17], [23]]), attention_mask=step_mask, past_key_values=cache)
+        assert int(cache.get_seq_length()) == step_mask.shape[1]
+        return collections.Counter(str(getattr(n.target, "__name__", n.target)) for gm in graphs
+                                   for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+
+    two, four = op_counts(2), op_counts(4)
+    assert four["rope_kv4_append"] == 2 * two["rope_kv4_append"] == 4  # both traced every layer
+    for op in ("arange", "argmax", "add_", "expand"):
+        assert four[op] == two[op], (op, two[op], four[op])

@@ -159,6 +159,44 @@ def test_static_layer_counts_on_device_and_refuses_overflow(gen):
         layer.append(*_kv(1, 4, 1, 32, gen))
 
 
+def test_static_cache_layers_share_one_length_advanced_by_layer_0(gen):
+    cache = KV4Cache(num_layers=3, max_cache_len=8)
+    k, v = _kv(2, 2, 3, 32, gen)
+    for layer in cache.layers:
+        layer.append(k, v)
+        assert torch.equal(layer.kv_lens(2), torch.full((2,), 3, dtype=torch.int32))
+    assert all(int(cache.get_seq_length(i)) == 3 for i in range(3))
+    assert cache.layers[0].cumulative_length is cache.layers[2].cumulative_length
+    k1, v1 = _kv(2, 2, 1, 32, gen)
+    cache.layers[0].append(k1, v1)
+    lens = cache.layers[0].kv_lens(2)
+    cache.layers[1].append(k1, v1)  # the slot layer 0 reserved, and its lengths, not recomputed
+    assert cache.layers[1].kv_lens(2) is lens and int(lens[0]) == 4
+    for layer, keys in zip(cache.layers[:2], (k, k)):
+        packed, params = reference.kv4_quantize(torch.cat([keys, k1], dim=2))
+        assert torch.equal(layer.k_cache[:, :, :4], packed) and torch.equal(layer.k_params[:, :, :4], params)
+    with pytest.raises(ValueError, match="same number of tokens"):
+        cache.layers[2].append(*_kv(2, 2, 2, 32, gen))
+    cache.layers[2].append(k1, v1)  # closes the step: a follower alone now has no step to join
+    with pytest.raises(ValueError, match="layer 0 appends first"):
+        cache.layers[1].append(k1, v1)
+    cache.reset()
+    assert int(cache.get_seq_length()) == 0 and all(layer.host_length() == 0 for layer in cache.layers)
+
+
+def test_kv_starts_are_computed_once_per_mask_and_forward():
+    cache = KV4Cache(num_layers=3)
+    full = torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=torch.bool).view(2, 1, 1, 3)
+    window = torch.tensor([[0, 0, 1], [0, 1, 1]], dtype=torch.bool).view(2, 1, 1, 3)  # another layer type's mask
+    first = cache.kv_starts(0, full, 2, torch.device("cpu"))
+    assert torch.equal(first, torch.tensor([1, 0], dtype=torch.int32))
+    assert torch.equal(cache.kv_starts(1, window, 2, torch.device("cpu")), torch.tensor([2, 1], dtype=torch.int32))
+    assert cache.kv_starts(2, full, 2, torch.device("cpu")) is first
+    # the last layer closed the forward: the next one recomputes from its own mask
+    again = cache.kv_starts(0, full.clone(), 2, torch.device("cpu"))
+    assert again is not first and torch.equal(again, first)
+
+
 def test_cache_update_returns_dequantized_states(gen):
     cache = KV4Cache(num_layers=2)
     k, v = _kv(1, 2, 5, 32, gen)

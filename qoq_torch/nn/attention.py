@@ -22,7 +22,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .. import ops
 from ..ops.reference import split_qkv
-from .kv_cache import KV4Cache
+from .kv_cache import KV4Cache, kv_starts_from_mask  # noqa: F401  (kv_starts_from_mask: re-exported)
 from .linear import QoQLinear, check_compute_dtype
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -34,20 +34,6 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     the same K bit for bit)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return ops.rope(q, cos, sin), ops.rope(k, cos, sin)
-
-
-def kv_starts_from_mask(attention_mask: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
-    """int32 ``[B]``: first slot the last query token may see, read from the mask on the device (no host sync).
-
-    The mask is the model's 4-D mask ``[B, 1, S_q, T]`` (bool: True = visible; float: 0 = visible) or a 2-D
-    padding mask ``[B, T]``; None means every slot from 0 is visible.
-    """
-    if attention_mask is None:
-        return torch.zeros(batch, dtype=torch.int32, device=device)
-    row = attention_mask[:, 0, -1, :] if attention_mask.dim() == 4 else attention_mask
-    visible = row if row.dtype == torch.bool else (row > torch.finfo(row.dtype).min / 2 if row.is_floating_point()
-                                                   else row != 0)
-    return visible.to(torch.int32).argmax(dim=-1).to(torch.int32).expand(batch).contiguous()
 
 
 class QoQAttention(nn.Module):
@@ -123,13 +109,13 @@ class QoQAttention(nn.Module):
         layer = cache.layers[self.layer_idx]
         cos, sin = position_embeddings
         q = layer.append_rotary(self._qkv(hidden_states).view(b, s, -1), cos, sin, self.num_heads)
-        return self._decode_attention(layer, q, attention_mask)
+        return self._decode_attention(cache, layer, q, attention_mask)
 
-    def _decode_attention(self, layer, q: torch.Tensor, attention_mask) -> torch.Tensor:
+    def _decode_attention(self, cache: KV4Cache, layer, q: torch.Tensor, attention_mask) -> torch.Tensor:
         """``kv4_decode_attention_quantize`` of ``q [B, H_q, S, D]`` over the layer (no host sync), whose INT8
         output feeds o_proj's GEMM directly -> ``[B, S, hidden]``."""
         b, _, s, _ = q.shape
-        kv_starts = kv_starts_from_mask(attention_mask, b, q.device)
+        kv_starts = cache.kv_starts(self.layer_idx, attention_mask, b, q.device)
         x_q, x_s, x_sum = ops.kv4_decode_attention_quantize(q.contiguous(), layer.k_cache, layer.k_params,
                                                             layer.v_cache, layer.v_params, layer.kv_lens(b),
                                                             kv_starts, self.scaling)
@@ -165,7 +151,7 @@ class QoQAttention(nn.Module):
         if isinstance(past_key_values, KV4Cache) and s == 1:  # decode: no host sync on this path
             layer = past_key_values.layers[self.layer_idx]
             layer.append(k, v)
-            return self._decode_attention(layer, q, attention_mask), None
+            return self._decode_attention(past_key_values, layer, q, attention_mask), None
         if isinstance(past_key_values, KV4Cache):
             out = self._kv4_attention(past_key_values, q, k, v, attention_mask, **kwargs)
         else:

@@ -15,6 +15,20 @@ from .. import ops
 MIN_CAPACITY = 64
 
 
+def kv_starts_from_mask(attention_mask: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+    """int32 ``[B]``: first slot the last query token may see, read from the mask on the device (no host sync).
+
+    The mask is the model's 4-D mask ``[B, 1, S_q, T]`` (bool: True = visible; float: 0 = visible) or a 2-D
+    padding mask ``[B, T]``; None means every slot from 0 is visible.
+    """
+    if attention_mask is None:
+        return torch.zeros(batch, dtype=torch.int32, device=device)
+    row = attention_mask[:, 0, -1, :] if attention_mask.dim() == 4 else attention_mask
+    visible = row if row.dtype == torch.bool else (row > torch.finfo(row.dtype).min / 2 if row.is_floating_point()
+                                                   else row != 0)
+    return visible.to(torch.int32).argmax(dim=-1).to(torch.int32).expand(batch).contiguous()
+
+
 class KV4Layer(CacheLayerMixin):
     """One decoder layer's KV4 cache, growing by doubling (``k_cache``/``v_cache`` uint8 ``[B, H_kv, T_cap, D/2]``,
     ``k_params``/``v_params`` float16 ``[B, H_kv, T_cap, 2]`` of (scale, min))."""
@@ -187,30 +201,54 @@ class KV4Layer(CacheLayerMixin):
         raise NotImplementedError("the KV4 cache does not support offloading")
 
 
+class SharedLength:
+    """The token count of a static cache's layers, which advance together: a decoder appends the same tokens to
+    every layer in order, layer 0 first. One device counter, advanced by the leading layer (layer 0), and the step's
+    slot positions and lengths, which the leader computes and the other layers of the same forward reuse, so a
+    compiled decode step computes them once instead of once per layer (each was a kernel of its own, ~5 per layer)."""
+
+    def __init__(self) -> None:
+        self.tensor = torch.tensor(0, dtype=torch.int64)
+        self.step: tuple[torch.Tensor, int] | None = None  # (positions int64 [S], S) of the current forward
+        self.lens: tuple[int, torch.Tensor] | None = None  # (B, int32 [B]) after the current forward's append
+
+
 class KV4StaticLayer(KV4Layer):
-    """Fixed-size KV4 layer: ``max_cache_len`` slots, length in a device tensor (no host sync per decode step)."""
+    """Fixed-size KV4 layer: ``max_cache_len`` slots, length in a device tensor (no host sync per decode step).
+
+    Alone it keeps its own length. In a ``KV4Cache`` its layers share one (``shared``): the leading layer (0) reserves
+    the step's slots and advances the length, the others must then append the same number of tokens in the same
+    forward, and the last one (``ends``) closes the step."""
 
     is_compileable = True
     is_croppable = False
 
-    def __init__(self, max_cache_len: int, **kwargs) -> None:
+    def __init__(self, max_cache_len: int, shared: SharedLength | None = None, leads: bool = True,
+                 ends: bool = True, **kwargs) -> None:
         super().__init__()
         if max_cache_len <= 0:
             raise ValueError(f"max_cache_len must be positive, got {max_cache_len}")
         self.max_cache_len = max_cache_len
-        self.cumulative_length = torch.tensor(0, dtype=torch.int64)
-        self._host_length: int | None = 0  # mirror of cumulative_length in eager mode; None once unknown
+        self._shared = shared if shared is not None else SharedLength()
+        self._leads, self._ends = leads, ends
+        self._host_length: int | None = 0  # this layer's tokens, mirrored in eager mode; None once unknown
+
+    @property
+    def cumulative_length(self) -> torch.Tensor:
+        """int64 scalar on the cache's device: tokens held (after the whole forward, for every layer)."""
+        return self._shared.tensor
 
     def _initial_capacity(self, tokens: int) -> int:
         return self.max_cache_len
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        self.cumulative_length = self.cumulative_length.to(self.device)
+        if self._shared.tensor.device != self.device:
+            self._shared.tensor = self._shared.tensor.to(self.device)
         if not torch.compiler.is_compiling():
             # Fixed addresses so compiled decode steps (and CUDA graphs) see the same buffers every step.
-            for name in self.BUFFERS + ("cumulative_length",):
-                torch._dynamo.mark_static_address(getattr(self, name))
+            for buf in [getattr(self, name) for name in self.BUFFERS] + [self._shared.tensor]:
+                torch._dynamo.mark_static_address(buf)
 
     def _overflow(self, new_tokens: int, held: int | str) -> ValueError:
         return ValueError(f"the static KV4 cache holds at most {self.max_cache_len} tokens; it has {held} and "
@@ -218,6 +256,10 @@ class KV4StaticLayer(KV4Layer):
                           "default dynamic cache)")
 
     def _reserve(self, new_tokens: int) -> torch.Tensor:
+        shared = self._shared
+        if not self._leads and (shared.step is None or shared.step[1] != new_tokens):
+            raise ValueError("the layers of a static KV4 cache advance together: layer 0 appends first, then every "
+                             "other layer the same number of tokens in the same forward")
         if torch.compiler.is_compiling():
             self._host_length = None  # the compiled step cannot read the device counter back
         else:
@@ -225,18 +267,33 @@ class KV4StaticLayer(KV4Layer):
             if held + new_tokens > self.max_cache_len:
                 raise self._overflow(new_tokens, held)
             self._host_length = held + new_tokens
-        return torch.arange(new_tokens, device=self.device) + self.cumulative_length
+        if not self._leads:
+            return shared.step[0]
+        positions = torch.arange(new_tokens, device=self.device) + shared.tensor
+        shared.step, shared.lens = (positions, new_tokens), None
+        return positions
 
     def _commit(self, new_tokens: int) -> None:
-        self.cumulative_length.add_(new_tokens)
+        if self._leads:
+            self._shared.tensor.add_(new_tokens)
+        if self._ends:
+            self._shared.step = None
 
     def host_length(self) -> int:
         if self._host_length is None:
-            self._host_length = int(self.cumulative_length)
+            self._host_length = int(self._shared.tensor)
         return self._host_length
 
     def kv_lens(self, batch: int) -> torch.Tensor:
-        return self.cumulative_length.to(torch.int32).expand(batch).contiguous()
+        shared = self._shared
+        if shared.lens is not None and shared.lens[0] == batch:
+            lens = shared.lens[1]
+        else:
+            lens = shared.tensor.to(torch.int32).expand(batch).contiguous()
+            shared.lens = (batch, lens)
+        if self._ends:  # no tensor of the step outlives its forward (a compiled step's outputs stay its own)
+            shared.lens = None
+        return lens
 
     def mask_length(self, query_length: int) -> int:
         return self.max_cache_len
@@ -245,7 +302,7 @@ class KV4StaticLayer(KV4Layer):
         return self.max_cache_len, 0
 
     def get_seq_length(self):
-        return self.cumulative_length if self.is_initialized else 0
+        return self._shared.tensor if self.is_initialized else 0
 
     def get_max_length(self) -> int:
         return self.max_cache_len
@@ -254,7 +311,8 @@ class KV4StaticLayer(KV4Layer):
         if self.is_initialized:
             for name in self.BUFFERS:
                 getattr(self, name).zero_()
-        self.cumulative_length.zero_()
+        self._shared.tensor.zero_()
+        self._shared.step = self._shared.lens = None
         self._host_length = 0
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -280,9 +338,12 @@ class KV4Cache(Cache):
         if max_cache_len is None:
             layers = [KV4Layer() for _ in range(num_layers)]
         else:
-            layers = [KV4StaticLayer(max_cache_len) for _ in range(num_layers)]
+            shared = SharedLength()
+            layers = [KV4StaticLayer(max_cache_len, shared, leads=i == 0, ends=i == num_layers - 1)
+                      for i in range(num_layers)]
         super().__init__(layers=layers)
         self._static_len = max_cache_len
+        self._kv_starts: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # this forward's (mask, kv_starts)
 
     @property
     def is_static(self) -> bool:
@@ -291,3 +352,22 @@ class KV4Cache(Cache):
     def nbytes(self) -> int:
         """Bytes allocated for K/V across layers."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def kv_starts(self, layer_idx: int, attention_mask: torch.Tensor | None, batch: int,
+                  device: torch.device) -> torch.Tensor:
+        """``kv_starts_from_mask`` for layer ``layer_idx`` of a forward, computed once per mask in that forward
+        (layer 0 opens it, the last layer closes it) rather than once per layer: a decoder hands every layer the same
+        mask object (or one per layer type), and each recomputation was a kernel of its own in a decode step."""
+        if layer_idx == 0:
+            self._kv_starts = []
+        starts = None
+        for mask, value in self._kv_starts:
+            if mask is attention_mask and value.shape[0] == batch:
+                starts = value
+                break
+        if starts is None:
+            starts = kv_starts_from_mask(attention_mask, batch, device)
+            self._kv_starts.append((attention_mask, starts))
+        if layer_idx == len(self.layers) - 1:  # no tensor of the forward outlives it
+            self._kv_starts = []
+        return starts
