@@ -47,8 +47,13 @@ SCHEMAS = {
         "Tensor v_params, Tensor kv_lens, Tensor kv_starts, float sm_scale) -> (Tensor, Tensor, Tensor)"
     ),
 }
-for _schema in SCHEMAS.values():
-    LIB.define(_schema)
+# Ops that take a decode step's small per-step tensors (RoPE tables, slot positions, lengths): every layer passes the
+# same ones, and under inductor's default layout constraint (exact strides) each consuming op got its own copy of
+# them, a kernel per input and layer in a compiled decode step. These ops accept any layout inductor gives them
+# (their impls check contiguity where they need it, and inductor lays out a fresh buffer contiguously).
+FLEXIBLE_LAYOUT = ("kv4_append", "rope_kv4_append", "kv4_decode_attention", "kv4_decode_attention_quantize")
+for _name, _schema in SCHEMAS.items():
+    LIB.define(_schema, tags=(torch.Tag.flexible_layout,) if _name in FLEXIBLE_LAYOUT else ())
 
 
 # ---- shape/dtype validation + output allocation, shared by fake and reference impls -------------------
