@@ -51,3 +51,60 @@ def test_compile_kv4_append_and_decode_fullgraph(gen):
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(q, k, v, torch.arange(6)), eager)
+
+
+def test_inductor_hands_every_kv4_op_the_same_step_tensors(gen):
+    """Two layers' `rope_kv4_append` + `kv4_decode_attention` under inductor get the same buffers for the step's
+    RoPE tables, positions and lengths (the ops' flexible_layout tag; under the default exact-stride constraint each
+    call got its own copy, a kernel per input and layer), and the results equal eager."""
+    import re
+
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    b, h_q, h, t, d = 2, 4, 2, 16, 32
+    layers = [[torch.zeros(b, h, t, d // 2, dtype=torch.uint8), torch.zeros(b, h, t, 2, dtype=torch.float16),
+               torch.zeros(b, h, t, d // 2, dtype=torch.uint8), torch.zeros(b, h, t, 2, dtype=torch.float16)]
+              for _ in range(2)]
+    starts = torch.zeros(b, dtype=torch.int32)
+    qkvs = [torch.randn(b, 1, (h_q + 2 * h) * d, generator=gen).bfloat16() for _ in range(2)]
+    freqs = torch.randn(d, generator=gen)
+
+    def step(qkv0, qkv1, length, freqs, caches):
+        positions = torch.arange(1) + length
+        cos, sin = freqs.cos().bfloat16().view(1, 1, d), freqs.sin().bfloat16().view(1, 1, d)
+        lens = (length + 1).to(torch.int32).expand(b).contiguous()
+        outs = []
+        for qkv, layer in zip((qkv0, qkv1), caches):
+            q = ops.rope_kv4_append(qkv, cos, sin, *layer, positions, h_q)
+            outs.append(ops.kv4_decode_attention(q, *layer, lens, starts, 0.125))
+        return outs
+
+    length = torch.tensor(5)
+    eager_layers = [[c.clone() for c in layer] for layer in layers]
+    want = step(*qkvs, length, freqs, eager_layers)
+    torch._dynamo.reset()
+    with inductor_config.patch(fx_graph_cache=False):
+        got, (code, *_) = run_and_get_code(torch.compile(step, fullgraph=True), *qkvs, length, freqs, layers)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    for e, c in zip(eager_layers, layers):
+        assert all(torch.equal(x, y) for x, y in zip(e, c))
+    ropes = re.findall(r"qoq\.rope_kv4_append\.default\(([^\n]*)\)", code)
+    decodes = re.findall(r"qoq\.kv4_decode_attention\.default\(([^\n]*)\)", code)
+    assert len(ropes) == 2 and len(decodes) == 2, code
+
+    def top_level_args(call: str) -> list[str]:
+        args, depth, start = [], 0, 0
+        for i, ch in enumerate(call):
+            depth += ch == "("
+            depth -= ch == ")"
+            if ch == "," and depth == 0:
+                args.append(call[start:i].strip())
+                start = i + 1
+        return args + [call[start:].strip()]
+
+    split = [top_level_args(call) for call in ropes + decodes]
+    assert split[0][3] != split[1][3]  # each layer's own cache
+    assert split[0][1:3] == split[1][1:3] and split[0][7] == split[1][7], ropes  # cos, sin; positions
+    assert split[2][5] == split[3][5], decodes  # lens
