@@ -7,7 +7,7 @@ from torch import nn
 
 from qoq_torch import ops
 from qoq_torch.nn import KV4Cache, KV4Layer, KV4StaticLayer, QoQLinear, QoQMLP, concat_weights
-from qoq_torch.nn.attention import kv_starts_from_mask
+from qoq_torch.nn.kv_cache import kv_starts_from_mask
 from qoq_torch.ops import reference
 
 

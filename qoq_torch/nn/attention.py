@@ -22,7 +22,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .. import ops
 from ..ops.reference import split_qkv
-from .kv_cache import KV4Cache, kv_starts_from_mask  # noqa: F401  (kv_starts_from_mask: re-exported)
+from .kv_cache import KV4Cache
 from .linear import QoQLinear, check_compute_dtype
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
