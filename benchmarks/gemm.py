@@ -597,6 +597,32 @@ def _check_small_wgmma(gen: torch.Generator) -> None:
         assert torch.equal(out_c.cpu(), ref_c), ("wgmma per-channel", bm, splits)
 
 
+LM_HEADS = {"llama3-8b": (128256, 4096), "qwen1.5-72b": (152064, 8192)}  # (vocab N, hidden K)
+LM_HEAD_MS = (1, 16, 64, 256)
+
+
+def lm_head(ms=LM_HEAD_MS) -> dict:
+    """The output projection (lm_head) at each M: our two formats (the GEMM alone and with the activation's
+    per-token quantization before it, what a quantized head runs) against every baseline, median us."""
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    for name, (n, k) in LM_HEADS.items():
+        weights = make_weights(n, k)
+        for m in ms:
+            methods = make_methods(m, n, k, weights=weights)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            for fmt in OURS:
+                gemm = methods[fmt]
+                methods[fmt + "+quantize"] = lambda gemm=gemm: (ops.quantize_per_token(x), gemm())
+            row = {"head": name, "n": n, "k": k, "m": m}
+            for label, fn in methods.items():
+                row[label] = bench(fn)
+            print(json.dumps(row), flush=True)
+            results["rows"].append(row)
+        del weights
+        torch.cuda.empty_cache()
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write results here")
@@ -616,6 +642,8 @@ def main() -> None:
     ap.add_argument("--methods", help="comma-separated subset of " + ",".join(CHAIN_METHODS) + " for --layer-chain")
     ap.add_argument("--chain-sweep", action="store_true",
                     help="small-M paths and streaming variants, each shape timed back to back in a CUDA graph")
+    ap.add_argument("--lm-head", action="store_true",
+                    help="the lm_head shapes (Llama-3-8B, Qwen1.5-72B vocabularies) at M = 1, 16, 64, 256 (or --ms)")
     ap.add_argument("--check-small", action="store_true", help="only run small correctness cases")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -632,6 +660,8 @@ def main() -> None:
         results = layer_chain(ms or CHAIN_SWEEP_MS, methods)
     elif args.chain_sweep:
         results = chain_sweep(ms or CHAIN_SWEEP_MS)
+    elif args.lm_head:
+        results = lm_head(ms or LM_HEAD_MS)
     elif args.sweep_decode:
         results = sweep_decode()
     elif args.sweep_skinny:
@@ -648,7 +678,7 @@ def main() -> None:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
     if args.sweep or args.sweep_decode or args.sweep_skinny or args.sweep_stream or args.sweep_wgmma_splits \
-            or args.layer_chain or args.chain_sweep:
+            or args.layer_chain or args.chain_sweep or args.lm_head:
         return  # their rows are printed as they are timed
     if args.png:
         plot(results, args.png)

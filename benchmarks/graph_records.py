@@ -42,7 +42,7 @@ def count_records() -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", default="qoq-g128", choices=["qoq-g128", "qoq-channel", "bf16"])
+    parser.add_argument("--variant", default="qoq-g128", choices=sorted(bench.VARIANTS))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--no-reuse", action="store_true", help="a new static KV4 cache every call (QoQ only)")
     parser.add_argument("--json", default=None)
@@ -50,8 +50,7 @@ def main() -> None:
     records = count_records()
     if args.no_reuse:
         generation._reusable_static_cache = lambda *a, **k: None
-    model = (bench.build_float_model("llama3-8b") if args.variant == "bf16" else
-             bench.build_quantized_model("llama3-8b", group_size=-1 if args.variant == "qoq-channel" else 128))
+    model = bench.build_variant("llama3-8b", args.variant)
     ids = torch.randint(1, model.config.vocab_size, (args.batch, 128), device="cuda")
     rows = []
     for phase, tokens in CALLS:

@@ -21,8 +21,7 @@ import time
 
 import torch
 
-from qoq_torch.benchmarking import (MODEL_DEFAULT, StopCheckMode, build_float_model, build_quantized_model,
-                                    run_generate)
+from qoq_torch.benchmarking import MODEL_DEFAULT, StopCheckMode, build_variant, run_generate
 
 
 def profile_variant(variant: str, shape: str, batch: int, prompt_len: int, steps: int, top: int,
@@ -49,8 +48,7 @@ def _python_profile(model, ids: torch.Tensor, steps: int, compile_mode: str, top
 
 def _profile(variant: str, shape: str, batch: int, prompt_len: int, steps: int, top: int, compile_mode: str,
              python_profile: bool = False) -> dict:
-    model = (build_float_model(shape) if variant == "bf16"
-             else build_quantized_model(shape, group_size=-1 if variant == "qoq-channel" else 128))
+    model = build_variant(shape, variant)
     ids = torch.randint(1, model.config.vocab_size, (batch, prompt_len), device="cuda")
     wall = {}
     for n in (1, steps):
@@ -136,7 +134,7 @@ def _kernel_times(model, ids: torch.Tensor, new_tokens: int, compile_mode: str) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=["bf16", "qoq-g128"])
+    parser.add_argument("--variants", nargs="+", default=["bf16", "qoq-g128"], help="keys of benchmarking.VARIANTS")
     parser.add_argument("--shape", default="llama3-8b")
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--prompt", type=int, default=128)

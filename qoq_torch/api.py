@@ -53,8 +53,9 @@ def quantize(model: nn.Module, tokenizer: Any = None, config: QoQConfig | None =
     model: a Llama / Mistral / Qwen2 / Qwen3 ``*ForCausalLM`` in float16 or bfloat16, on any device (or dispatched
     with an accelerate ``device_map``). tokenizer / calib_data: calibration (token ids ``[n, seq]`` or texts);
     with a tokenizer and no data the shipped corpus is used; with neither the algorithm runs data-free.
-    config: ``QoQConfig`` (defaults: group size 128, rotation, smoothing, KV4).
-    After the call every decoder layer runs QoQAttention / QoQMLP and ``model.generate`` uses the KV4 cache.
+    config: ``QoQConfig`` (defaults: group size 128, rotation, smoothing, KV4, ``lm_head`` kept in 16-bit).
+    After the call every decoder layer runs QoQAttention / QoQMLP (and ``lm_head`` is a QoQLinear with
+    ``config.quantize_lm_head``), and ``model.generate`` uses the KV4 cache.
     """
     from .quantization import prepare_qoq  # the algorithm package is heavy; import on use
 
@@ -64,7 +65,7 @@ def quantize(model: nn.Module, tokenizer: Any = None, config: QoQConfig | None =
     check_quantizable(model)
     use_supported_attention(model)
     weights = prepare_qoq(model, config, tokenizer=tokenizer, calib_data=calib_data, progress=progress)
-    patch_model(model, weights, config.group_size)
+    patch_model(model, weights, config.group_size, quantize_lm_head=config.quantize_lm_head)
     finish_patching(model, config)
     return model
 

@@ -69,8 +69,9 @@ def build_float_model(shape: str, dtype: torch.dtype = torch.bfloat16, device: s
 
 @torch.no_grad()
 def build_quantized_model(shape: str, group_size: int = 128, dtype: torch.dtype = torch.bfloat16,
-                          device: str = "cuda", seed: int = 0) -> nn.Module:
-    """A random-weight QoQ W4A8KV4 model: skeleton on meta, each linear filled with a quantized random weight."""
+                          device: str = "cuda", seed: int = 0, quantize_lm_head: bool = False) -> nn.Module:
+    """A random-weight QoQ W4A8KV4 model: skeleton on meta, each linear (and ``lm_head`` with
+    ``quantize_lm_head``) filled with a quantized random weight."""
     from transformers import AutoModelForCausalLM
 
     from . import ops
@@ -82,7 +83,7 @@ def build_quantized_model(shape: str, group_size: int = 128, dtype: torch.dtype 
     config = model_config(shape)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    patch_model(model, None, group_size)
+    patch_model(model, None, group_size, quantize_lm_head=quantize_lm_head)
     model.to_empty(device=device)
     _materialize_(model, config, device, seed)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -94,8 +95,34 @@ def build_quantized_model(shape: str, group_size: int = 128, dtype: torch.dtype 
             bias = None if module.bias is None else torch.zeros_like(module.bias)
             module.load_weight(qw, bias)
             del w, qw
-    finish_patching(model, QoQConfig(group_size=group_size))
+    finish_patching(model, QoQConfig(group_size=group_size, quantize_lm_head=quantize_lm_head))
     return model.eval()
+
+
+# variant -> None (stock bf16) or (group size, quantize_lm_head) of the QoQ model
+VARIANTS: dict[str, tuple[int, bool] | None] = {
+    "bf16": None,
+    "qoq-g128": (128, False),
+    "qoq-channel": (-1, False),
+    "qoq-g128-lmhead": (128, True),
+    "qoq-channel-lmhead": (-1, True),
+}
+
+
+def check_variants(variants) -> None:
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+
+
+def build_variant(shape: str, variant: str, device: str = "cuda") -> nn.Module:
+    """The random-weight model of ``shape`` that ``variant`` (a key of ``VARIANTS``) names."""
+    check_variants([variant])
+    layout = VARIANTS[variant]
+    if layout is None:
+        return build_float_model(shape, device=device)
+    group_size, quantize_lm_head = layout
+    return build_quantized_model(shape, group_size=group_size, device=device, quantize_lm_head=quantize_lm_head)
 
 
 @dataclass
@@ -366,6 +393,7 @@ def run_e2e(shapes=("llama3-8b",), variants=("bf16", "qoq-g128", "qoq-channel"),
         raise ValueError("compile_modes: give one or more torch.compile modes or 'model-default' (eager is not timed)")
     if time_max_batch and not measure_max_batch:
         raise ValueError("time_max_batch needs measure_max_batch")
+    check_variants(variants)
     from tqdm.auto import tqdm
 
     if not torch.cuda.is_available():
@@ -377,8 +405,7 @@ def run_e2e(shapes=("llama3-8b",), variants=("bf16", "qoq-g128", "qoq-channel"),
     bar = tqdm(total=len(jobs) * per_model, disable=not progress, desc="e2e")
     for shape, variant in jobs:
         try:
-            model = (build_float_model(shape) if variant == "bf16"
-                     else build_quantized_model(shape, group_size=-1 if variant == "qoq-channel" else 128))
+            model = build_variant(shape, variant)
         except torch.cuda.OutOfMemoryError as exc:
             rows.append(asdict(GenerateResult(shape, variant, 0, 0, 0, error=f"model does not fit: {exc}")))
             bar.update(per_model)

@@ -33,7 +33,7 @@ def cmd_quantize(args) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype], device_map=device)
     tok = _tokenizer(args.model)
     config = qoq_torch.QoQConfig(group_size=args.group_size, num_samples=args.num_samples, seq_len=args.seq_len,
-                                 kv_bits=args.kv_bits)
+                                 kv_bits=args.kv_bits, quantize_lm_head=args.quantize_lm_head)
     start = time.perf_counter()
     qoq_torch.quantize(model, None if args.data_free else tok, config=config)
     print(f"quantized in {time.perf_counter() - start:.1f} s")
@@ -73,7 +73,8 @@ def _load_any(args):
     tok = _tokenizer(args.path)
     model = AutoModelForCausalLM.from_pretrained(args.path, dtype=DTYPES[args.dtype], device_map=_device(args.device))
     if args.quantize:
-        qoq_torch.quantize(model, tok, config=qoq_torch.QoQConfig(group_size=args.group_size))
+        config = qoq_torch.QoQConfig(group_size=args.group_size, quantize_lm_head=args.quantize_lm_head)
+        qoq_torch.quantize(model, tok, config=config)
     return model, tok
 
 
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-len", type=int, default=512, help="calibration sequence length")
     q.add_argument("--kv-bits", type=int, default=4, choices=(4, 16))
     q.add_argument("--data-free", action="store_true", help="no calibration (rotation + RTN + clipping search)")
+    q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head to W4A8 (faster decode, "
+                                                                   "some accuracy: docs/accuracy.md)")
     common(q)
     q.set_defaults(func=cmd_quantize)
 
@@ -162,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("path", help="directory written by `qoq quantize`, or any local Hugging Face checkpoint")
     e.add_argument("--quantize", action="store_true", help="quantize a float checkpoint with QoQ before evaluating")
     e.add_argument("--group-size", type=int, default=128, help="with --quantize: -1 for per-channel")
+    e.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: lm_head to W4A8 as well")
     e.add_argument("--text", default=None, help="a UTF-8 text file to evaluate on")
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
@@ -176,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "models (GPU).")
     b.add_argument("path", help="directory written by `qoq quantize`, or `e2e`")
     b.add_argument("--shapes", nargs="+", default=["llama3-8b"], help="e2e: llama3-8b, qwen1.5-72b, tiny")
-    b.add_argument("--variants", nargs="+", default=["bf16", "qoq-g128", "qoq-channel"], help="e2e variants")
+    b.add_argument("--variants", nargs="+", default=["bf16", "qoq-g128", "qoq-channel"], help="e2e variants: bf16, qoq-g128, qoq-channel, qoq-g128-lmhead, qoq-channel-lmhead")
     b.add_argument("--batches", nargs="*", type=int, default=[1, 16, 64, 256],
                    help="e2e batch sizes (none: only --measure-max-batch)")
     b.add_argument("--protocols", nargs="+", default=["128x256"], help="e2e PROMPTxOUTPUT lengths")

@@ -115,7 +115,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise TypeError(f"QoQ models run in float16 or bfloat16, got dtype={dtype}")
     config = QoQConfig.from_dict(meta["qoq_config"])
     model = _build_skeleton(path, meta, dtype)
-    patch_model(model, None, config.group_size)
+    patch_model(model, None, config.group_size, quantize_lm_head=config.quantize_lm_head)
     try:
         tensors = load_file(str(path / WEIGHTS_NAME), device=str(device))
     except (SafetensorError, OSError) as exc:

@@ -23,6 +23,19 @@ def test_random_quantized_model_runs_and_holds_valid_weights():
     assert out.shape == (2, 9)
 
 
+def test_variants_name_the_model_they_build():
+    model = benchmarking.build_variant("tiny", "qoq-channel-lmhead", device="cpu")
+    assert isinstance(model.lm_head, QoQLinear) and model.lm_head.group_size == -1
+    assert int(model.lm_head.quantized_weight().w4.max()) > 0  # filled, not the empty skeleton
+    assert model.qoq_config.quantize_lm_head and model.qoq_config.group_size == -1
+    assert bool(torch.isfinite(model(torch.randint(1, 500, (1, 4))).logits).all())
+    assert not isinstance(benchmarking.build_variant("tiny", "qoq-g128", device="cpu").lm_head, QoQLinear)
+    with pytest.raises(ValueError, match="unknown variants"):
+        benchmarking.build_variant("tiny", "qoq-g64", device="cpu")
+    with pytest.raises(ValueError, match="unknown variants"):
+        benchmarking.run_e2e(variants=("bf16", "w4a16"))
+
+
 def test_random_float_model_has_working_rope():
     model = benchmarking.build_float_model("tiny", device="cpu")
     assert bool(torch.isfinite(model.model.rotary_emb.inv_freq).all())

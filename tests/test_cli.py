@@ -1,6 +1,8 @@
 """The `qoq` command line on the packaged reference model (CPU)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from qoq_torch.cli import build_parser, main
@@ -43,3 +45,11 @@ def test_quantize_generate_eval_bench(tmp_path, capsys):
                  "--new-tokens", "4"]) == 0
     assert "tokens/s" in capsys.readouterr().out
     assert main(["generate", str(tmp_path / "missing"), "x", "--device", "cpu"]) == 2
+    head = tmp_path / "head"
+    assert main(["quantize", str(reference_model_path()), str(head), "--device", "cpu", "--dtype", "bfloat16",
+                 "--group-size", "64", "--data-free", "--quantize-lm-head"]) == 0
+    assert json.loads((head / "qoq_config.json").read_text())["qoq_config"]["quantize_lm_head"] is True
+    assert main(["eval", str(head), "--device", "cpu", "--dtype", "bfloat16", "--seq-len", "128",
+                 "--max-windows", "4"]) == 0
+    head_ppl = float(capsys.readouterr().out.split("perplexity ")[1].split()[0])
+    assert 1.0 < head_ppl < 200.0

@@ -14,10 +14,11 @@ from tiny_models import GROUP_SIZE, left_padded, tiny_model
 PROMPTS = [[5, 9, 33, 70, 8], [40, 41, 3]]
 
 
-def _quantized_after_prefill(family: str = "llama"):
+def _quantized_after_prefill(family: str = "llama", quantize_lm_head: bool = False):
     """A quantized tiny model, its static KV4 cache after a left-padded prefill, and the next step's inputs:
     ``(model, cache, token [2, 1], step_mask [2, T + 1])``."""
-    model = qoq_torch.quantize(tiny_model(family), config=qoq_torch.QoQConfig(group_size=GROUP_SIZE), progress=False)
+    config = qoq_torch.QoQConfig(group_size=GROUP_SIZE, quantize_lm_head=quantize_lm_head)
+    model = qoq_torch.quantize(tiny_model(family), config=config, progress=False)
     ids, mask = left_padded(PROMPTS)
     cache = KV4Cache(model.config, max_cache_len=16)
     with torch.no_grad():
@@ -36,9 +37,10 @@ def _eager_and_compiled_step(model, cache, token, step_mask, compile_fn):
     return eager, got
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_decode_step_compiles_fullgraph_without_graph_breaks(family):
-    model, cache, token, step_mask = _quantized_after_prefill(family)
+@pytest.mark.parametrize("family, quantize_lm_head", [("llama", False), ("qwen3", False), ("llama", True)])
+def test_decode_step_compiles_fullgraph_without_graph_breaks(family, quantize_lm_head):
+    model, cache, token, step_mask = _quantized_after_prefill(family, quantize_lm_head)
+    assert isinstance(model.lm_head, qoq_torch.QoQLinear) == quantize_lm_head
     with torch.no_grad():
         position = (step_mask.cumsum(-1) - 1)[:, -1:]
 

@@ -16,18 +16,19 @@ PROMPTS = [[5, 9, 33, 70, 8, 100, 4, 12, 19], [40, 41, 3, 99], [7, 250, 7, 31, 6
 CUDA_SHAPE = dict(hidden_size=256, intermediate_size=512)
 
 
-def _models(family):
+def _models(family, quantize_lm_head=False):
     shape = {**CUDA_SHAPE, **({"head_dim": 64} if family == "qwen3" else {})}
-    cpu = qoq_torch.quantize(tiny_model(family, dtype=torch.float16, **shape),
-                             config=qoq_torch.QoQConfig(group_size=GROUP_SIZE), progress=False)
+    config = qoq_torch.QoQConfig(group_size=GROUP_SIZE, quantize_lm_head=quantize_lm_head)
+    cpu = qoq_torch.quantize(tiny_model(family, dtype=torch.float16, **shape), config=config, progress=False)
     import copy
 
     return cpu, copy.deepcopy(cpu).to("cuda")
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_cuda_logits_match_cpu_reference(family):
-    cpu, gpu = _models(family)
+@pytest.mark.parametrize("family, quantize_lm_head", [("llama", False), ("qwen3", False), ("llama", True)])
+def test_cuda_logits_match_cpu_reference(family, quantize_lm_head):
+    cpu, gpu = _models(family, quantize_lm_head)
+    assert isinstance(gpu.lm_head, qoq_torch.QoQLinear) == quantize_lm_head
     ids, mask = left_padded(PROMPTS)
     with torch.no_grad():
         ref = cpu(ids, attention_mask=mask).logits.float()
@@ -39,9 +40,9 @@ def test_cuda_logits_match_cpu_reference(family):
     assert ((got - ref).norm() / ref.norm()).item() < 2e-2
 
 
-@pytest.mark.parametrize("static", [False, True])
-def test_cuda_greedy_generate_matches_cpu(static):
-    cpu, gpu = _models("llama")
+@pytest.mark.parametrize("static, quantize_lm_head", [(False, False), (True, False), (True, True)])
+def test_cuda_greedy_generate_matches_cpu(static, quantize_lm_head):
+    cpu, gpu = _models("llama", quantize_lm_head)
     ids, mask = left_padded(PROMPTS)
     kw = dict(max_new_tokens=8, do_sample=False, cache_implementation="static" if static else None)
     ref = cpu.generate(ids, attention_mask=mask, **kw)

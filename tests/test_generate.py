@@ -35,6 +35,20 @@ def test_greedy_generate_equals_reference_simulation(family, group_size):
     assert len(set(got.flatten().tolist())) > 2  # a real continuation, not a constant
 
 
+@pytest.mark.parametrize("group_size", [GROUP_SIZE, -1])
+def test_a_quantized_lm_head_generates_like_the_simulation(group_size):
+    model = tiny_model("llama", tie_word_embeddings=True)
+    config = qoq_torch.QoQConfig(group_size=group_size, quantize_lm_head=True)
+    qoq_torch.quantize(model, config=config, progress=False)
+    assert isinstance(model.lm_head, qoq_torch.QoQLinear) and model.lm_head.group_size == group_size
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16  # the embeddings stay float
+    ids, mask = left_padded(PROMPTS)
+    got = _greedy(model, ids, mask)
+    assert torch.equal(got, SimulatedQoQ(model, len(PROMPTS), 64).greedy(ids, mask, NEW))
+    assert torch.equal(_greedy(model, ids, mask, cache_implementation="static"), got)
+    assert len(set(got.flatten().tolist())) > 2
+
+
 def test_batched_left_padded_equals_per_prompt_and_static_equals_dynamic():
     model = _quantized("llama")
     ids, mask = left_padded(PROMPTS)

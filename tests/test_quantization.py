@@ -199,6 +199,56 @@ def test_returned_weights_are_the_ops_format_of_the_transformed_weights(group_si
         assert bool(((q.dequantize() - w).abs().amax(1) <= bound * (1 + 1e-6)).all())
 
 
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_lm_head_is_quantized_only_when_asked(group_size):
+    plain = prepare_qoq(tiny_model("llama", tie=True), QoQConfig(group_size=group_size, clip_search=False),
+                        calib_data=CALIB, progress=False)
+    assert "lm_head" not in plain
+    model = tiny_model("llama", tie=True)
+    weights = prepare_qoq(model, QoQConfig(group_size=group_size, clip_search=False, quantize_lm_head=True),
+                          calib_data=CALIB, progress=False)
+    assert set(weights) == set(plain) | {"lm_head"}
+    for name in plain:  # the head does not change how the layers are quantized
+        assert torch.equal(weights[name].w4, plain[name].w4)
+    head, w = weights["lm_head"], model.lm_head.weight
+    assert model.lm_head.weight is not model.model.embed_tokens.weight  # the folded final norm untied it
+    assert isinstance(head, PerChannelWeight if group_size == -1 else PerGroupWeight)
+    assert head.w4.shape == w.shape == (VOCAB, 64)
+    # without clipping: the ops' format of the transformed head (within one quantization step)
+    bound = head.scale.float() if group_size == -1 else head.s1.float() * (0.5 + head.s2.float().amax(1))
+    assert bool(((head.dequantize() - w).abs().amax(1) <= bound * (1 + 1e-6)).all())
+    data_free = prepare_qoq(tiny_model("llama"), QoQConfig(group_size=group_size, quantize_lm_head=True),
+                            progress=False)
+    assert "lm_head" in data_free
+
+
+def test_lm_head_clipping_is_searched_on_what_the_head_reads():
+    clipped_model, plain_model = tiny_model("llama"), tiny_model("llama")
+    clipped = prepare_qoq(clipped_model, QoQConfig(group_size=32, quantize_lm_head=True), calib_data=CALIB,
+                          progress=False)["lm_head"]
+    plain = prepare_qoq(plain_model, QoQConfig(group_size=32, quantize_lm_head=True, clip_search=False),
+                        calib_data=CALIB, progress=False)["lm_head"]
+    w = clipped_model.lm_head.weight.detach()
+    torch.testing.assert_close(plain_model.lm_head.weight, w, rtol=0, atol=0)  # clipping is not folded
+    seen = []
+    hook = clipped_model.lm_head.register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, 64).float()))
+    logits(clipped_model, CALIB)  # every calibration token (fewer than max_search_tokens): the search saw all
+    hook.remove()
+    x = torch.cat(seen)
+    err_clipped = (x @ (clipped.dequantize() - w).t()).pow(2).sum(0)
+    err_plain = (x @ (plain.dequantize() - w).t()).pow(2).sum(0)
+    assert bool((err_clipped <= err_plain * (1 + 1e-5)).all()) and float(err_clipped.sum()) < float(err_plain.sum())
+
+
+def test_lm_head_needs_a_vocabulary_the_gemm_can_tile():
+    model = tiny_model("llama")
+    model.resize_token_embeddings(250)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        prepare_qoq(model, QoQConfig(group_size=32, quantize_lm_head=True), calib_data=CALIB[:, :8] % 250,
+                    progress=False)
+    prepare_qoq(tiny_model("llama"), QoQConfig(group_size=32), progress=False)  # without the head: fine
+
+
 def test_clip_search_lowers_the_layer_output_error():
     model = tiny_model("llama", hidden=128)
     clipped = copy.deepcopy(model)

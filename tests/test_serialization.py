@@ -42,6 +42,18 @@ def test_tied_embeddings_survive_a_round_trip(tmp_path):
     assert loaded(IDS).logits.dtype == torch.float16
 
 
+def test_a_quantized_lm_head_survives_a_round_trip(tmp_path):
+    config = qoq_torch.QoQConfig(group_size=GROUP_SIZE, quantize_lm_head=True)
+    model = qoq_torch.quantize(tiny_model("llama", tie_word_embeddings=True), config=config, progress=False)
+    qoq_torch.save_quantized(model, tmp_path)
+    loaded = qoq_torch.load_quantized(tmp_path)
+    assert isinstance(loaded.lm_head, qoq_torch.QoQLinear) and loaded.qoq_config.quantize_lm_head
+    assert "lm_head.qweight" in loaded.state_dict() and "lm_head.weight" not in loaded.state_dict()
+    with torch.no_grad():
+        assert torch.equal(model(IDS, attention_mask=MASK).logits, loaded(IDS, attention_mask=MASK).logits)
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
 def test_clear_errors(saved, tmp_path):
     model, path = saved
     with pytest.raises(FileNotFoundError, match="not a QoQ checkpoint"):

@@ -110,16 +110,36 @@ def decoder_layer_prefixes(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(f"model.layers.{i}", layer) for i, layer in enumerate(model.model.layers)]
 
 
+LM_HEAD = "lm_head"
+
+
+def patch_lm_head(model: nn.Module, weights: Mapping[str, QuantizedWeight] | None, group_size: int) -> None:
+    """Replace ``model.lm_head`` (an ``nn.Linear``) by a ``QoQLinear`` holding ``weights["lm_head"]`` (an empty one
+    on the meta device when ``weights`` is None). The embeddings keep their float weight: a tied head is untied."""
+    head = model.lm_head
+    if isinstance(head, QoQLinear):
+        raise ValueError("lm_head is already quantized")
+    new_head = _qoq_linear([head], [LM_HEAD], weights, group_size, head.weight.dtype)
+    _carry_hook(head, new_head)
+    model.lm_head = new_head
+    model.config.tie_word_embeddings = False
+
+
 @torch.no_grad()
-def patch_model(model: nn.Module, weights: Mapping[str, QuantizedWeight] | None, group_size: int) -> None:
-    """Swap every decoder layer's modules in place.
+def patch_model(model: nn.Module, weights: Mapping[str, QuantizedWeight] | None, group_size: int,
+                quantize_lm_head: bool = False) -> None:
+    """Swap every decoder layer's modules in place (and ``lm_head`` when ``quantize_lm_head``).
 
     weights: ``{"model.layers.<i>.self_attn.q_proj": PerGroupWeight | PerChannelWeight, ...}`` for the seven
-    linears of every layer (what ``prepare_qoq`` returns); None builds empty modules on the meta device (shapes
-    only; ``load_quantized`` fills them from a checkpoint).
+    linears of every layer, plus ``"lm_head"`` with ``quantize_lm_head`` (what ``prepare_qoq`` returns); None
+    builds empty modules on the meta device (shapes only; ``load_quantized`` fills them from a checkpoint).
     """
     spec = spec_for(model)
+    if quantize_lm_head and weights is not None and LM_HEAD not in weights:
+        raise KeyError("quantize_lm_head=True but there is no quantized weight for 'lm_head'")
     for prefix, layer in decoder_layer_prefixes(model):
         if isinstance(layer.self_attn, QoQAttention):
             raise ValueError(f"{prefix} is already quantized")
         patch_layer(model, spec, layer, prefix, weights, group_size)
+    if quantize_lm_head:
+        patch_lm_head(model, weights, group_size)

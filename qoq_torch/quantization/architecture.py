@@ -96,3 +96,22 @@ def check_group_size(model: nn.Module, group_size: int) -> None:
                     f"{names[id(lin)]}: every weight group must lie inside one row; choose a group size that "
                     f"divides {lin.in_features} or -1 (per-channel)"
                 )
+
+
+LM_HEAD_N_MULTIPLE = 16  # the CUDA W4A8 GEMM's N granularity (csrc/gemm/w4a8_gemm.cu)
+
+
+def check_lm_head_quantizable(model: nn.Module, group_size: int) -> None:
+    """Raise ValueError unless ``lm_head`` can become a W4A8 linear: no bias, the vocabulary a multiple of 16 (the
+    CUDA GEMM's N granularity, checked on every device so a checkpoint stays portable), K divisible by the group."""
+    head = model.lm_head
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"quantize_lm_head expects lm_head to be an nn.Linear, got {type(head).__name__}")
+    if head.bias is not None:
+        raise ValueError("quantize_lm_head does not support an lm_head with a bias")
+    if head.out_features % LM_HEAD_N_MULTIPLE:
+        raise ValueError(f"quantize_lm_head needs the vocabulary size to be a multiple of {LM_HEAD_N_MULTIPLE} "
+                         f"(the W4A8 GEMM's N granularity), got {head.out_features}; keep lm_head in 16-bit "
+                         "(quantize_lm_head=False)")
+    if group_size != -1 and head.in_features % group_size:
+        raise ValueError(f"group_size={group_size} does not divide lm_head's in-features K={head.in_features}")

@@ -1,6 +1,7 @@
 """prepare_qoq: the QoQ algorithm end to end on a Hugging Face decoder model."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -9,6 +10,8 @@ from tqdm.auto import tqdm
 
 from .architecture import (
     DecoderLayerView,
+    base_model,
+    check_lm_head_quantizable,
     check_finite_weights,
     check_group_size,
     check_supported,
@@ -73,6 +76,29 @@ def _calibrated_layer(view: DecoderLayerView, stats: Any, config: QoQConfig) -> 
     return {short: _quantize_linear(lin, inputs[short], config) for short, lin in view.linears().items()}
 
 
+def _quantize_lm_head(model: nn.Module, x: torch.Tensor | None, config: QoQConfig, progress: bool) -> QuantizedWeight:
+    with tqdm(total=1, desc="QoQ lm_head", unit="linear", disable=not progress) as bar:
+        weight = _quantize_linear(model.lm_head, x, config)
+        bar.update()
+    return weight
+
+
+@torch.no_grad()
+def lm_head_inputs(model: nn.Module, hidden: list[torch.Tensor], max_tokens: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """float32 ``[T, H]`` on lm_head's device: the final norm applied to up to ``max_tokens`` tokens sampled from
+    the last decoder layer's outputs ``hidden`` (one ``[b, s, H]`` tensor per calibration batch)."""
+    norm = base_model(model).norm
+    device = model.lm_head.weight.device
+    per_batch = math.ceil(max_tokens / len(hidden))
+    rows = []
+    for h in hidden:
+        flat = h.reshape(-1, h.shape[-1])
+        pick = torch.randperm(flat.shape[0], generator=generator)[: min(per_batch, flat.shape[0])].sort().values
+        rows.append(norm(flat[pick.to(flat.device)].to(norm.weight.device)).float().to(device))
+    return torch.cat(rows)
+
+
 @torch.no_grad()
 def prepare_qoq(
     model: nn.Module,
@@ -92,7 +118,8 @@ def prepare_qoq(
     decoder-layer RMSNorm weight is ones, the residual stream is rotated, SmoothAttention sits in q/k_proj (or
     q_norm/k_norm), o_proj/down_proj inputs are smoothed into v_proj/up_proj and down_proj inputs reordered.
     Returns ``{"model.layers.<i>.<self_attn|mlp>.<proj>": PerGroupWeight | PerChannelWeight}`` (group_size -1
-    gives PerChannelWeight), quantized from the transformed float weights; biases stay in the modules.
+    gives PerChannelWeight), quantized from the transformed float weights; biases stay in the modules. With
+    ``config.quantize_lm_head`` it also holds ``"lm_head"`` (clipping searched on the final norm's output).
     """
     config = QoQConfig() if config is None else config
     if not isinstance(config, QoQConfig):
@@ -101,6 +128,8 @@ def prepare_qoq(
     check_supported(model)
     check_finite_weights(model)
     check_group_size(model, config.group_size)
+    if config.quantize_lm_head:
+        check_lm_head_quantizable(model, config.group_size)
     tokens = resolve_calibration_tokens(calib_data, tokenizer, config.num_samples, config.seq_len, config.seed)
 
     fold_norms(model)
@@ -115,6 +144,8 @@ def prepare_qoq(
         for view in bar:
             for lin in view.linears().values():
                 weights[names[id(lin)]] = _quantize_linear(lin, None, config)
+        if config.quantize_lm_head:
+            weights["lm_head"] = _quantize_lm_head(model, None, config, progress)
         return weights
 
     inputs = capture_layer_inputs(model, tokens, config.calib_batch_size)
@@ -130,6 +161,9 @@ def prepare_qoq(
         for short, qweight in _calibrated_layer(view, stats, config).items():
             weights[names[id(getattr(view, short))]] = qweight
         del stats
+    if config.quantize_lm_head:
+        x_head = lm_head_inputs(model, inputs.hidden, config.max_search_tokens, generator)
+        weights["lm_head"] = _quantize_lm_head(model, x_head, config, progress)
     return weights
 
 

@@ -7,6 +7,7 @@ from .architecture import DecoderLayerView
 from .fake_quant import fake_quantize_weight
 
 _ERROR_CHUNK_ROWS = 4096  # output channels whose error is evaluated at once (bounds a [T, rows] temporary)
+_SEARCH_BLOCK_ROWS = 32768  # output channels searched at once (bounds the float32 weight copies)
 
 
 # ------------------------------------------------------------------------------------------- reordering
@@ -43,8 +44,16 @@ def search_clip_ratios(
 
     weight: float [N, K]; x: float32 [T, K] sampled inputs (the error is ``Σ_t (x_t · Δw_n)²``), or None for
     the data-free weight error ``Σ_k Δw_nk²``. Each row's quantization depends only on its own ratio, so rows
-    are chosen independently. Ratio 1.0 (no clipping) is always a candidate.
+    are chosen independently (and searched in blocks, which bounds the float32 copies of a large lm_head).
+    Ratio 1.0 (no clipping) is always a candidate.
     """
+    n = weight.shape[0]
+    return torch.cat([_search_rows(weight[r:r + _SEARCH_BLOCK_ROWS], x, group_size, min_ratio, steps)
+                      for r in range(0, n, _SEARCH_BLOCK_ROWS)])
+
+
+def _search_rows(weight: torch.Tensor, x: torch.Tensor | None, group_size: int, min_ratio: float,
+                 steps: int) -> torch.Tensor:
     wf = weight.float()
     n = wf.shape[0]
     best_err = torch.full((n,), float("inf"), device=wf.device)
