@@ -240,6 +240,20 @@ def test_lm_head_clipping_is_searched_on_what_the_head_reads():
     assert bool((err_clipped <= err_plain * (1 + 1e-5)).all()) and float(err_clipped.sum()) < float(err_plain.sum())
 
 
+@pytest.mark.parametrize("with_inputs", [True, False])
+def test_clip_search_in_row_blocks_chooses_what_one_block_does(monkeypatch, with_inputs):
+    from qoq_torch.quantization import reorder_clip
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(100, 64, generator=gen) * torch.rand(100, 1, generator=gen)
+    x = torch.randn(50, 64, generator=gen) if with_inputs else None
+    whole = reorder_clip.search_clip_ratios(w, x, 32, 0.5, 11)
+    monkeypatch.setattr(reorder_clip, "_SEARCH_BLOCK_ROWS", 16)  # 7 blocks, the last one partial
+    blocked = reorder_clip.search_clip_ratios(w, x, 32, 0.5, 11)
+    assert blocked.shape == (100,) and torch.equal(blocked, whole)
+    assert len(set(whole.tolist())) > 1  # the rows really chose different ratios
+
+
 def test_lm_head_needs_a_vocabulary_the_gemm_can_tile():
     model = tiny_model("llama")
     model.resize_token_embeddings(250)
