@@ -365,11 +365,27 @@ constexpr int kWgmma128BlocksPerSm = 2;  // the 128-row kernel's resident CTAs a
 constexpr int kNarrowBlocksPerSm = 2;
 template <int BM>
 constexpr int narrow_stages() { return BM <= 32 ? 8 : 6; }
-// Up to this M the default wgmma tile is a narrow one (H100, docs/benchmarks.md): 32 activation rows up to M = 32
-// per group and M = 64 per channel, 64 rows above. (Per channel at M = 33-64 the layer chain preferred the 64-row
-// tile, 72.6-74.0 against 73.6-76.3 us a layer, but end to end at batch 48 two 32-row m tiles decoded 11093-11203
-// tok/s against 10883-10938.) QOQ_GEMM_WGMMA_NARROW_MAX_M overrides (0: never).
+// Up to this M the default wgmma tile is a narrow one (H100, docs/benchmarks.md): 32 activation rows up to M = 32,
+// 64 rows above; per channel at M = 33-64 two 32-row m tiles unless the weight is larger than the L2
+// (per_channel_prefers_64_rows). QOQ_GEMM_WGMMA_NARROW_MAX_M overrides (0: never).
 int wgmma_narrow_max_m() { return env_int("QOQ_GEMM_WGMMA_NARROW_MAX_M", 128); }
+
+// Per channel at M = 33-64: two 32-row m tiles read every weight twice, the second time from L2 when the weight fits
+// there; one 64-row tile reads it once but computes up to 31 empty rows. H100 (50 MB of L2), µs per GEMM timed alone
+// at M = 40 and 64 (docs/results/gemm_per_channel_bm_by_shape_h100.txt), 32-row / 64-row tiles: weights that fit,
+// Llama-3-8B qkv (12 MB) 17.3-18.3 / 20.0-20.9, down (28 MB) 27.9-29.1 / 30.8-31.3; weights that do not, Llama-3-8B
+// gate_up (56 MB) 44.4-45.1 / 38.9-39.8, Qwen1.5-72B qkv (96 MB) 71.0-71.9 / 57.0-58.5, down (96 MB) 65.5-66.4 /
+// 62.3-63.6, gate_up (192 MB) 112.8-114.8 / 110.3-111.7, the Llama-3-8B head (250 MB) 144.0-146.6 / 123.4-127.0 and
+// the Qwen1.5-72B head (594 MB) 312.4-320.2 / 256.5-264.9. (All four Llama-3-8B layers on the 64-row tile: layer chain
+// 74.2-78.6 against 75.2-79.6 µs a layer at M = 40-64, batch 48 / 64 end to end within its run-to-run noise.)
+bool per_channel_prefers_64_rows(const GemmParams& p) {
+  static int l2_bytes[64] = {0};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int& l2 = l2_bytes[device & 63];
+  if (l2 == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
+  return static_cast<int64_t>(p.N) * p.K / 2 > l2;
+}
 
 // Per group from M = kPerGroupWsMinM up to wgmma_ws_min_m: the warp-specialised kernel when its grid (one CTA an SM)
 // takes no more waves than the 128-row kernel's (two an SM) and it splits K only for deep K (>= 64 k tiles). A wave
@@ -453,7 +469,7 @@ bool try_wgmma(const GemmParams& p, const at::TensorOptions& options) {
   if (bm == 0) {
     bm = p.M >= wgmma_ws_min_m() || (PER_GROUP && per_group_prefers_ws(p)) ? 256
          : p.M > wgmma_narrow_max_m()                                     ? 128
-         : p.M <= (PER_GROUP ? 32 : 64)                                   ? 32
+         : p.M <= 32 || (!PER_GROUP && p.M <= 64 && !per_channel_prefers_64_rows(p)) ? 32
                                                                           : 64;
   }
   if (bm == 256 && wgmma_ws_supports(p)) {
