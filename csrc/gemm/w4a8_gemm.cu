@@ -366,19 +366,24 @@ constexpr int kNarrowBlocksPerSm = 2;
 template <int BM>
 constexpr int narrow_stages() { return BM <= 32 ? 8 : 6; }
 // Up to this M the default wgmma tile is a narrow one (H100, docs/benchmarks.md): 32 activation rows up to M = 32,
-// 64 rows above; per channel at M = 33-64 two 32-row m tiles unless the weight is larger than the L2
-// (per_channel_prefers_64_rows). QOQ_GEMM_WGMMA_NARROW_MAX_M overrides (0: never).
+// 64 rows above (per channel at M = 33-64 two 32-row m tiles), except that a weight larger than the L2 takes the
+// tile that covers M at once (weight_exceeds_l2). QOQ_GEMM_WGMMA_NARROW_MAX_M overrides (0: never).
 int wgmma_narrow_max_m() { return env_int("QOQ_GEMM_WGMMA_NARROW_MAX_M", 128); }
 
-// Per channel at M = 33-64: two 32-row m tiles read every weight twice, the second time from L2 when the weight fits
-// there; one 64-row tile reads it once but computes up to 31 empty rows. H100 (50 MB of L2), µs per GEMM timed alone
-// at M = 40 and 64 (docs/results/gemm_per_channel_bm_by_shape_h100.txt), 32-row / 64-row tiles: weights that fit,
-// Llama-3-8B qkv (12 MB) 17.3-18.3 / 20.0-20.9, down (28 MB) 27.9-29.1 / 30.8-31.3; weights that do not, Llama-3-8B
-// gate_up (56 MB) 44.4-45.1 / 38.9-39.8, Qwen1.5-72B qkv (96 MB) 71.0-71.9 / 57.0-58.5, down (96 MB) 65.5-66.4 /
-// 62.3-63.6, gate_up (192 MB) 112.8-114.8 / 110.3-111.7, the Llama-3-8B head (250 MB) 144.0-146.6 / 123.4-127.0 and
-// the Qwen1.5-72B head (594 MB) 312.4-320.2 / 256.5-264.9. (All four Llama-3-8B layers on the 64-row tile: layer chain
-// 74.2-78.6 against 75.2-79.6 µs a layer at M = 40-64, batch 48 / 64 end to end within its run-to-run noise.)
-bool per_channel_prefers_64_rows(const GemmParams& p) {
+// Two or more m tiles read every weight once each, from L2 after the first when the weight fits there; one tile
+// covering M reads it once but computes its empty rows. H100 (50 MB of L2), µs per GEMM timed alone
+// (docs/results/gemm_per_channel_bm_by_shape_h100.txt, gemm_bm_m80_m128_by_shape_h100.txt):
+// - per channel at M = 40 / 64, 32-row / 64-row tiles: weights that fit, Llama-3-8B qkv (12 MB) 17.3-18.3 /
+//   20.0-20.9, down (28 MB) 27.9-29.1 / 30.8-31.3; weights that do not, Llama-3-8B gate_up (56 MB) 44.4-45.1 /
+//   38.9-39.8, Qwen1.5-72B qkv (96 MB) 71.0-71.9 / 57.0-58.5, down (96 MB) 65.5-66.4 / 62.3-63.6, gate_up (192 MB)
+//   112.8-114.8 / 110.3-111.7, the Llama-3-8B head (250 MB) 144.0-146.6 / 123.4-127.0, the Qwen1.5-72B head (594 MB)
+//   312.4-320.2 / 256.5-264.9;
+// - at M = 80 / 128, 64-row / 128-row tiles, per channel and per group: Llama-3-8B qkv, o, down 17.0-33.1 / 20.0-40.1;
+//   gate_up 47.2-48.7 / 43.2-44.6 per channel, 52.1-53.7 / 45.0-47.4 per group; Qwen1.5-72B qkv 78.1-80.0 / 66.6-68.0
+//   and 88.8-90.6 / 70.9-72.2; the Llama-3-8B head 162.7-172.1 / 151.1-157.7 and 185.9-190.5 / 157.8-164.9.
+// (All four Llama-3-8B layers per channel on the 64-row tile at M = 40-64: layer chain 74.2-78.6 against 75.2-79.6
+// µs a layer, batch 48 / 64 end to end within its run-to-run noise: the rule keeps the small weights on two tiles.)
+bool weight_exceeds_l2(const GemmParams& p) {
   static int l2_bytes[64] = {0};
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -467,10 +472,14 @@ bool try_wgmma(const GemmParams& p, const at::TensorOptions& options) {
   TORCH_CHECK(!PER_GROUP || p.packed_scales != nullptr, "internal: the per-group wgmma path needs packed scales");
   int bm = choice.bm;
   if (bm == 0) {
-    bm = p.M >= wgmma_ws_min_m() || (PER_GROUP && per_group_prefers_ws(p)) ? 256
-         : p.M > wgmma_narrow_max_m()                                     ? 128
-         : p.M <= 32 || (!PER_GROUP && p.M <= 64 && !per_channel_prefers_64_rows(p)) ? 32
-                                                                          : 64;
+    if (p.M >= wgmma_ws_min_m() || (PER_GROUP && per_group_prefers_ws(p))) {
+      bm = 256;
+    } else if (p.M > wgmma_narrow_max_m()) {
+      bm = 128;
+    } else {
+      const bool one_m_tile = weight_exceeds_l2(p);
+      bm = p.M <= 32 ? 32 : p.M <= 64 ? (PER_GROUP || one_m_tile ? 64 : 32) : (one_m_tile ? 128 : 64);
+    }
   }
   if (bm == 256 && wgmma_ws_supports(p)) {
     launch_wgmma_ws<5, PER_GROUP>(p, options);
