@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "models (GPU).")
     b.add_argument("path", help="directory written by `qoq quantize`, or `e2e`")
     b.add_argument("--shapes", nargs="+", default=["llama3-8b"], help="e2e: llama3-8b, qwen1.5-72b, tiny")
-    b.add_argument("--variants", nargs="+", default=["bf16", "qoq-g128", "qoq-channel"], help="e2e variants: bf16, qoq-g128, qoq-channel, qoq-g128-lmhead, qoq-channel-lmhead")
+    b.add_argument("--variants", nargs="+", default=["bf16", "qoq-g128", "qoq-channel"],
+                   help="e2e variants: bf16, qoq-g128, qoq-channel, qoq-g128-lmhead, qoq-channel-lmhead")
     b.add_argument("--batches", nargs="*", type=int, default=[1, 16, 64, 256],
                    help="e2e batch sizes (none: only --measure-max-batch)")
     b.add_argument("--protocols", nargs="+", default=["128x256"], help="e2e PROMPTxOUTPUT lengths")
