@@ -51,6 +51,16 @@ def _rotary_keys(view: DecoderLayerView, x: torch.Tensor, position_embeddings: A
 
 
 @torch.no_grad()
+def tokens_per_batch(max_tokens: int, batches: int) -> int:
+    """How many tokens each calibration batch contributes so that all of them give about ``max_tokens``."""
+    return math.ceil(max_tokens / batches)
+
+
+def sample_token_rows(n_tokens: int, per_batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Sorted int64 indices of up to ``per_batch`` distinct tokens among ``n_tokens`` (a batch's flattened rows)."""
+    return torch.randperm(n_tokens, generator=generator)[: min(per_batch, n_tokens)].sort().values
+
+
 def run_layer_with_statistics(
     view: DecoderLayerView,
     hidden: list[torch.Tensor],
@@ -62,7 +72,7 @@ def run_layer_with_statistics(
     """Run the layer on every calibration batch, replacing ``hidden[j]`` by the layer's output, and collect
     the statistics. Only one batch's intermediate activations exist at a time."""
     stats = LayerStatistics()
-    per_batch = math.ceil(max_tokens / len(hidden))
+    per_batch = tokens_per_batch(max_tokens, len(hidden))
     state: dict[str, Any] = {}
 
     def sample(x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +105,7 @@ def run_layer_with_statistics(
     try:
         for j, (x, kwargs) in enumerate(zip(hidden, layer_kwargs)):
             n_tokens = x.shape[0] * x.shape[1]
-            rows = torch.randperm(n_tokens, generator=generator)[: min(per_batch, n_tokens)].sort().values
+            rows = sample_token_rows(n_tokens, per_batch, generator)
             state["rows"] = rows.to(x.device)
             state["position_embeddings"] = kwargs["position_embeddings"]
             out = view.layer(x, **kwargs)

@@ -1,7 +1,6 @@
 """prepare_qoq: the QoQ algorithm end to end on a Hugging Face decoder model."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from .architecture import (
 from .calibration import capture_layer_inputs, resolve_calibration_tokens
 from .config import QoQConfig
 from .fake_quant import QuantizedWeight, quantize_weight
-from .layer_statistics import run_layer_with_statistics
+from .layer_statistics import run_layer_with_statistics, sample_token_rows, tokens_per_batch
 from .reorder_clip import fold_mlp_reorder, salience_order, search_clip_ratios
 from .rotation import fold_norms, rotate_residual, rotation_matrix
 from .smoothing import (
@@ -90,11 +89,11 @@ def lm_head_inputs(model: nn.Module, hidden: list[torch.Tensor], max_tokens: int
     the last decoder layer's outputs ``hidden`` (one ``[b, s, H]`` tensor per calibration batch)."""
     norm = base_model(model).norm
     device = model.lm_head.weight.device
-    per_batch = math.ceil(max_tokens / len(hidden))
+    per_batch = tokens_per_batch(max_tokens, len(hidden))
     rows = []
     for h in hidden:
         flat = h.reshape(-1, h.shape[-1])
-        pick = torch.randperm(flat.shape[0], generator=generator)[: min(per_batch, flat.shape[0])].sort().values
+        pick = sample_token_rows(flat.shape[0], per_batch, generator)
         rows.append(norm(flat[pick.to(flat.device)].to(norm.weight.device)).float().to(device))
     return torch.cat(rows)
 
