@@ -35,6 +35,20 @@ void allow_dynamic_smem(Kernel kernel, int bytes, bool (&done)[64]) {
   }
 }
 
+// An attribute of the current device, read once per (attribute, device): the launchers' dispatch asks for the SM
+// count, the L2 size and the shared memory limits on every call.
+inline int device_attribute(cudaDeviceAttr attr) {
+  constexpr int kCached = 256;  // cudaDeviceAttr values are small integers
+  static int cache[kCached][64] = {};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const int index = static_cast<int>(attr);
+  int fresh = 0;
+  int& value = index >= 0 && index < kCached ? cache[index][device & 63] : fresh;
+  if (value == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  return value;
+}
+
 // Whether `kernel` can run its sm_90 code on the current device: an sm_90+ device, and the image the driver picked
 // for it was compiled from sm_90+ PTX (ptxVersion is that image's virtual architecture; a build with only sm_80 PTX,
 // JIT-compiled on an H100, would run the kernel's pre-sm_90 fallback body). No launch and no stream work, so a first

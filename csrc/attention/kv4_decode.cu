@@ -773,20 +773,6 @@ __global__ void __launch_bounds__(kMergeQuantThreads) kv4_combine_quantize_kerne
   rowq::quantize_row<kMergeQuantVec>(ys, amax, k, x_q + token * k, x_s + token, x_sum + token);
 }
 
-int device_attribute(cudaDeviceAttr attr) {
-  static int cache[3][64] = {{0}};
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  TORCH_INTERNAL_ASSERT(attr == cudaDevAttrMultiProcessorCount || attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ||
-                        attr == cudaDevAttrMaxSharedMemoryPerMultiprocessor);
-  const int which = attr == cudaDevAttrMultiProcessorCount            ? 0
-                    : attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 1
-                                                                      : 2;
-  int& v = cache[which][device & 63];
-  if (v == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, device));
-  return v;
-}
-
 // What a launch produces: kv4_decode_attention's `out` [B, H_q, S_q, D], or (quantized) o_proj's INT8 input
 // x_q [B * S_q, H_q * D] with its per-token scale x_s and code sum x_sum.
 struct DecodeOutput {

@@ -87,15 +87,7 @@ void check_per_row(const char* name, const at::Tensor& t, at::ScalarType dtype, 
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-// Cached per device (ATen's CUDAContext.h pulls in cuSPARSE headers the compile check does not have).
-int multiprocessor_count() {
-  static int counts[64] = {0};
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  int& count = counts[device & 63];
-  if (count == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
+int multiprocessor_count() { return device_attribute(cudaDevAttrMultiProcessorCount); }
 
 int bias_kind(const std::optional<at::Tensor>& bias) {
   if (!bias.has_value()) return kNoBias;
@@ -384,12 +376,7 @@ int wgmma_narrow_max_m() { return env_int("QOQ_GEMM_WGMMA_NARROW_MAX_M", 128); }
 // (All four Llama-3-8B layers per channel on the 64-row tile at M = 40-64: layer chain 74.2-78.6 against 75.2-79.6
 // µs a layer, batch 48 / 64 end to end within its run-to-run noise: the rule keeps the small weights on two tiles.)
 bool weight_exceeds_l2(const GemmParams& p) {
-  static int l2_bytes[64] = {0};
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  int& l2 = l2_bytes[device & 63];
-  if (l2 == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
-  return static_cast<int64_t>(p.N) * p.K / 2 > l2;
+  return static_cast<int64_t>(p.N) * p.K / 2 > device_attribute(cudaDevAttrL2CacheSize);
 }
 
 // Per group from M = kPerGroupWsMinM up to wgmma_ws_min_m: the warp-specialised kernel when its grid (one CTA an SM)

@@ -368,14 +368,7 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_cluster_kernel(Args
 #endif
 }
 
-int max_dynamic_smem() {
-  static int per_device[64] = {0};
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  int& v = per_device[device & 63];
-  if (v == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return v;
-}
+int max_dynamic_smem() { return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin); }
 
 // Many rows of up to 2 * kRegsMaxThreads<2> vectors (K <= 8192 for 16-bit inputs) are held in registers
 // (QOQ_QUANT_REGS=0: the shared-memory kernel instead). H100 (docs/benchmarks.md, benchmarks/quant.py, same run):
