@@ -44,7 +44,8 @@ def plot_gemm(path: str, out: str) -> None:
 
 
 def plot_e2e(paths: list[str], out: str) -> None:
-    """tokens/s against batch from one or more e2e JSON files of the same device (e.g. one per protocol)."""
+    """tokens/s against batch from one or more e2e JSON files of the same device (e.g. one per protocol); where
+    the files repeat a (model, variant, protocol, batch), the first reading is drawn."""
     import matplotlib.pyplot as plt
 
     files = []
@@ -53,13 +54,14 @@ def plot_e2e(paths: list[str], out: str) -> None:
             files.append(json.load(fh))
     device = files[0]["device"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    series: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
+    series: dict[tuple[str, str, str], dict[int, float]] = {}
     for r in (row for f in files for row in f["rows"]):
         if r["tokens_per_s"]:
             protocol = f"{r['prompt_len']}/{r['new_tokens']}"
-            series.setdefault((r["model"], r["variant"], protocol), []).append((r["batch"], r["tokens_per_s"]))
+            # the first reading of a (variant, protocol, batch) is the one drawn (files repeat some as checks)
+            series.setdefault((r["model"], r["variant"], protocol), {}).setdefault(r["batch"], r["tokens_per_s"])
     for (model, variant, protocol), pts in sorted(series.items()):
-        ax.plot(*zip(*sorted(pts)), marker="o", linestyle="-" if protocol == "128/256" else "--",
+        ax.plot(*zip(*sorted(pts.items())), marker="o", linestyle="-" if protocol == "128/256" else "--",
                 label=f"{model} {variant} {protocol}")
     ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="output tokens/s (prompt/new tokens in the legend)",
            title=f"HF generate + torch.compile, {device}")
@@ -72,7 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gemm", default="docs/results/gemm_h100.json")
     parser.add_argument("--e2e", nargs="+",
-                        default=["docs/results/e2e_h100_run12.json", "docs/results/e2e_h100_run12_1024x512.json"])
+                        default=["docs/results/e2e_h100_run17_a.json", "docs/results/e2e_h100_run17_b.json"])
     parser.add_argument("--out", default="docs/plots")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
