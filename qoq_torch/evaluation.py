@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .text import encode_text
+
 try:
     from tqdm.auto import tqdm
 except ImportError:  # pragma: no cover - tqdm comes with transformers
@@ -36,7 +38,7 @@ def _encode(tokenizer_or_ids, text: str | None) -> torch.Tensor:
         return tokenizer_or_ids.reshape(-1).long()
     if text is None:
         raise ValueError("text is required when a tokenizer is given")
-    return torch.tensor(tokenizer_or_ids(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    return torch.tensor(encode_text(tokenizer_or_ids, text), dtype=torch.long)
 
 
 def encode_documents(docs: Sequence[str], tokenizer) -> torch.Tensor:
@@ -46,7 +48,7 @@ def encode_documents(docs: Sequence[str], tokenizer) -> torch.Tensor:
     """
     ids: list[int] = []
     for doc in docs:
-        ids += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids += encode_text(tokenizer, doc) + [tokenizer.eos_token_id]
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -145,8 +147,8 @@ def continuation_logprob(model: torch.nn.Module, tokenizer, context: str, contin
     The two strings are tokenized separately and concatenated, so every choice of an item is scored on the same
     context tokens.
     """
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    ctx = encode_text(tokenizer, context)
+    cont = encode_text(tokenizer, continuation)
     if not ctx or not cont:
         raise ValueError("context and continuation must each encode to at least one token")
     ids = torch.tensor([ctx + cont], dtype=torch.long, device=_model_device(model))

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..data import load_calibration_documents
+from ..text import encode_text
 from .architecture import base_model
 
 def tokenize_blocks(texts: Sequence[str], tokenizer: Any, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -18,7 +19,7 @@ def tokenize_blocks(texts: Sequence[str], tokenizer: Any, num_samples: int, seq_
     """
     if tokenizer is None:
         raise ValueError("calib_data given as texts needs a tokenizer")
-    ids = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    ids = torch.tensor(encode_text(tokenizer, "\n\n".join(texts)), dtype=torch.long)
     n_blocks = ids.numel() // seq_len
     if n_blocks == 0:
         raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
