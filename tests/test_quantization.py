@@ -431,3 +431,22 @@ def test_bad_calibration_data(calib_data, tokenizer, match):
     with pytest.raises(ValueError, match=match):
         prepare_qoq(tiny_model("llama"), QoQConfig(group_size=32), tokenizer=tokenizer, calib_data=calib_data,
                     progress=False)
+
+
+def test_layer_statistics_build_no_autograd_graph():
+    """The calibration pass records statistics without autograd even when the caller has grad enabled and the
+    weights require grad (the graph would keep every batch's activations alive)."""
+    from qoq_torch.quantization.architecture import decoder_layers
+    from qoq_torch.quantization.calibration import capture_layer_inputs
+    from qoq_torch.quantization.layer_statistics import run_layer_with_statistics
+
+    model = tiny_model("llama")
+    model.requires_grad_(True)
+    tokens = torch.randint(1, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        inputs = capture_layer_inputs(model, tokens, batch_size=1)
+    kwargs = [per_batch[0] for per_batch in inputs.layer_kwargs]
+    with torch.enable_grad():
+        stats = run_layer_with_statistics(decoder_layers(model)[0], inputs.hidden, kwargs, 64,
+                                          torch.Generator().manual_seed(0), "layer 0")
+    assert stats.attn_x and not any(t.requires_grad for t in inputs.hidden + stats.attn_x + stats.down_x)

@@ -50,7 +50,6 @@ def _rotary_keys(view: DecoderLayerView, x: torch.Tensor, position_embeddings: A
     return k
 
 
-@torch.no_grad()
 def tokens_per_batch(max_tokens: int, batches: int) -> int:
     """How many tokens each calibration batch contributes so that all of them give about ``max_tokens``."""
     return math.ceil(max_tokens / batches)
@@ -61,6 +60,7 @@ def sample_token_rows(n_tokens: int, per_batch: int, generator: torch.Generator)
     return torch.randperm(n_tokens, generator=generator)[: min(per_batch, n_tokens)].sort().values
 
 
+@torch.no_grad()
 def run_layer_with_statistics(
     view: DecoderLayerView,
     hidden: list[torch.Tensor],

@@ -10,9 +10,9 @@ from tqdm.auto import tqdm
 from .architecture import (
     DecoderLayerView,
     base_model,
-    check_lm_head_quantizable,
     check_finite_weights,
     check_group_size,
+    check_lm_head_quantizable,
     check_supported,
     decoder_layers,
     module_names,
