@@ -26,7 +26,9 @@ import types
 import torch
 from torch import nn
 from transformers.generation import utils as generation_utils
+from transformers.masking_utils import create_masks_for_generate
 
+from .decode_mask import decode_step_masks
 from .kv_cache import KV4Cache
 from .linear import QoQLinear
 
@@ -138,11 +140,21 @@ def _kv4_default_compile_config(self):
                          options={"triton.cudagraphs": True, "guard_filter_fn": skip_packed_weight_guards})
 
 
+def _kv4_create_masks_for_generate(self, **kwargs):
+    """generate's mask builder for compileable caches: ``decode_step_masks`` on a static KV4 cache's decode steps,
+    transformers' ``create_masks_for_generate`` otherwise."""
+    masks = decode_step_masks(**kwargs)
+    return create_masks_for_generate(**kwargs) if masks is None else masks
+
+
 def enable_kv4_generate(model: nn.Module) -> None:
     """Install the KV4 cache hook on ``model`` (idempotent), its default compile config for generate's decode step
-    (``_kv4_default_compile_config``) and the deferred stop check for KV4 caches on CUDA."""
+    (``_kv4_default_compile_config``), the decode-step mask builder (``decode_step_masks``; not on models whose
+    class builds its own masks) and the deferred stop check for KV4 caches on CUDA."""
     model._prepare_cache_for_generation = types.MethodType(_prepare_kv4_cache_for_generation, model)
     model._default_compile_config = types.MethodType(_kv4_default_compile_config, model)
+    if not hasattr(type(model), "create_masks_for_generate"):
+        model.create_masks_for_generate = types.MethodType(_kv4_create_masks_for_generate, model)
     _install_deferred_stop_check()
 
 
@@ -150,4 +162,5 @@ def disable_kv4_generate(model: nn.Module) -> None:
     """Remove the hook (and the kept cache): generate goes back to transformers' float caches."""
     model.__dict__.pop("_prepare_cache_for_generation", None)
     model.__dict__.pop("_default_compile_config", None)
+    model.__dict__.pop("create_masks_for_generate", None)
     model.__dict__.pop(KEPT_CACHE, None)

@@ -344,6 +344,7 @@ class KV4Cache(Cache):
         super().__init__(layers=layers)
         self._static_len = max_cache_len
         self._kv_starts: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # this forward's (mask, kv_starts)
+        self._slots: torch.Tensor | None = None  # slot_indices
 
     @property
     def is_static(self) -> bool:
@@ -352,6 +353,16 @@ class KV4Cache(Cache):
     def nbytes(self) -> int:
         """Bytes allocated for K/V across layers."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def slot_indices(self) -> torch.Tensor:
+        """int64 ``[max_cache_len]`` slot numbers ``0..T-1`` on the cache's device, built once (a static cache whose
+        layers are allocated)."""
+        if not self.is_static or not self.layers[0].is_initialized:
+            raise ValueError("slot_indices needs a static KV4 cache that holds tokens")
+        device = self.layers[0].device
+        if self._slots is None or self._slots.device != device:
+            self._slots = torch.arange(self._static_len, device=device)
+        return self._slots
 
     def kv_starts(self, layer_idx: int, attention_mask: torch.Tensor | None, batch: int,
                   device: torch.device) -> torch.Tensor:
