@@ -139,4 +139,4 @@ def test_recorded_compile_config_is_json():
     model = benchmarking.build_quantized_model("tiny", group_size=128, device="cpu")
     config = benchmarking.compile_config_for(model, benchmarking.MODEL_DEFAULT)
     text = json.dumps(benchmarking._json_safe(config.to_dict()))  # a function in options must not break the JSON
-    assert "qoq_torch.nn.generation.skip_packed_weight_guards" in text and '"triton.cudagraphs": true' in text
+    assert "qoq_torch.nn.generation.skip_fixed_layout_guards" in text and '"triton.cudagraphs": true' in text

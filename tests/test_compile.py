@@ -58,19 +58,22 @@ def test_decode_step_compiles_fullgraph_without_graph_breaks(family, quantize_lm
     assert int(compiled_cache.get_seq_length()) == step_mask.shape[1]
 
 
-def test_generate_compiles_with_the_packed_weight_guard_filter():
-    from qoq_torch.nn.generation import skip_packed_weight_guards
+def test_generate_compiles_with_the_fixed_layout_guard_filter():
+    from qoq_torch.nn.generation import skip_fixed_layout_guards
 
     model, cache, token, step_mask = _quantized_after_prefill()
     config = model._default_compile_config()  # what generate's automatic compilation uses
     assert config.mode is None and config.backend == "inductor"
-    assert config.options == {"triton.cudagraphs": True, "guard_filter_fn": skip_packed_weight_guards}
+    assert config.options == {"triton.cudagraphs": True, "guard_filter_fn": skip_fixed_layout_guards}
 
     seen = {}
 
     def recording_filter(entries):
-        keep = skip_packed_weight_guards(entries)
-        seen["dropped"] = sorted({e.name.rsplit("'", 2)[-2] for e, k in zip(entries, keep) if not k})
+        keep = skip_fixed_layout_guards(entries)
+        seen["dropped"] = sorted({e.name.rsplit("'", 2)[-2] for e, k in zip(entries, keep)
+                                  if not k and "past_key_values" not in e.name})
+        seen["dropped_cache"] = sorted(e.name.split("past_key_values']")[1] for e, k in zip(entries, keep)
+                                       if not k and "past_key_values" in e.name)
         seen["kept_tensors"] = [e.name for e, k in zip(entries, keep) if k and e.guard_type == "TENSOR_MATCH"]
         return keep
 
@@ -78,17 +81,45 @@ def test_generate_compiles_with_the_packed_weight_guard_filter():
         model, cache, token, step_mask,
         lambda m: torch._dynamo.optimize("aot_eager", nopython=True, guard_filter_fn=recording_filter)(m))
     assert torch.equal(got, eager)
-    # the packed weights' guards go; the norm weights', the embedding's and the cache's stay
+    # the packed weights' guards go, and those of the cache layers after the first; the norm weights', the
+    # embedding's and cache layer 0's stay
     assert seen["dropped"] == ["packed_scales", "qweight", "s1", "s2", "z2"]
+    buffers = ("k_cache", "k_params", "v_cache", "v_params")
+    assert seen["dropped_cache"] == sorted(f".layers[{i}].{b}" for i in range(1, len(cache.layers)) for b in buffers)
     assert any("norm_weight" in name for name in seen["kept_tensors"])
     assert any("embed_tokens" in name for name in seen["kept_tensors"])
-    assert any("k_cache" in name for name in seen["kept_tensors"])
+    assert sorted(n.split(".layers[0].")[1] for n in seen["kept_tensors"] if ".layers[0]." in n) == \
+        ["_shared.tensor", *buffers]
 
 
-def test_packed_weight_guard_filter_keeps_what_it_does_not_recognise():
+def test_a_cache_of_another_size_recompiles_under_the_guard_filter():
+    from qoq_torch.nn.generation import skip_fixed_layout_guards
+
+    model, cache, token, step_mask = _quantized_after_prefill()
+    ids, mask = left_padded(PROMPTS)
+    larger = KV4Cache(model.config, max_cache_len=24)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=larger)
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch._dynamo.optimize(counting_backend, nopython=True, guard_filter_fn=skip_fixed_layout_guards)(model)
+    with torch.no_grad():
+        for c in (cache, larger):
+            eager = model(token, attention_mask=step_mask, past_key_values=copy.deepcopy(c)).logits
+            assert torch.equal(compiled(token, attention_mask=step_mask, past_key_values=copy.deepcopy(c)).logits,
+                               eager)
+    assert len(compiles) == 2
+
+
+def test_fixed_layout_guard_filter_keeps_what_it_does_not_recognise():
     from types import SimpleNamespace
 
-    from qoq_torch.nn.generation import skip_packed_weight_guards
+    from qoq_torch.nn.generation import skip_fixed_layout_guards
 
     u8 = torch.zeros(2, dtype=torch.uint8)
     entries = [
@@ -98,8 +129,14 @@ def test_packed_weight_guard_filter_keeps_what_it_does_not_recognise():
         SimpleNamespace(guard_type="ID_MATCH", name="L['self']._modules['o_proj']._buffers['qweight']", value=u8),
         SimpleNamespace(guard_type="TENSOR_MATCH", name="L['self']._parameters['weight']", value=u8),
         SimpleNamespace(guard_type="TENSOR_MATCH"),  # no name: not a guard it knows
+        SimpleNamespace(guard_type="TENSOR_MATCH", name="L['kwargs']['past_key_values'].layers[12].v_params",
+                        value=torch.zeros(2, dtype=torch.float16)),
+        SimpleNamespace(guard_type="TENSOR_MATCH", name="L['kwargs']['past_key_values'].layers[0].v_params",
+                        value=torch.zeros(2, dtype=torch.float16)),  # layer 0 fixes the others' layout
+        SimpleNamespace(guard_type="TENSOR_MATCH", name="L['kwargs']['past_key_values'].layers[10].keys",
+                        value=torch.zeros(2, dtype=torch.bfloat16)),  # a float cache's tensors
     ]
-    assert skip_packed_weight_guards(entries) == [False, True, True, True, True]
+    assert skip_fixed_layout_guards(entries) == [False, True, True, True, True, False, True, True]
 
 
 def test_decode_step_graph_fuses_the_residual_add_into_the_mlp_norm():
