@@ -4,9 +4,9 @@ Usage: python benchmarks/host_step.py [--variant qoq-channel] [--batch 1] [--jso
 Builds the Llama-3-8B-shaped random-weight model (as `qoq bench e2e`), runs generate once (static KV4 cache,
 compiled decode step), then times on the host, median µs of a call:
   * the decode step's masks: transformers' ``create_masks_for_generate`` against ``decode_step_masks``;
-  * the compiled decode forward up to its return (dynamo's guards, the CUDA-graph wrapper, the graph launch; the
-    GPU is idle at each call's start), compiled with the default guard filter (``skip_fixed_layout_guards``) and
-    with one that keeps the cache's guards (the filter before the cache part).
+  * ``decode_step_masks`` then the compiled decode forward up to its return (dynamo's guards, the CUDA-graph wrapper,
+    the graph launch; the GPU is idle at each call's start), compiled with the default guard filter
+    (``skip_fixed_layout_guards``) and with one that keeps the cache's guards (the filter before the cache part).
 Needs a CUDA GPU.
 """
 from __future__ import annotations
