@@ -231,6 +231,22 @@ __global__ void __launch_bounds__(32 * W, (NQ == 1 && D <= 128) ? 16 / W : 1) kv
   // PDL: q, the lengths and the cache (the append just before wrote it) are all read after the wait
   pdl_wait();
   if (!a.late_trigger) pdl_launch_dependents();
+  // q's loads go out first: issued after the pipeline fill they queued behind its DRAM reads (H100 timestamps at
+  // batch 1: 1.8 to 4.1 µs from the wait to the K loop, growing with the fill's bytes; docs/benchmarks.md).
+  constexpr int kQWords = G::kKWords;
+  uint4 q_raw[NQ][kQWords];
+#pragma unroll
+  for (int n = 0; n < NQ; ++n) {
+    const int r = row0 + g + 8 * n;
+#pragma unroll
+    for (int wi = 0; wi < kQWords; ++wi) q_raw[n][wi] = make_uint4(0, 0, 0, 0);
+    if (a.q_vec16 && r < rows) {
+      const T* src = static_cast<const T*>(a.q) + b * a.q_stride[0] + (hkv * group + r / a.s_q) * a.q_stride[1] +
+                     (r % a.s_q) * a.q_stride[2] + c * (D / 4);
+#pragma unroll
+      for (int wi = 0; wi < kQWords; ++wi) q_raw[n][wi] = *reinterpret_cast<const uint4*>(src + 8 * wi);
+    }
+  }
 
   // Valid slots [start, len) of this row, clamped to the cache (bad values never index out of bounds).
   const int len = min(a.kv_lens[b], a.t);
@@ -336,7 +352,7 @@ __global__ void __launch_bounds__(32 * W, (NQ == 1 && D <= 128) ? 16 / W : 1) kv
       if (valid) {
         const T* src = qrow + c * (D / 4) + 8 * wi;
         if (a.q_vec16) {
-          const uint4 raw = *reinterpret_cast<const uint4*>(src);
+          const uint4 raw = q_raw[n][wi];
           const uint32_t w4[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
           for (int j = 0; j < 8; ++j) e[j] = static_cast<uint16_t>(w4[j / 2] >> (16 * (j % 2)));
@@ -587,12 +603,14 @@ __global__ void __launch_bounds__(32 * W, (NQ == 1 && D <= 128) ? 16 / W : 1) kv
       }
     }
   }
+  const int block_rows = min(8 * NQ, rows - row0);
 #pragma unroll
   for (int half = 0; half < NQ; ++half) {
+    const int r0 = 8 * half + 2 * c;
+    if (r0 >= block_rows) continue;  // rows past the block's (a GQA group of 4 fills 4 of 8)
 #pragma unroll
     for (int i = 0; i < G::kMTiles; ++i) {
       const int d0 = (D / 8) * g + 2 * i;  // low nibble of byte i of lane group g's V share
-      const int r0 = 8 * half + 2 * c;
       float* o = red_o + (warp * kRowsPerBlock) * D;
       o[r0 * D + red_o_col(r0, d0)] = acc[half][i][0];
       o[(r0 + 1) * D + red_o_col(r0 + 1, d0)] = acc[half][i][1];
@@ -602,16 +620,19 @@ __global__ void __launch_bounds__(32 * W, (NQ == 1 && D <= 128) ? 16 / W : 1) kv
   }
   __syncthreads();
 
-  const int block_rows = min(8 * NQ, rows - row0);
   const int64_t rows_total = static_cast<int64_t>(a.b) * a.h_q * a.s_q;
   float* merge_o = reinterpret_cast<float*>(smem + G::kReduceBytes);  // [kRowsPerBlock][D]
   float* merge_lse = merge_o + kRowsPerBlock * D;
-  for (int idx = threadIdx.x; idx < block_rows * D; idx += kThreads) {
-    const int r = idx / D, d = idx % D;
+  // Four consecutive dims a thread: red_o_col keeps each aligned group of 4 together (bits 0-1 XOR-ed with
+  // (r >> 1) & 3), so one 16-byte load per warp state gives them, and the results leave as 16-byte stores.
+  constexpr int kQuads = D / 4;
+  for (int idx = threadIdx.x; idx < block_rows * kQuads; idx += kThreads) {
+    const int r = idx / kQuads, d = (idx % kQuads) * 4;
+    const int swz = (r >> 1) & 3, col = red_o_col(r, d) & ~3;
     float m_max = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) m_max = fmaxf(m_max, red_m[w * kRowsPerBlock + r]);
-    float l_sum = 0.f, o_sum = 0.f;
+    float l_sum = 0.f, o_sum[4] = {0.f, 0.f, 0.f, 0.f};
     if (m_max != -INFINITY) {
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) {
@@ -619,21 +640,38 @@ __global__ void __launch_bounds__(32 * W, (NQ == 1 && D <= 128) ? 16 / W : 1) kv
         if (mw == -INFINITY) continue;
         const float e = kv4::exp2_approx(mw - m_max);
         l_sum += e * red_l[w * kRowsPerBlock + r];
-        o_sum += e * (red_o[(w * kRowsPerBlock + r) * D + red_o_col(r, d)] + red_vmin[w * kRowsPerBlock + r]);
+        const float vmin = red_vmin[w * kRowsPerBlock + r];
+        const float4 q4 = *reinterpret_cast<const float4*>(red_o + (w * kRowsPerBlock + r) * D + col);
+        o_sum[0] += e * (q4.x + vmin);  // in shared-memory order: dim d + (k ^ swz) in o_sum[k]
+        o_sum[1] += e * (q4.y + vmin);
+        o_sum[2] += e * (q4.z + vmin);
+        o_sum[3] += e * (q4.w + vmin);
       }
     }
     const bool seen = l_sum > 0.f;
-    const float value = seen ? o_sum / l_sum : 0.f;
+    float value[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int k = j ^ swz;  // selects, not a runtime index into a local array
+      const float o = k == 0 ? o_sum[0] : k == 1 ? o_sum[1] : k == 2 ? o_sum[2] : o_sum[3];
+      value[j] = seen ? o / l_sum : 0.f;
+    }
     const int64_t row_id = output_row(a, b, hkv * group, row0 + r);
-    const float lse = seen ? m_max + log2f(l_sum) : -INFINITY;
     if (a.cluster_merge) {
-      merge_o[r * D + d] = value;
-      if (d == 0) merge_lse[r] = lse;
+      *reinterpret_cast<float4*>(merge_o + r * D + d) = make_float4(value[0], value[1], value[2], value[3]);
+      if (d == 0) merge_lse[r] = seen ? m_max + log2f(l_sum) : -INFINITY;
     } else if (!a.partials) {
-      static_cast<T*>(a.out)[row_id * D + d] = from_float<T>(value);
+      uint2 packed;  // the 4 values in T, one 8-byte store
+      T* out4 = reinterpret_cast<T*>(&packed);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out4[j] = from_float<T>(value[j]);
+      *reinterpret_cast<uint2*>(static_cast<T*>(a.out) + row_id * D + d) = packed;
     } else {
-      if (seen) a.part_o[(split * rows_total + row_id) * D + d] = value;
-      if (d == 0) a.part_lse[split * rows_total + row_id] = lse;
+      if (seen) {
+        *reinterpret_cast<float4*>(a.part_o + (split * rows_total + row_id) * D + d) =
+            make_float4(value[0], value[1], value[2], value[3]);
+      }
+      if (d == 0) a.part_lse[split * rows_total + row_id] = seen ? m_max + log2f(l_sum) : -INFINITY;
     }
   }
   if (a.cluster_merge) merge_in_cluster<T, D, kThreads>(a, merge_o, merge_lse, red_m, block_rows, b, hkv * group, row0);
