@@ -211,7 +211,7 @@ def assert_quantized_equals_unfused(q, caches, lens, starts, sm_scale) -> None:
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("b,h_q,h_kv,s_q,d,t", [
     (1, 32, 8, 1, 128, 384),    # Llama-3 decode at batch 1: a few splits
-    (1, 32, 8, 1, 128, 100),    # one split (the decode kernel writes partials anyway)
+    (1, 32, 8, 1, 128, 100),    # short: most of the one-token rule's 12 splits hold no slot
     (16, 32, 8, 1, 128, 300),
     (3, 8, 8, 1, 64, 37),
     (2, 12, 4, 3, 128, 129),    # multi-token rows: row b * S_q + i
@@ -225,6 +225,41 @@ def test_decode_quantize_equals_unfused_bit_exact(b, h_q, h_kv, s_q, d, t, dtype
     lens = torch.randint(max(1, t // 2), t + 1, (b,), generator=gen, dtype=torch.int32)
     starts = torch.randint(0, max(1, t // 4), (b,), generator=gen, dtype=torch.int32)
     assert_quantized_equals_unfused(q, caches, lens, starts, 1 / math.sqrt(d))
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,t,warps,merge_quantize", [
+    (1, 384, 4, False), (1, 1024, 4, False),  # the one-token rule: 12 splits, merge kernel + quantize_per_token
+    (1, 1025, 8, False),                       # past it: the 8-warp rule, 9 splits (more than merge-quantize takes)
+    (2, 384, 8, True),                         # two tokens: the 8-warp rule, 3 splits in one merge-quantize block
+])
+def test_decode_quantize_one_token_rule(b, t, warps, merge_quantize, gen, monkeypatch):
+    """One token (batch 1) on a cache of up to 1024 slots: 4-warp decode blocks and 12 splits, merged by the per-head
+    merge kernel then quantize_per_token; otherwise the 8-warp rule. Either way the same bits as quantizing
+    kv4_decode_attention."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name in ("QOQ_KV4_SPLITS", "QOQ_KV4_WARPS"):
+        monkeypatch.delenv(name, raising=False)
+    d, h_q, h_kv = 128, 32, 8
+    caches = random_cache(b, h_kv, t, d, gen)
+    q = random_query(b, h_q, 1, d, torch.bfloat16, gen)
+    lens = torch.full((b,), t, dtype=torch.int32)
+    starts = torch.zeros(b, dtype=torch.int32)
+    assert_quantized_equals_unfused(q, caches, lens, starts, 1 / math.sqrt(d))
+    args = (q.cuda(), *[c.cuda() for c in caches], lens.cuda(), starts.cuda(), 1 / math.sqrt(d))
+    ops.kv4_decode_attention_quantize(*args)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        ops.kv4_decode_attention_quantize(*args)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not names:
+        pytest.skip("the profiler recorded no CUDA kernel on this setup")
+    decode = [n for n in names if "kv4_decode_kernel" in n]
+    assert len(decode) == 1 and f", 1, {warps}>(" in decode[0], names
+    assert any("kv4_combine_quantize_kernel" in n for n in names) == merge_quantize, names
+    assert any("quantize_rows" in n for n in names) != merge_quantize, names
 
 
 @needs_kernel
