@@ -1014,12 +1014,12 @@ void launch_rows(DecodeArgs& a, const at::Tensor& q, DecodeOutput& o) {
     // 10.7 / 19.4 / 55.1 against 14.4 / 29.1 / 85.4; batch 16 (one 8-warp block per item, no split) as before. With
     // fewer splits a block walks more steps per warp; with more, the blocks share SMs or their fixed cost outweighs.
     // QOQ_KV4_WARPS=4|8 forces the width (the split count is then the 4-warp rule's unless QOQ_KV4_SPLITS is set).
-    //
-    // The quantized op with one token (a batch-1 decode step) on a cache of up to kOneTokenMaxSlots: 4-warp blocks and
-    // kOneTokenSplits splits (where they fit in one block an SM), so that its merge runs as the per-head merge kernel
-    // and quantize_per_token rather than merge_quantize's single block. H100 sweep, 32 / 8 heads, µs at 256 / 384 /
-    // 640 / 1024 slots: 7.1 / 7.2 / 7.5 / 7.9 against 7.5 / 7.6 / 8.3 / 8.9 for the 8-warp rule (2-3 splits merged by
-    // one block); at batch 2 and 4 it gained nothing (docs/benchmarks.md, "The quantized op at batch 1").
+    // Except: the quantized op with one token (a batch-1 decode step) on a cache of up to kOneTokenMaxSlots takes 4-warp
+    // blocks and kOneTokenSplits splits (where they fit one block an SM), so that its merge runs as the per-head merge
+    // kernel and quantize_per_token rather than merge_quantize's single block. H100 sweep of the quantized op, 32 / 8
+    // heads, µs at 256 / 384 / 640 / 1024 slots: 7.1 / 7.2 / 7.5 / 7.9 against 7.5 / 7.6 / 8.3 / 8.9 with the 8-warp
+    // rule (2-8 splits merged by one block); it lost at batch 2 and 4 (docs/benchmarks.md, "The quantized op at
+    // batch 1").
     int64_t splits = decode_splits<T, D, 1>(a);
     const int64_t items = decode_items(a), sms = device_attribute(cudaDevAttrMultiProcessorCount);
     const bool forced_splits = env_int("QOQ_KV4_SPLITS", 0) > 0;
