@@ -783,6 +783,8 @@ constexpr int kMaxClusterSplits = 2;
 // The one-token quantized op's split rule (launch_rows).
 constexpr int kOneTokenMaxSlots = 1024;
 constexpr int64_t kOneTokenSplits = 12;
+static_assert(kOneTokenSplits > kMergeQuantMaxSplits,
+              "the one-token rule is meant to take the per-head merge and quantize_per_token, not merge-quantize");
 
 template <typename T>
 __global__ void __launch_bounds__(kMergeQuantThreads) kv4_combine_quantize_kernel(
