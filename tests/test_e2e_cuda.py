@@ -99,3 +99,21 @@ def test_cuda_deferred_stop_check_generates_what_the_per_step_check_does(static)
     assert torch.equal(outs["per-step"], outs["model-default"])
     row = outs["per-step"][1, ids.shape[1]:]
     assert int(row[first]) == eos and bool((row[first + 1:] == 0).all())  # row 1 really stopped at its end-of-sequence token
+
+
+def test_cuda_assisted_decoding_and_beam_search_generate():
+    """Prompt lookup verifies several candidates in one forward (the decode attention with several query tokens) and
+    crops the rejected ones off the KV4 cache; beam search reorders its rows. On CUDA both must give greedy's /
+    the CPU's first tokens."""
+    cpu, gpu = _models("llama")
+    prompt = torch.tensor([PROMPTS[0] * 3])
+    mask = torch.ones_like(prompt)
+    kw = dict(max_new_tokens=8, do_sample=False)
+    greedy = gpu.generate(prompt.cuda(), attention_mask=mask.cuda(), **kw).cpu()
+    lookup = gpu.generate(prompt.cuda(), attention_mask=mask.cuda(), prompt_lookup_num_tokens=3, **kw).cpu()
+    n = prompt.shape[1]
+    assert torch.equal(lookup[:, : n + 4], greedy[:, : n + 4])
+    beams = dict(num_beams=3, **kw)
+    ref = cpu.generate(prompt, attention_mask=mask, **beams)
+    got = gpu.generate(prompt.cuda(), attention_mask=mask.cuda(), **beams).cpu()
+    assert torch.equal(got[:, : n + 4], ref[:, : n + 4])

@@ -170,3 +170,43 @@ def test_a_static_cache_held_outside_the_model_is_never_reset_by_a_later_generat
     assert int(returned.get_seq_length()) == length and torch.equal(returned.layers[0].k_cache, k0)
     disable_kv4_generate(model)
     assert KEPT_CACHE not in model.__dict__
+
+
+def test_assisted_decoding_equals_greedy_and_rolls_the_kv4_cache_back(monkeypatch):
+    """Prompt-lookup and assistant-model decoding verify several candidate tokens in one forward and crop the
+    rejected ones off the cache (``crop(-n)``; ``crop(0)`` when all were accepted): greedy tokens either way."""
+    from qoq_torch.nn import KV4Layer
+
+    crops = []
+    original_crop = KV4Layer.crop
+    monkeypatch.setattr(KV4Layer, "crop", lambda self, n: (crops.append(int(n)), original_crop(self, n))[1])
+    model = _quantized("llama")
+    prompt = torch.tensor([PROMPTS[0] * 3])  # repeated n-grams: prompt lookup proposes candidates
+    mask = torch.ones_like(prompt)
+    expect = _greedy(model, prompt, mask)
+    for kwargs in (dict(prompt_lookup_num_tokens=3), dict(assistant_model=_quantized("llama", seed=3))):
+        crops.clear()
+        assert torch.equal(_greedy(model, prompt, mask, **kwargs), expect), kwargs
+        assert 0 in crops and min(crops) < 0, crops  # both an accepted step and a rollback happened
+
+
+@pytest.mark.parametrize("implementation", [None, "static"])
+def test_beam_search_scores_equal_a_token_by_token_rescoring(implementation):
+    """Beam search reorders and repeats the KV4 cache's rows (``reorder_cache``, ``batch_repeat_interleave``): each
+    returned beam's score must be the sum of its tokens' log-probabilities when the model reads it one token at a
+    time; a beam continued on another beam's cache rows scores differently."""
+    model = _quantized("llama")
+    prompt = torch.tensor([PROMPTS[0]])
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW, min_new_tokens=NEW,
+                         num_beams=4, num_return_sequences=4, length_penalty=0.0, do_sample=False,
+                         return_dict_in_generate=True, output_scores=True, cache_implementation=implementation)
+    n = prompt.shape[1]
+    assert len({tuple(s) for s in out.sequences[:, n:].tolist()}) == 4
+    for sequence, score in zip(out.sequences, out.sequences_scores.tolist()):
+        cache, total = KV4Cache(model.config), 0.0
+        with torch.no_grad():
+            logits = model(sequence[None, :n], past_key_values=cache).logits[0, -1]
+            for i in range(n, sequence.shape[0]):
+                total += torch.log_softmax(logits.float(), -1)[sequence[i]].item()
+                logits = model(sequence[None, i:i + 1], past_key_values=cache).logits[0, -1]
+        assert total == pytest.approx(score, abs=1e-3)

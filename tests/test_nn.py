@@ -144,6 +144,30 @@ def test_dynamic_layer_grows_and_keeps_contents(gen):
     assert layer.k_cache.shape[0] == 1 and torch.equal(layer.k_cache[0, :, :70], packed[1, :, :70])
 
 
+def test_dynamic_layer_crops_as_transformers_layers_do(gen):
+    """Negative: remove that many; 0 (also as a tensor, what assisted decoding passes when every candidate was
+    accepted): nothing; positive (transformers' legacy form): keep that many, no-op beyond the length."""
+    layer = KV4Layer()
+    layer.append(*_kv(1, 2, 10, 32, gen))
+    for count, length in ((0, 10), (torch.tensor(0), 10), (-0, 10), (torch.tensor(-3), 7), (-1, 6), (12, 6),
+                          (4, 4), (-9, 0)):
+        layer.crop(count)
+        assert layer.get_seq_length() == length and isinstance(layer.get_seq_length(), int), count
+
+
+def test_cache_reorders_and_repeats_rows_for_beam_search(gen):
+    layer = KV4Layer()
+    k, v = _kv(3, 2, 5, 32, gen)
+    layer.append(k, v)
+    rows = [layer.k_cache[i, :, :5].clone() for i in range(3)]
+    params = [layer.v_params[i, :, :5].clone() for i in range(3)]
+    layer.reorder_cache(torch.tensor([2, 2, 0]))
+    assert all(torch.equal(layer.k_cache[i, :, :5], rows[j]) and torch.equal(layer.v_params[i, :, :5], params[j])
+               for i, j in enumerate((2, 2, 0)))
+    layer.batch_repeat_interleave(2)
+    assert layer.batch_size == 6 and torch.equal(layer.k_cache[3, :, :5], rows[2])
+
+
 def test_static_layer_counts_on_device_and_refuses_overflow(gen):
     layer = KV4StaticLayer(max_cache_len=8)
     k, v = _kv(1, 2, 6, 32, gen)

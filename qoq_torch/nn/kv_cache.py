@@ -189,9 +189,14 @@ class KV4Layer(CacheLayerMixin):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map(lambda t: t[indices])
 
-    def crop(self, tokens_to_remove: int) -> None:
-        """Drop tokens from the end: a negative ``tokens_to_remove`` removes that many, a positive one keeps that many."""
-        keep = tokens_to_remove if tokens_to_remove >= 0 else max(0, self.length + tokens_to_remove)
+    def crop(self, tokens_to_remove: int | torch.Tensor) -> None:
+        """Drop tokens from the end, as transformers' cache layers do: a negative ``tokens_to_remove`` removes that
+        many, 0 removes none (assisted decoding calls ``crop(-0)`` when every candidate was accepted), and a positive
+        one (transformers' legacy form) keeps that many. A tensor count (assisted decoding's) is read on the host."""
+        count = int(tokens_to_remove)
+        if count == 0:
+            return
+        keep = count if count > 0 else max(0, self.length + count)
         self.length = min(self.length, keep)
 
     def offload(self) -> None:
