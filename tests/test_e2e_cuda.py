@@ -117,3 +117,29 @@ def test_cuda_assisted_decoding_and_beam_search_generate():
     ref = cpu.generate(prompt, attention_mask=mask, **beams)
     got = gpu.generate(prompt.cuda(), attention_mask=mask.cuda(), **beams).cpu()
     assert torch.equal(got[:, : n + 4], ref[:, : n + 4])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("static", [False, True])
+def test_generate_on_a_model_dispatched_over_two_gpus(static):
+    """Layers on two GPUs (accelerate device_map): each layer's KV4 cache lives on its layer's GPU; a static cache's
+    layers share one length on layer 0's GPU and read copies of the step's slots and lengths. Same tokens as on one
+    GPU."""
+    import copy
+
+    from accelerate import dispatch_model
+
+    cpu, one_gpu = _models("llama")
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 1,
+                  "model.norm": 1, "lm_head": 1}
+    two_gpus = dispatch_model(copy.deepcopy(cpu), device_map=device_map)
+    assert next(two_gpus.model.layers[1].self_attn.buffers()).device == torch.device("cuda", 1)
+    ids, mask = left_padded(PROMPTS)
+    kw = dict(max_new_tokens=8, do_sample=False, cache_implementation="static" if static else None,
+              return_dict_in_generate=True)
+    ref = one_gpu.generate(ids.cuda(), attention_mask=mask.cuda(), **kw)
+    got = two_gpus.generate(ids.cuda(), attention_mask=mask.cuda(), **kw)
+    assert torch.equal(got.sequences.cpu(), ref.sequences.cpu())
+    layers = got.past_key_values.layers
+    assert layers[0].k_cache.device == torch.device("cuda", 0) and layers[1].k_cache.device == torch.device("cuda", 1)
+    assert int(got.past_key_values.get_seq_length()) == ids.shape[1] + 7

@@ -248,12 +248,17 @@ class KV4StaticLayer(KV4Layer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        if self._shared.tensor.device != self.device:
+        # The shared length lives on the leading layer's device; layers on other devices (a model dispatched over
+        # several GPUs) read copies of the step's slots and lengths (_on_device).
+        if self._leads and self._shared.tensor.device != self.device:
             self._shared.tensor = self._shared.tensor.to(self.device)
         if not torch.compiler.is_compiling():
             # Fixed addresses so compiled decode steps (and CUDA graphs) see the same buffers every step.
-            for buf in [getattr(self, name) for name in self.BUFFERS] + [self._shared.tensor]:
+            for buf in [getattr(self, name) for name in self.BUFFERS] + ([self._shared.tensor] if self._leads else []):
                 torch._dynamo.mark_static_address(buf)
+
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t if t.device == self.device else t.to(self.device)
 
     def _overflow(self, new_tokens: int, held: int | str) -> ValueError:
         return ValueError(f"the static KV4 cache holds at most {self.max_cache_len} tokens; it has {held} and "
@@ -273,7 +278,7 @@ class KV4StaticLayer(KV4Layer):
                 raise self._overflow(new_tokens, held)
             self._host_length = held + new_tokens
         if not self._leads:
-            return shared.step[0]
+            return self._on_device(shared.step[0])
         positions = torch.arange(new_tokens, device=self.device) + shared.tensor
         shared.step, shared.lens = (positions, new_tokens), None
         return positions
@@ -298,7 +303,7 @@ class KV4StaticLayer(KV4Layer):
             shared.lens = (batch, lens)
         if self._ends:  # no tensor of the step outlives its forward (a compiled step's outputs stay its own)
             shared.lens = None
-        return lens
+        return self._on_device(lens)
 
     def mask_length(self, query_length: int) -> int:
         return self.max_cache_len
