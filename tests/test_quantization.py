@@ -433,6 +433,17 @@ def test_bad_calibration_data(calib_data, tokenizer, match):
                     progress=False)
 
 
+@pytest.mark.parametrize("bad_id", [-1, 256])
+def test_out_of_vocabulary_calibration_ids_are_rejected_before_the_model_changes(bad_id):
+    model = tiny_model("llama")  # vocabulary 256
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    calib = torch.randint(3, 256, (2, 16))
+    calib[1, 5] = bad_id
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 256\)"):
+        prepare_qoq(model, QoQConfig(group_size=32), calib_data=calib, progress=False)
+    assert all(torch.equal(p, before[name]) for name, p in model.state_dict().items())  # not half-transformed
+
+
 def test_layer_statistics_build_no_autograd_graph():
     """The calibration pass records statistics without autograd even when the caller has grad enabled and the
     weights require grad (the graph would keep every batch's activations alive)."""

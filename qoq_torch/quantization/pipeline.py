@@ -130,6 +130,11 @@ def prepare_qoq(
     if config.quantize_lm_head:
         check_lm_head_quantizable(model, config.group_size)
     tokens = resolve_calibration_tokens(calib_data, tokenizer, config.num_samples, config.seq_len, config.seed)
+    vocab = model.get_input_embeddings().num_embeddings
+    if tokens is not None and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        # checked before the model is transformed in place: a failed call must leave it as it was
+        raise ValueError(f"calib_data token ids must lie in [0, {vocab}) (the model's vocabulary), got "
+                         f"[{int(tokens.min())}, {int(tokens.max())}]")
 
     fold_norms(model)
     if config.rotation:
