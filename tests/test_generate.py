@@ -210,3 +210,23 @@ def test_beam_search_scores_equal_a_token_by_token_rescoring(implementation):
                 total += torch.log_softmax(logits.float(), -1)[sequence[i]].item()
                 logits = model(sequence[None, i:i + 1], past_key_values=cache).logits[0, -1]
         assert total == pytest.approx(score, abs=1e-3)
+
+
+def test_chunked_prefill_equals_the_same_chunks_by_hand():
+    """``prefill_chunk_size``: the first chunk is a prefill, the next ones continue on the KV4 cache (the multi-token
+    continuation path); generate must give what those forwards and a greedy decode give by hand."""
+    model = _quantized("llama")
+    prompt = torch.tensor([PROMPTS[2]])  # 12 tokens: chunks of 5, 5 and 2
+    n, chunk = prompt.shape[1], 5
+    got = _greedy(model, prompt, torch.ones_like(prompt), prefill_chunk_size=chunk)
+    cache, tokens = KV4Cache(model.config), []
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
+            logits = model(prompt[:, start:end], attention_mask=torch.ones(1, end, dtype=torch.long),
+                           position_ids=torch.arange(start, end)[None], past_key_values=cache).logits
+        for i in range(NEW):
+            tokens.append(int(logits[0, -1].argmax()))
+            logits = model(torch.tensor([[tokens[-1]]]), attention_mask=torch.ones(1, n + i + 1, dtype=torch.long),
+                           position_ids=torch.tensor([[n + i]]), past_key_values=cache).logits
+    assert got[0].tolist() == tokens
