@@ -179,6 +179,10 @@ def test_static_layer_counts_on_device_and_refuses_overflow(gen):
     with pytest.raises(ValueError, match="at most 8 tokens"):
         layer.append(k2, v2)
     assert torch.equal(layer.k_cache, before) and int(layer.cumulative_length) == 6  # nothing written
+    layer.crop(torch.tensor(0))  # removes nothing, as transformers' layers
+    assert int(layer.get_seq_length()) == 6
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        layer.crop(-1)
     with pytest.raises(ValueError, match="H_kv"):
         layer.append(*_kv(1, 4, 1, 32, gen))
 

@@ -325,7 +325,9 @@ class KV4StaticLayer(KV4Layer):
         self._shared.step = self._shared.lens = None
         self._host_length = 0
 
-    def crop(self, tokens_to_remove: int) -> None:
+    def crop(self, tokens_to_remove: int | torch.Tensor) -> None:
+        if int(tokens_to_remove) == 0:  # removes nothing (transformers calls crop(0) where nothing was rejected)
+            return
         raise NotImplementedError("the static KV4 cache cannot be cropped")
 
 
