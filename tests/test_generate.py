@@ -230,3 +230,16 @@ def test_chunked_prefill_equals_the_same_chunks_by_hand():
             logits = model(torch.tensor([[tokens[-1]]]), attention_mask=torch.ones(1, n + i + 1, dtype=torch.long),
                            position_ids=torch.tensor([[n + i]]), past_key_values=cache).logits
     assert got[0].tolist() == tokens
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_per_layer_sliding_windows_generate_like_the_simulation(family):
+    """Qwen2/Qwen3 with use_sliding_window: layer 0 full attention, layer 1 a window of 6 (prompts up to 12 tokens):
+    each layer's decode attention must take its own window, on both cache kinds."""
+    model = tiny_model(family, use_sliding_window=True, sliding_window=6, max_window_layers=1)
+    assert model.config.layer_types == ["full_attention", "sliding_attention"]
+    qoq_torch.quantize(model, config=qoq_torch.QoQConfig(group_size=GROUP_SIZE), progress=False)
+    ids, mask = left_padded(PROMPTS)
+    got = _greedy(model, ids, mask)
+    assert torch.equal(got, SimulatedQoQ(model, len(PROMPTS), 64).greedy(ids, mask, NEW))
+    assert torch.equal(_greedy(model, ids, mask, cache_implementation="static"), got)

@@ -76,17 +76,24 @@ class SimulatedQoQ:
         cfg = model.config
         self.h_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.window = getattr(cfg, "sliding_window", None) if type(model).__name__ == "MistralForCausalLM" else None
+        # Sliding windows per layer: Mistral's applies to every layer; Qwen2/Qwen3 list their sliding layers in
+        # layer_types (use_sliding_window, max_window_layers).
+        window, kinds = getattr(cfg, "sliding_window", None), getattr(cfg, "layer_types", None)
+        if kinds is None:
+            kinds = ["sliding_attention" if type(model).__name__ == "MistralForCausalLM" else "full_attention"] * \
+                len(model.model.layers)
+        self.windows = [window if kind == "sliding_attention" else None for kind in kinds]
         shape = (batch, self.h_kv, max_len)
         self.cache = [[torch.zeros(*shape, self.head_dim // 2, dtype=torch.uint8) if i % 2 == 0 else
                        torch.zeros(*shape, 2, dtype=torch.float16) for i in range(4)] for _ in model.model.layers]
         self.length = 0
 
-    def _visible(self, starts, q_pos, t):
+    @staticmethod
+    def _visible(starts, q_pos, t, window):
         j = torch.arange(t)
         vis = (j.view(1, 1, -1) >= starts.view(-1, 1, 1)) & (j.view(1, 1, -1) <= q_pos.view(1, -1, 1))
-        if self.window is not None:
-            vis &= (q_pos.view(1, -1, 1) - j.view(1, 1, -1)) < self.window
+        if window is not None:
+            vis &= (q_pos.view(1, -1, 1) - j.view(1, 1, -1)) < window
         return vis
 
     @torch.no_grad()
@@ -97,7 +104,7 @@ class SimulatedQoQ:
         dtype = h.dtype
         cos, sin = model.model.rotary_emb(h, positions)
         slots = torch.arange(self.length, self.length + s)
-        for layer, cache in zip(model.model.layers, self.cache):
+        for layer, cache, window in zip(model.model.layers, self.cache, self.windows):
             attn, mlp = layer.self_attn, layer.mlp
             x_q, x_s, x_sum = reference.rmsnorm_quantize(h.reshape(b * s, -1), attn.norm_weight, attn.norm_eps)
             qkv = _gemm(attn.qkv_proj, x_q, x_s, x_sum, dtype).view(b, s, -1, self.head_dim)
@@ -110,13 +117,13 @@ class SimulatedQoQ:
                 packed, params = reference.kv4_quantize(x)
                 buf[:, :, slots], par[:, :, slots] = packed, params
             if self.length == 0:  # prefill: float attention on the new tokens
-                mask = self._visible(starts, slots, s).unsqueeze(1)
+                mask = self._visible(starts, slots, s, window).unsqueeze(1)
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
             else:
                 assert s == 1
                 start = starts
-                if self.window is not None:
-                    start = torch.maximum(starts, torch.tensor(self.length - self.window + 1))
+                if window is not None:
+                    start = torch.maximum(starts, torch.tensor(self.length - window + 1))
                 lens = torch.full((b,), self.length + 1, dtype=torch.int32)
                 out = reference.kv4_decode_attention(q, *cache, lens, start.to(torch.int32), attn.scaling)
             o_q, o_s, o_sum = reference.quantize_per_token(out.transpose(1, 2).reshape(b * s, -1))
