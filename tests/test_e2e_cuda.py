@@ -16,8 +16,8 @@ PROMPTS = [[5, 9, 33, 70, 8, 100, 4, 12, 19], [40, 41, 3, 99], [7, 250, 7, 31, 6
 CUDA_SHAPE = dict(hidden_size=256, intermediate_size=512)
 
 
-def _models(family, quantize_lm_head=False):
-    shape = {**CUDA_SHAPE, **({"head_dim": 64} if family == "qwen3" else {})}
+def _models(family, quantize_lm_head=False, **overrides):
+    shape = {**CUDA_SHAPE, **({"head_dim": 64} if family == "qwen3" else {}), **overrides}
     config = qoq_torch.QoQConfig(group_size=GROUP_SIZE, quantize_lm_head=quantize_lm_head)
     cpu = qoq_torch.quantize(tiny_model(family, dtype=torch.float16, **shape), config=config, progress=False)
     import copy
@@ -143,3 +143,17 @@ def test_generate_on_a_model_dispatched_over_two_gpus(static):
     layers = got.past_key_values.layers
     assert layers[0].k_cache.device == torch.device("cuda", 0) and layers[1].k_cache.device == torch.device("cuda", 1)
     assert int(got.past_key_values.get_seq_length()) == ids.shape[1] + 7
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_cuda_per_layer_sliding_windows_generate_like_the_cpu(static):
+    """Qwen2 with layer 0 on full attention and layer 1 on a window of 6: on CUDA (the static cache's compiled step
+    builds one decode mask per layer kind) the first tokens equal the CPU's."""
+    cpu, gpu = _models("qwen2", use_sliding_window=True, sliding_window=6, max_window_layers=1)
+    assert gpu.config.layer_types == ["full_attention", "sliding_attention"]
+    ids, mask = left_padded(PROMPTS)
+    kw = dict(max_new_tokens=8, do_sample=False, cache_implementation="static" if static else None)
+    ref = cpu.generate(ids, attention_mask=mask, **kw)
+    got = gpu.generate(ids.cuda(), attention_mask=mask.cuda(), **kw).cpu()
+    assert torch.equal(got[:, : ids.shape[1] + 4], ref[:, : ids.shape[1] + 4])
+
