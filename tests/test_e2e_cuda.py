@@ -183,3 +183,28 @@ def test_cuda_per_layer_sliding_windows_decode_like_the_cpu(static):
     kw = dict(max_new_tokens=4, do_sample=False, cache_implementation="static" if static else None)
     generated = gpu.generate(ids.cuda(), attention_mask=mask.cuda(), **kw).cpu()
     assert torch.equal(generated[:, n:n + 2], tokens[:, :2])
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_generate_on_a_model_split_between_the_gpu_and_the_cpu(static):
+    """The several-devices path on one GPU: layer 0 on the GPU, layer 1 (and the head) on the CPU. A static cache's
+    shared length stays on layer 0's device and layer 1 reads copies of the step's slots and lengths; the tokens must
+    equal the dynamic cache's (whose layers keep their own lengths) on the same split."""
+    import copy
+
+    from accelerate import dispatch_model
+
+    cpu, _ = _models("llama")
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu",
+                  "model.norm": "cpu", "lm_head": "cpu"}
+    split = dispatch_model(copy.deepcopy(cpu), device_map=device_map, main_device="cpu")  # "cpu" runs there
+    assert next(split.model.layers[1].self_attn.buffers()).device.type == "cpu"
+    ids, mask = left_padded(PROMPTS)
+    kw = dict(max_new_tokens=8, do_sample=False, disable_compile=True, return_dict_in_generate=True)
+    dynamic = split.generate(ids.cuda(), attention_mask=mask.cuda(), **kw)
+    got = split.generate(ids.cuda(), attention_mask=mask.cuda(), cache_implementation="static" if static else None,
+                         **kw)
+    assert torch.equal(got.sequences.cpu(), dynamic.sequences.cpu())
+    layers = got.past_key_values.layers
+    assert layers[0].k_cache.device.type == "cuda" and layers[1].k_cache.device.type == "cpu"
+    assert int(got.past_key_values.get_seq_length()) == ids.shape[1] + 7
