@@ -178,13 +178,16 @@ def test_assisted_decoding_equals_greedy_and_rolls_the_kv4_cache_back(monkeypatc
     from qoq_torch.nn import KV4Layer
 
     crops = []
-    original_crop = KV4Layer.crop
-    monkeypatch.setattr(KV4Layer, "crop", lambda self, n: (crops.append(int(n)), original_crop(self, n))[1])
+    for cls in (KV4Layer, KV4StaticLayer):
+        monkeypatch.setattr(cls, "crop", lambda self, n, crop=cls.crop: (crops.append(int(n)), crop(self, n))[1])
     model = _quantized("llama")
     prompt = torch.tensor([PROMPTS[0] * 3])  # repeated n-grams: prompt lookup proposes candidates
     mask = torch.ones_like(prompt)
     expect = _greedy(model, prompt, mask)
-    for kwargs in (dict(prompt_lookup_num_tokens=3), dict(assistant_model=_quantized("llama", seed=3))):
+    static = KV4Cache(model.config, max_cache_len=64)  # a static cache the caller passes (transformers refuses
+    # cache_implementation="static" here, not a cache object)
+    for kwargs in (dict(prompt_lookup_num_tokens=3), dict(assistant_model=_quantized("llama", seed=3)),
+                   dict(prompt_lookup_num_tokens=3, past_key_values=static)):
         crops.clear()
         assert torch.equal(_greedy(model, prompt, mask, **kwargs), expect), kwargs
         assert 0 in crops and min(crops) < 0, crops  # both an accepted step and a rollback happened

@@ -179,10 +179,12 @@ def test_static_layer_counts_on_device_and_refuses_overflow(gen):
     with pytest.raises(ValueError, match="at most 8 tokens"):
         layer.append(k2, v2)
     assert torch.equal(layer.k_cache, before) and int(layer.cumulative_length) == 6  # nothing written
-    layer.crop(torch.tensor(0))  # removes nothing, as transformers' layers
+    for count, length in ((torch.tensor(0), 6), (-2, 4), (9, 4), (3, 3)):  # KV4Layer.crop's rule
+        layer.crop(count)
+        assert int(layer.get_seq_length()) == length and layer.host_length() == length, count
+    layer.append(k2, v2)  # the next append overwrites the dropped slots
     assert int(layer.get_seq_length()) == 6
-    with pytest.raises(NotImplementedError, match="cannot be cropped"):
-        layer.crop(-1)
+    assert torch.equal(layer.k_cache[:, :, 3:6], reference.kv4_quantize(k2)[0])
     with pytest.raises(ValueError, match="H_kv"):
         layer.append(*_kv(1, 4, 1, 32, gen))
 
@@ -208,6 +210,8 @@ def test_static_cache_layers_share_one_length_advanced_by_layer_0(gen):
     cache.layers[2].append(k1, v1)  # closes the step: a follower alone now has no step to join
     with pytest.raises(ValueError, match="layer 0 appends first"):
         cache.layers[1].append(k1, v1)
+    cache.crop(-2)  # every layer visited, the shared length cropped once
+    assert int(cache.get_seq_length()) == 2 and all(layer.host_length() == 2 for layer in cache.layers)
     cache.reset()
     assert int(cache.get_seq_length()) == 0 and all(layer.host_length() == 0 for layer in cache.layers)
 

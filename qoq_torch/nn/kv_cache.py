@@ -226,7 +226,7 @@ class KV4StaticLayer(KV4Layer):
     forward, and the last one (``ends``) closes the step."""
 
     is_compileable = True
-    is_croppable = False
+    is_croppable = True
 
     def __init__(self, max_cache_len: int, shared: SharedLength | None = None, leads: bool = True,
                  ends: bool = True, **kwargs) -> None:
@@ -326,9 +326,20 @@ class KV4StaticLayer(KV4Layer):
         self._host_length = 0
 
     def crop(self, tokens_to_remove: int | torch.Tensor) -> None:
-        if int(tokens_to_remove) == 0:  # removes nothing (transformers calls crop(0) where nothing was rejected)
+        """``KV4Layer.crop``'s rule (assisted decoding's rollback) on the shared length: the leading layer sets it
+        (transformers' ``Cache.crop`` visits layer 0 first), the other layers then re-read it; the dropped slots are
+        overwritten by the next append. A host sync (the length is read back), outside the decode step."""
+        count = int(tokens_to_remove)
+        if count == 0:
             return
-        raise NotImplementedError("the static KV4 cache cannot be cropped")
+        if self._leads:
+            held = self.host_length()
+            keep = min(held, count if count > 0 else max(0, held + count))
+            self._shared.tensor.fill_(keep)
+            self._shared.step = self._shared.lens = None
+            self._host_length = keep
+        else:
+            self._host_length = None
 
 
 class KV4Cache(Cache):
