@@ -189,15 +189,20 @@ class KV4Layer(CacheLayerMixin):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map(lambda t: t[indices])
 
-    def crop(self, tokens_to_remove: int | torch.Tensor) -> None:
-        """Drop tokens from the end, as transformers' cache layers do: a negative ``tokens_to_remove`` removes that
-        many, 0 removes none (assisted decoding calls ``crop(-0)`` when every candidate was accepted), and a positive
-        one (transformers' legacy form) keeps that many. A tensor count (assisted decoding's) is read on the host."""
+    @staticmethod
+    def tokens_kept(held: int, tokens_to_remove: int | torch.Tensor) -> int:
+        """Tokens left after ``crop(tokens_to_remove)`` on ``held``, as transformers' cache layers count: a negative
+        count removes that many, 0 removes none (assisted decoding calls ``crop(-0)`` when every candidate was
+        accepted), and a positive one (transformers' legacy form) keeps that many. A tensor count (assisted
+        decoding's) is read on the host."""
         count = int(tokens_to_remove)
         if count == 0:
-            return
-        keep = count if count > 0 else max(0, self.length + count)
-        self.length = min(self.length, keep)
+            return held
+        return min(held, count if count > 0 else max(0, held + count))
+
+    def crop(self, tokens_to_remove: int | torch.Tensor) -> None:
+        """Drop tokens from the end (``tokens_kept``'s rule)."""
+        self.length = self.tokens_kept(self.length, tokens_to_remove)
 
     def offload(self) -> None:
         raise NotImplementedError("the KV4 cache does not support offloading")
@@ -249,7 +254,7 @@ class KV4StaticLayer(KV4Layer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         # The shared length lives on the leading layer's device; layers on other devices (a model dispatched over
-        # several GPUs) read copies of the step's slots and lengths (_on_device).
+        # several devices) read copies of the step's slots and lengths (_on_device).
         if self._leads and self._shared.tensor.device != self.device:
             self._shared.tensor = self._shared.tensor.to(self.device)
         if not torch.compiler.is_compiling():
@@ -326,15 +331,13 @@ class KV4StaticLayer(KV4Layer):
         self._host_length = 0
 
     def crop(self, tokens_to_remove: int | torch.Tensor) -> None:
-        """``KV4Layer.crop``'s rule (assisted decoding's rollback) on the shared length: the leading layer sets it
+        """``tokens_kept``'s rule (assisted decoding's rollback) on the shared length: the leading layer sets it
         (transformers' ``Cache.crop`` visits layer 0 first), the other layers then re-read it; the dropped slots are
         overwritten by the next append. A host sync (the length is read back), outside the decode step."""
-        count = int(tokens_to_remove)
-        if count == 0:
+        if int(tokens_to_remove) == 0:
             return
         if self._leads:
-            held = self.host_length()
-            keep = min(held, count if count > 0 else max(0, held + count))
+            keep = self.tokens_kept(self.host_length(), tokens_to_remove)
             self._shared.tensor.fill_(keep)
             self._shared.step = self._shared.lens = None
             self._host_length = keep
