@@ -103,8 +103,8 @@ def test_cuda_deferred_stop_check_generates_what_the_per_step_check_does(static)
 
 def test_cuda_assisted_decoding_and_beam_search_generate():
     """Prompt lookup verifies several candidates in one forward (the decode attention with several query tokens) and
-    crops the rejected ones off the KV4 cache; beam search reorders its rows. On CUDA both must give greedy's /
-    the CPU's first tokens."""
+    crops the rejected ones off the KV4 cache (dynamic, or a static one the caller passes); beam search reorders its
+    rows. On CUDA they must give greedy's / the CPU's first tokens."""
     cpu, gpu = _models("llama")
     prompt = torch.tensor([PROMPTS[0] * 3])
     mask = torch.ones_like(prompt)
@@ -113,6 +113,12 @@ def test_cuda_assisted_decoding_and_beam_search_generate():
     lookup = gpu.generate(prompt.cuda(), attention_mask=mask.cuda(), prompt_lookup_num_tokens=3, **kw).cpu()
     n = prompt.shape[1]
     assert torch.equal(lookup[:, : n + 4], greedy[:, : n + 4])
+    # a static KV4 cache the caller passes: its crop resets the shared length tensor on the GPU
+    static = KV4Cache(gpu.config, max_cache_len=64)
+    lookup_static = gpu.generate(prompt.cuda(), attention_mask=mask.cuda(), prompt_lookup_num_tokens=3,
+                                 past_key_values=static, **kw).cpu()
+    assert torch.equal(lookup_static[:, : n + 4], greedy[:, : n + 4])
+    assert static.layers[0].host_length() == lookup_static.shape[1] - 1  # the last token is never fed back
     beams = dict(num_beams=3, **kw)
     ref = cpu.generate(prompt, attention_mask=mask, **beams)
     got = gpu.generate(prompt.cuda(), attention_mask=mask.cuda(), **beams).cpu()

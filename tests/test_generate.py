@@ -193,6 +193,21 @@ def test_assisted_decoding_equals_greedy_and_rolls_the_kv4_cache_back(monkeypatc
         assert 0 in crops and min(crops) < 0, crops  # both an accepted step and a rollback happened
 
 
+def test_assisted_decoding_fits_a_static_cache_of_exactly_the_needed_size():
+    """After a rollback the layers of a static cache re-read the shared length. Inside the next forward layer 0 has
+    already counted that forward's tokens when the other layers append theirs, so they must not count them twice
+    (they did: their lengths read one token long, and a cache of exactly the needed size overflowed)."""
+    model = _quantized("llama")
+    prompt = torch.tensor([PROMPTS[0] * 3])
+    mask = torch.ones_like(prompt)
+    expect = _greedy(model, prompt, mask)
+    needed = prompt.shape[1] + NEW - 1  # generate never feeds its last token back
+    cache = KV4Cache(model.config, max_cache_len=needed)
+    assert torch.equal(_greedy(model, prompt, mask, prompt_lookup_num_tokens=3, past_key_values=cache), expect)
+    assert int(cache.layers[0].cumulative_length) == needed
+    assert [layer.host_length() for layer in cache.layers] == [needed] * len(cache.layers)
+
+
 @pytest.mark.parametrize("implementation", [None, "static"])
 def test_beam_search_scores_equal_a_token_by_token_rescoring(implementation):
     """Beam search reorders and repeats the KV4 cache's rows (``reorder_cache``, ``batch_repeat_interleave``): each

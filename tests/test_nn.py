@@ -212,6 +212,12 @@ def test_static_cache_layers_share_one_length_advanced_by_layer_0(gen):
         cache.layers[1].append(k1, v1)
     cache.crop(-2)  # every layer visited, the shared length cropped once
     assert int(cache.get_seq_length()) == 2 and all(layer.host_length() == 2 for layer in cache.layers)
+    cache.crop(-1)  # the next forward right after a crop: layer 0 has counted its token, the others not yet
+    cache.layers[0].append(k1, v1)
+    assert [layer.host_length() for layer in cache.layers] == [2, 1, 1]
+    for layer in cache.layers[1:]:
+        layer.append(k1, v1)
+    assert int(cache.get_seq_length()) == 2 and all(layer.host_length() == 2 for layer in cache.layers)
     cache.reset()
     assert int(cache.get_seq_length()) == 0 and all(layer.host_length() == 0 for layer in cache.layers)
 

@@ -296,7 +296,12 @@ class KV4StaticLayer(KV4Layer):
 
     def host_length(self) -> int:
         if self._host_length is None:
-            self._host_length = int(self._shared.tensor)
+            held = int(self._shared.tensor)
+            if not self._leads and self._shared.step is not None:
+                # Inside a forward the leader has already counted its tokens; this layer has not appended them yet
+                # (its own append sets the mirror in _reserve).
+                held -= self._shared.step[1]
+            self._host_length = held
         return self._host_length
 
     def kv_lens(self, batch: int) -> torch.Tensor:
