@@ -186,3 +186,22 @@ def test_decode_step_computes_its_cache_positions_and_masks_once_not_per_layer()
     assert four["rope_kv4_append"] == 2 * two["rope_kv4_append"] == 4  # both traced every layer
     for op in ("arange", "argmax", "add_", "expand"):
         assert four[op] == two[op], (op, two[op], four[op])
+
+
+def test_an_eager_continuation_after_a_compiled_step_fits_a_cache_of_exactly_its_size():
+    """A compiled decode step leaves the layers' host copies of the static cache's length unknown; the next eager
+    forward (a multi-turn continuation) re-reads the device counter, which layer 0 has already advanced by that
+    forward's tokens when the later layers append theirs: they must not count them twice (a cache of exactly the
+    needed size overflowed)."""
+    model, exact, token, step_mask = _quantized_after_prefill()  # a static cache of 16 slots
+    more = 16 - step_mask.shape[1]  # the continuation fills them exactly
+    with torch.no_grad():
+        position = (step_mask.cumsum(-1) - 1)[:, -1:]
+        torch._dynamo.reset()
+        torch.compile(model, fullgraph=True, backend="aot_eager")(token, attention_mask=step_mask,
+                                                                  position_ids=position, past_key_values=exact)
+        assert all(layer._host_length is None for layer in exact.layers)  # what a compiled step leaves
+        ids = torch.arange(1, 2 * more + 1).view(2, more)
+        mask = torch.cat([step_mask, torch.ones(2, more, dtype=torch.long)], dim=1)
+        model(ids, attention_mask=mask, past_key_values=exact)
+    assert int(exact.get_seq_length()) == 16 and all(layer.host_length() == 16 for layer in exact.layers)
