@@ -9,6 +9,7 @@ from transformers import DynamicCache
 
 import qoq_torch
 from qoq_torch.nn import KV4Cache, KV4StaticLayer
+from qoq_torch.nn.attention import MAX_DECODE_QUERY_TOKENS
 from tiny_models import GROUP_SIZE, SimulatedQoQ, left_padded, tiny_model
 
 PROMPTS = [[5, 9, 33, 70, 8, 100, 4, 12, 19], [40, 41, 3, 99], [7, 250, 7, 31, 64, 64, 5, 17, 90, 11, 6, 3]]
@@ -87,30 +88,59 @@ def test_sampling_is_reproducible_across_cache_kinds():
     assert not torch.equal(runs[0], _greedy(model, ids, mask))  # it really sampled
 
 
-@pytest.mark.parametrize("static", [False, True])
-def test_multi_token_continuation_equals_token_by_token_decode(static):
-    model = _quantized("llama")
-    ids, mask = left_padded(PROMPTS[:2])
-    extra = torch.tensor([[11, 12, 13], [21, 22, 23]])
-    full_mask = torch.cat([mask, torch.ones(2, 3, dtype=torch.long)], dim=1)
+def _continuation_and_steps(model, static: bool, new: int, prompts=PROMPTS[:2]):
+    """Logits of ``new`` tokens appended to a prefilled KV4 cache in one forward, and one token at a time."""
+    ids, mask = left_padded(prompts)
+    extra = torch.arange(11, 11 + 2 * new).view(2, new)
+    full_mask = torch.cat([mask, torch.ones(2, new, dtype=torch.long)], dim=1)
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    n = ids.shape[1]
 
     def prefilled():
-        cache = KV4Cache(model.config, max_cache_len=32 if static else None)
-        model(ids, attention_mask=mask, position_ids=positions[:, :ids.shape[1]], past_key_values=cache)
+        cache = KV4Cache(model.config, max_cache_len=64 if static else None)
+        model(ids, attention_mask=mask, position_ids=positions[:, :n], past_key_values=cache)
         return cache
 
     with torch.no_grad():
+        together = model(extra, attention_mask=full_mask, position_ids=positions[:, n:],
+                         past_key_values=prefilled()).logits
         cache = prefilled()
-        together = model(extra, attention_mask=full_mask, position_ids=positions[:, -3:], past_key_values=cache).logits
-        cache = prefilled()
-        steps = [model(extra[:, i:i + 1], attention_mask=full_mask[:, :ids.shape[1] + i + 1],
-                       position_ids=positions[:, ids.shape[1] + i:ids.shape[1] + i + 1], past_key_values=cache).logits
-                 for i in range(3)]
-    steps = torch.cat(steps, dim=1)
-    # Same quantized K/V, both attentions in float32 (SDPA on dequantized K/V vs decode attention): equal up to
-    # float summation order (bit-equal today); a wrong mask or slot bookkeeping moves logits by O(max).
-    assert torch.allclose(together.float(), steps.float(), atol=1e-2 * steps.float().abs().max().item(), rtol=0)
+        steps = [model(extra[:, i:i + 1], attention_mask=full_mask[:, :n + i + 1],
+                       position_ids=positions[:, n + i:n + i + 1], past_key_values=cache).logits for i in range(new)]
+    return together.float(), torch.cat(steps, dim=1).float()
+
+
+def _decode_query_lengths(monkeypatch) -> list[int]:
+    """Records S_q of every ``kv4_decode_attention_quantize`` call."""
+    seen = []
+    op = qoq_torch.ops.kv4_decode_attention_quantize
+    monkeypatch.setattr(qoq_torch.ops, "kv4_decode_attention_quantize",
+                        lambda q, *args: (seen.append(q.shape[2]), op(q, *args))[1])
+    return seen
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("new", [3, MAX_DECODE_QUERY_TOKENS + 1])
+def test_multi_token_continuation_equals_token_by_token_decode(static, new, monkeypatch):
+    """A few new tokens (speculative decoding's verification) take the KV4 decode attention, causal among them;
+    more take float attention on the dequantized cache. Either equals decoding them one at a time: same quantized
+    K/V, both in float32, so equal up to summation order; a wrong mask or slot bookkeeping moves logits by O(max)."""
+    model = _quantized("llama")
+    seen = _decode_query_lengths(monkeypatch)
+    together, steps = _continuation_and_steps(model, static, new)
+    assert (new in seen) == (new <= MAX_DECODE_QUERY_TOKENS)
+    assert torch.allclose(together, steps, atol=1e-2 * steps.abs().max().item(), rtol=0)
+
+
+def test_a_continuation_that_a_sliding_window_cuts_takes_float_attention(monkeypatch):
+    """The decode attention takes one first visible slot per row (the last query's), so a few new tokens take it
+    only where the window cannot cut any query's context; past that, float attention with the model's mask."""
+    for window, kernel in ((32, True), (8, False)):  # 12 prompt slots + 3 new tokens
+        model = _quantized("mistral", sliding_window=window)
+        seen = _decode_query_lengths(monkeypatch)
+        together, steps = _continuation_and_steps(model, False, 3, prompts=[PROMPTS[2], PROMPTS[0]])
+        assert (3 in seen) == kernel, window
+        assert torch.allclose(together, steps, atol=1e-2 * steps.abs().max().item(), rtol=0), window
 
 
 def test_quantized_models_defer_the_stop_check_for_kv4_caches_on_cuda():

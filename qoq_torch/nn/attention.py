@@ -9,7 +9,10 @@ and return value. With a ``KV4Cache``:
     are ``[kv_start, kv_len)`` with ``kv_start`` read from the attention mask on the device (left padding, sliding
     window), so a step has no host sync and compiles into one graph. Without q/k norms, RoPE and the append are one
     op on the fused projection (``rope_kv4_append``), which also returns the rotated q;
-  * continuation (several tokens on a non-empty cache): append, then attention over the dequantized cache.
+  * a few new tokens on a non-empty cache (up to ``MAX_DECODE_QUERY_TOKENS``: speculative decoding's
+    verification): append, then the decode attention, causal among the new tokens (not where a sliding window
+    could cut the context);
+  * longer continuations (several tokens on a non-empty cache): append, then attention over the dequantized cache.
 With any other ``Cache`` (e.g. kv_bits=16) the float K/V go through ``cache.update`` as in transformers.
 """
 from __future__ import annotations
@@ -26,6 +29,10 @@ from .kv_cache import KV4Cache
 from .linear import QoQLinear, check_compute_dtype
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+# The most new tokens per row that the KV4 decode attention takes on a non-empty cache (each GQA group of query rows
+# is a block's 16 rows, so more tokens mean more blocks reading the same K/V); longer continuations (chunked
+# prefill) run float attention on the dequantized cache.
+MAX_DECODE_QUERY_TOKENS = 16
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -121,6 +128,17 @@ class QoQAttention(nn.Module):
                                                             kv_starts, self.scaling)
         return self.o_proj.gemm(x_q, x_s, x_sum, q.dtype).view(b, s, self.o_proj.out_features)
 
+    def _few_new_tokens(self, cache: KV4Cache, s: int) -> bool:
+        """Whether ``s`` new tokens per row on a cache that already holds tokens (speculative decoding's
+        verification, a short continuation) run the KV4 decode attention, which is causal among them, rather than
+        float attention over the whole dequantized cache. Not where a sliding window could cut the context: the
+        decode attention takes one first visible slot per row, the last query's."""
+        layer = cache.layers[self.layer_idx]
+        if s > MAX_DECODE_QUERY_TOKENS or not layer.is_initialized:
+            return False
+        held = layer.host_length()
+        return held > 0 and (self.sliding_window is None or held + s <= self.sliding_window)
+
     def _kv4_attention(self, cache: KV4Cache, q, k, v, attention_mask, **kwargs) -> torch.Tensor:
         layer = cache.layers[self.layer_idx]
         s = q.shape[2]
@@ -148,8 +166,8 @@ class QoQAttention(nn.Module):
         if self._uses_fused_decode(past_key_values, hidden_states, position_embeddings):
             return self._fused_decode(past_key_values, hidden_states, position_embeddings, attention_mask), None
         q, k, v = self._project(hidden_states, position_embeddings)
-        if isinstance(past_key_values, KV4Cache) and s == 1:  # decode: no host sync on this path
-            layer = past_key_values.layers[self.layer_idx]
+        if isinstance(past_key_values, KV4Cache) and (s == 1 or self._few_new_tokens(past_key_values, s)):
+            layer = past_key_values.layers[self.layer_idx]  # decode: no host sync on the one-token path
             layer.append(k, v)
             return self._decode_attention(past_key_values, layer, q, attention_mask), None
         if isinstance(past_key_values, KV4Cache):
