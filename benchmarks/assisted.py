@@ -50,9 +50,15 @@ def main() -> None:
              "lookup, float attention": (args.lookup, 0)}
     times: dict[str, list[float]] = {name: [] for name in cases}
     tokens: dict[str, list[int]] = {}
-    for name, (lookup, max_queries) in cases.items():  # warm-up (and each path's tokens)
+    forwards: dict[str, int] = {}
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    for name, (lookup, max_queries) in cases.items():  # warm-up (and each path's tokens and forward count)
         attention.MAX_DECODE_QUERY_TOKENS = max_queries
+        calls.clear()
         tokens[name] = _generate(model, ids, args.new_tokens, lookup)[0][0].tolist()
+        forwards[name] = len(calls)
+    hook.remove()
     for _ in range(args.rounds):
         for name, (lookup, max_queries) in cases.items():
             attention.MAX_DECODE_QUERY_TOKENS = max_queries
@@ -62,8 +68,9 @@ def main() -> None:
     for name in cases:
         same = next((i for i, (a, b) in enumerate(zip(tokens[name], greedy)) if a != b), len(greedy))
         rows.append(dict(case=name, tok_s=args.new_tokens / statistics.median(times[name]),
-                         seconds=times[name], tokens_equal_to_greedy=same))
-        print(f"{name:28s} {rows[-1]['tok_s']:8.1f} tok/s   first {same} tokens equal greedy's")
+                         seconds=times[name], forwards=forwards[name], tokens_equal_to_greedy=same))
+        print(f"{name:28s} {rows[-1]['tok_s']:8.1f} tok/s   {forwards[name]} forwards   first {same} tokens equal "
+              "greedy's")
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, shape=args.shape,
                 variant=args.variant, prompt=ids.shape[1], new_tokens=args.new_tokens, lookup=args.lookup)
     if args.json:
