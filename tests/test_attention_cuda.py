@@ -104,6 +104,7 @@ def test_append_prefill_shape_bit_exact(gen):
     (3, 8, 8, 1, 64, 37),      # MHA, T not a multiple of 16
     (2, 12, 4, 3, 128, 129),   # 9 query rows (two 8-row groups), causal multi-token
     (2, 16, 2, 3, 64, 200),    # 24 query rows: two query chunks
+    (1, 32, 8, 4, 128, 1000),  # Llama-3 GQA, speculative decoding's verification: 16 query rows, one block
     (1, 4, 2, 2, 256, 90),     # head_dim 256
     (1, 7, 1, 1, 128, 2000),   # odd GQA group (Qwen2-style), many splits
 ])
