@@ -135,9 +135,10 @@ def test_multi_token_continuation_equals_token_by_token_decode(static, new, monk
 def test_a_continuation_that_a_sliding_window_cuts_takes_float_attention(monkeypatch):
     """The decode attention takes one first visible slot per row (the last query's), so a few new tokens take it
     only where the window cannot cut any query's context; past that, float attention with the model's mask."""
+    seen = _decode_query_lengths(monkeypatch)
     for window, kernel in ((32, True), (8, False)):  # 12 prompt slots + 3 new tokens
         model = _quantized("mistral", sliding_window=window)
-        seen = _decode_query_lengths(monkeypatch)
+        seen.clear()
         together, steps = _continuation_and_steps(model, False, 3, prompts=[PROMPTS[2], PROMPTS[0]])
         assert (3 in seen) == kernel, window
         assert torch.allclose(together, steps, atol=1e-2 * steps.abs().max().item(), rtol=0), window
