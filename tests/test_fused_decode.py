@@ -77,6 +77,33 @@ def test_fused_decode_equals_unfused(family, static, fused_calls, monkeypatch):
     assert int(fused_cache.get_seq_length()) == int(plain_cache.get_seq_length()) == ids.shape[1] + 3
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_a_few_new_tokens_take_the_fused_op_and_equal_the_unfused_path(static, fused_calls, monkeypatch):
+    """Speculative decoding's verification forward (a few new tokens on a filled cache) appends through
+    rope_kv4_append too: the same logits and cache bits as RoPE then kv4_append."""
+    model = _quantized("llama")
+    ids, mask, cache = _prefilled(model, static)
+    new = torch.tensor([[11, 12, 13, 14], [21, 22, 23, 24], [31, 32, 33, 34]])
+    full_mask = torch.cat([mask, torch.ones_like(new)], dim=1)
+    positions = (full_mask.cumsum(-1) - 1)[:, -new.shape[1]:]
+
+    def verify(c):
+        return model(new, attention_mask=full_mask, position_ids=positions, past_key_values=c).logits
+
+    fused_cache, plain_cache = copy.deepcopy(cache), copy.deepcopy(cache)
+    with torch.no_grad():
+        fused = verify(fused_cache)
+        assert fused_calls == [torch.Size([3, 4, fused_calls[0][-1]])] * model.config.num_hidden_layers
+        monkeypatch.setattr(QoQAttention, "fuse_rope_append", False)
+        plain = verify(plain_cache)
+    assert len(fused_calls) == model.config.num_hidden_layers
+    assert torch.equal(fused, plain)
+    for a, b in zip(fused_cache.layers, plain_cache.layers):
+        for name in a.BUFFERS:
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert int(fused_cache.get_seq_length()) == ids.shape[1] + 4
+
+
 def test_one_token_prompt_allocates_the_cache_through_the_fused_op(fused_calls, monkeypatch):
     model = _quantized("llama")
     ids, mask = torch.tensor([[17], [23]]), torch.ones(2, 1, dtype=torch.long)

@@ -7,11 +7,12 @@ and return value. With a ``KV4Cache``:
   * decode (one new token per row): append, then ``kv4_decode_attention_quantize`` over the cache (its INT8 output
     is o_proj's GEMM input); the valid slots of a row
     are ``[kv_start, kv_len)`` with ``kv_start`` read from the attention mask on the device (left padding, sliding
-    window), so a step has no host sync and compiles into one graph. Without q/k norms, RoPE and the append are one
-    op on the fused projection (``rope_kv4_append``), which also returns the rotated q;
+    window), so a step has no host sync and compiles into one graph;
   * a few new tokens on a non-empty cache (up to ``MAX_DECODE_QUERY_TOKENS``: speculative decoding's
-    verification): append, then the decode attention, causal among the new tokens (not where a sliding window
-    could cut the context);
+    verification): as decode, the attention causal among the new tokens (not where a sliding window could cut the
+    context);
+  * on both, without q/k norms, RoPE and the append are one op on the fused projection (``rope_kv4_append``), which
+    also returns the rotated q;
   * longer continuations (several tokens on a non-empty cache): append, then attention over the dequantized cache.
 With any other ``Cache`` (e.g. kv_bits=16) the float K/V go through ``cache.update`` as in transformers.
 """
@@ -75,7 +76,8 @@ class QoQAttention(nn.Module):
         self.q_norm = q_norm
         self.k_norm = k_norm
 
-    # Decode steps on a KV4 cache use the fused RoPE + append op where it applies (tests switch it off to compare).
+    # Decode steps (and a few new tokens) on a KV4 cache use the fused RoPE + append op where it applies (tests
+    # switch it off to compare).
     fuse_rope_append: bool = True
 
     def _qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -103,19 +105,22 @@ class QoQAttention(nn.Module):
                            sliding_window=self.sliding_window, **kwargs)
         return out
 
-    def _uses_fused_decode(self, past_key_values, hidden_states: torch.Tensor, position_embeddings) -> bool:
-        """A KV4 decode step (one token per row) with RoPE over the whole head and no q/k norms."""
-        return (self.fuse_rope_append and isinstance(past_key_values, KV4Cache) and hidden_states.shape[1] == 1
-                and self.q_norm is None and position_embeddings[0].shape[-1] == self.head_dim)
+    def _fuses_rope_append(self, position_embeddings) -> bool:
+        """Whether RoPE and the KV4 append can be one op: RoPE over the whole head and no q/k norms."""
+        return self.fuse_rope_append and self.q_norm is None and position_embeddings[0].shape[-1] == self.head_dim
 
-    def _fused_decode(self, cache: KV4Cache, hidden_states: torch.Tensor, position_embeddings,
-                      attention_mask) -> torch.Tensor:
-        """Decode step through `rope_kv4_append` (RoPE + append in one op), attention and o_proj
-        -> ``[B, 1, hidden]``."""
-        b, s, _ = hidden_states.shape
+    def _decode(self, cache: KV4Cache, hidden_states: torch.Tensor, position_embeddings,
+                attention_mask) -> torch.Tensor:
+        """Decode step or a few new tokens per row: append the new K/V (through `rope_kv4_append` where RoPE and the
+        append fuse), then the KV4 decode attention and o_proj -> ``[B, S, hidden]``."""
         layer = cache.layers[self.layer_idx]
-        cos, sin = position_embeddings
-        q = layer.append_rotary(self._qkv(hidden_states).view(b, s, -1), cos, sin, self.num_heads)
+        if self._fuses_rope_append(position_embeddings):
+            b, s, _ = hidden_states.shape
+            cos, sin = position_embeddings
+            q = layer.append_rotary(self._qkv(hidden_states).view(b, s, -1), cos, sin, self.num_heads)
+        else:
+            q, k, v = self._project(hidden_states, position_embeddings)
+            layer.append(k, v)
         return self._decode_attention(cache, layer, q, attention_mask)
 
     def _decode_attention(self, cache: KV4Cache, layer, q: torch.Tensor, attention_mask) -> torch.Tensor:
@@ -163,13 +168,10 @@ class QoQAttention(nn.Module):
         kwargs.pop("position_ids", None)
         kwargs.pop("use_cache", None)
         b, s, _ = hidden_states.shape
-        if self._uses_fused_decode(past_key_values, hidden_states, position_embeddings):
-            return self._fused_decode(past_key_values, hidden_states, position_embeddings, attention_mask), None
-        q, k, v = self._project(hidden_states, position_embeddings)
+        # decode: no host sync on the one-token path
         if isinstance(past_key_values, KV4Cache) and (s == 1 or self._few_new_tokens(past_key_values, s)):
-            layer = past_key_values.layers[self.layer_idx]  # decode: no host sync on the one-token path
-            layer.append(k, v)
-            return self._decode_attention(past_key_values, layer, q, attention_mask), None
+            return self._decode(past_key_values, hidden_states, position_embeddings, attention_mask), None
+        q, k, v = self._project(hidden_states, position_embeddings)
         if isinstance(past_key_values, KV4Cache):
             out = self._kv4_attention(past_key_values, q, k, v, attention_mask, **kwargs)
         else:
