@@ -1,6 +1,6 @@
 """End-to-end HF generate benchmark: bfloat16 vs QoQ W4A8KV4 on random-weight models of real shapes.
 
-Usage: python benchmarks/e2e.py --json OUT.json [--shapes llama3-8b] [--batches 1 16 64 256]
+Usage: python benchmarks/e2e.py --json OUT.json [--shapes llama3-8b] [--batches 1 16 64 256] [--compile-modes eager]
 (the same as `qoq bench e2e`). Needs a CUDA GPU and the built extension.
 """
 from __future__ import annotations
@@ -19,10 +19,12 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256])
     parser.add_argument("--protocols", nargs="+", default=["128x256"], help="PROMPTxOUTPUT, e.g. 128x256 1024x512")
     parser.add_argument("--measure-max-batch", action="store_true", help="also find the largest batch that fits")
+    parser.add_argument("--compile-modes", nargs="+", default=["model-default"],
+                        help="the decode step's compilation (a row each): model-default, a torch.compile mode, eager")
     args = parser.parse_args()
     protocols = [tuple(int(v) for v in p.split("x")) for p in args.protocols]
     rows = run_e2e(args.shapes, args.variants, args.batches, protocols, json_path=args.json,
-                   measure_max_batch=args.measure_max_batch)
+                   measure_max_batch=args.measure_max_batch, compile_modes=args.compile_modes)
     print(format_table(rows))
     if args.json:
         with open(args.json) as fh:

@@ -200,6 +200,7 @@ class StopCheckMode:
 
 
 MODEL_DEFAULT = "model-default"  # the compile config generate uses when given none (transformers: reduce-overhead)
+EAGER = "eager"  # no compilation: generate with disable_compile, as a user who does not compile runs it
 
 
 def _json_safe(value):
@@ -215,10 +216,10 @@ def _json_safe(value):
 
 def compile_config_for(model: nn.Module, compile_mode: str | None):
     """The ``CompileConfig`` generate will compile the decode step with: the model's own default for
-    "model-default", ``torch.compile``'s ``mode`` otherwise; None (eager) for None."""
+    "model-default", ``torch.compile``'s ``mode`` otherwise; None (eager) for None or "eager"."""
     from transformers.generation.configuration_utils import CompileConfig
 
-    if compile_mode is None:
+    if compile_mode is None or compile_mode == EAGER:
         return None
     return model._default_compile_config() if compile_mode == MODEL_DEFAULT else CompileConfig(mode=compile_mode)
 
@@ -226,14 +227,14 @@ def compile_config_for(model: nn.Module, compile_mode: str | None):
 def run_generate(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, compile_mode: str | None,
                  stop_after: int | None = None) -> torch.Tensor:
     """Greedy ``generate`` of exactly ``new_tokens`` tokens with a static cache sized for them (compiled by
-    transformers with ``compile_config_for(model, compile_mode)``, eager when None); ``stop_after`` ends it after
-    that many tokens."""
+    transformers with ``compile_config_for(model, compile_mode)``, eager when that is None); ``stop_after`` ends it
+    after that many tokens."""
     from transformers import GenerationConfig, StoppingCriteriaList
 
+    compile_config = compile_config_for(model, compile_mode)
     cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                            cache_implementation="static", pad_token_id=0, eos_token_id=None,
-                           disable_compile=compile_mode is None,
-                           compile_config=compile_config_for(model, compile_mode))
+                           disable_compile=compile_config is None, compile_config=compile_config)
     stop = StoppingCriteriaList([_StopAfter(input_ids.shape[1], stop_after)]) if stop_after else None
     return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=cfg,
                           stopping_criteria=stop)
@@ -390,7 +391,7 @@ def run_e2e(shapes=("llama3-8b",), variants=("bf16", "qoq-g128", "qoq-channel"),
     if unknown:
         raise ValueError(f"unknown stop checks {sorted(unknown)}; choose from {STOP_CHECKS}")
     if not compile_modes or None in compile_modes:
-        raise ValueError("compile_modes: give one or more torch.compile modes or 'model-default' (eager is not timed)")
+        raise ValueError("compile_modes: give one or more torch.compile modes, 'model-default' or 'eager'")
     if time_max_batch and not measure_max_batch:
         raise ValueError("time_max_batch needs measure_max_batch")
     check_variants(variants)
@@ -446,9 +447,10 @@ def run_e2e(shapes=("llama3-8b",), variants=("bf16", "qoq-g128", "qoq-channel"),
 
 def _time_with_fallback(model: nn.Module, shape: str, variant: str, batch: int, prompt_len: int, new_tokens: int,
                         stop_check: str, compile_mode: str = MODEL_DEFAULT) -> GenerateResult:
-    """``time_generate`` with ``compile_mode``, or plain inductor where graph capture fails (recorded in the row)."""
+    """``time_generate`` with ``compile_mode``, or plain inductor where graph capture fails (recorded in the row);
+    an eager row has no fallback."""
     failed_modes = {}
-    for mode in (compile_mode, PLAIN_INDUCTOR):
+    for mode in (compile_mode,) if compile_mode == EAGER else (compile_mode, PLAIN_INDUCTOR):
         res = time_generate(model, shape, variant, batch, prompt_len, new_tokens, compile_mode=mode,
                             stop_check=stop_check)
         if res.error is None or "out of memory" in res.error:

@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(bf16: every step; QoQ: one step late), forced every step, or forced one step late")
     b.add_argument("--compile-modes", nargs="+", default=["model-default"],
                    help="e2e: compile settings of the decode step (a row each): 'model-default' (what generate "
-                        "uses without a compile_config: reduce-overhead) or a torch.compile mode")
+                        "uses without a compile_config: reduce-overhead), a torch.compile mode, or 'eager' (no "
+                        "compilation)")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--prompt-len", type=int, default=128)
     b.add_argument("--new-tokens", type=int, default=64)

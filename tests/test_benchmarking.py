@@ -140,3 +140,29 @@ def test_recorded_compile_config_is_json():
     config = benchmarking.compile_config_for(model, benchmarking.MODEL_DEFAULT)
     text = json.dumps(benchmarking._json_safe(config.to_dict()))  # a function in options must not break the JSON
     assert "qoq_torch.nn.generation.skip_fixed_layout_guards" in text and '"triton.cudagraphs": true' in text
+
+
+def test_eager_rows_generate_without_compiling_and_have_no_fallback(monkeypatch):
+    model = benchmarking.build_quantized_model("tiny", group_size=128, device="cpu")
+    assert benchmarking.compile_config_for(model, benchmarking.EAGER) is None
+    assert benchmarking.compile_config_for(model, "max-autotune").mode == "max-autotune"
+    seen = []
+    real_generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **kw: (seen.append(kw["generation_config"]),
+                                                             real_generate(*a, **kw))[1])
+    out = benchmarking.run_generate(model, torch.randint(1, 500, (1, 4)), 2, benchmarking.EAGER)
+    assert out.shape == (1, 6)
+    assert seen[0].disable_compile and seen[0].compile_config is None
+
+    modes = []
+
+    def failing(*args, compile_mode, **kwargs):
+        modes.append(compile_mode)
+        return benchmarking.GenerateResult("m", "v", 1, 4, 2, error="RuntimeError: capture failed")
+
+    monkeypatch.setattr(benchmarking, "time_generate", failing)
+    benchmarking._time_with_fallback(model, "m", "v", 1, 4, 2, "model-default", benchmarking.EAGER)
+    assert modes == [benchmarking.EAGER]  # a failed eager row is not retried compiled
+    modes.clear()
+    benchmarking._time_with_fallback(model, "m", "v", 1, 4, 2, "model-default", "reduce-overhead")
+    assert modes == ["reduce-overhead", benchmarking.PLAIN_INDUCTOR]
