@@ -33,7 +33,10 @@ __device__ __forceinline__ void load_activations(uint32_t (&xb)[TT][8], const Ge
 }
 
 // acc[j] += W * X_j over one 128-wide k block: w_g / w_g8 are the lane's chunks of rows g / g + 8; sz_g / sz_g8
-// their group's s2 | z2 << 8 (per group only). Token tiles past M are skipped (warp-uniform).
+// their group's s2 | z2 << 8 (per group only). Token tiles past M are skipped (warp-uniform). The first tile always
+// holds a token (M >= 1) and a later one is skipped by predicating its mma rather than by a branch: a branch per
+// k-word split the loop into basic blocks (with a warp sync before each mma) that the scheduler could not
+// interleave.
 template <bool PER_GROUP, int TT>
 __device__ __forceinline__ void mma_chunk(int32_t (&acc)[TT][4], const uint4& w_g, const uint4& w_g8, uint32_t sz_g,
                                           uint32_t sz_g8, const uint32_t (&xb)[TT][8], int M) {
@@ -57,8 +60,7 @@ __device__ __forceinline__ void mma_chunk(int32_t (&acc)[TT][4], const uint4& w_
     }
 #pragma unroll
     for (int j = 0; j < TT; ++j) {
-      if (8 * j >= M) break;  // warp-uniform: token tiles past M hold only zeros
-      ptx::mma_u8s8_16832(acc[j], a, xb[j][wd], xb[j][4 + wd]);
+      if (j == 0 || 8 * j < M) ptx::mma_u8s8_16832(acc[j], a, xb[j][wd], xb[j][4 + wd]);
     }
   }
 }

@@ -138,6 +138,15 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
   const int g = lane >> 2, t = lane & 3;
   int32_t* partial = reinterpret_cast<int32_t*>(smem + L::kPartialOffset);
   const int gps = PER_GROUP ? L::KS / p.group_size : 0;
+  // Per group: the offset of (s2, z2) of row g, k block warp + u * CW of a stage, in the stage's scale arrays. It is
+  // the same at every stage, so the division by the runtime group size runs once, not once a stage.
+  int sz_offset[L::kQuadsPerWarp] = {};
+  if constexpr (PER_GROUP) {
+#pragma unroll
+    for (int u = 0; u < L::kQuadsPerWarp; ++u) {
+      sz_offset[u] = g * gps + (4 * (warp + u * kConsumerWarps) + t) * 32 / p.group_size;
+    }
+  }
   uint32_t it = 0;
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int n0 = tile * L::BR;
@@ -172,9 +181,9 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
           const uint4 w_g8 = *reinterpret_cast<const uint4*>(src + 8 * L::kRowStride);
           uint32_t sz_g = 0, sz_g8 = 0;
           if constexpr (PER_GROUP) {
-            const int grp = chunk * 32 / p.group_size;
-            sz_g = s2s[row * gps + grp] | (static_cast<uint32_t>(z2s[row * gps + grp]) << 8);
-            sz_g8 = s2s[(row + 8) * gps + grp] | (static_cast<uint32_t>(z2s[(row + 8) * gps + grp]) << 8);
+            const int at = sz_offset[u] + 16 * r * gps;  // row g (+ 16 r) of the lane's group
+            sz_g = s2s[at] | (static_cast<uint32_t>(z2s[at]) << 8);
+            sz_g8 = s2s[at + 8 * gps] | (static_cast<uint32_t>(z2s[at + 8 * gps]) << 8);
           }
           swapped::mma_chunk<PER_GROUP, TT>(acc[r], w_g, w_g8, sz_g, sz_g8, xb[u], p.M);
         }
