@@ -15,21 +15,38 @@
 namespace qoq {
 namespace swapped {
 
-// xb[j][0..3]: k 0..15, xb[j][4..7]: k 16..31 of chunk 4q + t of token 8j + g (zeros past M).
+// The lane's activation rows: token 8j + g from its chunk t of k block 0 on (nullptr past M: that tile is zeros).
 template <int TT>
-__device__ __forceinline__ void load_activations(uint32_t (&xb)[TT][8], const GemmParams& p, int q, int g, int t) {
+__device__ __forceinline__ void activation_rows(const int8_t* (&rows)[TT], const GemmParams& p, int g, int t) {
 #pragma unroll
   for (int j = 0; j < TT; ++j) {
     const int tok = 8 * j + g;
+    rows[j] = tok < p.M ? p.x_q + static_cast<size_t>(tok) * p.K + 32 * t : nullptr;
+  }
+}
+
+// xb[j][0..3]: k 0..15, xb[j][4..7]: k 16..31 of the chunk at k offset `k` (a k block's start) of rows[j].
+template <int TT>
+__device__ __forceinline__ void load_activations_at(uint32_t (&xb)[TT][8], const int8_t* const (&rows)[TT], int k) {
+#pragma unroll
+  for (int j = 0; j < TT; ++j) {
     int4 lo = make_int4(0, 0, 0, 0), hi = lo;
-    if (tok < p.M) {
-      const int4* x = reinterpret_cast<const int4*>(p.x_q + static_cast<size_t>(tok) * p.K + 128 * q + 32 * t);
+    if (rows[j] != nullptr) {
+      const int4* x = reinterpret_cast<const int4*>(rows[j] + k);
       lo = __ldg(x);
       hi = __ldg(x + 1);
     }
     xb[j][0] = lo.x, xb[j][1] = lo.y, xb[j][2] = lo.z, xb[j][3] = lo.w;
     xb[j][4] = hi.x, xb[j][5] = hi.y, xb[j][6] = hi.z, xb[j][7] = hi.w;
   }
+}
+
+// The same for k block q, from the parameters.
+template <int TT>
+__device__ __forceinline__ void load_activations(uint32_t (&xb)[TT][8], const GemmParams& p, int q, int g, int t) {
+  const int8_t* rows[TT];
+  activation_rows<TT>(rows, p, g, t);
+  load_activations_at<TT>(xb, rows, 128 * q);
 }
 
 // acc[j] += W * X_j over one 128-wide k block: w_g / w_g8 are the lane's chunks of rows g / g + 8; sz_g / sz_g8
@@ -47,20 +64,28 @@ __device__ __forceinline__ void mma_chunk(int32_t (&acc)[TT][4], const uint4& w_
     dq0 = make_group_dequant(sz_g & 0xFFu, sz_g >> 8);
     dq1 = make_group_dequant(sz_g8 & 0xFFu, sz_g8 >> 8);
   }
+  // Each mma takes one nibble half h (low: k 0..15 of the chunk, high: k 16..31) of two consecutive words 2i and
+  // 2i + 1 (k 4(2i).. and 4(2i+1)..), so that its B operand is the two consecutive activation words xb[j][4h + 2i],
+  // xb[j][4h + 2i + 1]: an aligned register pair straight from the 16-byte loads (pairing a word's low and high
+  // nibbles instead made the B operand two words 16 bytes apart, copied into a pair before every mma).
+  // A fragment of m16n8k32: {row g, k 0..3}, {row g+8, k 0..3}, {row g, k 16..19}, {row g+8, k 16..19}.
 #pragma unroll
-  for (int wd = 0; wd < 4; ++wd) {
-    // A fragment of m16n8k32: {row g, k 0..3}, {row g+8, k 0..3}, {row g, k 16..19}, {row g+8, k 16..19}
-    uint32_t a[4] = {w0[wd] & 0x0F0F0F0Fu, w1[wd] & 0x0F0F0F0Fu, (w0[wd] >> 4) & 0x0F0F0F0Fu,
-                     (w1[wd] >> 4) & 0x0F0F0F0Fu};
-    if constexpr (PER_GROUP) {
-      a[0] = dequant4(a[0], dq0);
-      a[1] = dequant4(a[1], dq1);
-      a[2] = dequant4(a[2], dq0);
-      a[3] = dequant4(a[3], dq1);
-    }
+  for (int h = 0; h < 2; ++h) {
 #pragma unroll
-    for (int j = 0; j < TT; ++j) {
-      if (j == 0 || 8 * j < M) ptx::mma_u8s8_16832(acc[j], a, xb[j][wd], xb[j][4 + wd]);
+    for (int i = 0; i < 2; ++i) {
+      const int shift = 4 * h;
+      uint32_t a[4] = {(w0[2 * i] >> shift) & 0x0F0F0F0Fu, (w1[2 * i] >> shift) & 0x0F0F0F0Fu,
+                       (w0[2 * i + 1] >> shift) & 0x0F0F0F0Fu, (w1[2 * i + 1] >> shift) & 0x0F0F0F0Fu};
+      if constexpr (PER_GROUP) {
+        a[0] = dequant4(a[0], dq0);
+        a[1] = dequant4(a[1], dq1);
+        a[2] = dequant4(a[2], dq0);
+        a[3] = dequant4(a[3], dq1);
+      }
+#pragma unroll
+      for (int j = 0; j < TT; ++j) {
+        if (j == 0 || 8 * j < M) ptx::mma_u8s8_16832(acc[j], a, xb[j][4 * h + 2 * i], xb[j][4 * h + 2 * i + 1]);
+      }
     }
   }
 }

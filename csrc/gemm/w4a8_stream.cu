@@ -147,6 +147,8 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
       sz_offset[u] = g * gps + (4 * (warp + u * kConsumerWarps) + t) * 32 / p.group_size;
     }
   }
+  const int8_t* x_rows[TT];  // addresses computed once, not at every stage
+  swapped::activation_rows<TT>(x_rows, p, g, t);
   uint32_t it = 0;
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int n0 = tile * L::BR;
@@ -162,7 +164,7 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
 #pragma unroll
       for (int u = 0; u < L::kQuadsPerWarp; ++u) {
         const int qq = warp + u * kConsumerWarps;
-        if (qq < quads) swapped::load_activations<TT>(xb[u], p, k0 / 128 + qq, g, t);
+        if (qq < quads) swapped::load_activations_at<TT>(xb[u], x_rows, k0 + 128 * qq);
       }
       bulk::mbar_wait(full + slot, (it / kStages) & 1);
       const uint8_t* wsrc = smem + L::kWeightsOffset + slot * L::kStageWeightBytes;
