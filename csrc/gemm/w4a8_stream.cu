@@ -147,6 +147,9 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
       sz_offset[u] = g * gps + (4 * (warp + u * kConsumerWarps) + t) * 32 / p.group_size;
     }
   }
+  // launch_m takes the fewest token tiles for M, so every tile but the last of four holds a token
+  const int M = p.M;
+  __builtin_assume(M > (TT > 1 ? 4 * TT : 0));
   const int8_t* x_rows[TT];  // addresses computed once, not at every stage
   swapped::activation_rows<TT>(x_rows, p, g, t);
   uint32_t it = 0;
@@ -164,7 +167,7 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
 #pragma unroll
       for (int u = 0; u < L::kQuadsPerWarp; ++u) {
         const int qq = warp + u * kConsumerWarps;
-        if (qq < quads) swapped::load_activations_at<TT>(xb[u], x_rows, k0 + 128 * qq);
+        if (qq < quads) swapped::load_activations_at<TT>(xb[u], x_rows, k0 + 128 * qq, M);
       }
       bulk::mbar_wait(full + slot, (it / kStages) & 1);
       const uint8_t* wsrc = smem + L::kWeightsOffset + slot * L::kStageWeightBytes;
@@ -187,7 +190,7 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
             sz_g = s2s[at] | (static_cast<uint32_t>(z2s[at]) << 8);
             sz_g8 = s2s[at + 8 * gps] | (static_cast<uint32_t>(z2s[at + 8 * gps]) << 8);
           }
-          swapped::mma_chunk<PER_GROUP, TT>(acc[r], w_g, w_g8, sz_g, sz_g8, xb[u], p.M);
+          swapped::mma_chunk<PER_GROUP, TT>(acc[r], w_g, w_g8, sz_g, sz_g8, xb[u], M);
         }
       }
       __syncwarp();
@@ -267,14 +270,17 @@ void launch_w4a8_stream(const GemmParams& p, int sms) {
   // QOQ_GEMM_STREAM_VARIANT=<0..3> overrides the variant (benchmarks and tests); 32-row tiles need N % 32 == 0.
   // Defaults from the H100 layer chain (docs/benchmarks.md), where each GEMM's start overlaps the previous one's tail:
   // one block an SM with 16 consumer warps (3) per channel at every shape, and per group for long rows (K >= 4
-  // stages: three stages in flight, e.g. down_proj) and at M > 8; two 8-warp blocks an SM (2) per group otherwise.
+  // stages: three stages in flight, e.g. down_proj); two 8-warp blocks an SM (2) per group otherwise; per group at
+  // M > 8 one block an SM with 8 consumer warps (1) at every shape: each warp then takes two k blocks of a stage
+  // (independent mma chains) and a tile's reduction adds 8 warps' sums, not 16 (layer chain at M = 16 on the
+  // kernels of this rule: 51.2-51.6 us against 52.5-52.8 with 3 everywhere).
   // Timed each shape back to back with itself, two blocks were faster on the short GEMMs (per channel M = 1: qkv 5.03
   // vs 5.81 us, o 3.81 vs 4.55), but in the chain a GEMM whose block shape differs from its predecessor's starts
   // later: per channel with variant 3 everywhere ran 48.5-49.0 us a layer at M = 16 against 50.7-51.0 for the mixed
   // rule before it, and no slower at M = 1-8. Per group at M <= 8, gate_up ran faster on two blocks (21.97 vs 25.33
   // us at M = 1), and its mixed rule beat both uniform ones in the chain (M = 1: 46.4 against 49.1 / 51.2 us).
-  const bool one_wide_block = !PER_GROUP || p.K >= 4 * 2048 || p.M > 8;
-  int variant = env_int("QOQ_GEMM_STREAM_VARIANT", one_wide_block ? 3 : 2);
+  const int rule = PER_GROUP && p.M > 8 ? 1 : (!PER_GROUP || p.K >= 4 * 2048 ? 3 : 2);
+  int variant = env_int("QOQ_GEMM_STREAM_VARIANT", rule);
   if (variant < 0 || variant >= kVariants || p.N % 32 != 0) variant = 0;
   launch_m<PER_GROUP>(p, sms, variant);
 }
