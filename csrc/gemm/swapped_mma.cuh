@@ -15,20 +15,20 @@
 namespace qoq {
 namespace swapped {
 
-// The lane's activation rows: token 8j + g from its chunk t of k block 0 on. A token past M reads the last row
+// The lane's activation rows: token 8j + g from its chunk t of k block q on. A token past M reads the last row
 // instead: the mma columns of such tokens are summed but never stored (reduce_and_store stores m < M), so their
 // loads need neither a predicate nor zeroed registers.
 template <int TT>
-__device__ __forceinline__ void activation_rows(const int8_t* (&rows)[TT], const GemmParams& p, int g, int t) {
+__device__ __forceinline__ void activation_rows(const int8_t* (&rows)[TT], const GemmParams& p, int q, int g, int t) {
 #pragma unroll
   for (int j = 0; j < TT; ++j) {
     const int tok = min(8 * j + g, p.M - 1);
-    rows[j] = p.x_q + static_cast<size_t>(tok) * p.K + 32 * t;
+    rows[j] = p.x_q + static_cast<size_t>(tok) * p.K + 128 * q + 32 * t;
     asm volatile("" : "+l"(rows[j]));  // kept in registers: ptxas otherwise recomputes it before every load
   }
 }
 
-// xb[j][0..3]: k 0..15, xb[j][4..7]: k 16..31 of the chunk at k offset `k` (a k block's start) of rows[j]; token
+// xb[j][0..3]: k 0..15, xb[j][4..7]: k 16..31 of the chunk `k` bytes past rows[j] (k: whole k blocks); token
 // tiles past M (warp-uniform) are not loaded (mma_chunk skips them).
 template <int TT>
 __device__ __forceinline__ void load_activations_at(uint32_t (&xb)[TT][8], const int8_t* const (&rows)[TT], uint32_t k,
@@ -50,8 +50,8 @@ __device__ __forceinline__ void load_activations_at(uint32_t (&xb)[TT][8], const
 template <int TT>
 __device__ __forceinline__ void load_activations(uint32_t (&xb)[TT][8], const GemmParams& p, int q, int g, int t) {
   const int8_t* rows[TT];
-  activation_rows<TT>(rows, p, g, t);
-  load_activations_at<TT>(xb, rows, 128 * q, p.M);
+  activation_rows<TT>(rows, p, q, g, t);
+  load_activations_at<TT>(xb, rows, 0, p.M);
 }
 
 // acc[j] += W * X_j over one 128-wide k block: w_g / w_g8 are the lane's chunks of rows g / g + 8; sz_g / sz_g8

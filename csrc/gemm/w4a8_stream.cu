@@ -150,26 +150,35 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
   // launch_m takes the fewest token tiles for M, so every tile but the last of four holds a token
   const int M = p.M;
   __builtin_assume(M > (TT > 1 ? 4 * TT : 0));
-  const int8_t* x_rows[TT];  // addresses computed once, not at every stage
-  swapped::activation_rows<TT>(x_rows, p, g, t);
-  uint32_t it = 0;
+  // The stage bookkeeping, kept incrementally rather than recomputed from a stage count at every stage: the ring
+  // slot and its phase, the k blocks of a stage (only the last stage of a row may be short), and this warp's
+  // activation rows at its first k block (advanced a stage at a time).
+  const int8_t* x_rows[TT];
+  swapped::activation_rows<TT>(x_rows, p, warp, g, t);
+  const int full_stages = p.K / L::KS, tail_quads = (p.K % L::KS) / 128;
+  int slot = 0;
+  uint32_t phase = 0;
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int n0 = tile * L::BR;
     int32_t acc[RT][TT][4] = {};
     constexpr int kEpilogueIters = swapped::epilogue_iters(RT, TT, kConsumerThreads);
     EpilogueOperands<kEpilogueIters> epi;
     load_epilogue<PER_GROUP>(epi, p, n0, L::BR, threadIdx.x, kConsumerThreads);
-    for (int ks = 0; ks < kstages; ++ks, ++it) {
-      const int slot = it % kStages;
-      const int k0 = ks * L::KS, quads = min(L::KS, p.K - k0) / 128;
+    const int8_t* x_stage[TT];
+#pragma unroll
+    for (int j = 0; j < TT; ++j) x_stage[j] = x_rows[j];
+    for (int ks = 0; ks < kstages; ++ks) {
+      const int quads = ks < full_stages ? L::KS / 128 : tail_quads;
       // The activations do not depend on the stage: their loads overlap the wait for it.
       uint32_t xb[L::kQuadsPerWarp][TT][8];
 #pragma unroll
       for (int u = 0; u < L::kQuadsPerWarp; ++u) {
         const int qq = warp + u * kConsumerWarps;
-        if (qq < quads) swapped::load_activations_at<TT>(xb[u], x_rows, k0 + 128 * qq, M);
+        if (qq < quads) swapped::load_activations_at<TT>(xb[u], x_stage, 128 * u * kConsumerWarps, M);
       }
-      bulk::mbar_wait(full + slot, (it / kStages) & 1);
+#pragma unroll
+      for (int j = 0; j < TT; ++j) x_stage[j] += L::KS;
+      bulk::mbar_wait(full + slot, phase);
       const uint8_t* wsrc = smem + L::kWeightsOffset + slot * L::kStageWeightBytes;
       const uint8_t* s2s = smem + L::kScalesOffset + slot * L::kStageScaleBytes;
       const uint8_t* z2s = s2s + L::kScaleArrayBytes;
@@ -195,6 +204,7 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
       }
       __syncwarp();
       if (lane == 0) bulk::mbar_arrive(empty + slot);
+      if (++slot == kStages) slot = 0, phase ^= 1;
     }
     bulk::named_barrier(1, kConsumerThreads);  // the previous tile's reduction is done reading `partial`
     swapped::store_partials<RT, TT>(partial, acc, warp, g, t);
