@@ -2,10 +2,11 @@
 // weights are the A operand (16 output rows x 32 k) and the activations the B operand (32 k x 8 tokens).
 //
 // Lane (g, t) holds the 16-byte chunk 4q + t of weight rows g and g + 8 for a 128-wide k block q. Word w of a
-// chunk holds k 4w..4w+3 (low nibbles) and 16+4w..16+4w+3 (high nibbles) of the chunk (packed layout v2), which
-// is exactly an mma A fragment once the k order inside an mma is permuted; the activations are loaded under the
-// same permutation (lane (g, t) reads the 32 bytes of chunk 4q + t of token g), and a dot product does not depend
-// on the k order. Per group, a chunk lies in one group (group_size % 64 == 0), so the weights are dequantized to
+// chunk holds k 4w..4w+3 (low nibbles) and 16+4w..16+4w+3 (high nibbles) of the chunk (packed layout v2); an mma
+// takes one nibble half of two consecutive words (mma_chunk), which is an A fragment once the k order inside the mma
+// is permuted; the activations are read under the same permutation (lane (g, t) reads the 32 bytes of chunk 4q + t
+// of token g, each mma's B operand two consecutive words of them), and a dot product does not depend on the k
+// order. Per group, a chunk lies in one group (group_size % 64 == 0), so the weights are dequantized to
 // biased INT8 (w4 - z2) * s2 + 128 in registers with the bytewise dequant4 of the tile kernel; per channel the UINT4
 // values are used as they are. Both are unsigned MMA operands, and the epilogue takes weight_zero * x_sum off.
 #pragma once
