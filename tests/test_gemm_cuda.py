@@ -917,10 +917,11 @@ def _stream_kernel_for_every_m(request, monkeypatch):
 
 
 # M in every 8-token-tile bucket and at its edges. (N, K): one 16-row tile (N % 32 != 0: 32-row tiles fall back),
-# K of a single partial stage (fewer k blocks than warps), K with a partial last stage, more tiles than SMs (each
-# block walks several tiles, the producer runs ahead across them), long K like Llama's down projection.
+# K of a single partial stage (fewer k blocks than warps; 1152: not a multiple of 4 groups), K with a partial last
+# stage, more tiles than SMs (each block walks several tiles, the producer runs ahead across them), long K like
+# Llama's down projection.
 STREAM_MS = (1, 2, 3, 7, 8, 9, 16, 17, 24, 31, 32)
-STREAM_NK = ((16, 512), (48, 1024), (96, 2560), (4160, 1024), (80, 14336))
+STREAM_NK = ((16, 512), (48, 1152), (96, 2560), (4160, 1024), (80, 14336))
 
 
 @needs_stream
@@ -956,30 +957,48 @@ def test_stream_llama_shapes_match_reference(n, k, gen):
 
 @needs_stream
 def test_stream_misaligned_scales_fall_back_exactly(gen):
-    """s2 / z2 views that are not 4-byte aligned (the stage copies move 4-byte words) take another kernel, exactly."""
+    """The kernel copies the packed scales in 16-byte words: a packed_scales view that is not 16-byte aligned takes
+    another kernel, exactly; s2 / z2 views at any alignment (no packed scales given) are packed by the op for it."""
+    from torch.profiler import ProfilerActivity, profile
+
     m, n, k, g = 4, 64, 1024, 128
     x_q, x_s, _ = random_activations(m, k, gen)
     w4, s2, z2, s1 = random_per_group(n, k, g, gen)
     ref = torch.ops.qoq.w4a8_gemm_per_group(x_q, x_s, ops.pack_weights(w4), s2, z2, s1, None, g, torch.float16)
     cuda = _to("cuda", x_q, x_s, ops.pack_weights(w4), s2, z2, s1)
-    odd = []
-    for t in cuda[3:5]:
+
+    def odd_view(t: torch.Tensor) -> torch.Tensor:
         buf = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
         view = buf[1:].view(t.shape)
         view.copy_(t)
-        odd.append(view)
+        return view
+
+    def run(s2_in, z2_in, packed) -> list[str]:
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out = ops.w4a8_gemm_per_group(cuda[0], cuda[1], cuda[2], s2_in, z2_in, cuda[5], group_size=g,
+                                          packed_scales=packed)
+            torch.cuda.synchronize()
+        assert torch.equal(out.cpu(), ref)
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    packed = odd_view(ops.pack_scales(cuda[3], cuda[4]))
+    assert packed.data_ptr() % 16 != 0
+    names = run(cuda[3], cuda[4], packed)
+    assert names and not any("w4a8_stream_kernel" in x for x in names), names
+    odd = [odd_view(t) for t in cuda[3:5]]
     assert odd[0].data_ptr() % 4 != 0
-    out = ops.w4a8_gemm_per_group(cuda[0], cuda[1], cuda[2], odd[0], odd[1], cuda[5], group_size=g)
-    assert torch.equal(out.cpu(), ref)
+    names = run(odd[0], odd[1], None)
+    assert any("w4a8_stream_kernel" in x for x in names), names
 
 
 @needs_stream
 def test_stream_kernel_is_dispatched(gen, monkeypatch):
-    """Within its M range the streaming kernel runs alone (no memset, no workspace); group size 256, K % (4 g) != 0,
-    M = 33, a forced tile config and QOQ_GEMM_STREAM=0 do not take it; by default it serves 1 <= M <= 16 in both
-    formats (per group the wgmma kernel takes M >= 17)."""
+    """Within its M range the streaming kernel runs alone (no memset, no workspace; per group with the packed scales
+    given, as modules call it); group size 256, M = 33, a forced tile config and QOQ_GEMM_STREAM=0 do not take it;
+    by default it serves 1 <= M <= 16 in both formats (per group the wgmma kernel takes M >= 17)."""
     def kernels(m: int, k: int = 1024, g: int = 128, per_group: bool = True) -> list[str]:
-        return _kernel_names(gen, m, k=k, g=g, per_group=per_group)
+        return _kernel_names(gen, m, k=k, g=g, per_group=per_group, packed=True)
 
     if not kernels(1):
         pytest.skip("the profiler recorded no CUDA kernels here")
@@ -989,7 +1008,7 @@ def test_stream_kernel_is_dispatched(gen, monkeypatch):
             assert len(names) == 1 and "w4a8_stream_kernel" in names[0], (m, per_group, names)
     assert not any("w4a8_stream_kernel" in x for x in kernels(33))
     assert not any("w4a8_stream_kernel" in x for x in kernels(4, g=256))
-    assert not any("w4a8_stream_kernel" in x for x in kernels(4, k=384, g=64))  # 384 % 256 != 0
+    assert any("w4a8_stream_kernel" in x for x in kernels(4, k=384, g=64))  # a partial stage of 6 groups
     assert any("w4a8_stream_kernel" in x for x in kernels(4, k=384, per_group=False))
     monkeypatch.setenv("QOQ_GEMM_FORCE", "0,0")
     assert not any("w4a8_stream_kernel" in x for x in kernels(4))

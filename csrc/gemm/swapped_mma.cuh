@@ -55,21 +55,17 @@ __device__ __forceinline__ void load_activations(uint32_t (&xb)[TT][8], const Ge
   load_activations_at<TT>(xb, rows, 0, p.M);
 }
 
-// acc[j] += W * X_j over one 128-wide k block: w_g / w_g8 are the lane's chunks of rows g / g + 8; sz_g / sz_g8
-// their group's s2 | z2 << 8 (per group only). Token tiles past M are skipped (warp-uniform). The first tile always
+// acc[j] += W * X_j over one 128-wide k block: w_g / w_g8 are the lane's chunks of rows g / g + 8; dq_g / dq_g8
+// their group's dequantization constants (per group only; make_group_dequant or make_group_dequant_packed). Token tiles past M are skipped (warp-uniform). The first tile always
 // holds a token (M >= 1) and a later one is skipped by predicating its mma rather than by a branch: a branch per
 // k-word split the loop into basic blocks (with a warp sync before each mma) that the scheduler could not
 // interleave.
 template <bool PER_GROUP, int TT>
-__device__ __forceinline__ void mma_chunk(int32_t (&acc)[TT][4], const uint4& w_g, const uint4& w_g8, uint32_t sz_g,
-                                          uint32_t sz_g8, const uint32_t (&xb)[TT][8], int M) {
+__device__ __forceinline__ void mma_chunk(int32_t (&acc)[TT][4], const uint4& w_g, const uint4& w_g8,
+                                          const GroupDequant& dq0, const GroupDequant& dq1, const uint32_t (&xb)[TT][8],
+                                          int M) {
   const uint32_t w0[4] = {w_g.x, w_g.y, w_g.z, w_g.w};
   const uint32_t w1[4] = {w_g8.x, w_g8.y, w_g8.z, w_g8.w};
-  GroupDequant dq0{}, dq1{};
-  if constexpr (PER_GROUP) {
-    dq0 = make_group_dequant(sz_g & 0xFFu, sz_g >> 8);
-    dq1 = make_group_dequant(sz_g8 & 0xFFu, sz_g8 >> 8);
-  }
   // Each mma takes one nibble half h (low: k 0..15 of the chunk, high: k 16..31) of two consecutive words 2i and
   // 2i + 1 (k 4(2i).. and 4(2i+1)..), so that its B operand is the two consecutive activation words xb[j][4h + 2i],
   // xb[j][4h + 2i + 1]: an aligned register pair straight from the 16-byte loads (pairing a word's low and high

@@ -613,8 +613,10 @@ at::Tensor w4a8_gemm_per_group_cuda(const at::Tensor& x_q_in, const at::Tensor& 
                 "packed_scales must have shape [ceil(N/128), K/g, 256] = [", qoq::num((n + 127) / 128), ", ",
                 qoq::num(k / group_size), ", 256] (ops.pack_scales(s2, z2)), got ", qoq::shape_str(packed_scales));
     TORCH_CHECK(packed_scales.is_contiguous(), "packed_scales must be contiguous");
-  } else if (x_q_in.size(0) > 0 && wgmma_takes(x_q_in.size(0), k, true, group_size, x_q_in.options())) {
-    // Not given (modules always give it): the one packing routine, the Python-registered qoq::pack_scales.
+  } else if (x_q_in.size(0) > 0 && (wgmma_takes(x_q_in.size(0), k, true, group_size, x_q_in.options()) ||
+                                     stream_may_take(x_q_in.size(0), true))) {
+    // Not given (modules always give it) but the wgmma or the streaming kernel may read it: the one packing
+    // routine, the Python-registered qoq::pack_scales.
     static auto pack = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("qoq::pack_scales", "")
                            .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();

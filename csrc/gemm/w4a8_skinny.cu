@@ -82,8 +82,14 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_skinny_kernel(const GemmPara
       uint32_t xb[TT][8];
       swapped::load_activations<TT>(xb, p, q, g, t);
 #pragma unroll
-      for (int r = 0; r < RT; ++r)
-        swapped::mma_chunk<PER_GROUP, TT>(acc[r], w[u][r][0], w[u][r][1], sz[u][r][0], sz[u][r][1], xb, p.M);
+      for (int r = 0; r < RT; ++r) {
+        GroupDequant dq[2] = {};
+        if constexpr (PER_GROUP) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) dq[h] = make_group_dequant(sz[u][r][h] & 0xFFu, sz[u][r][h] >> 8);
+        }
+        swapped::mma_chunk<PER_GROUP, TT>(acc[r], w[u][r][0], w[u][r][1], dq[0], dq[1], xb, p.M);
+      }
     }
   }
 

@@ -5,8 +5,9 @@
 //   - the grid is persistent (one or two blocks per SM); a block walks its 16- or 32-row tiles of the output in turn,
 //   - one producer warp streams each tile's weights, stages of the tile's rows x 2048 k (1 KB a row), into a ring
 //     of shared-memory stages with the bulk copy engine (one copy per weight row, completion counted on the stage's
-//     mbarrier; L2 evict-first, so the reused activations stay in L2); per group it also copies the stage's (s2, z2)
-//     bytes with 16-byte (or 4-byte) cp.async tracked by the same mbarrier. It runs up to a ring's worth of stages
+//     mbarrier; L2 evict-first, so the reused activations stay in L2); per group it also copies the stage's packed
+//     scales (ops.pack_scales: s2 and 240 - z2 * s2 of the tile's rows, per group) with 16-byte cp.async tracked by
+//     the same mbarrier, so that a consumer's dequantization constant is one multiply-add. It runs up to a ring's worth of stages
 //     (64-96 KB an SM) ahead, across tile boundaries, so the next tile's loads are in flight while the consumers
 //     finish a tile,
 //   - 8 or 16 consumer warps split each stage's k blocks and multiply on INT8 mma.sync with the operands swapped
@@ -51,8 +52,8 @@ struct StreamLayout {
   static constexpr int kRowStride = KS / 2 + 64;          // padded weight row (bank spread, see the header)
   static constexpr int kStageWeightBytes = BR * kRowStride;
   static constexpr int kMaxGroups = KS / 64;              // groups of a stage row (group_size >= 64)
-  static constexpr int kScaleArrayBytes = BR * kMaxGroups;
-  static constexpr int kStageScaleBytes = 2 * kScaleArrayBytes;  // s2 then z2
+  static constexpr int kGroupScaleBytes = 2 * BR;         // a group's packed scales: s2 of the BR rows, then b
+  static constexpr int kStageScaleBytes = kGroupScaleBytes * kMaxGroups;
   static constexpr int kBarrierBytes = 128;
   static constexpr int kWeightsOffset = kBarrierBytes;
   static constexpr int kScalesOffset = kWeightsOffset + kStages * kStageWeightBytes;
@@ -87,9 +88,6 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
   if (warp == kConsumerWarps) {  // producer
     const uint64_t policy = bulk::evict_first_policy();
     const size_t row_bytes = static_cast<size_t>(p.K) / 2;
-    const int gps = PER_GROUP ? L::KS / p.group_size : 0;  // shared-memory row stride of (s2, z2)
-    const bool scales16 = PER_GROUP && p.groups % 16 == 0 && reinterpret_cast<uintptr_t>(p.s2) % 16 == 0 &&
-                          reinterpret_cast<uintptr_t>(p.z2) % 16 == 0;
     uint32_t it = 0;
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
       const int n0 = tile * L::BR;
@@ -104,24 +102,19 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
           bulk::copy_bulk(wdst + r * L::kRowStride, p.qweight + (n0 + r) * row_bytes + k0 / 2, klen / 2, full + slot,
                           policy);
         if constexpr (PER_GROUP) {
-          // The stage's groups of each row: `bytes` (s2, z2) bytes a row, one lane per (array, row), 16-byte copies
-          // where every segment is 16-byte aligned (g = 128: 16 bytes a row when groups % 16 == 0), else 4-byte
-          // ones (the host checks K % (4 * group_size) == 0 and 4-byte aligned scales). Why not one 4-byte copy per
-          // lane and word: a single producer warp per SM then issued too few copies to keep up (per group ran
-          // slower than per channel with one block an SM).
-          const int bytes = klen / p.group_size;
-          const size_t g0 = k0 / p.group_size;
-          const bool vec16 = scales16 && bytes % 16 == 0;
+          // The stage's groups: for each, the tile's BR bytes of s2 and of b = 240 - z2 * s2 from the packed scales
+          // (256 bytes per 128-row weight tile and group; a tile's rows start at n0 % 128, a multiple of 16), as
+          // 16-byte copies spread over the lanes, laid out [group][s2 of the rows | b of the rows].
+          constexpr int kCopiesPerGroup = L::kGroupScaleBytes / 16, kCopiesPerHalf = L::BR / 16;
+          const int groups = klen / p.group_size;
+          const uint8_t* src_tile = p.packed_scales + (static_cast<size_t>(n0 / 128) * p.groups + k0 / p.group_size) *
+                                                          256 + n0 % 128;
           uint8_t* sdst = smem + L::kScalesOffset + slot * L::kStageScaleBytes;
-          for (int i = lane; i < 2 * L::BR; i += 32) {
-            const int arr = i / L::BR, r = i % L::BR;
-            const uint8_t* src = (arr ? p.z2 : p.s2) + static_cast<size_t>(n0 + r) * p.groups + g0;
-            uint8_t* dst = sdst + arr * L::kScaleArrayBytes + r * gps;
-            if (vec16) {
-              for (int b = 0; b < bytes; b += 16) bulk::copy_16(dst + b, src + b);
-            } else {
-              for (int b = 0; b < bytes; b += 4) bulk::copy_4(dst + b, src + b);
-            }
+          for (int i = lane; i < groups * kCopiesPerGroup; i += 32) {
+            const int grp = i / kCopiesPerGroup, half = (i % kCopiesPerGroup) / kCopiesPerHalf,
+                      part = i % kCopiesPerHalf;
+            bulk::copy_16(sdst + grp * L::kGroupScaleBytes + half * L::BR + 16 * part,
+                          src_tile + grp * 256 + half * 128 + 16 * part);
           }
           bulk::arrive_after_copies(full + slot);
         }
@@ -137,14 +130,14 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
   pdl_launch_dependents();
   const int g = lane >> 2, t = lane & 3;
   int32_t* partial = reinterpret_cast<int32_t*>(smem + L::kPartialOffset);
-  const int gps = PER_GROUP ? L::KS / p.group_size : 0;
-  // Per group: the offset of (s2, z2) of row g, k block warp + u * CW of a stage, in the stage's scale arrays. It is
-  // the same at every stage, so the division by the runtime group size runs once, not once a stage.
+  // Per group: the offset of row g's s2 for k block warp + u * CW of a stage, in the stage's scales (its b lies BR
+  // bytes on, rows g + 8 and 16 r past it at constant offsets). It is the same at every stage, so the division by
+  // the runtime group size runs once, not once a stage.
   int sz_offset[L::kQuadsPerWarp] = {};
   if constexpr (PER_GROUP) {
 #pragma unroll
     for (int u = 0; u < L::kQuadsPerWarp; ++u) {
-      sz_offset[u] = g * gps + (4 * (warp + u * kConsumerWarps) + t) * 32 / p.group_size;
+      sz_offset[u] = (4 * (warp + u * kConsumerWarps) + t) * 32 / p.group_size * L::kGroupScaleBytes + g;
     }
   }
   // launch_m takes the fewest token tiles for M, so every tile but the last of four holds a token
@@ -180,8 +173,7 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
       for (int j = 0; j < TT; ++j) x_stage[j] += L::KS;
       bulk::mbar_wait(full + slot, phase);
       const uint8_t* wsrc = smem + L::kWeightsOffset + slot * L::kStageWeightBytes;
-      const uint8_t* s2s = smem + L::kScalesOffset + slot * L::kStageScaleBytes;
-      const uint8_t* z2s = s2s + L::kScaleArrayBytes;
+      const uint8_t* scales = smem + L::kScalesOffset + slot * L::kStageScaleBytes;
 #pragma unroll
       for (int u = 0; u < L::kQuadsPerWarp; ++u) {
         const int qq = warp + u * kConsumerWarps;
@@ -193,13 +185,13 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
           const uint8_t* src = wsrc + row * L::kRowStride + 16 * chunk;
           const uint4 w_g = *reinterpret_cast<const uint4*>(src);
           const uint4 w_g8 = *reinterpret_cast<const uint4*>(src + 8 * L::kRowStride);
-          uint32_t sz_g = 0, sz_g8 = 0;
+          GroupDequant dq_g{}, dq_g8{};
           if constexpr (PER_GROUP) {
-            const int at = sz_offset[u] + 16 * r * gps;  // row g (+ 16 r) of the lane's group
-            sz_g = s2s[at] | (static_cast<uint32_t>(z2s[at]) << 8);
-            sz_g8 = s2s[at + 8 * gps] | (static_cast<uint32_t>(z2s[at + 8 * gps]) << 8);
+            const uint8_t* at = scales + sz_offset[u] + 16 * r;  // s2 of row g (+ 16 r) of the lane's group
+            dq_g = make_group_dequant_packed(at[0], at[L::BR]);
+            dq_g8 = make_group_dequant_packed(at[8], at[8 + L::BR]);
           }
-          swapped::mma_chunk<PER_GROUP, TT>(acc[r], w_g, w_g8, sz_g, sz_g8, xb[u], M);
+          swapped::mma_chunk<PER_GROUP, TT>(acc[r], w_g, w_g8, dq_g, dq_g8, xb[u], M);
         }
       }
       __syncwarp();
@@ -264,11 +256,15 @@ int stream_max_m(bool per_group) {
 
 int stream_min_m() { return std::max(1, env_int("QOQ_GEMM_STREAM_MIN_M", kDefaultMinM)); }
 
+bool stream_may_take(int64_t M, bool per_group) {
+  return M >= stream_min_m() && M <= stream_max_m(per_group) && stream_image_available();
+}
+
 bool stream_supports(const GemmParams& p, bool per_group) {
   if (p.M < 1 || p.M > kMaxM || p.N % 16 != 0 || p.K % 128 != 0) return false;
   if (per_group) {
-    if ((p.group_size != 64 && p.group_size != 128) || p.K % (4 * p.group_size) != 0) return false;
-    if (reinterpret_cast<uintptr_t>(p.s2) % 4 != 0 || reinterpret_cast<uintptr_t>(p.z2) % 4 != 0) return false;
+    if (p.group_size != 64 && p.group_size != 128) return false;
+    if (p.packed_scales == nullptr || reinterpret_cast<uintptr_t>(p.packed_scales) % 16 != 0) return false;
   }
   return stream_image_available();
 }

@@ -10,8 +10,12 @@ namespace qoq {
 int stream_max_m(bool per_group);
 int stream_min_m();
 
+// Whether M lies in the kernel's range and the current device runs its image (the host packs the per-group scales
+// for it when the caller did not).
+bool stream_may_take(int64_t M, bool per_group);
+
 // Whether the kernel takes these operands on the current device: 1 <= M <= 32, N % 16 == 0, K % 128 == 0, per
-// group a group size of 64 or 128 with K % (4 * group_size) == 0 and 4-byte aligned s2 / z2, and an sm_90+ image.
+// group a group size of 64 or 128 and 16-byte aligned packed scales (p.packed_scales), and an sm_90+ image.
 bool stream_supports(const GemmParams& p, bool per_group);
 
 // Computes p.out (same contract and parameters as w4a8_gemm_kernel; no workspace); `sms`: the device's
