@@ -53,9 +53,10 @@ def w4a8_gemm_per_group(x_q: torch.Tensor, x_s: torch.Tensor, qweight: torch.Ten
                         x_sum: torch.Tensor | None = None) -> torch.Tensor:
     """Progressive W4A8 GEMM ``[M, K] x [N, K]^T -> [M, N]`` in ``out_dtype`` (INT32 accumulation); with
     ``residual [M, N]`` (``out_dtype``) the output is ``residual + y``, y rounded first (a decoder's residual add).
-    ``packed_scales`` must be ``pack_scales(s2, z2)`` when given (modules keep it; without it the CUDA prefill
-    kernels pack the scales at every call). ``x_sum int32 [M]`` must be x_q's row sums when given (the quantize
-    ops return them; without it the CUDA kernels compute them at every call)."""
+    ``packed_scales`` must be ``pack_scales(s2, z2)`` when given (modules keep it; without it the CUDA op packs
+    the scales at every call where its wgmma or streaming kernel may run, i.e. on sm_90 at most M). ``x_sum int32
+    [M]`` must be x_q's row sums when given (the quantize ops return them; without it the CUDA kernels compute them
+    at every call)."""
     return _ops.w4a8_gemm_per_group(x_q, x_s, qweight, s2, z2, s1, bias, group_size, out_dtype, residual,
                                     packed_scales, x_sum)
 
