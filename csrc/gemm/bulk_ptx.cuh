@@ -73,11 +73,6 @@ __device__ __forceinline__ void copy_bulk(void* dst, const void* src, uint32_t b
       : "memory");
 }
 
-// 4-byte global -> shared copy (both addresses 4-byte aligned).
-__device__ __forceinline__ void copy_4(void* dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src) : "memory");
-}
-
 // 16-byte global -> shared copy (both addresses 16-byte aligned), cached in L2 only.
 __device__ __forceinline__ void copy_16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src) : "memory");

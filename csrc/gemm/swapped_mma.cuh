@@ -55,11 +55,11 @@ __device__ __forceinline__ void load_activations(uint32_t (&xb)[TT][8], const Ge
   load_activations_at<TT>(xb, rows, 0, p.M);
 }
 
-// acc[j] += W * X_j over one 128-wide k block: w_g / w_g8 are the lane's chunks of rows g / g + 8; dq_g / dq_g8
-// their group's dequantization constants (per group only; make_group_dequant or make_group_dequant_packed). Token tiles past M are skipped (warp-uniform). The first tile always
-// holds a token (M >= 1) and a later one is skipped by predicating its mma rather than by a branch: a branch per
-// k-word split the loop into basic blocks (with a warp sync before each mma) that the scheduler could not
-// interleave.
+// acc[j] += W * X_j over one 128-wide k block: w_g / w_g8 are the lane's chunks of rows g / g + 8; dq0 / dq1 their
+// group's dequantization constants (per group only; make_group_dequant or make_group_dequant_packed). Token tiles
+// past M are skipped (warp-uniform). The first tile always holds a token (M >= 1) and a later one is skipped by
+// predicating its mma rather than by a branch: a branch per k-word split the loop into basic blocks (with a warp
+// sync before each mma) that the scheduler could not interleave.
 template <bool PER_GROUP, int TT>
 __device__ __forceinline__ void mma_chunk(int32_t (&acc)[TT][4], const uint4& w_g, const uint4& w_g8,
                                           const GroupDequant& dq0, const GroupDequant& dq1, const uint32_t (&xb)[TT][8],
