@@ -375,7 +375,7 @@ def _graph_us_per_pass(calls, passes: int, replays: int = 10) -> float:
     return graph_replay_us(record, passes, replays)
 
 
-def layer_chain(ms, methods=CHAIN_METHODS) -> dict:
+def layer_chain(ms, methods=CHAIN_METHODS, with_cold: bool = True) -> dict:
     """The four Llama-3-8B layer GEMMs back to back in a CUDA graph (our kernels launched with PDL, so each one's
     start overlaps the previous one's tail; in a decode step a quantization kernel sits between them), cycling over
     enough layer copies that the weights read per pass (>= CHAIN_BYTES) never fit L2. Reported per layer, beside the
@@ -408,7 +408,7 @@ def layer_chain(ms, methods=CHAIN_METHODS) -> dict:
             gbs = params * WEIGHT_BYTES_PER_PARAM[name] / chain / 1e3
             print(f"layer-chain M={m} {name}: chain {chain:.1f} us/layer ({gbs:.0f} GB/s of weights)", flush=True)
         del layers
-    for m in ms:
+    for m in ms if with_cold else ():
         first = layer_for(m, weights[0])  # the cold timings use the first layer copy only
         for name in methods:
             cold = {mode: sum(_cold_times(first[shape][name], flush, mode) for shape in SHAPES)
@@ -640,6 +640,7 @@ def main() -> None:
     ap.add_argument("--layer-chain", action="store_true",
                     help="a layer's four GEMMs back to back in a CUDA graph vs cold per-GEMM sums (--ms)")
     ap.add_argument("--methods", help="comma-separated subset of " + ",".join(CHAIN_METHODS) + " for --layer-chain")
+    ap.add_argument("--no-cold", action="store_true", help="--layer-chain without the cold per-GEMM sums")
     ap.add_argument("--chain-sweep", action="store_true",
                     help="small-M paths and streaming variants, each shape timed back to back in a CUDA graph")
     ap.add_argument("--lm-head", action="store_true",
@@ -657,7 +658,7 @@ def main() -> None:
         unknown = set(methods) - set(CHAIN_METHODS)
         if unknown:
             sys.exit(f"unknown --methods {sorted(unknown)}; choose from {', '.join(CHAIN_METHODS)}")
-        results = layer_chain(ms or CHAIN_SWEEP_MS, methods)
+        results = layer_chain(ms or CHAIN_SWEEP_MS, methods, with_cold=not args.no_cold)
     elif args.chain_sweep:
         results = chain_sweep(ms or CHAIN_SWEEP_MS)
     elif args.lm_head:

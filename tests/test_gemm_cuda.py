@@ -439,10 +439,28 @@ def test_wgmma_narrow_tile_is_the_kernel_that_runs(bm, gen, monkeypatch):
 
     monkeypatch.setenv("QOQ_GEMM_WGMMA", f"2,{bm},1")
     monkeypatch.delenv("QOQ_GEMM_WGMMA_SPLITS", raising=False)
-    pattern = re.compile(rf"w4a8_gemm_wgmma_kernel<{bm}, \d+, \d+, (true|false), true>")
+    pattern = re.compile(rf"w4a8_gemm_wgmma_kernel<{bm}, \d+, \d+, (true|false), true, (true|false)>")
     for per_group in (True, False):
         names = _kernel_names(gen, 5, n=256, k=4096, per_group=per_group, packed=True)
         assert len(names) == 1 and pattern.search(names[0]), names
+
+
+@needs_hopper
+@pytest.mark.parametrize("bm", ("32", "64", "128"))
+def test_wgmma_reads_one_scale_half_when_a_k_tile_is_one_group(bm, gen, monkeypatch):
+    """Per group with group_size % 128 == 0 a 128-wide k tile lies in one scale group, and the 16- to 128-row
+    kernel's instantiation that reads one half's scales runs (g = 64 and 192: both halves); results exact in both."""
+    import re
+
+    monkeypatch.setenv("QOQ_GEMM_WGMMA", f"2,{bm}")
+    monkeypatch.delenv("QOQ_GEMM_WGMMA_SPLITS", raising=False)
+    kernel = re.compile(r"w4a8_gemm_wgmma_kernel<\d+, \d+, \d+, true, (true|false), (true|false)>")
+    for g in (64, 128, 192, 256):
+        k = 768 if g == 192 else 1024
+        names = [kernel.search(x) for x in _kernel_names(gen, 100, n=256, k=k, g=g, packed=True)]
+        found = [x.group(2) for x in names if x]
+        assert found == ["true" if g % 128 == 0 else "false"], (g, found)
+        assert_per_group_matches(100, 256, k, g, torch.float16, torch.bfloat16, gen)
 
 
 @needs_hopper
@@ -519,8 +537,8 @@ def test_wgmma_splits_k_only_when_the_tiles_leave_sms_idle(gen, monkeypatch):
 
     monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
     monkeypatch.delenv("QOQ_GEMM_WGMMA_SPLITS", raising=False)
-    split_kernel = re.compile(r"w4a8_gemm_wgmma_kernel<128, 4, 2, (true|false), true>")
-    whole_kernel = re.compile(r"w4a8_gemm_wgmma_kernel<128, 4, 2, (true|false), false>")
+    split_kernel = re.compile(r"w4a8_gemm_wgmma_kernel<128, 4, 2, (true|false), true, (true|false)>")
+    whole_kernel = re.compile(r"w4a8_gemm_wgmma_kernel<128, 4, 2, (true|false), false, (true|false)>")
     for per_group in (True, False):
         names = _kernel_names(gen, 256, k=4096, per_group=per_group)
         assert sum(bool(split_kernel.search(x)) for x in names) == 1, names

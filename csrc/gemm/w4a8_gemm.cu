@@ -310,13 +310,24 @@ struct SplitScratch {
   }
 };
 
-template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP, bool SPLIT_K>
-void launch_wgmma_kernel(const GemmParams& p, const LaunchDims& dims) {
-  auto kernel = w4a8_gemm_wgmma_kernel<BM, STAGES, MIN_BLOCKS, PER_GROUP, SPLIT_K>;
+template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP, bool SPLIT_K, bool ONE_GROUP>
+void launch_wgmma_kernel_as(const GemmParams& p, const LaunchDims& dims) {
+  auto kernel = w4a8_gemm_wgmma_kernel<BM, STAGES, MIN_BLOCKS, PER_GROUP, SPLIT_K, ONE_GROUP>;
   static bool opted_in[64] = {false};
   allow_dynamic_smem(kernel, WgmmaTile<BM, STAGES>::kSmemBytes, opted_in);
   static int8_t sm90[64] = {0};
   launch_kernel(kernel, sm90, dims, p);
+}
+
+// Per group with group_size % 128 == 0 a k tile lies in one scale group, and the kernel reads one half's scales
+// (ONE_GROUP; H100 layer chain, docs/benchmarks.md: per group 1.5-2% faster at M = 256-512, 4% at M = 48).
+template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP, bool SPLIT_K>
+void launch_wgmma_kernel(const GemmParams& p, const LaunchDims& dims) {
+  if (PER_GROUP && p.group_size % 128 == 0) {
+    launch_wgmma_kernel_as<BM, STAGES, MIN_BLOCKS, PER_GROUP, SPLIT_K, PER_GROUP>(p, dims);
+  } else {
+    launch_wgmma_kernel_as<BM, STAGES, MIN_BLOCKS, PER_GROUP, SPLIT_K, false>(p, dims);
+  }
 }
 
 // The 128-row kernel (large M takes the warp-specialised 256-row one, launch_wgmma_ws); split K when its tiles

@@ -17,7 +17,8 @@
 //   the epilogue takes 128 * x_sum off the INT32 sum, as per channel it takes zero * x_sum. The scales of the
 //   tile's 128 weight rows and two 64-wide k halves ride in its pipeline stage, copied with 16-byte cp.async from the
 //   packed scales (ops.pack_scales: per weight tile and group, s2 of the 128 rows then 240 - z2 * s2, from which
-//   the dequantization constant (128 - z2 * s2) * 0x01010101 is one multiply-add).
+//   the dequantization constant (128 - z2 * s2) * 0x01010101 is one multiply-add); with group_size % 128 == 0 both
+//   halves lie in one group, and only the first half's are copied and read (ONE_GROUP).
 // - B operand (activations): K-major, 128-byte rows (BK = 128 int8), 128-byte swizzle, one descriptor per
 //   k step of 32 (start address + 32 bytes).
 // - Pipeline: STAGES shared-memory stages filled by cp.async (running source pointers, one destination offset
@@ -126,11 +127,17 @@ struct PackedScaleSource {
 #if QOQ_WGMMA_ENABLED
 // Per group: the dequantization constants of this thread's weight rows (row_local, row_local + 8) for both 64-wide
 // k halves of a tile, from the packed scales at `scales` ([half][s2 of 128 rows, then 240 - z2 * s2]).
+// ONE_GROUP (group_size % 128 == 0): both halves lie in one group, so the second half's scales are not read.
+template <bool ONE_GROUP = false>
 __device__ __forceinline__ void load_group_dequant(GroupDequant (&dq)[2][2], const uint8_t* scales, int row_local) {
 #pragma unroll
   for (int r = 0; r < 2; ++r)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
+      if (ONE_GROUP && h == 1) {
+        dq[r][1] = dq[r][0];
+        continue;
+      }
       const uint8_t* half_scales = scales + 256 * h + row_local + 8 * r;
       dq[r][h] = make_group_dequant_packed(half_scales[0], half_scales[128]);
     }
@@ -219,14 +226,14 @@ __device__ __forceinline__ void mma_k_tile(uint32_t (&acc)[BM / 2], const uint8_
 // for with wait_group<1> made ptxas serialize the wgmmas, C7513, even with the fragments fenced after the wait.)
 // H100, docs/benchmarks.md: against mma_k_tile's one wgmma in flight behind another, 1-4% faster a layer chained at
 // M = 33-128 (narrow tiles) and +0.7-0.9% decode tok/s end to end at batch 256 (128-row tile).
-template <int BM, bool PER_GROUP>
+template <int BM, bool PER_GROUP, bool ONE_GROUP>
 __device__ __forceinline__ void mma_k_tile_batched(uint32_t (&acc)[BM / 2], uint32_t (&frag)[4][4],
                                                    const uint8_t* w_stage, uint32_t a_base, const uint8_t* scales,
                                                    int wg, int warp_in_wg, int lane) {
   const int g = lane >> 2;
   const int row_local = wg * 64 + warp_in_wg * 16 + g;
   GroupDequant dq[2][2];
-  if constexpr (PER_GROUP) load_group_dequant(dq, scales, row_local);
+  if constexpr (PER_GROUP) load_group_dequant<ONE_GROUP>(dq, scales, row_local);
   uint32_t packed[4][2];
   load_packed_weights(packed, w_stage, wg, warp_in_wg, lane);
   wgmma::wait_group<0>();  // the previous tile's group, which read `frag`
@@ -376,7 +383,7 @@ __global__ void wgmma_probe_kernel(int* out) { *out = QOQ_WGMMA_ENABLED; }
 // SPLIT_K: a separate instantiation, so that the unsplit kernel keeps its K loop: with the split offsets and the
 // merge compiled in, ptxas emits 13-16 more SASS instructions a k tile (120 -> 136 per channel, 168 -> 181 per group;
 // the same with 255 registers allowed, so not register pressure).
-template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP, bool SPLIT_K>
+template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP, bool SPLIT_K, bool ONE_GROUP>
 __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const GemmParams p) {
   pdl_launch_dependents();
 #if QOQ_WGMMA_ENABLED
@@ -424,8 +431,9 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
     w_src[it] = p.qweight + static_cast<size_t>(ok ? n0 + row : 0) * (p.K / 2) + kt0 * (BK / 2) + (tid & 3) * 16;
     w_ok |= static_cast<uint32_t>(ok) << it;
   }
-  // Per group: threads 0..31 copy each k tile's packed scales (16 bytes each, two 64-wide halves) into its stage.
-  const bool scale_loader = PER_GROUP && tid < 32;
+  // Per group: threads 0..31 copy each k tile's packed scales (16 bytes each, two 64-wide halves) into its stage;
+  // ONE_GROUP: threads 0..15, the first half's.
+  const bool scale_loader = PER_GROUP && tid < (ONE_GROUP ? 16 : 32);
   PackedScaleSource scale_src(p, PER_GROUP ? tile.y : 0, (tid >> 4) & 1, tid & 15, kt0, PER_GROUP ? p.group_size : 128);
   const uint32_t smem_base = ptx::smem_addr(smem);
 
@@ -499,8 +507,8 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
   for (int kt = 0; kt < nk; ++kt) {
     const int s = kt % STAGES;
     next_tile(kt);
-    mma_k_tile_batched<BM, PER_GROUP>(acc, frag, stage_w(s), ptx::smem_addr(stage_a(s)), stage_scales(s), wg,
-                                      warp_in_wg, lane);
+    mma_k_tile_batched<BM, PER_GROUP, ONE_GROUP>(acc, frag, stage_w(s), ptx::smem_addr(stage_a(s)), stage_scales(s),
+                                                 wg, warp_in_wg, lane);
   }
   wgmma::wait_group<0>();
 #pragma unroll
