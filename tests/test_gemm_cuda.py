@@ -537,6 +537,7 @@ def test_wgmma_splits_k_only_when_the_tiles_leave_sms_idle(gen, monkeypatch):
 
     monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
     monkeypatch.delenv("QOQ_GEMM_WGMMA_SPLITS", raising=False)
+    monkeypatch.setenv("QOQ_GEMM_WGMMA_DEEP", "0")  # the two-CTA kernel's rule (the deep one: test below)
     split_kernel = re.compile(r"w4a8_gemm_wgmma_kernel<128, 4, 2, (true|false), true, (true|false)>")
     whole_kernel = re.compile(r"w4a8_gemm_wgmma_kernel<128, 4, 2, (true|false), false, (true|false)>")
     for per_group in (True, False):
@@ -546,6 +547,36 @@ def test_wgmma_splits_k_only_when_the_tiles_leave_sms_idle(gen, monkeypatch):
         assert sum(bool(whole_kernel.search(x)) for x in names) == 1, names
         assert not any(split_kernel.search(x) for x in names), names
 
+
+
+@needs_hopper
+def test_wgmma_deep_pipeline_for_grids_of_one_cta_an_sm(gen, monkeypatch):
+    """A 128-row grid of at most one CTA an SM (tiles times the split count for one CTA slot an SM) runs the
+    8-stage one-CTA-an-SM instantiation, split or not; a larger grid the 4-stage two-CTA one; both exact."""
+    import re
+
+    monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
+    monkeypatch.delenv("QOQ_GEMM_WGMMA_SPLITS", raising=False)
+    monkeypatch.delenv("QOQ_GEMM_WGMMA_DEEP", raising=False)
+    deep = re.compile(r"w4a8_gemm_wgmma_kernel<128, 8, 1, (true|false), (true|false), (true|false)>")
+    shallow = re.compile(r"w4a8_gemm_wgmma_kernel<128, 4, 2, (true|false), (true|false), (true|false)>")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cases = [(256, 4096, 4096), (384, 4096, 14336), (256, 128, 4096), (256, 33792, 1024), (640, 4096, 4096)]
+    for m, n, k in cases:
+        tiles = -(-m // 128) * (n // 128)
+        expect_deep = tiles * _wgmma_splits(tiles, k // 128, 1, sms) <= sms
+        for per_group in (True, False):
+            names = _kernel_names(gen, m, n=n, k=k, g=128, per_group=per_group, packed=True)
+            assert sum(bool(deep.search(x)) for x in names) == int(expect_deep), (m, n, k, names)
+            assert sum(bool(shallow.search(x)) for x in names) == int(not expect_deep), (m, n, k, names)
+    # 2 tiles of 32 k tiles: the deep kernel's split instantiation
+    assert any(deep.search(x) and deep.search(x).group(2) == "true" for x in _kernel_names(gen, 256, n=128, k=4096))
+    for m, n, k, g in ((256, 128, 4096, 64), (300, 384, 4608, 128), (256, 4096, 4096, 128)):
+        assert_per_group_matches(m, n, k, g, torch.float16, torch.bfloat16, gen)
+        assert_per_channel_matches(m, n, k, torch.float16, torch.bfloat16, gen)
+    monkeypatch.setenv("QOQ_GEMM_WGMMA_DEEP", "0")
+    names = _kernel_names(gen, 256, n=4096, k=4096, g=128, per_group=True, packed=True)
+    assert sum(bool(shallow.search(x)) for x in names) == 1, names
 
 
 def _wgmma_splits(tiles: int, ktiles: int, blocks_per_sm: int, sms: int) -> int:

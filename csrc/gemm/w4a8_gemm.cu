@@ -462,6 +462,17 @@ bool wgmma_takes(int64_t M, int64_t K, bool per_group, int64_t group_size, const
   return true;
 }
 
+// The 128-row kernel's grid when it would leave SMs idle: at most one CTA an SM, with the split-K count for one CTA
+// slot an SM, runs the 8-stage instantiation of one CTA an SM (twice the stages in flight, no second CTA to hide
+// latency with). H100 layer chain, docs/benchmarks.md: per group 4-5% and per channel 8-10% faster a layer at
+// M = 192-384 (o and down, and qkv up to 256 rows). Returns whether it does; QOQ_GEMM_WGMMA_DEEP=0 turns it off.
+bool wgmma128_takes_deep_pipeline(const GemmParams& p) {
+  if (env_int("QOQ_GEMM_WGMMA_DEEP", 1) == 0) return false;
+  const int tiles = (p.M + 127) / 128 * ((p.N + 127) / 128), ktiles = p.K / 128;
+  const int per_split = wgmma_ktiles_per_split(tiles, ktiles, 1);
+  return tiles * ((ktiles + per_split - 1) / per_split) <= multiprocessor_count();
+}
+
 // True when the wgmma path computed the GEMM.
 template <bool PER_GROUP>
 bool try_wgmma(const GemmParams& p, const at::TensorOptions& options) {
@@ -487,6 +498,8 @@ bool try_wgmma(const GemmParams& p, const at::TensorOptions& options) {
     launch_wgmma<32, narrow_stages<32>(), kNarrowBlocksPerSm, PER_GROUP>(p, options);
   } else if (bm == 64) {
     launch_wgmma<64, narrow_stages<64>(), kNarrowBlocksPerSm, PER_GROUP>(p, options);
+  } else if (wgmma128_takes_deep_pipeline(p)) {
+    launch_wgmma<128, 8, 1, PER_GROUP>(p, options);
   } else {
     launch_wgmma<128, 4, kWgmma128BlocksPerSm, PER_GROUP>(p, options);
   }

@@ -22,9 +22,10 @@
 // - B operand (activations): K-major, 128-byte rows (BK = 128 int8), 128-byte swizzle, one descriptor per
 //   k step of 32 (start address + 32 bytes).
 // - Pipeline: STAGES shared-memory stages filled by cp.async (running source pointers, one destination offset
-//   per operand); a stage is refilled two iterations after it was read (a k tile's four wgmmas are one commit
-//   group, which the next tile waits for before it builds its fragments, so everything issued two iterations ago
-//   has completed before the barrier that precedes the refill).
+//   per operand): 4 with two CTAs an SM, or 8 with one where the grid has at most one CTA an SM (w4a8_gemm.cu,
+//   wgmma128_takes_deep_pipeline); a stage is refilled two iterations after it was read (a k tile's four wgmmas
+//   are one commit group, which the next tile waits for before it builds its fragments, so everything issued two
+//   iterations ago has completed before the barrier that precedes the refill).
 // - Split-K (grid z, when the output tiles alone leave SMs idle: decode batches, prefill of a few hundred tokens):
 //   each split sums its k tiles and stores its INT32 accumulators in fragment order; the last split of a tile to finish
 //   (an atomic counter) adds the others' and runs the zero-point terms and the epilogue. INT32 sums are exact
