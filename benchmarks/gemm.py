@@ -500,7 +500,8 @@ def check_small() -> None:
     if torch.cuda.get_device_capability()[0] >= 9:
         _check_small_stream(gen)
     if torch.cuda.get_device_capability() == (9, 0):
-        _check_small_wgmma(gen)
+        for g in (64, 128):  # 128: a k tile in one scale group (one half's scales read)
+            _check_small_wgmma(gen, g)
     print("check-small: OK")
 
 
@@ -567,11 +568,12 @@ def _check_small_stream(gen: torch.Generator) -> None:
         _check_small_both_formats(gen, m, n, k, g, env, ("streaming", variant))
 
 
-def _check_small_wgmma(gen: torch.Generator) -> None:
-    """The wgmma kernel (both tiles, both formats) on a small case with M, N and K tails of its tiles."""
+def _check_small_wgmma(gen: torch.Generator, g: int = 64) -> None:
+    """The wgmma kernel (both tiles, both formats; the 128-row one with 8 stages and one CTA an SM, as this small grid
+    takes by default, and with 4 and two) on a small case with M, N and K tails of its tiles."""
     import os
 
-    m, n, k, g = 130, 272, 1664, 64  # 13 k tiles: more than the 256-row kernel's 5 stages
+    m, n, k = 130, 272, 1664  # 13 k tiles: more than the 256-row kernel's 5 stages
     x_q = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
     x_s = torch.rand(m, generator=gen) + 0.1
     x_sum = x_q.sum(1, dtype=torch.int32)
@@ -582,9 +584,12 @@ def _check_small_wgmma(gen: torch.Generator) -> None:
     ref_c = torch.ops.qoq.w4a8_gemm_per_channel(x_q, x_s, x_sum, qw, s1, z2[:, 0].contiguous(), None, torch.float16)
     cu = [t.cuda() for t in (x_q, x_s, x_sum, qw, s2, z2, s1, bias)]
     x_q_c, x_s_c, x_sum_c, qw_c, s2_c, z2_c, s1_c, bias_c = cu
-    for bm, splits in ((128, "1"), (256, "1"), (128, "3"), (256, "3")):  # 3: split K, 13 k tiles as 5 + 5 + 3
+    # splits 3: split K, 13 k tiles as 5 + 5 + 3; deep 0: the 128-row kernel's two-CTA instantiation
+    for bm, splits, deep in ((128, "1", "1"), (128, "1", "0"), (256, "1", "1"), (128, "3", "1"), (128, "3", "0"),
+                             (256, "3", "1")):
         os.environ["QOQ_GEMM_WGMMA"] = f"2,{bm}"
         os.environ["QOQ_GEMM_WGMMA_SPLITS"] = splits
+        os.environ["QOQ_GEMM_WGMMA_DEEP"] = deep
         try:
             out_g = torch.ops.qoq.w4a8_gemm_per_group(x_q_c, x_s_c, qw_c, s2_c, z2_c, s1_c, bias_c, g, torch.bfloat16)
             out_c = torch.ops.qoq.w4a8_gemm_per_channel(x_q_c, x_s_c, x_sum_c, qw_c, s1_c, z2_c[:, 0].contiguous(),
@@ -593,8 +598,9 @@ def _check_small_wgmma(gen: torch.Generator) -> None:
         finally:
             os.environ.pop("QOQ_GEMM_WGMMA")
             os.environ.pop("QOQ_GEMM_WGMMA_SPLITS")
-        assert torch.equal(out_g.cpu(), ref_g), ("wgmma per-group", bm, splits)
-        assert torch.equal(out_c.cpu(), ref_c), ("wgmma per-channel", bm, splits)
+            os.environ.pop("QOQ_GEMM_WGMMA_DEEP")
+        assert torch.equal(out_g.cpu(), ref_g), ("wgmma per-group", g, bm, splits, deep)
+        assert torch.equal(out_c.cpu(), ref_c), ("wgmma per-channel", bm, splits, deep)
 
 
 LM_HEADS = {"llama3-8b": (128256, 4096), "qwen1.5-72b": (152064, 8192)}  # (vocab N, hidden K)
