@@ -468,7 +468,8 @@ bool wgmma_takes(int64_t M, int64_t K, bool per_group, int64_t group_size, const
 // M = 192-384 (o and down, and qkv up to 256 rows). Returns whether it does; QOQ_GEMM_WGMMA_DEEP=0 turns it off.
 bool wgmma128_takes_deep_pipeline(const GemmParams& p) {
   if (env_int("QOQ_GEMM_WGMMA_DEEP", 1) == 0) return false;
-  const int tiles = (p.M + 127) / 128 * ((p.N + 127) / 128), ktiles = p.K / 128;
+  using T = WgmmaTile<128, 8>;  // the tile launch_wgmma<128, 8, 1, ...> takes
+  const int tiles = (p.M + 127) / 128 * ((p.N + T::kBN - 1) / T::kBN), ktiles = p.K / T::kBK;
   const int per_split = wgmma_ktiles_per_split(tiles, ktiles, 1);
   return tiles * ((ktiles + per_split - 1) / per_split) <= multiprocessor_count();
 }
