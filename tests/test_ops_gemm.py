@@ -64,7 +64,8 @@ def test_pack_unpack_exact(gen):
 
 @pytest.mark.parametrize("n,groups", [(16, 3), (128, 32), (200, 7), (300, 112)])
 def test_pack_scales_layout_and_inverse(n, groups, gen):
-    """Per 128-row weight tile and group: s2 of the rows, then 240 - z2 * s2; rows past N zero weights."""
+    """Per 128-row weight tile and group, row r's s2 at byte 32 (r // 16) + 4 (r % 8) + (r % 16) // 8 and its
+    240 - z2 * s2 two bytes on (rows r and r + 8 of a 16-row block share one 4-byte word); rows past N zero weights."""
     from qoq_torch.ops.packing import unpack_scales
 
     s2 = torch.randint(1, 17, (n, groups), generator=gen, dtype=torch.uint8)
@@ -74,11 +75,14 @@ def test_pack_scales_layout_and_inverse(n, groups, gen):
     assert packed.shape == (tiles, groups, 256) and packed.dtype == torch.uint8 and packed.is_contiguous()
     rows = torch.arange(n)
     j = torch.randint(0, groups, (n,), generator=gen)
-    assert torch.equal(packed[rows // 128, j, rows % 128], s2[rows, j])
-    assert torch.equal(packed[rows // 128, j, 128 + rows % 128].long(), 240 - z2[rows, j].long() * s2[rows, j].long())
-    pad = tiles * 128 - n
-    if pad:
-        assert int(packed[-1, :, 128 - pad:128].max()) == 0 and int(packed[-1, :, 256 - pad:].min()) == 240
+    r = rows % 128
+    s_byte = 32 * (r // 16) + 4 * (r % 8) + (r % 16) // 8
+    assert torch.equal(packed[rows // 128, j, s_byte], s2[rows, j])
+    assert torch.equal(packed[rows // 128, j, s_byte + 2].long(), 240 - z2[rows, j].long() * s2[rows, j].long())
+    pad_rows = torch.arange(n, tiles * 128) % 128
+    if len(pad_rows):
+        pad_s = 32 * (pad_rows // 16) + 4 * (pad_rows % 8) + (pad_rows % 16) // 8
+        assert int(packed[-1][:, pad_s].max()) == 0 and int(packed[-1][:, pad_s + 2].min()) == 240
     s_back, z_back = unpack_scales(packed, n)
     assert torch.equal(s_back, s2) and torch.equal(z_back, z2)
     torch.library.opcheck(torch.ops.qoq.pack_scales.default, (s2, z2))

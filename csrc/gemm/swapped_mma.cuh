@@ -56,7 +56,7 @@ __device__ __forceinline__ void load_activations(uint32_t (&xb)[TT][8], const Ge
 }
 
 // acc[j] += W * X_j over one 128-wide k block: w_g / w_g8 are the lane's chunks of rows g / g + 8; dq0 / dq1 their
-// group's dequantization constants (per group only; make_group_dequant or make_group_dequant_packed). Token tiles
+// group's dequantization constants (per group only; make_group_dequant or make_group_dequant_pair). Token tiles
 // past M are skipped (warp-uniform). The first tile always holds a token (M >= 1) and a later one is skipped by
 // predicating its mma rather than by a branch: a branch per k-word split the loop into basic blocks (with a warp
 // sync before each mma) that the scheduler could not interleave.

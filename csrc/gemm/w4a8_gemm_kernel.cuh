@@ -73,8 +73,16 @@ __device__ __forceinline__ GroupDequant make_group_dequant(uint32_t s2, uint32_t
 
 // The same constants from the packed scales (ops.pack_scales): s2 and b = 240 - z2 * s2, so that
 // (128 - z2 * s2) * 0x01010101 = b * 0x01010101 - 112 * 0x01010101 (mod 2^32) is one multiply-add.
+constexpr uint32_t kMinus112x4 = 0x8F8F8F90u;  // -112 * 0x01010101 (mod 2^32)
 __device__ __forceinline__ GroupDequant make_group_dequant_packed(uint32_t s2, uint32_t b) {
-  return {s2, b * 0x01010101u + 0x8F8F8F90u};
+  return {s2, b * 0x01010101u + kMinus112x4};
+}
+
+// The same for rows g and g + 8 of a 16-row block from their word of the packed scales (s2 of both rows, then b of
+// both), so that a thread's two fragment rows cost one 32-bit load: b * 0x01010101 is the b byte replicated.
+__device__ __forceinline__ void make_group_dequant_pair(uint32_t word, GroupDequant& row_g, GroupDequant& row_g8) {
+  row_g = {word & 0xFFu, __byte_perm(word, 0, 0x2222) + kMinus112x4};
+  row_g8 = {(word >> 8) & 0xFFu, __byte_perm(word, 0, 0x3333) + kMinus112x4};
 }
 
 // nibbles4: four UINT4 weights of one row and group, one a byte; returns their biased values

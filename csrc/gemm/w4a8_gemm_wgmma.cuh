@@ -16,8 +16,9 @@
 //   instruction for four weights (dequant4: a multiply-add that is carry-free by the format's guarantee), and
 //   the epilogue takes 128 * x_sum off the INT32 sum, as per channel it takes zero * x_sum. The scales of the
 //   tile's 128 weight rows and two 64-wide k halves ride in its pipeline stage, copied with 16-byte cp.async from the
-//   packed scales (ops.pack_scales: per weight tile and group, s2 of the 128 rows then 240 - z2 * s2, from which
-//   the dequantization constant (128 - z2 * s2) * 0x01010101 is one multiply-add); with group_size % 128 == 0 both
+//   packed scales (ops.pack_scales: per weight tile and group 256 bytes, one 32-bit word per pair of fragment rows g,
+//   g + 8 with their s2 and 240 - z2 * s2, from which the dequantization constant (128 - z2 * s2) * 0x01010101 is a
+//   byte permute and an add: one shared-memory load a half for both rows); with group_size % 128 == 0 both
 //   halves lie in one group, and only the first half's are copied and read (ONE_GROUP).
 // - B operand (activations): K-major, 128-byte rows (BK = 128 int8), 128-byte swizzle, one descriptor per
 //   k step of 32 (start address + 32 bytes).
@@ -55,7 +56,7 @@ struct WgmmaTile {
   static constexpr int kOutPitch = kBN + 8;         // 16-bit elements per staged output row (+16 B: no bank conflicts)
   static constexpr int kOutBytes = BM * kOutPitch * 2;
   static constexpr int kPipeBytes = STAGES * kStageBytes;
-  // Per group: the packed scales (s2, then 240 - z2 * s2, of the 128 weight rows) of both 64-wide k halves.
+  // Per group: the packed scales (ops.pack_scales, 256 bytes for the 128 weight rows) of both 64-wide k halves.
   static constexpr int kScaleStage = 2 * 256;
   static constexpr int kScaleBytes = STAGES * kScaleStage;
   static constexpr int kLoopBytes = kPipeBytes + kScaleBytes;
@@ -109,7 +110,7 @@ struct GroupCursor {
 };
 
 // Per group: the source of one 16-byte chunk of a k tile's packed scales (ops.pack_scales: 256 bytes per weight
-// tile and group, s2 of its 128 rows then 240 - z2 * s2), for 64-wide half `half` of successive k tiles: thread
+// tile and group), for 64-wide half `half` of successive k tiles: thread
 // `lane16 + 16 * half` of the loading threads copies chunk lane16 of that half's group into the stage's half slot.
 struct PackedScaleSource {
   const uint8_t* tile_base;  // this weight tile's groups, plus the thread's chunk
@@ -126,22 +127,32 @@ struct PackedScaleSource {
 };
 
 #if QOQ_WGMMA_ENABLED
-// Per group: the dequantization constants of this thread's weight rows (row_local, row_local + 8) for both 64-wide
-// k halves of a tile, from the packed scales at `scales` ([half][s2 of 128 rows, then 240 - z2 * s2]).
+// Per group: the dequantization constants of this thread's weight rows (row_local, row_local + 8, with
+// row_local % 16 < 8) for both 64-wide k halves of a tile, from the packed scales at `scales` ([half][256 bytes of
+// ops.pack_scales]), whose 32-bit word a half holds both rows': one load and a byte permute and an add a row, or
+// (BYTE_LOADS) its four bytes loaded one by one and a multiply-add a row.
 // ONE_GROUP (group_size % 128 == 0): both halves lie in one group, so the second half's scales are not read.
-template <bool ONE_GROUP = false>
+// H100 layer chain, docs/benchmarks.md: the word load is 1.6% faster per group at M = 384 (128-row kernel, two CTAs
+// an SM, where shared-memory loads are what its warps wait on); the byte loads keep the 256-row warp-specialised
+// kernel's consumer loop 7 instructions shorter, 2.5% faster at M = 768-1024 than the word load.
+template <bool ONE_GROUP = false, bool BYTE_LOADS = false>
 __device__ __forceinline__ void load_group_dequant(GroupDequant (&dq)[2][2], const uint8_t* scales, int row_local) {
+  const int word = 32 * (row_local >> 4) + 4 * (row_local & 7);
 #pragma unroll
-  for (int r = 0; r < 2; ++r)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if (ONE_GROUP && h == 1) {
-        dq[r][1] = dq[r][0];
-        continue;
-      }
-      const uint8_t* half_scales = scales + 256 * h + row_local + 8 * r;
-      dq[r][h] = make_group_dequant_packed(half_scales[0], half_scales[128]);
+  for (int h = 0; h < 2; ++h) {
+    if (ONE_GROUP && h == 1) {
+      dq[0][1] = dq[0][0];
+      dq[1][1] = dq[1][0];
+      continue;
     }
+    const uint8_t* at = scales + 256 * h + word;
+    if constexpr (BYTE_LOADS) {
+      dq[0][h] = make_group_dequant_packed(at[0], at[2]);
+      dq[1][h] = make_group_dequant_packed(at[1], at[3]);
+    } else {
+      make_group_dequant_pair(*reinterpret_cast<const uint32_t*>(at), dq[0][h], dq[1][h]);
+    }
+  }
 }
 
 // The packed weight words of a k tile's 4 k steps by ldmatrix: [step][0] rows g, [step][1] rows g + 8 (lane t's
@@ -183,7 +194,7 @@ __device__ __forceinline__ void make_fragment(uint32_t (&frag)[4], const uint32_
 
 // One 128-wide k tile of the warp-specialised kernel's K loop (w4a8_gemm_wgmma_ws.cuh) for this thread's warpgroup
 // (64 weight rows, BM activation rows): its packed weights by ldmatrix from `w_stage`, unpacked (per group:
-// dequantized with the packed scales at `scales`, [half][s2 of 128 rows, then 240 - z2 * s2]) into the register A
+// dequantized with the packed scales at `scales`, [half][256 bytes of ops.pack_scales]) into the register A
 // operand, and four wgmma k steps against the activations at shared address `a_base`. At most one wgmma stays in
 // flight (wait_group<1> after each), so the call returns with this tile's last step possibly running;
 // after_first_step() runs once the first step's wait has retired every MMA of the previous tile.
@@ -194,7 +205,7 @@ __device__ __forceinline__ void mma_k_tile(uint32_t (&acc)[BM / 2], const uint8_
   const int g = lane >> 2;
   const int row_local = wg * 64 + warp_in_wg * 16 + g;
   GroupDequant dq[2][2];  // [row g, g + 8][64-wide half]
-  if constexpr (PER_GROUP) load_group_dequant(dq, scales, row_local);
+  if constexpr (PER_GROUP) load_group_dequant</*ONE_GROUP=*/false, /*BYTE_LOADS=*/true>(dq, scales, row_local);
   uint32_t packed[4][2];
   load_packed_weights(packed, w_stage, wg, warp_in_wg, lane);
 

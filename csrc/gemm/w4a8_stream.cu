@@ -7,7 +7,7 @@
 //     of shared-memory stages with the bulk copy engine (one copy per weight row, completion counted on the stage's
 //     mbarrier; L2 evict-first, so the reused activations stay in L2); per group it also copies the stage's packed
 //     scales (ops.pack_scales: s2 and 240 - z2 * s2 of the tile's rows, per group) with 16-byte cp.async tracked by
-//     the same mbarrier, so that a consumer's dequantization constant is one multiply-add. It runs up to a ring's
+//     the same mbarrier, so that a consumer's two rows' dequantization constants are one 32-bit load. It runs up to a ring's
 //     worth of stages (64-96 KB an SM) ahead, across tile boundaries, so the next tile's loads are in flight while
 //     the consumers finish a tile,
 //   - 8 or 16 consumer warps split each stage's k blocks and multiply on INT8 mma.sync with the operands swapped
@@ -52,7 +52,7 @@ struct StreamLayout {
   static constexpr int kRowStride = KS / 2 + 64;          // padded weight row (bank spread, see the header)
   static constexpr int kStageWeightBytes = BR * kRowStride;
   static constexpr int kMaxGroups = KS / 64;              // groups of a stage row (group_size >= 64)
-  static constexpr int kGroupScaleBytes = 2 * BR;         // a group's packed scales: s2 of the BR rows, then b
+  static constexpr int kGroupScaleBytes = 2 * BR;         // a group's packed scales of the BR rows (2 bytes a row)
   static constexpr int kStageScaleBytes = kGroupScaleBytes * kMaxGroups;
   static constexpr int kBarrierBytes = 128;
   static constexpr int kWeightsOffset = kBarrierBytes;
@@ -102,19 +102,17 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
           bulk::copy_bulk(wdst + r * L::kRowStride, p.qweight + (n0 + r) * row_bytes + k0 / 2, klen / 2, full + slot,
                           policy);
         if constexpr (PER_GROUP) {
-          // The stage's groups: for each, the tile's BR bytes of s2 and of b = 240 - z2 * s2 from the packed scales
-          // (256 bytes per 128-row weight tile and group; a tile's rows start at n0 % 128, a multiple of 16), as
-          // 16-byte copies spread over the lanes, laid out [group][s2 of the rows | b of the rows].
-          constexpr int kCopiesPerGroup = L::kGroupScaleBytes / 16, kCopiesPerHalf = L::BR / 16;
+          // The stage's groups: for each, the tile's 2 BR bytes of the packed scales (256 bytes per 128-row weight
+          // tile and group, 32 per 16-row block; a tile's rows start at n0 % 128, a multiple of 16, so its blocks'
+          // bytes are contiguous), as 16-byte copies spread over the lanes, laid out [group][the rows' bytes].
+          constexpr int kCopiesPerGroup = L::kGroupScaleBytes / 16;
           const int groups = klen / p.group_size;
           const uint8_t* src_tile = p.packed_scales + (static_cast<size_t>(n0 / 128) * p.groups + k0 / p.group_size) *
-                                                          256 + n0 % 128;
+                                                          256 + 2 * (n0 % 128);
           uint8_t* sdst = smem + L::kScalesOffset + slot * L::kStageScaleBytes;
           for (int i = lane; i < groups * kCopiesPerGroup; i += 32) {
-            const int grp = i / kCopiesPerGroup, half = (i % kCopiesPerGroup) / kCopiesPerHalf,
-                      part = i % kCopiesPerHalf;
-            bulk::copy_16(sdst + grp * L::kGroupScaleBytes + half * L::BR + 16 * part,
-                          src_tile + grp * 256 + half * 128 + 16 * part);
+            const int grp = i / kCopiesPerGroup, part = i % kCopiesPerGroup;
+            bulk::copy_16(sdst + grp * L::kGroupScaleBytes + 16 * part, src_tile + grp * 256 + 16 * part);
           }
           bulk::arrive_after_copies(full + slot);
         }
@@ -130,14 +128,14 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
   pdl_launch_dependents();
   const int g = lane >> 2, t = lane & 3;
   int32_t* partial = reinterpret_cast<int32_t*>(smem + L::kPartialOffset);
-  // Per group: the offset of row g's s2 for k block warp + u * CW of a stage, in the stage's scales (its b lies BR
-  // bytes on, rows g + 8 and 16 r past it at constant offsets). It is the same at every stage, so the division by
-  // the runtime group size runs once, not once a stage.
+  // Per group: the offset of the word of rows g and g + 8 for k block warp + u * CW of a stage, in the stage's
+  // scales (rows 16 r on lie 32 r bytes on). It is the same at every stage, so the division by the runtime group size
+  // runs once, not once a stage.
   int sz_offset[L::kQuadsPerWarp] = {};
   if constexpr (PER_GROUP) {
 #pragma unroll
     for (int u = 0; u < L::kQuadsPerWarp; ++u) {
-      sz_offset[u] = (4 * (warp + u * kConsumerWarps) + t) * 32 / p.group_size * L::kGroupScaleBytes + g;
+      sz_offset[u] = (4 * (warp + u * kConsumerWarps) + t) * 32 / p.group_size * L::kGroupScaleBytes + 4 * g;
     }
   }
   // launch_m takes the fewest token tiles for M, so every tile but the last of four holds a token
@@ -187,9 +185,8 @@ __global__ void __launch_bounds__(StreamLayout<TT, RT, CW, BLOCKS>::kThreads, BL
           const uint4 w_g8 = *reinterpret_cast<const uint4*>(src + 8 * L::kRowStride);
           GroupDequant dq_g{}, dq_g8{};
           if constexpr (PER_GROUP) {
-            const uint8_t* at = scales + sz_offset[u] + 16 * r;  // s2 of row g (+ 16 r) of the lane's group
-            dq_g = make_group_dequant_packed(at[0], at[L::BR]);
-            dq_g8 = make_group_dequant_packed(at[8], at[8 + L::BR]);
+            const uint32_t word = *reinterpret_cast<const uint32_t*>(scales + sz_offset[u] + 32 * r);
+            make_group_dequant_pair(word, dq_g, dq_g8);
           }
           swapped::mma_chunk<PER_GROUP, TT>(acc[r], w_g, w_g8, dq_g, dq_g8, xb[u], M);
         }

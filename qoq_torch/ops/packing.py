@@ -41,12 +41,14 @@ ZS_BIAS = 240  # the packed z byte is ZS_BIAS - z2 * s2, in 0..240 since s2 <= 1
 
 
 def pack_scales(s2: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-    """Per-group scales ``s2, z2: uint8 [N, G]`` -> the wgmma kernels' ``uint8 [ceil(N/128), G, 256]``.
+    """Per-group scales ``s2, z2: uint8 [N, G]`` -> the CUDA kernels' ``uint8 [ceil(N/128), G, 256]``.
 
-    For weight-row tile ``t`` and group ``j``: bytes 0..127 are ``s2`` of rows ``128t..128t+127``, bytes
-    128..255 are ``240 - z2 * s2`` of the same rows (rows past N: s2 = 0 and 240, i.e. zero weights). One
-    group of one tile is 256 contiguous bytes, so a k tile's scales are a few 16-byte copies, and the kernel's
-    dequantization constant ``(128 - z2 * s2) * 0x01010101`` is one multiply-add of the second byte."""
+    For weight-row tile ``t`` and group ``j``, row ``r`` of the tile (0..127) lies in 16-row block ``r // 16``;
+    the 4 bytes at ``32 * (r // 16) + 4 * (r % 8)`` are ``s2`` of rows ``r`` and ``r + 8`` of that block, then
+    ``b = 240 - z2 * s2`` of the same two rows (rows past N: s2 = 0 and b = 240, i.e. zero weights). So one
+    aligned 32-bit load gives a thread both rows of its MMA fragment (rows g and g + 8 of 16); one group of one
+    tile is 256 contiguous bytes, copied with 16-byte copies; and the dequantization constant
+    ``(128 - z2 * s2) * 0x01010101`` is the b byte replicated (one byte permute) plus a constant."""
     if s2.shape != z2.shape or s2.dim() != 2:
         raise ValueError(f"s2 and z2 must both be [N, G], got {tuple(s2.shape)} and {tuple(z2.shape)}")
     if s2.dtype != torch.uint8 or z2.dtype != torch.uint8:
@@ -58,15 +60,16 @@ def pack_scales(s2: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
     zs = ZS_BIAS - z2.to(torch.int32) * s
     s = torch.nn.functional.pad(s, (0, 0, 0, pad), value=0)
     zs = torch.nn.functional.pad(zs, (0, 0, 0, pad), value=ZS_BIAS)
-    planes = torch.stack((s, zs), dim=1)  # [tiles * 128, 2, G]
-    planes = planes.view(tiles, SCALE_TILE_ROWS, 2, groups).permute(0, 3, 2, 1)  # [tiles, G, 2, 128]
+    planes = torch.stack((s, zs), dim=1)  # [tiles * 128, kind (s2, b), G]
+    # rows = (tile, 16-row block, upper half of the block, row in the half)
+    planes = planes.view(tiles, 8, 2, 8, 2, groups).permute(0, 5, 1, 3, 4, 2)  # [tiles, G, block, row, kind, half]
     return planes.reshape(tiles, groups, 2 * SCALE_TILE_ROWS).to(torch.uint8).contiguous()
 
 
 def unpack_scales(packed: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`pack_scales` for ``n`` weight rows: ``(s2, z2)``, each ``uint8 [n, G]``."""
-    tiles, groups, width = packed.shape
-    planes = packed.view(tiles, groups, 2, width // 2).permute(0, 3, 2, 1).reshape(-1, 2, groups)[:n]
+    tiles, groups, _ = packed.shape
+    planes = packed.view(tiles, groups, 8, 8, 2, 2).permute(0, 2, 5, 3, 4, 1).reshape(-1, 2, groups)[:n]
     s = planes[:, 0].to(torch.int32)
     z = (ZS_BIAS - planes[:, 1].to(torch.int32)) // s.clamp(min=1)
     return s.to(torch.uint8), z.to(torch.uint8)
