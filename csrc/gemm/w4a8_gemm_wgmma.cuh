@@ -110,8 +110,8 @@ struct GroupCursor {
 };
 
 // Per group: the source of one 16-byte chunk of a k tile's packed scales (ops.pack_scales: 256 bytes per weight
-// tile and group), for 64-wide half `half` of successive k tiles: thread
-// `lane16 + 16 * half` of the loading threads copies chunk lane16 of that half's group into the stage's half slot.
+// tile and group), for 64-wide half `half` of successive k tiles: thread `lane16 + 16 * half` of the loading
+// threads copies chunk lane16 of that half's group into the stage's half slot.
 struct PackedScaleSource {
   const uint8_t* tile_base;  // this weight tile's groups, plus the thread's chunk
   GroupCursor cursor;
@@ -132,9 +132,9 @@ struct PackedScaleSource {
 // ops.pack_scales]), whose 32-bit word a half holds both rows': one load and a byte permute and an add a row, or
 // (BYTE_LOADS) its four bytes loaded one by one and a multiply-add a row.
 // ONE_GROUP (group_size % 128 == 0): both halves lie in one group, so the second half's scales are not read.
-// H100 layer chain, docs/benchmarks.md: the word load is 1.6% faster per group at M = 384 (128-row kernel, two CTAs
-// an SM, where shared-memory loads are what its warps wait on); the byte loads keep the 256-row warp-specialised
-// kernel's consumer loop 7 instructions shorter, 2.5% faster at M = 768-1024 than the word load.
+// H100 layer chain, docs/benchmarks.md: the word load made per group 1-1.6% faster at M = 384 (128-row kernel, two
+// CTAs an SM, whose warps wait on shared-memory loads); in the 256-row warp-specialised kernel it made the consumer
+// loop 7 instructions longer and M = 768-1024 2.6% slower, so that kernel loads the bytes (as before the word).
 template <bool ONE_GROUP = false, bool BYTE_LOADS = false>
 __device__ __forceinline__ void load_group_dequant(GroupDequant (&dq)[2][2], const uint8_t* scales, int row_local) {
   const int word = 32 * (row_local >> 4) + 4 * (row_local & 7);

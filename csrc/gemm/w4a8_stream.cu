@@ -7,9 +7,9 @@
 //     of shared-memory stages with the bulk copy engine (one copy per weight row, completion counted on the stage's
 //     mbarrier; L2 evict-first, so the reused activations stay in L2); per group it also copies the stage's packed
 //     scales (ops.pack_scales: s2 and 240 - z2 * s2 of the tile's rows, per group) with 16-byte cp.async tracked by
-//     the same mbarrier, so that a consumer's two rows' dequantization constants are one 32-bit load. It runs up to a ring's
-//     worth of stages (64-96 KB an SM) ahead, across tile boundaries, so the next tile's loads are in flight while
-//     the consumers finish a tile,
+//     the same mbarrier, so that a consumer's two rows' dequantization constants are one 32-bit load. It runs up to
+//     a ring's worth of stages (64-96 KB an SM) ahead, across tile boundaries, so the next tile's loads are in
+//     flight while the consumers finish a tile,
 //   - 8 or 16 consumer warps split each stage's k blocks and multiply on INT8 mma.sync with the operands swapped
 //     (swapped_mma.cuh), release the stage through a second mbarrier, and at the end of a tile reduce their INT32
 //     sums in shared memory in a fixed order (exact, deterministic, no workspace) and store the contract's epilogue,
