@@ -590,8 +590,9 @@ def _wgmma_splits(tiles: int, ktiles: int, blocks_per_sm: int, sms: int) -> int:
 
 
 def _per_group_takes_ws(m: int, n: int, k: int, sms: int) -> bool:
-    """The per-group rule below M = 1024 (w4a8_gemm.cu, per_group_prefers_ws): from M = 768, no more waves than the
-    128-row kernel, and a split K only when K is deep."""
+    """The per-group rule below M = 1024 (w4a8_gemm.cu, per_group_prefers_ws): from M = 768, a cost (waves times k
+    tiles a CTA) no higher than the 128-row kernel's, whose last wave of at most one CTA an SM counts 60% of a full
+    one; and a split K only when K is deep."""
     if m < 768:
         return False
     n_tiles, ktiles = -(-n // 128), k // 128
@@ -599,14 +600,18 @@ def _per_group_takes_ws(m: int, n: int, k: int, sms: int) -> bool:
     ws_splits, splits_128 = _wgmma_splits(ws_tiles, ktiles, 1, sms), _wgmma_splits(tiles_128, ktiles, 2, sms)
     if ws_splits > 1 and ktiles < 64:
         return False
-    return -(-ws_tiles * ws_splits // sms) <= -(-tiles_128 * splits_128 // (2 * sms))
+    ctas_128, slots = tiles_128 * splits_128, 2 * sms
+    last = ctas_128 % slots
+    wave_pct_128 = ctas_128 // slots * 100 + (0 if last == 0 else 60 if last <= sms else 100)
+    ws_waves = -(-ws_tiles * ws_splits // sms)
+    return ws_waves * 100 * -(-ktiles // ws_splits) <= wave_pct_128 * -(-ktiles // splits_128)
 
 
 @needs_hopper
 def test_wgmma_warp_specialised_kernel_choice(gen, monkeypatch):
     """By default M >= 1024 runs the warp-specialised 256-row kernel in both formats; below, per channel runs the
-    128-row one, and per group the 256-row one from M = 768 where its grid takes no more waves than the 128-row
-    kernel's (with a split K only for deep K). QOQ_GEMM_WS_MIN_M moves the threshold. Results stay bit-exact
+    128-row one, and per group the 256-row one from M = 768 where its grid costs no more than the 128-row kernel's
+    (_per_group_takes_ws; with a split K only for deep K). QOQ_GEMM_WS_MIN_M moves the threshold. Results stay bit-exact
     (M = 1300: a partial 256-row tile)."""
     import re
 
@@ -622,7 +627,7 @@ def test_wgmma_warp_specialised_kernel_choice(gen, monkeypatch):
     assert sum("w4a8_gemm_wgmma_kernel<128" in x for x in names) == 1, names
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cases = [(200, 6144, 1024), (300, 6144, 1024), (640, 6144, 1024), (1023, 64, 1024), (768, 6144, 1024),
-             (256, 4096, 4096), (512, 4096, 8192), (800, 28672, 1024)]
+             (256, 4096, 4096), (512, 4096, 8192), (800, 28672, 1024), (768, 4096, 4096), (768, 6144, 4096)]
     expected = [_per_group_takes_ws(m, n, k, sms) for m, n, k in cases]
     assert any(expected) and not all(expected), expected  # both kernels are exercised
     for (m, n, k), ws in zip(cases, expected):

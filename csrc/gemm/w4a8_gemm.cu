@@ -391,7 +391,12 @@ bool weight_exceeds_l2(const GemmParams& p) {
 }
 
 // Per group from M = kPerGroupWsMinM up to wgmma_ws_min_m: the warp-specialised kernel when its grid (one CTA an SM)
-// takes no more waves than the 128-row kernel's (two an SM) and it splits K only for deep K (>= 64 k tiles). A wave
+// costs no more than the 128-row kernel's (two an SM) and it splits K only for deep K (>= 64 k tiles). Cost: waves
+// times k tiles a CTA, where a last 128-row wave of at most one CTA an SM counts kLoneWavePct% of a full one (its
+// CTAs run alone, at about twice a shared CTA's rate, while a 256-row CTA alone still takes a full wave). H100 layer
+// chain, docs/benchmarks.md: against counting waves alone, qkv (two waves either way, the second nearly empty) and
+// gate_up at M = 768 move to the 128-row kernel, 314.2 against 322.2 us a layer at M = 768 and 337.2 against 344.0
+// at 896 (four rounds each); o and down keep the 256-row one. A wave
 // of either kernel covers the same output area, and the 256-row one dequantizes each weight once per 256 rows
 // instead of 128, so at equal waves it wins per group (not per channel, whose dequantization is cheaper); its
 // split-K merge costs more than it gains at K = 4096. H100 sweep of single GEMMs (docs/benchmarks.md,
@@ -405,6 +410,7 @@ bool weight_exceeds_l2(const GemmParams& p) {
 // the time only back to back, as in the chain. docs/results/gemm_prefill_chain_ws_rule_h100.txt,
 // dispatch_rules_e2e_ab_h100.txt. QOQ_GEMM_WS_GROUP_MIN_M overrides (read at every call).
 constexpr int kPerGroupWsMinM = 768;
+constexpr int kLoneWavePct = 60;
 
 bool per_group_prefers_ws(const GemmParams& p) {
   if (p.M < env_int("QOQ_GEMM_WS_GROUP_MIN_M", kPerGroupWsMinM) || !wgmma_ws_supports(p)) return false;
@@ -417,9 +423,11 @@ bool per_group_prefers_ws(const GemmParams& p) {
   const int ws_splits = splits(ws_tiles, 1), splits_128 = splits(tiles_128, kWgmma128BlocksPerSm);
   if (ws_splits > 1 && ktiles < 64) return false;
   const int64_t ws_waves = (int64_t{ws_tiles} * ws_splits + sms - 1) / sms;
-  const int64_t waves_128 = (int64_t{tiles_128} * splits_128 + kWgmma128BlocksPerSm * sms - 1) /
-                            (kWgmma128BlocksPerSm * sms);
-  return ws_waves <= waves_128;
+  const int64_t slots = int64_t{kWgmma128BlocksPerSm} * sms, ctas_128 = int64_t{tiles_128} * splits_128;
+  const int64_t last = ctas_128 % slots;
+  const int64_t wave_pct_128 = ctas_128 / slots * 100 + (last == 0 ? 0 : last <= sms ? kLoneWavePct : 100);
+  const int ws_ktiles = (ktiles + ws_splits - 1) / ws_splits, ktiles_128 = (ktiles + splits_128 - 1) / splits_128;
+  return ws_waves * 100 * ws_ktiles <= wave_pct_128 * ktiles_128;
 }
 
 template <int STAGES, bool PER_GROUP, bool SPLIT_K>
