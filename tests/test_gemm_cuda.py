@@ -611,8 +611,8 @@ def _per_group_takes_ws(m: int, n: int, k: int, sms: int) -> bool:
 def test_wgmma_warp_specialised_kernel_choice(gen, monkeypatch):
     """By default M >= 1024 runs the warp-specialised 256-row kernel in both formats; below, per channel runs the
     128-row one, and per group the 256-row one from M = 768 where its grid costs no more than the 128-row kernel's
-    (_per_group_takes_ws; with a split K only for deep K). QOQ_GEMM_WS_MIN_M moves the threshold. Results stay bit-exact
-    (M = 1300: a partial 256-row tile)."""
+    (_per_group_takes_ws; with a split K only for deep K). QOQ_GEMM_WS_MIN_M moves the threshold. Results stay
+    bit-exact (M = 1300: a partial 256-row tile)."""
     import re
 
     monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)

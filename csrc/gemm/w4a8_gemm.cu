@@ -396,10 +396,10 @@ bool weight_exceeds_l2(const GemmParams& p) {
 // CTAs run alone, at about twice a shared CTA's rate, while a 256-row CTA alone still takes a full wave). H100 layer
 // chain, docs/benchmarks.md: against counting waves alone, qkv (two waves either way, the second nearly empty) and
 // gate_up at M = 768 move to the 128-row kernel, 314.2 against 322.2 us a layer at M = 768 and 337.2 against 344.0
-// at 896 (four rounds each); o and down keep the 256-row one. A wave
-// of either kernel covers the same output area, and the 256-row one dequantizes each weight once per 256 rows
-// instead of 128, so at equal waves it wins per group (not per channel, whose dequantization is cheaper); its
-// split-K merge costs more than it gains at K = 4096. H100 sweep of single GEMMs (docs/benchmarks.md,
+// at 896 (four rounds each); o and down keep the 256-row one. A full wave of either kernel covers the same output
+// area, and the 256-row one dequantizes each weight once per 256 rows instead of 128, so at equal cost it wins per
+// group (not per channel, whose dequantization is cheaper); its split-K merge costs more than it gains at
+// K = 4096. H100 sweep of single GEMMs (docs/benchmarks.md,
 // `--sweep-wgmma-splits` at M = 256-1024): it won gate_up at M = 256 and 768, qkv at M = 384 / 512, down
 // everywhere. But in a layer's four GEMMs back to back (the layer chain, as a model runs them), the 128-row kernel
 // everywhere was faster below M = 768 (M = 256 / 384 / 512: 145 / 201 / 221 against 167-169 / 213-217 / 233 us a
