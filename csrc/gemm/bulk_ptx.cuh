@@ -1,5 +1,6 @@
-// Thin wrappers over the sm_90 PTX of the streaming small-M GEMM: shared-memory mbarriers (arrive, expected
-// transaction bytes, parity wait), the bulk global->shared copy engine completing on an mbarrier, 4- and 16-byte
+// Thin wrappers over the sm_90 PTX of the streaming small-M GEMM and the cluster-split quantize kernel: shared-memory
+// mbarriers (arrive, expected transaction bytes, parity wait), the bulk global->shared copy engine completing on an
+// mbarrier, a 4-byte store into another cluster CTA's shared memory completing on its mbarrier, 4- and 16-byte
 // cp.async tracked by an mbarrier, an L2 evict-first policy, and a named barrier. Only usable in device code compiled
 // for sm_90 or newer (QOQ_BULK_ENABLED).
 #pragma once
@@ -54,6 +55,30 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
         : "r"(smem_addr(bar)), "r"(parity)
         : "memory");
   } while (done == 0);
+}
+
+// Returns once the phase of parity `parity` has completed, acquiring at cluster scope what the other CTAs of the
+// cluster released or stored into this CTA (st_async_cluster) for it.
+__device__ __forceinline__ void mbar_wait_cluster(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  } while (done == 0);
+}
+
+// Stores `value` at `slot`'s offset in the shared memory of cluster CTA `rank`; the 4 bytes complete on the mbarrier
+// at `bar`'s offset there (no fence and no cluster barrier: the receiver waits on its barrier's transaction count).
+__device__ __forceinline__ void st_async_cluster(const void* slot, uint32_t value, uint64_t* bar, uint32_t rank) {
+  asm volatile(
+      "{\n.reg .b32 rslot, rbar;\nmapa.shared::cluster.u32 rslot, %0, %2;\nmapa.shared::cluster.u32 rbar, %1, %2;\n"
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [rslot], %3, [rbar];\n}\n" ::"r"(smem_addr(slot)),
+      "r"(smem_addr(bar)), "r"(rank), "r"(value)
+      : "memory");
 }
 
 // An L2 policy for data read once (the packed weights): evicted first, so the reused activations stay in L2.

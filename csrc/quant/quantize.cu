@@ -23,6 +23,7 @@
 
 #include "common.cuh"
 #include "float16.cuh"
+#include "gemm/bulk_ptx.cuh"
 #include "quant/row_quantize.cuh"
 
 namespace qoq {
@@ -284,17 +285,44 @@ __device__ __forceinline__ V fold_slots(const V* slots, int n, int lane, Op op) 
   return warp_reduce(acc, op);
 }
 
-// All-reduce over the cluster. Each warp pushes its partial into slot [rank * nwarps + warp] of every CTA (lane j
-// stores CTA j's copy, so the remote stores go out in parallel); after one cluster barrier every CTA folds its
-// local copy. One barrier instead of __syncthreads + cluster barrier + remote reads. Each call site passes its
-// own `slots` array, so no barrier is needed before the stores (nothing reads an array twice).
-template <typename V, typename Op>
-__device__ __forceinline__ V cluster_all_reduce(V v, V* slots, const ClusterPos& p, Op op) {
-  const cg::cluster_group cluster = cg::this_cluster();
+// All-reduce over the cluster. Each warp pushes its partial into slot [rank * nwarps + warp] of every CTA: lane j
+// stores CTA j's copy with st.async, whose 4 bytes complete on CTA j's `bar` (armed by init_exchange for the
+// cluster's ctas * nwarps partials), so the stores go out in parallel and each CTA waits on its own barrier, then
+// folds its local copy. No cluster barrier: its release is a GPU-scope memory barrier in every thread (H100: 0.9 us
+// of rmsnorm_quantize's two exchanges, docs/benchmarks.md). A cluster of one CTA stores locally and syncs the block.
+// Each call site passes its own `slots` and `bar`, so no barrier is needed before the stores (nothing reads an array
+// twice).
+template <typename Op>
+__device__ __forceinline__ float cluster_all_reduce(float v, float* slots, uint64_t* bar, const ClusterPos& p, Op op) {
   v = warp_reduce(v, op);
-  if (p.lane < p.ctas) *cluster.map_shared_rank(slots + p.rank * p.nwarps + p.warp, p.lane) = v;
-  cluster.sync();
+  float* slot = slots + p.rank * p.nwarps + p.warp;
+  if (p.ctas == 1) {
+    if (p.lane == 0) *slot = v;
+    __syncthreads();
+  } else {
+    if (p.lane < p.ctas) bulk::st_async_cluster(slot, __float_as_uint(v), bar, static_cast<uint32_t>(p.lane));
+    bulk::mbar_wait_cluster(bar, 0);
+  }
   return fold_slots(slots, p.ctas * p.nwarps, p.lane, op);
+}
+
+// Thread 0: arms `bar` for one exchange of the cluster's per-warp partials (4 bytes each); the cluster barrier that
+// follows (arrive at the kernel's start, wait before the first remote store) publishes it to the other CTAs.
+__device__ __forceinline__ void init_exchange(uint64_t* bar, const ClusterPos& p) {
+  if (threadIdx.x == 0) {
+    bulk::mbar_init(bar, 1);
+    bulk::mbar_arrive_expect_tx(bar, static_cast<uint32_t>(p.ctas * p.nwarps * 4));
+  }
+}
+
+// Before the first exchange: rank 0 cleared the row's code sum after the PDL wait (rowq::add_row_sum), and every CTA
+// adds to it once its exchanges are done. Its thread 0 waits here until the clear is performed GPU-wide, before its
+// warp sends any partial, so no CTA's add can precede the clear; then the start barrier's wait.
+__device__ __forceinline__ void before_first_exchange(const cooperative_groups::cluster_group& cluster,
+                                                      const ClusterPos& p) {
+  if (p.rank == 0 && threadIdx.x == 0) asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
+  __syncwarp();
+  cluster.barrier_wait();  // the start barrier
 }
 #endif
 
@@ -305,13 +333,17 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_cluster_kernel(Args
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   __shared__ float ss_slots[kMaxPartials];
   __shared__ float amax_slots[kMaxPartials];
+  __shared__ uint64_t ss_bar, amax_bar;
   const cg::cluster_group cluster = cg::this_cluster();
-  // A CTA may touch another's shared memory only once every CTA of the cluster runs: arrive here and wait just
-  // before the first remote store, so the wait hides behind the global loads.
-  __cluster_barrier_arrive_relaxed();
   const ClusterPos p{static_cast<int>(cluster.num_blocks()), static_cast<int>(cluster.block_rank()),
                      static_cast<int>(blockDim.x >> 5), static_cast<int>(threadIdx.x >> 5),
                      static_cast<int>(threadIdx.x & 31)};
+  init_exchange(&amax_bar, p);
+  if constexpr (OP == RowOp::kRmsNorm) init_exchange(&ss_bar, p);
+  if (threadIdx.x == 0) bulk::fence_mbar_init();
+  // A CTA may touch another's shared memory only once every CTA of the cluster runs: arrive here and wait just
+  // before the first remote store, so the wait hides behind the global loads.
+  __cluster_barrier_arrive_relaxed();
   const int64_t row = blockIdx.x / p.ctas;
   const int64_t v = static_cast<int64_t>(p.rank) * per_cta + threadIdx.x;
   const bool active = static_cast<int>(threadIdx.x) < per_cta && v < a.k / VEC;
@@ -325,7 +357,7 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_cluster_kernel(Args
   // PDL (common.cuh): the weight above may be read while the previous kernel runs, x only after it is done.
   pdl_wait();
   pdl_launch_dependents();
-  // rowq::add_row_sum: rank 0 clears the code sum before the amax all-reduce's cluster barrier.
+  // rowq::add_row_sum: rank 0 clears the code sum (ordered before every add by before_first_exchange).
   if (p.rank == 0) rowq::clear_row_sum(a.x_sum + row);
 
   if constexpr (OP == RowOp::kIdentity) {
@@ -345,16 +377,16 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_cluster_kernel(Args
 #pragma unroll
       for (int i = 0; i < VEC; ++i) ss += y[i] * y[i];
     }
-    cluster.barrier_wait();  // the start barrier above
-    ss = cluster_all_reduce(ss, ss_slots, p, SumOp{});
+    before_first_exchange(cluster, p);
+    ss = cluster_all_reduce(ss, ss_slots, &ss_bar, p, SumOp{});
     const float r = 1.0f / sqrtf(ss / static_cast<float>(a.k) + a.eps);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) y[i] = __fmul_rn(__fmul_rn(y[i], w[i]), r);  // (x * w) * r, docs/formats.md
   }
 #pragma unroll
   for (int i = 0; i < VEC; ++i) amax = fmaxf(amax, fabsf(y[i]));
-  if constexpr (OP != RowOp::kRmsNorm) cluster.barrier_wait();  // the start barrier above
-  amax = cluster_all_reduce(amax, amax_slots, p, MaxOp{});
+  if constexpr (OP != RowOp::kRmsNorm) before_first_exchange(cluster, p);
+  amax = cluster_all_reduce(amax, amax_slots, &amax_bar, p, MaxOp{});
 
   const rowq::RowScale scale = rowq::make_row_scale(amax);
   int sum = 0;
@@ -436,8 +468,8 @@ struct SplitPlan {
 // QOQ_QUANT_SPLIT=<m> (largest M, 0: off) and QOQ_QUANT_SPLIT_CTAS=<1..8> are read at every call (a getenv,
 // negligible next to the launch; lets tests and benchmarks switch paths in one process).
 // By default only silu_mul_quantize is split: on the H100 it went from 6.3 to 4.5 us at M = 1 (7.1 to 5.2 at M = 16),
-// while the 4096-wide rows of the other two ops took longer split (quantize_per_token 2.6 -> 3.7 us, rmsnorm_quantize
-// 3.5 -> 4.8 us at M = 1: the cluster barriers cost more than the one block's load rounds; docs/benchmarks.md).
+// while the 4096-wide rows of the other two ops take longer split (with the st.async exchange, M = 1:
+// quantize_per_token 2.06 against 1.61 us, rmsnorm_quantize 2.55 against 1.87; docs/benchmarks.md).
 SplitPlan plan_split(int64_t m, int64_t nvec, bool split_by_default) {
   SplitPlan plan;
   if (m > env_int("QOQ_QUANT_SPLIT", split_by_default ? kSplitMaxM : 0)) return plan;
