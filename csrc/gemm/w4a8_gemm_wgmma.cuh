@@ -302,16 +302,19 @@ __device__ __forceinline__ bool merge_split_partials(const GemmParams& p, uint32
   uint32_t* mine = partials + static_cast<size_t>(blockIdx.z) * kWords;
 #pragma unroll
   for (int i = 0; i < BM / 2; ++i) __stcg(mine + i * 256 + tid, acc[i]);
-  __threadfence();  // this thread's partials are visible device-wide before the tile's counter moves
   Sync::sync();
   if (tid == 0) {
-    const bool is_last = atomicAdd(p.counters + tile, 1) == p.splits - 1;
+    // One acquire-release atomic: it releases the partials every thread stored before the barrier (device-wide,
+    // before the counter moves) and, in the last split, acquires the others' for the loads after the next barrier.
+    // (A __threadfence in every thread instead: a MEMBAR.SC.GPU each.)
+    uint32_t before;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;\n" : "=r"(before) : "l"(p.counters + tile) : "memory");
+    const bool is_last = static_cast<int>(before) == p.splits - 1;
     *last = is_last;
     if (is_last) p.counters[tile] = 0;  // every split has counted: leave the counter at zero for the next GEMM
   }
   Sync::sync();
   if (!*last) return false;
-  __threadfence();
   for (int z = 0; z < p.splits; ++z) {
     if (z == static_cast<int>(blockIdx.z)) continue;
     const uint32_t* other = partials + static_cast<size_t>(z) * kWords;
