@@ -4,14 +4,15 @@
 // Built without --use_fast_math, so '/' and sqrtf are IEEE and denormals are kept, like the CPU reference.
 //
 // One block per row: the row held in registers (rows of up to 8192 16-bit values: one 16-byte vector a thread for
-// few rows, two for many) or, longer, its float32 values staged in shared memory (one global read). Every kernel adds
-// up the row's code sum with one global atomic a warp (rowq::add_row_sum) instead of a last block or cluster barrier.
+// few rows, two for many) or, longer, its float32 values staged in shared memory (one global read). These kernels add
+// up the row's code sum with one global atomic a warp (rowq::add_row_sum) instead of a last block barrier.
 // Few rows (decode, M <= kSplitMaxM; by default silu_mul_quantize only, whose rows are 14336+ wide) on sm_90: one
 // block per row would leave almost every SM idle and make a long row take several dependent load rounds plus four
 // block barriers, so each row is split over a thread-block
 // cluster of up to 8 CTAs, one 16-byte vector per thread kept in registers. The CTAs combine their partial
 // reductions through distributed shared memory, each warp's partial in a fixed slot, folded in slot order: the
-// result does not depend on scheduling. Only rmsnorm's float sum of squares depends on that order (amax and the
+// result does not depend on scheduling. The code sums are gathered the same way into the cluster's first CTA, which
+// stores the row's sum. Only rmsnorm's float sum of squares depends on that order (amax and the
 // integer code sum do not), so quantize_per_token stays bit-exact and rmsnorm may move by an ulp, as the docs allow.
 #include <algorithm>
 #include <climits>
@@ -306,6 +307,23 @@ __device__ __forceinline__ float cluster_all_reduce(float v, float* slots, uint6
   return fold_slots(slots, p.ctas * p.nwarps, p.lane, op);
 }
 
+// The row's code sum, gathered the same way but only into rank 0 (`bar` armed by init_exchange), whose warp 0 returns
+// it (every other thread: 0) for one plain store. No clear and no atomics: a clear by rank 0 would have to be
+// ordered before every CTA's add by a GPU-scope fence on the exchanges' path (0.3-0.5 us on the H100,
+// docs/benchmarks.md).
+__device__ __forceinline__ int cluster_sum_to_rank0(int sum, int* slots, uint64_t* bar, const ClusterPos& p) {
+  sum = warp_reduce(sum, SumOp{});
+  int* slot = slots + p.rank * p.nwarps + p.warp;
+  if (p.ctas == 1) {
+    if (p.lane == 0) *slot = sum;
+    __syncthreads();
+  } else {
+    if (p.lane == 0) bulk::st_async_cluster(slot, static_cast<uint32_t>(sum), bar, 0);
+    if (p.rank == 0 && p.warp == 0) bulk::mbar_wait_cluster(bar, 0);
+  }
+  return p.rank == 0 && p.warp == 0 ? fold_slots(slots, p.ctas * p.nwarps, p.lane, SumOp{}) : 0;
+}
+
 // Thread 0: arms `bar` for one exchange of the cluster's per-warp partials (4 bytes each); the cluster barrier that
 // follows (arrive at the kernel's start, wait before the first remote store) publishes it to the other CTAs.
 __device__ __forceinline__ void init_exchange(uint64_t* bar, const ClusterPos& p) {
@@ -315,15 +333,6 @@ __device__ __forceinline__ void init_exchange(uint64_t* bar, const ClusterPos& p
   }
 }
 
-// Before the first exchange: rank 0 cleared the row's code sum after the PDL wait (rowq::add_row_sum), and every CTA
-// adds to it once its exchanges are done. Its thread 0 waits here until the clear is performed GPU-wide, before its
-// warp sends any partial, so no CTA's add can precede the clear; then the start barrier's wait.
-__device__ __forceinline__ void before_first_exchange(const cooperative_groups::cluster_group& cluster,
-                                                      const ClusterPos& p) {
-  if (p.rank == 0 && threadIdx.x == 0) asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
-  __syncwarp();
-  cluster.barrier_wait();  // the start barrier
-}
 #endif
 
 // Small-M kernel: row blockIdx.x / C is split over the C CTAs of a cluster (launch_split); CTA `rank` covers the
@@ -333,12 +342,14 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_cluster_kernel(Args
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   __shared__ float ss_slots[kMaxPartials];
   __shared__ float amax_slots[kMaxPartials];
-  __shared__ uint64_t ss_bar, amax_bar;
+  __shared__ int sum_slots[kMaxPartials];
+  __shared__ uint64_t ss_bar, amax_bar, sum_bar;
   const cg::cluster_group cluster = cg::this_cluster();
   const ClusterPos p{static_cast<int>(cluster.num_blocks()), static_cast<int>(cluster.block_rank()),
                      static_cast<int>(blockDim.x >> 5), static_cast<int>(threadIdx.x >> 5),
                      static_cast<int>(threadIdx.x & 31)};
   init_exchange(&amax_bar, p);
+  init_exchange(&sum_bar, p);
   if constexpr (OP == RowOp::kRmsNorm) init_exchange(&ss_bar, p);
   if (threadIdx.x == 0) bulk::fence_mbar_init();
   // A CTA may touch another's shared memory only once every CTA of the cluster runs: arrive here and wait just
@@ -357,8 +368,6 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_cluster_kernel(Args
   // PDL (common.cuh): the weight above may be read while the previous kernel runs, x only after it is done.
   pdl_wait();
   pdl_launch_dependents();
-  // rowq::add_row_sum: rank 0 clears the code sum (ordered before every add by before_first_exchange).
-  if (p.rank == 0) rowq::clear_row_sum(a.x_sum + row);
 
   if constexpr (OP == RowOp::kIdentity) {
     if (active) load_vec<T, VEC>(x, y);
@@ -377,7 +386,7 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_cluster_kernel(Args
 #pragma unroll
       for (int i = 0; i < VEC; ++i) ss += y[i] * y[i];
     }
-    before_first_exchange(cluster, p);
+    cluster.barrier_wait();  // the start barrier above
     ss = cluster_all_reduce(ss, ss_slots, &ss_bar, p, SumOp{});
     const float r = 1.0f / sqrtf(ss / static_cast<float>(a.k) + a.eps);
 #pragma unroll
@@ -385,16 +394,18 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_cluster_kernel(Args
   }
 #pragma unroll
   for (int i = 0; i < VEC; ++i) amax = fmaxf(amax, fabsf(y[i]));
-  if constexpr (OP != RowOp::kRmsNorm) before_first_exchange(cluster, p);
+  if constexpr (OP != RowOp::kRmsNorm) cluster.barrier_wait();  // the start barrier above
   amax = cluster_all_reduce(amax, amax_slots, &amax_bar, p, MaxOp{});
 
   const rowq::RowScale scale = rowq::make_row_scale(amax);
   int sum = 0;
   if (active) sum = quantize_store<VEC>(y, scale, a.x_q + row * a.k + v * VEC);
-  // Each warp adds its part of the code sum to global memory: no CTA touches another's shared memory after the
-  // amax all-reduce (its remote stores precede its cluster barrier), so every CTA may exit.
-  if (p.rank == 0 && threadIdx.x == 0) a.x_s[row] = scale.scale;
-  rowq::add_row_sum(sum, a.x_sum + row);
+  // Rank 0 waits for every CTA's code sums, so the other CTAs may exit once theirs are sent.
+  sum = cluster_sum_to_rank0(sum, sum_slots, &sum_bar, p);
+  if (p.rank == 0 && threadIdx.x == 0) {
+    a.x_s[row] = scale.scale;
+    a.x_sum[row] = sum;
+  }
 #else
   __trap();  // never launched: the host only picks this kernel when its image was built for sm_90+
 #endif
