@@ -316,8 +316,9 @@ def test_split_under_cuda_graph(gen, monkeypatch):
 
 @needs_kernel
 def test_split_kernel_is_dispatched(gen, monkeypatch):
-    """On sm_90 silu_mul_quantize at M <= 64 with aligned rows runs the cluster kernel alone, the other two ops the
-    register kernel (the shared-memory one for rows over 1024 vectors; their default); with QOQ_QUANT_SPLIT=64 every op splits; M = 65, K % 8 != 0, an unaligned view and
+    """On sm_90 silu_mul_quantize at M <= 64 with aligned rows runs the cluster kernel alone, quantize_per_token at
+    M = 40-64, rmsnorm_quantize never (below: the register kernel, or the shared-memory one for rows over 1024
+    vectors); with QOQ_QUANT_SPLIT=64 every op splits at M <= 64; M = 65, K % 8 != 0, an unaligned view and
     QOQ_QUANT_SPLIT=0 run the row kernel; QOQ_QUANT_SPLIT=<m> moves the threshold."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -339,10 +340,12 @@ def test_split_kernel_is_dispatched(gen, monkeypatch):
 
     if not kernels("quantize_per_token", 1, 4096):
         pytest.skip("the profiler recorded no CUDA kernels here")
-    for m, k in ((1, 4096), (64, 14336)):
-        assert "quantize_rows_cluster_kernel" in kernels("silu_mul_quantize", m, k)[0], (m, k)
-        for op in ("quantize_per_token", "rmsnorm_quantize"):
-            expect = "quantize_rows_regs_kernel" if k <= 8192 else "quantize_rows_kernel"
+    for m, k in ((1, 4096), (39, 4096), (40, 4096), (64, 4096), (64, 14336), (65, 4096)):
+        silu = kernels("silu_mul_quantize", m, k)[0]
+        assert ("quantize_rows_cluster_kernel" in silu) == (m <= 64), (m, k, silu)
+        for op, split in (("quantize_per_token", 40 <= m <= 64), ("rmsnorm_quantize", False)):
+            expect = ("quantize_rows_cluster_kernel" if split else
+                      "quantize_rows_regs_kernel" if k <= 8192 else "quantize_rows_kernel")
             assert expect in kernels(op, m, k)[0], (op, m, k)
     monkeypatch.setenv("QOQ_QUANT_SPLIT", "64")
     for op in QUANT_OPS:

@@ -476,14 +476,18 @@ struct SplitPlan {
   int per_cta = 0;  // vectors of the row per CTA, one per thread
 };
 
-// QOQ_QUANT_SPLIT=<m> (largest M, 0: off) and QOQ_QUANT_SPLIT_CTAS=<1..8> are read at every call (a getenv,
-// negligible next to the launch; lets tests and benchmarks switch paths in one process).
-// By default only silu_mul_quantize is split: on the H100 it went from 6.3 to 4.5 us at M = 1 (7.1 to 5.2 at M = 16),
-// while the 4096-wide rows of the other two ops take longer split (with the st.async exchange, M = 1:
-// quantize_per_token 2.06 against 1.61 us, rmsnorm_quantize 2.55 against 1.87; docs/benchmarks.md).
-SplitPlan plan_split(int64_t m, int64_t nvec, bool split_by_default) {
+// Default split ranges, M from default_min_m to kSplitMaxM (H100, docs/benchmarks.md): silu_mul_quantize from M = 1
+// (6.3 -> 4.5 us at M = 1 when it came, 7.1 -> 5.2 at M = 16); quantize_per_token from kIdentitySplitMinM (2.01 against
+// 2.18 us at M = 48, 2.14 against 2.43 at 64, even at 32, slower below); rmsnorm_quantize never (its split sums the
+// squares in another order, and gains 3% at M = 64 only).
+constexpr int64_t kIdentitySplitMinM = 40;
+constexpr int64_t kNoDefaultSplit = kSplitMaxM + 1;
+// QOQ_QUANT_SPLIT=<m> (every op split at M <= m, 0: none) and QOQ_QUANT_SPLIT_CTAS=<1..8> are read at every call (a
+// getenv, negligible next to the launch; lets tests and benchmarks switch paths in one process).
+SplitPlan plan_split(int64_t m, int64_t nvec, int64_t default_min_m) {
   SplitPlan plan;
-  if (m > env_int("QOQ_QUANT_SPLIT", split_by_default ? kSplitMaxM : 0)) return plan;
+  const int forced_max_m = env_int("QOQ_QUANT_SPLIT", -1);
+  if (forced_max_m >= 0 ? m > forced_max_m : (m < default_min_m || m > kSplitMaxM)) return plan;
   int ctas = env_int("QOQ_QUANT_SPLIT_CTAS", 0);
   if (ctas < 1 || ctas > kMaxClusterCtas) {
     ctas = 1;
@@ -518,7 +522,10 @@ void launch(const Args& a, int64_t m) {
                        a.k_in % kVec == 0 && a.k % kVec == 0;
   if (aligned) {
     if constexpr (OP != RowOp::kAddRmsNorm) {  // the cluster kernel has no residual path
-      const SplitPlan plan = plan_split(m, a.k / kVec, OP == RowOp::kSiluMul);
+      const SplitPlan plan = plan_split(m, a.k / kVec,
+                                        OP == RowOp::kSiluMul    ? 1
+                                        : OP == RowOp::kIdentity ? kIdentitySplitMinM
+                                                                 : kNoDefaultSplit);
       if (plan.ctas > 0) {
         launch_split<T, kVec, OP>(a, m, plan);
         return;
