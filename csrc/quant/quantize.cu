@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
@@ -286,41 +287,46 @@ __device__ __forceinline__ V fold_slots(const V* slots, int n, int lane, Op op) 
   return warp_reduce(acc, op);
 }
 
-// All-reduce over the cluster. Each warp pushes its partial into slot [rank * nwarps + warp] of every CTA: lane j
-// stores CTA j's copy with st.async, whose 4 bytes complete on CTA j's `bar` (armed by init_exchange for the
-// cluster's ctas * nwarps partials), so the stores go out in parallel and each CTA waits on its own barrier, then
-// folds its local copy. No cluster barrier: its release is a GPU-scope memory barrier in every thread (H100: 0.9 us
-// of rmsnorm_quantize's two exchanges, docs/benchmarks.md). A cluster of one CTA stores locally and syncs the block.
-// Each call site passes its own `slots` and `bar`, so no barrier is needed before the stores (nothing reads an array
-// twice).
-template <typename Op>
-__device__ __forceinline__ float cluster_all_reduce(float v, float* slots, uint64_t* bar, const ClusterPos& p, Op op) {
-  v = warp_reduce(v, op);
-  float* slot = slots + p.rank * p.nwarps + p.warp;
+// Sends this warp's partial `v` (already reduced over the warp) into slot [rank * nwarps + warp] of every CTA
+// (to_all: lane j stores CTA j's copy, in parallel) or of rank 0 only, with st.async, whose 4 bytes complete on the
+// receiver's `bar` (armed by init_exchange for the cluster's ctas * nwarps partials); then the receivers (every
+// thread, or rank 0's warp 0) wait on their own barrier. No cluster barrier: its release is a GPU-scope memory
+// barrier in every thread (H100: 0.9 us of rmsnorm_quantize's two exchanges, docs/benchmarks.md). A cluster of one
+// CTA stores locally and syncs the block. Each call site passes its own `slots` and `bar`, so no barrier is needed
+// before the stores (nothing reads an array twice).
+template <typename V>
+__device__ __forceinline__ void push_partial(V v, V* slots, uint64_t* bar, const ClusterPos& p, bool to_all) {
+  static_assert(sizeof(V) == 4, "32-bit partials");
+  V* slot = slots + p.rank * p.nwarps + p.warp;
   if (p.ctas == 1) {
     if (p.lane == 0) *slot = v;
     __syncthreads();
-  } else {
-    if (p.lane < p.ctas) bulk::st_async_cluster(slot, __float_as_uint(v), bar, static_cast<uint32_t>(p.lane));
-    bulk::mbar_wait_cluster(bar, 0);
+    return;
   }
+  uint32_t bits;
+  if constexpr (std::is_same_v<V, float>) {
+    bits = __float_as_uint(v);
+  } else {
+    bits = static_cast<uint32_t>(v);
+  }
+  if (to_all ? p.lane < p.ctas : p.lane == 0) {
+    bulk::st_async_cluster(slot, bits, bar, static_cast<uint32_t>(to_all ? p.lane : 0));
+  }
+  if (to_all || (p.rank == 0 && p.warp == 0)) bulk::mbar_wait_cluster(bar, 0);
+}
+
+// All-reduce over the cluster: every CTA gets every warp's partial, then folds its local copy.
+template <typename Op>
+__device__ __forceinline__ float cluster_all_reduce(float v, float* slots, uint64_t* bar, const ClusterPos& p, Op op) {
+  push_partial(warp_reduce(v, op), slots, bar, p, /*to_all=*/true);
   return fold_slots(slots, p.ctas * p.nwarps, p.lane, op);
 }
 
-// The row's code sum, gathered the same way but only into rank 0 (`bar` armed by init_exchange), whose warp 0 returns
-// it (every other thread: 0) for one plain store. No clear and no atomics: a clear by rank 0 would have to be
-// ordered before every CTA's add by a GPU-scope fence on the exchanges' path (0.3-0.5 us on the H100,
-// docs/benchmarks.md).
+// The row's code sum, gathered only into rank 0, whose warp 0 returns it (every other thread: 0) for one plain
+// store. No clear and no atomics: a clear by rank 0 would have to be ordered before every CTA's add by a GPU-scope
+// fence on the exchanges' path (0.3-0.5 us on the H100, docs/benchmarks.md).
 __device__ __forceinline__ int cluster_sum_to_rank0(int sum, int* slots, uint64_t* bar, const ClusterPos& p) {
-  sum = warp_reduce(sum, SumOp{});
-  int* slot = slots + p.rank * p.nwarps + p.warp;
-  if (p.ctas == 1) {
-    if (p.lane == 0) *slot = sum;
-    __syncthreads();
-  } else {
-    if (p.lane == 0) bulk::st_async_cluster(slot, static_cast<uint32_t>(sum), bar, 0);
-    if (p.rank == 0 && p.warp == 0) bulk::mbar_wait_cluster(bar, 0);
-  }
+  push_partial(warp_reduce(sum, SumOp{}), slots, bar, p, /*to_all=*/false);
   return p.rank == 0 && p.warp == 0 ? fold_slots(slots, p.ctas * p.nwarps, p.lane, SumOp{}) : 0;
 }
 
