@@ -118,23 +118,63 @@ def test_decode_matches_reference(b, h_q, h_kv, s_q, d, t, dtype, gen):
 
 
 @needs_kernel
-@pytest.mark.parametrize("h_q,h_kv,s_q,d", ((16, 2, 3, 128), (32, 8, 1, 64), (8, 2, 1, 256)))
+@pytest.mark.parametrize("h_q,h_kv,s_q,d", ((16, 2, 3, 128), (32, 8, 1, 64), (8, 2, 1, 256), (6, 6, 1, 64)))
+@pytest.mark.parametrize("splits", (2, 3, 5, 8))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
-def test_decode_cluster_merge_equals_merge_kernel(h_q, h_kv, s_q, d, dtype, gen, monkeypatch):
-    """Two splits merged inside a thread-block cluster give the merge kernel's bits (QOQ_KV4_CLUSTER=0), with rows
-    of different lengths (some splits empty), left padding, one or two query chunks, and both match the reference."""
-    b, t, splits = 3, 2100, 2
+def test_decode_cluster_merge_equals_merge_kernel(h_q, h_kv, s_q, d, splits, dtype, gen, monkeypatch):
+    """Splits merged inside a thread-block cluster (QOQ_KV4_CLUSTER=8: clusters of up to 8 CTAs on any grid; each CTA
+    merges a slice of the block's rows x head_dim that the others send it) give the merge kernel's bits
+    (QOQ_KV4_CLUSTER=0), with rows of different lengths (some splits empty), left padding, one or two query chunks,
+    slices of part of one row (MHA: 64 values over up to 8 CTAs) or of several rows, and match the reference."""
+    b, t = 3, 2100
     caches = random_cache(b, h_kv, t, d, gen)
     q = random_query(b, h_q, s_q, d, dtype, gen)
     lens = torch.tensor([t, 700, 9], dtype=torch.int32)
     starts = torch.tensor([0, 37, 2], dtype=torch.int32)
     cq, cc, cl, cs = q.cuda(), [c.cuda() for c in caches], lens.cuda(), starts.cuda()
     monkeypatch.setenv("QOQ_KV4_SPLITS", str(splits))
+    monkeypatch.setenv("QOQ_KV4_CLUSTER", "8")
     clustered = ops.kv4_decode_attention(cq, *cc, cl, cs, 1 / math.sqrt(d))
     monkeypatch.setenv("QOQ_KV4_CLUSTER", "0")
     merged = ops.kv4_decode_attention(cq, *cc, cl, cs, 1 / math.sqrt(d))
     assert torch.equal(clustered, merged)
     assert_attention_close(clustered, torch.ops.qoq.kv4_decode_attention(q, *caches, lens, starts, 1 / math.sqrt(d)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,t,clustered", ((1, 1000, True), (2, 700, True), (3, 500, True), (4, 500, False),
+                                           (1, 1600, False), (8, 1000, True)))
+def test_decode_cluster_rule_and_graph_replay(b, t, clustered, gen, monkeypatch):
+    """The default rule: clusters of up to 8 splits where the grid is at most 3/4 of the SMs (batch 1-3 on short
+    caches), two splits anywhere (batch 8), else the merge kernel; on the Llama-3 shape, replayed back to back in one
+    CUDA graph, the result is the merge kernel's bits every time. `clustered` is what the rule does on a 132-SM H100
+    (the profiler's kernel names tell: no merge kernel runs)."""
+    for name in ("QOQ_KV4_SPLITS", "QOQ_KV4_WARPS"):
+        monkeypatch.delenv(name, raising=False)
+    h_q, h_kv, d = 32, 8, 128
+    caches = [c.cuda() for c in random_cache(b, h_kv, t, d, gen)]
+    q = random_query(b, h_q, 1, d, torch.bfloat16, gen).cuda()
+    lens = torch.randint(t // 2, t + 1, (b,), generator=gen, dtype=torch.int32).cuda()
+    starts = torch.randint(0, 5, (b,), generator=gen, dtype=torch.int32).cuda()
+    monkeypatch.setenv("QOQ_KV4_CLUSTER", "0")
+    merged = ops.kv4_decode_attention(q, *caches, lens, starts, 1 / math.sqrt(d))
+    monkeypatch.delenv("QOQ_KV4_CLUSTER")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.kv4_decode_attention(q, *caches, lens, starts, 1 / math.sqrt(d))
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if names and torch.cuda.get_device_properties(0).multi_processor_count == 132:
+        assert any("kv4_decode_kernel" in n for n in names), names
+        assert any("kv4_combine" in n for n in names) != clustered, names
+    graph, outs = torch.cuda.CUDAGraph(), []
+    with torch.cuda.graph(graph):
+        for _ in range(8):
+            outs.append(ops.kv4_decode_attention(q, *caches, lens, starts, 1 / math.sqrt(d)))
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        for out in outs:
+            assert torch.equal(out, merged)
 
 
 @needs_kernel

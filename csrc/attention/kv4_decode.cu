@@ -42,6 +42,7 @@
 
 #include "attention/kv4_ptx.cuh"
 #include "common.cuh"
+#include "gemm/bulk_ptx.cuh"
 #include "float16.cuh"
 #include "quant/row_quantize.cuh"
 
@@ -54,6 +55,9 @@ constexpr int kStages = 4;
 constexpr int kStepSlots = 16;
 constexpr int kRowsPerBlock = 16;  // query rows (heads of one GQA group x S_q) per block
 constexpr float kLog2e = 1.4426950408889634f;
+// The largest cluster whose CTAs merge their splits (the portable size; H100, docs/benchmarks.md: 12- and 16-CTA
+// clusters lost to the merge kernel at every size above 1k slots).
+constexpr int kMaxClusterMerge = 8;
 
 // Per-thread shares of one 16-slot step, for head_dim D and W warps a block. Lane = 4 * g + c (g = lane / 4,
 // c = lane % 4).
@@ -76,10 +80,12 @@ struct Geometry {
   static constexpr int kPipelineBytes = kWarps * kStages * kStageBytes;
   // Epilogue (reuses the same memory): per warp, m / l / min-sum per row and O^T [rows][D].
   static constexpr int kReduceBytes = kWarps * kRowsPerBlock * (3 + D) * 4;
-  // After it, the block's result for the cluster merge: O [rows][D] (normalized), then the rows' log-sum-exp.
-  static constexpr int kMergeBytes = kRowsPerBlock * (D + 1) * 4;
-  static constexpr int kSmemBytes =
-      kPipelineBytes > kReduceBytes + kMergeBytes ? kPipelineBytes : kReduceBytes + kMergeBytes;
+  // The cluster merge's receive buffers, past both (the other CTAs' stores may land while this one is still in its
+  // K loop): [splits][per] values (ClusterSlice; splits * per <= kRowsPerBlock * D + 4 * splits), then
+  // [splits][kRowsPerBlock] log-sum-exps.
+  static constexpr int kRecvOffset = kPipelineBytes > kReduceBytes ? kPipelineBytes : kReduceBytes;
+  static constexpr int kRecvValues = kRowsPerBlock * D + 4 * kMaxClusterMerge;
+  static constexpr int kSmemBytes = kRecvOffset + (kRecvValues + kMaxClusterMerge * kRowsPerBlock) * 4;
   static_assert(kVBytes >= 4, "head_dim must be at least 64");
 };
 
@@ -121,42 +127,82 @@ __device__ __forceinline__ void accumulate_split(float lse, float m_max, const f
   den += w;
 }
 
-// The cluster merge (sm_90): CTA `rank` of the cluster (= split) merges elements [rank * per, (rank + 1) * per) of
-// the block's [block_rows][D] output, reading every split's result from its CTA's shared memory. The remote
-// loads are batched (all log-sum-exps gathered first; the values' loop unrolled, independent loads): a serial
-// chain of distributed-shared-memory loads per split made 16-CTA clusters slower than the merge kernel.
-// `scratch` (>= splits * block_rows floats) is this CTA's shared memory no other CTA reads.
-template <typename T, int D, int kThreads>
-__device__ void merge_in_cluster(const DecodeArgs& a, const float* merge_o, const float* merge_lse, float* scratch,
-                                 int block_rows, int b, int hq0, int row0) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  const cg::cluster_group cluster = cg::this_cluster();
-  cluster.sync();  // every split's result is in its shared memory (and this CTA is done with `scratch`)
-  const int splits = a.splits, rank = static_cast<int>(cluster.block_rank());
-  for (int i = threadIdx.x; i < splits * block_rows; i += kThreads) {
-    scratch[i] = cluster.map_shared_rank(merge_lse, i / block_rows)[i % block_rows];  // lse of split i / rows
+// The cluster merge (sm_90): the splits of a block's rows are the CTAs of one cluster (rank = split), and CTA `owner`
+// merges elements [first, first + count) of the block's [block_rows][D] result (whole 16-byte quads). Every CTA
+// sends each owner its values of those elements and the log-sum-exps of the rows they lie in with st.async, which
+// complete on the owner's mbarrier: no cluster barrier on the way (its release is a GPU-scope memory barrier in every
+// thread; with two of them and remote loads instead, H100 batch 8 ran 1.0-1.4 µs slower a call, docs/benchmarks.md).
+struct ClusterSlice {
+  int per, first, count, first_row, rows;
+  __device__ ClusterSlice(int owner, int splits, int block_rows, int d) {
+    const int total = block_rows * d;
+    per = ((total + splits - 1) / splits + 3) & ~3;
+    first = min(owner * per, total);
+    count = min(per, total - first);
+    first_row = first / d;
+    rows = count > 0 ? (first + count - 1) / d - first_row + 1 : 0;
   }
-  __syncthreads();
-  const int total = block_rows * D, per = (total + splits - 1) / splits;
-  const int end = min((rank + 1) * per, total);
-  for (int e = rank * per + static_cast<int>(threadIdx.x); e < end; e += kThreads) {
-    const int r = e / D, d = e % D;
+  __device__ uint32_t bytes(int splits) const { return static_cast<uint32_t>(splits * (count + rows) * 4); }
+};
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// At the kernel's start: arms this CTA's barrier for what the cluster will send it, then arrives on the cluster
+// barrier whose wait (cluster_merge_send) comes before the first remote store.
+__device__ __forceinline__ void cluster_merge_arm(uint64_t* bar, int split, int splits, int block_rows, int d) {
+  if (threadIdx.x == 0) {
+    bulk::mbar_init(bar, 1);
+    bulk::mbar_arrive_expect_tx(bar, ClusterSlice(split, splits, block_rows, d).bytes(splits));
+    bulk::fence_mbar_init();
+  }
+  __cluster_barrier_arrive_relaxed();
+}
+
+// Sends this split's normalized values of row r, dims d .. d + 3, to their owner, and (d == 0) the row's
+// log-sum-exp to every owner of some of its elements.
+template <int D>
+__device__ __forceinline__ void cluster_merge_send(const float (&value)[4], float lse, int r, int d, int split,
+                                                   int per, float* recv_o, float* recv_lse, uint64_t* bar) {
+  const int e = r * D + d, owner = e / per;
+  bulk::st_async_cluster_v4(recv_o + split * per + (e - owner * per),
+                            make_uint4(__float_as_uint(value[0]), __float_as_uint(value[1]),
+                                       __float_as_uint(value[2]), __float_as_uint(value[3])),
+                            bar, static_cast<uint32_t>(owner));
+  if (d == 0) {
+    for (int o = r * D / per; o <= (r * D + D - 1) / per; ++o) {
+      bulk::st_async_cluster(recv_lse + split * kRowsPerBlock + (r - o * per / D), __float_as_uint(lse), bar,
+                             static_cast<uint32_t>(o));
+    }
+  }
+}
+
+// The owner's side: once every split's share has landed, merges its slice in split order (accumulate_split, so the
+// merge kernel's bits) and stores it.
+template <typename T, int D, int kThreads>
+__device__ __forceinline__ void cluster_merge_finish(const DecodeArgs& a, uint64_t* bar, const float* recv_o,
+                                                     const float* recv_lse, int split, int block_rows, int b, int hq0,
+                                                     int row0) {
+  const ClusterSlice sl(split, a.splits, block_rows, D);
+  bulk::mbar_wait_cluster(bar, 0);  // also with nothing to merge (the phase completed when armed)
+  for (int i = 4 * static_cast<int>(threadIdx.x); i < sl.count; i += 4 * kThreads) {
+    const int e = sl.first + i, r = e / D, d = e % D, lr = r - sl.first_row;
     float m_max = -INFINITY;
-    for (int s = 0; s < splits; ++s) m_max = fmaxf(m_max, scratch[s * block_rows + r]);
-    float num[1] = {0.f}, den = 0.f;
+    for (int s = 0; s < a.splits; ++s) m_max = fmaxf(m_max, recv_lse[s * kRowsPerBlock + lr]);
+    float num[4] = {0.f, 0.f, 0.f, 0.f}, den = 0.f;
     if (m_max != -INFINITY) {
-#pragma unroll 8
-      for (int s = 0; s < splits; ++s) {
-        const float v[1] = {cluster.map_shared_rank(merge_o, s)[e]};
-        accumulate_split<1>(scratch[s * block_rows + r], m_max, v, num, den);
+      for (int s = 0; s < a.splits; ++s) {
+        const float4 q4 = *reinterpret_cast<const float4*>(recv_o + s * sl.per + i);
+        const float v[4] = {q4.x, q4.y, q4.z, q4.w};
+        accumulate_split<4>(recv_lse[s * kRowsPerBlock + lr], m_max, v, num, den);
       }
     }
-    static_cast<T*>(a.out)[output_row(a, b, hq0, row0 + r) * D + d] = from_float<T>(den > 0.f ? num[0] / den : 0.f);
+    uint2 packed;  // the 4 values in T, one 8-byte store
+    T* out4 = reinterpret_cast<T*>(&packed);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out4[j] = from_float<T>(den > 0.f ? num[j] / den : 0.f);
+    *reinterpret_cast<uint2*>(static_cast<T*>(a.out) + output_row(a, b, hq0, row0 + r) * D + d) = packed;
   }
-  cluster.sync();  // no CTA exits while another still reads its shared memory
-#endif
 }
+#endif
 
 // Column of element (row r, dim d) in a warp's [row][D] block of the epilogue's O^T exchange. Lane (g, c) stores rows
 // 2c, 2c + 1 at dims (D / 8) g + 2i (+1), which in plain order fall on 2 (D = 128), 4 (64) or 1 (256) banks: a 16-way
@@ -227,6 +273,11 @@ __global__ void __launch_bounds__(32 * W, (NQ == 1 && D <= 128) ? 16 / W : 1) kv
   const int group = a.h_q / a.h_kv;
   const int rows = group * a.s_q;  // query rows of this KV head
   const int row0 = qc * kRowsPerBlock;
+  const int block_rows = min(8 * NQ, rows - row0);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __shared__ uint64_t merge_bar;  // the cluster merge's: what the other splits send this CTA
+  if (a.cluster_merge) cluster_merge_arm(&merge_bar, split, a.splits, block_rows, D);
+#endif
   if (a.prefetch) prefetch_first_steps<D, kWarps>(a, b, hkv, split);
   // PDL: q, the lengths and the cache (the append just before wrote it) are all read after the wait
   pdl_wait();
@@ -603,7 +654,6 @@ __global__ void __launch_bounds__(32 * W, (NQ == 1 && D <= 128) ? 16 / W : 1) kv
       }
     }
   }
-  const int block_rows = min(8 * NQ, rows - row0);
 #pragma unroll
   for (int half = 0; half < NQ; ++half) {
     const int r0 = 8 * half + 2 * c;
@@ -621,8 +671,15 @@ __global__ void __launch_bounds__(32 * W, (NQ == 1 && D <= 128) ? 16 / W : 1) kv
   __syncthreads();
 
   const int64_t rows_total = static_cast<int64_t>(a.b) * a.h_q * a.s_q;
-  float* merge_o = reinterpret_cast<float*>(smem + G::kReduceBytes);  // [kRowsPerBlock][D]
-  float* merge_lse = merge_o + kRowsPerBlock * D;
+  float* recv_o = reinterpret_cast<float*>(smem + G::kRecvOffset);
+  float* recv_lse = recv_o + G::kRecvValues;
+  int cluster_per = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (a.cluster_merge) {
+    cluster_per = ClusterSlice(0, a.splits, block_rows, D).per;
+    cooperative_groups::this_cluster().barrier_wait();  // every CTA runs (and armed its barrier): remote stores may go
+  }
+#endif
   // Four consecutive dims a thread: red_o_col keeps each aligned group of 4 together (bits 0-1 XOR-ed with
   // (r >> 1) & 3), so one 16-byte load per warp state gives them, and the results leave as 16-byte stores.
   constexpr int kQuads = D / 4;
@@ -658,8 +715,10 @@ __global__ void __launch_bounds__(32 * W, (NQ == 1 && D <= 128) ? 16 / W : 1) kv
     }
     const int64_t row_id = output_row(a, b, hkv * group, row0 + r);
     if (a.cluster_merge) {
-      *reinterpret_cast<float4*>(merge_o + r * D + d) = make_float4(value[0], value[1], value[2], value[3]);
-      if (d == 0) merge_lse[r] = seen ? m_max + log2f(l_sum) : -INFINITY;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      cluster_merge_send<D>(value, seen ? m_max + log2f(l_sum) : -INFINITY, r, d, split, cluster_per, recv_o,
+                            recv_lse, &merge_bar);
+#endif
     } else if (!a.partials) {
       uint2 packed;  // the 4 values in T, one 8-byte store
       T* out4 = reinterpret_cast<T*>(&packed);
@@ -674,7 +733,11 @@ __global__ void __launch_bounds__(32 * W, (NQ == 1 && D <= 128) ? 16 / W : 1) kv
       if (d == 0) a.part_lse[split * rows_total + row_id] = seen ? m_max + log2f(l_sum) : -INFINITY;
     }
   }
-  if (a.cluster_merge) merge_in_cluster<T, D, kThreads>(a, merge_o, merge_lse, red_m, block_rows, b, hkv * group, row0);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (a.cluster_merge) {
+    cluster_merge_finish<T, D, kThreads>(a, &merge_bar, recv_o, recv_lse, split, block_rows, b, hkv * group, row0);
+  }
+#endif
 }
 
 // Elements d0 .. d0 + N - 1 of query row `row` merged over the splits: sum_s w_s o_s / sum_s w_s with
@@ -775,10 +838,12 @@ constexpr int kMergeQuantVec = 8;  // H_q * D is a multiple of 64
 constexpr int kMergeQuantMaxSplits = 8;
 // Default split count cap (QOQ_KV4_SPLITS can force more, up to 1024).
 constexpr int kMaxSplits = 16;
-// The most splits merged inside a cluster. H100 (`--sweep-splits` with and without QOQ_KV4_CLUSTER): 2-CTA
-// clusters beat the merge kernel (batch 16: 36.0 vs 42.3 µs at 4k slots), 4- to 16-CTA clusters lose to it
-// (batch 16 at 4 splits: 50.6 vs 41.2 µs; batch 1 at 16: 33.3 vs 27.2 µs at 32k), though their merge reads only
-// shared memory: co-scheduling a cluster's CTAs costs more than the merge kernel.
+// Which splits merge inside a cluster (H100, `benchmarks/attention.py --ab QOQ_KV4_CLUSTER=...`, docs/benchmarks.md):
+// two anywhere (batch 8: 8.6 / 17.7 / 53.3 µs at 1k / 4k / 16k against 10.8 / 20.0 / 56.1 with the merge kernel);
+// up to kMaxClusterMerge where the grid is at most three quarters of the SMs (batch 1 at 512 / 1024 slots: 5.8 / 6.1
+// against 6.4 / 6.7; batch 2 at 512 / 768: 5.8 / 6.1 against 6.7 / 6.7). Larger grids of larger clusters lose
+// (batch 4 at 512 slots: 7.3 against 6.9; batch 2 at 32k, 8 splits: 45.0 against 31.8): the CTAs of a cluster
+// share SMs then.
 constexpr int kMaxClusterSplits = 2;
 // The one-token quantized op's split rule (launch_rows).
 constexpr int kOneTokenMaxSlots = 1024;
@@ -861,25 +926,24 @@ void quantize_output(DecodeOutput& o) {
   std::tie(o.x_q, o.x_s, o.x_sum) = op.call(o.out.transpose(1, 2).reshape({b * s_q, h_q * d}).contiguous());
 }
 
-// Whether `kernel` can run as clusters of kMaxClusterSplits CTAs on this device (sm_90 image, the non-portable size
-// allowed, at least one such cluster resident): checked once per device; `state` is the call site's (0 unknown,
-// 1 yes, 2 no).
+// Whether `kernel` can run as clusters of `size` CTAs (2 .. kMaxClusterMerge) on this device (sm_90 image, at least
+// one such cluster resident): checked once per device and size; `state` is the call site's (0 unknown, 1 yes, 2 no).
 template <typename Kernel>
-bool cluster_merge_possible(Kernel kernel, int8_t (&sm90_cache)[64], int8_t (&state)[64], int threads, int smem) {
+bool cluster_merge_possible(Kernel kernel, int8_t (&sm90_cache)[64], int8_t (&state)[kMaxClusterMerge + 1][64],
+                            int size, int threads, int smem) {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  int8_t& s = state[device & 63];
+  int8_t& s = state[size][device & 63];
   if (s == 0) {
-    bool ok = runs_sm90_image(kernel, sm90_cache) &&
-              cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+    bool ok = runs_sm90_image(kernel, sm90_cache);
     if (ok) {
       cudaLaunchAttribute attr{};
       attr.id = cudaLaunchAttributeClusterDimension;
-      attr.val.clusterDim.x = kMaxClusterSplits;
+      attr.val.clusterDim.x = static_cast<unsigned>(size);
       attr.val.clusterDim.y = 1;
       attr.val.clusterDim.z = 1;
       cudaLaunchConfig_t config{};
-      config.gridDim = dim3(kMaxClusterSplits);
+      config.gridDim = dim3(static_cast<unsigned>(size));
       config.blockDim = dim3(threads);
       config.dynamicSmemBytes = smem;
       config.attrs = &attr;
@@ -952,11 +1016,17 @@ void launch_decode(DecodeArgs& a, const at::Tensor& q, DecodeOutput& o, int64_t 
   const int64_t base_blocks = decode_items(a);
   a.splits = static_cast<int>(splits);
   TORCH_CHECK(base_blocks * splits < (int64_t(1) << 31), "too many (row, KV head, split) blocks for one launch");
-  // The plain op merges up to kMaxClusterSplits splits inside a cluster on sm_90 (QOQ_KV4_CLUSTER=0: the merge
-  // kernel instead); the quantized op always writes partials (its merge needs every head of a token).
-  static int8_t sm90_decode[64] = {0}, cluster_ok[64] = {0};
-  a.cluster_merge = !o.quantized && splits > 1 && splits <= kMaxClusterSplits && env_int("QOQ_KV4_CLUSTER", 1) != 0 &&
-                    cluster_merge_possible(kernel, sm90_decode, cluster_ok, kThreads, smem);
+  // The plain op merges its splits inside a cluster on sm_90 where kMaxClusterSplits's rule says (QOQ_KV4_CLUSTER=0:
+  // the merge kernel instead; QOQ_KV4_CLUSTER=<n> >= 2: up to n splits, at most kMaxClusterMerge, on any grid); the
+  // quantized op always writes partials (its merge needs every head of a token).
+  static int8_t sm90_decode[64] = {0}, cluster_ok[kMaxClusterMerge + 1][64] = {};
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
+  const int cluster_env = env_int("QOQ_KV4_CLUSTER", 1);
+  const int64_t cluster_cap = cluster_env >= 2                       ? std::min(cluster_env, kMaxClusterMerge)
+                              : 4 * base_blocks * splits <= 3 * sms ? kMaxClusterMerge
+                                                                     : kMaxClusterSplits;
+  a.cluster_merge = !o.quantized && splits > 1 && splits <= cluster_cap && cluster_env != 0 &&
+                    cluster_merge_possible(kernel, sm90_decode, cluster_ok, static_cast<int>(splits), kThreads, smem);
   a.partials = (splits > 1 || o.quantized) && !a.cluster_merge;
 
   const int64_t rows_total = static_cast<int64_t>(a.b) * a.h_q * a.s_q;
@@ -978,8 +1048,8 @@ void launch_decode(DecodeArgs& a, const at::Tensor& q, DecodeOutput& o, int64_t 
   // the dependents launched after the K loop (a.late_trigger), the next call's blocks would otherwise land two to an
   // SM that the previous call had already left, and such a block shares its SM's issue slots (H100, batch 16, 4k /
   // 16k / 32k: 35.2 / 137.7 / 267.0 µs without this, 29.3 / 101.7 / 195.4 with it). QOQ_KV4_SOLO=0: the block's size.
-  const bool solo = !a.cluster_merge && base_blocks * splits <= device_attribute(cudaDevAttrMultiProcessorCount) &&
-                    env_int("QOQ_KV4_SOLO", 1) != 0;
+  // Clusters keep the block's size (one CTA an SM made batch 1's clusters of 8-16 slower still).
+  const bool solo = !a.cluster_merge && base_blocks * splits <= sms && env_int("QOQ_KV4_SOLO", 1) != 0;
   const size_t launch_smem = static_cast<size_t>(solo ? std::max(smem, solo_smem()) : smem);
   launch_kernel(kernel, sm90_decode,
                 {dim3(static_cast<unsigned>(base_blocks * splits)), dim3(kThreads), launch_smem,

@@ -1,8 +1,8 @@
-// Thin wrappers over the sm_90 PTX of the streaming small-M GEMM and the cluster-split quantize kernel: shared-memory
-// mbarriers (arrive, expected transaction bytes, parity wait), the bulk global->shared copy engine completing on an
-// mbarrier, a 4-byte store into another cluster CTA's shared memory completing on its mbarrier, 4- and 16-byte
-// cp.async tracked by an mbarrier, an L2 evict-first policy, and a named barrier. Only usable in device code compiled
-// for sm_90 or newer (QOQ_BULK_ENABLED).
+// Thin wrappers over the sm_90 PTX of the streaming small-M GEMM, the cluster-split quantize kernel and the decode
+// attention's cluster merge: shared-memory mbarriers (arrive, expected transaction bytes, parity wait), the bulk
+// global->shared copy engine completing on an mbarrier, 4- and 16-byte stores into another cluster CTA's shared
+// memory completing on its mbarrier, 4- and 16-byte cp.async tracked by an mbarrier, an L2 evict-first policy, and a
+// named barrier. Only usable in device code compiled for sm_90 or newer (QOQ_BULK_ENABLED).
 #pragma once
 #include <cstdint>
 
@@ -78,6 +78,16 @@ __device__ __forceinline__ void st_async_cluster(const void* slot, uint32_t valu
       "{\n.reg .b32 rslot, rbar;\nmapa.shared::cluster.u32 rslot, %0, %2;\nmapa.shared::cluster.u32 rbar, %1, %2;\n"
       "st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [rslot], %3, [rbar];\n}\n" ::"r"(smem_addr(slot)),
       "r"(smem_addr(bar)), "r"(rank), "r"(value)
+      : "memory");
+}
+
+// The same for 16 bytes (`slot` 16-byte aligned): four 32-bit words in one store.
+__device__ __forceinline__ void st_async_cluster_v4(const void* slot, uint4 value, uint64_t* bar, uint32_t rank) {
+  asm volatile(
+      "{\n.reg .b32 rslot, rbar;\nmapa.shared::cluster.u32 rslot, %0, %2;\nmapa.shared::cluster.u32 rbar, %1, %2;\n"
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [rslot], {%3, %4, %5, %6}, [rbar];\n}\n" ::"r"(
+          smem_addr(slot)),
+      "r"(smem_addr(bar)), "r"(rank), "r"(value.x), "r"(value.y), "r"(value.z), "r"(value.w)
       : "memory");
 }
 
