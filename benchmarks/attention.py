@@ -442,10 +442,11 @@ def main() -> None:
                         help="only the attention + o_proj input quantization comparison (contexts 384 and 4096)")
     parser.add_argument("--sweep-splits", action="store_true",
                         help="only the decode kernel at forced split counts (batch 1 / 4 / 16 / 64, 4k-32k)")
-    parser.add_argument("--batches", type=int, nargs="+", help="with --sweep-splits or --ab: only these batch sizes")
+    parser.add_argument("--batches", type=int, nargs="+",
+                        help="with --sweep-splits, --ab or --quantize-only: only these batch sizes")
     parser.add_argument("--ab", metavar="NAME=V1,V2",
                         help="only our kernel, default against these environment settings, alternating (same inputs)")
-    parser.add_argument("--contexts", type=int, nargs="+", help="with --ab: only these contexts")
+    parser.add_argument("--contexts", type=int, nargs="+", help="with --ab or --quantize-only: only these contexts")
     parser.add_argument("--ab-quantize", action="store_true",
                         help="with --ab: time kv4_decode_attention_quantize instead of kv4_decode_attention")
     args = parser.parse_args()
@@ -466,7 +467,7 @@ def main() -> None:
         return
     torch.manual_seed(0)
     if args.quantize_only:
-        quantize_rows = run_attention_quantize(BATCHES, (384, 4096))
+        quantize_rows = run_attention_quantize(args.batches or BATCHES, args.contexts or (384, 4096))
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump({"meta": append_meta(), "quantize_rows": quantize_rows}, fh, indent=1)
