@@ -150,8 +150,7 @@ struct ClusterSlice {
 // barrier whose wait (cluster_merge_send) comes before the first remote store.
 __device__ __forceinline__ void cluster_merge_arm(uint64_t* bar, int split, int splits, int block_rows, int d) {
   if (threadIdx.x == 0) {
-    bulk::mbar_init(bar, 1);
-    bulk::mbar_arrive_expect_tx(bar, ClusterSlice(split, splits, block_rows, d).bytes(splits));
+    bulk::mbar_arm_for_bytes(bar, ClusterSlice(split, splits, block_rows, d).bytes(splits));
     bulk::fence_mbar_init();
   }
   __cluster_barrier_arrive_relaxed();

@@ -45,6 +45,13 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t by
                : "memory");
 }
 
+// Arms `bar` for one phase that completes once `bytes` have landed on it (st_async_cluster from the cluster's CTAs):
+// the receiving side of a cluster exchange. One thread calls it; fence_mbar_init and a cluster barrier publish it.
+__device__ __forceinline__ void mbar_arm_for_bytes(uint64_t* bar, uint32_t bytes) {
+  mbar_init(bar, 1);
+  mbar_arrive_expect_tx(bar, bytes);
+}
+
 // Returns once the phase of parity `parity` has completed.
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   uint32_t done = 0;

@@ -334,8 +334,7 @@ __device__ __forceinline__ int cluster_sum_to_rank0(int sum, int* slots, uint64_
 // follows (arrive at the kernel's start, wait before the first remote store) publishes it to the other CTAs.
 __device__ __forceinline__ void init_exchange(uint64_t* bar, const ClusterPos& p) {
   if (threadIdx.x == 0) {
-    bulk::mbar_init(bar, 1);
-    bulk::mbar_arrive_expect_tx(bar, static_cast<uint32_t>(p.ctas * p.nwarps * 4));
+    bulk::mbar_arm_for_bytes(bar, static_cast<uint32_t>(p.ctas * p.nwarps * 4));
   }
 }
 
