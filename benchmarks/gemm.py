@@ -502,6 +502,12 @@ def check_small() -> None:
     if torch.cuda.get_device_capability() == (9, 0):
         for g in (64, 128):  # 128: a k tile in one scale group (one half's scales read)
             _check_small_wgmma(gen, g)
+            # stream-K: 3 x 13 (n tile, k tile) pairs over 3 groups of 2 CTAs (pieces start and end mid-tile)
+            # and one pair a group, in both instantiations
+            for ctas, deep in (("7", "0"), ("7", "1"), ("1000", "0")):
+                env = {"QOQ_GEMM_WGMMA": "2,128", "QOQ_GEMM_STREAMK": "1", "QOQ_GEMM_STREAMK_CTAS": ctas,
+                       "QOQ_GEMM_STREAMK_DEEP": deep}
+                _check_small_both_formats(gen, 130, 272, 1664, g, env, ("stream-K", ctas, deep))
     print("check-small: OK")
 
 

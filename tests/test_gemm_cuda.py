@@ -401,6 +401,106 @@ def test_wgmma_split_k_is_exact(bm, splits, per_group, gen, monkeypatch):
     assert torch.equal(split, whole)
 
 
+def _stream_k_operands(m: int, n: int, k: int, g: int, per_group: bool, gen: torch.Generator):
+    """Random operands with bias and residual, their CPU reference and a closure running the CUDA op."""
+    x_q, x_s, x_sum = random_activations(m, k, gen)
+    bias = random_bias(n, torch.float16, gen)
+    residual = (torch.randn(m, n, generator=gen) * 4).to(torch.bfloat16)
+    if per_group:
+        w4, s2, z2, s1 = random_per_group(n, k, g, gen)
+        operands = (x_q, x_s, ops.pack_weights(w4), s2, z2, s1, bias)
+        ref = torch.ops.qoq.w4a8_gemm_per_group(*operands, g, torch.bfloat16, residual)
+        cuda = _to("cuda", *operands)
+        packed = ops.pack_scales(cuda[3], cuda[4])
+        run = lambda: ops.w4a8_gemm_per_group(*cuda, group_size=g, out_dtype=torch.bfloat16,  # noqa: E731
+                                              residual=residual.cuda(), packed_scales=packed, x_sum=x_sum.cuda())
+    else:
+        w4, scale, zero = random_per_channel(n, k, gen)
+        operands = (x_q, x_s, x_sum, ops.pack_weights(w4), scale, zero, bias)
+        ref = torch.ops.qoq.w4a8_gemm_per_channel(*operands, torch.bfloat16, residual)
+        cuda = _to("cuda", *operands)
+        run = lambda: ops.w4a8_gemm_per_channel(*cuda, out_dtype=torch.bfloat16,  # noqa: E731
+                                                residual=residual.cuda())
+    return ref, run
+
+
+@needs_hopper
+@pytest.mark.parametrize("ctas", ("1", "3", "7", "13", "132", "100000"))
+@pytest.mark.parametrize("per_group", (True, False))
+def test_wgmma_stream_k_is_exact(ctas, per_group, gen, monkeypatch):
+    """Stream-K on the 128-row kernel (QOQ_GEMM_STREAMK=1, QOQ_GEMM_STREAMK_CTAS CTAs, rounded down to whole groups
+    of the 3 m tiles): shares that start and end part-way through output tiles, one group for every tile, and one k
+    tile a CTA (100000 is clamped to the 3 x 32 (n tile, k tile) pairs: 32 pieces a tile), with the one- and the
+    two-CTA-an-SM instantiations, all give the reference's bits, with M and N tails, bias, g = 64 and a residual,
+    run twice (the tile counters are left at zero for the next call)."""
+    ref, run = _stream_k_operands(300, 272, 4096, 64, per_group, gen)
+    monkeypatch.setenv("QOQ_GEMM_WGMMA", "2,128")
+    monkeypatch.setenv("QOQ_GEMM_STREAMK", "1")
+    monkeypatch.setenv("QOQ_GEMM_STREAMK_CTAS", ctas)
+    for deep in ("1", "0"):
+        monkeypatch.setenv("QOQ_GEMM_STREAMK_DEEP", deep)
+        assert torch.equal(run().cpu(), ref)
+        assert torch.equal(run().cpu(), ref)
+
+
+@needs_hopper
+@pytest.mark.parametrize("m,n,k,g", ((1000, 4096, 4096, 128), (384, 4096, 14336, 128), (129, 640, 4608, 128),
+                                     (640, 1024, 1024, 64)))
+def test_wgmma_stream_k_kernel_runs_and_matches(m, n, k, g, gen, monkeypatch):
+    """QOQ_GEMM_STREAMK=1 sends every 128-row GEMM to the stream-K instantiation with two CTAs an SM (one kernel),
+    which matches the reference in both formats at Llama-3-8B-like shapes, with one scale group a k tile (g = 128)
+    and two (g = 64)."""
+    import re
+
+    monkeypatch.setenv("QOQ_GEMM_WGMMA", "2,128")
+    monkeypatch.delenv("QOQ_GEMM_STREAMK_CTAS", raising=False)
+    monkeypatch.delenv("QOQ_GEMM_STREAMK_DEEP", raising=False)
+    monkeypatch.setenv("QOQ_GEMM_STREAMK", "1")
+    kernel = re.compile(r"w4a8_gemm_wgmma_kernel<128, 4, 2, (true|false), 2, (true|false)>")
+    for per_group in (True, False):
+        names = _kernel_names(gen, m, n=n, k=k, g=g, per_group=per_group, packed=True)
+        kernels = [x for x in names if "emset" not in x]  # a first use zeroes the stream's counters once
+        assert len(kernels) == 1 and kernel.search(kernels[0]), names
+        ref, run = _stream_k_operands(m, n, k, g, per_group, gen)
+        assert torch.equal(run().cpu(), ref)
+
+
+def _takes_stream_k(m: int, n: int, k: int, sms: int) -> bool:
+    """The default stream-K rule (w4a8_gemm.cu, wgmma128_takes_stream_k) for a per-group 128-row GEMM, written out:
+    at least 64 k tiles, no split K in the default grid, and a last wave of output tiles covering at most 3/4 of the
+    SMs."""
+    tiles, ktiles = -(-m // 128) * -(-n // 128), k // 128
+    if ktiles < 64:
+        return False
+    deep = tiles * _wgmma_splits(tiles, ktiles, 1, sms) <= sms
+    if _wgmma_splits(tiles, ktiles, 1 if deep else 2, sms) > 1:
+        return False
+    return 0 < tiles % sms and 4 * (tiles % sms) <= 3 * sms
+
+
+@needs_hopper
+def test_wgmma_stream_k_rule(gen, monkeypatch):
+    """By default the per-group 128-row GEMMs with deep K whose tiles leave the SMs unevenly filled run stream-K
+    (down_proj at M = 384 and 640 on an H100) and the others not (512: 128 tiles; K = 4096; per channel);
+    QOQ_GEMM_STREAMK=0 turns it off."""
+    import re
+
+    for name in ("QOQ_GEMM_WGMMA", "QOQ_GEMM_STREAMK", "QOQ_GEMM_STREAMK_DEEP", "QOQ_GEMM_WGMMA_SPLITS"):
+        monkeypatch.delenv(name, raising=False)
+    stream_k = re.compile(r"w4a8_gemm_wgmma_kernel<128, 4, 2, (true|false), 2, (true|false)>")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cases = [(384, 4096, 14336), (640, 4096, 14336), (512, 4096, 14336), (384, 4096, 4096), (300, 2048, 8192)]
+    expected = [_takes_stream_k(m, n, k, sms) for m, n, k in cases]
+    if sms == 132:
+        assert expected == [True, True, False, False, False]
+    for (m, n, k), takes in zip(cases, expected):
+        for per_group in (True, False):
+            names = _kernel_names(gen, m, n=n, k=k, g=128, per_group=per_group, packed=True)
+            assert sum(bool(stream_k.search(x)) for x in names) == int(takes and per_group), (m, n, k, per_group, names)
+    monkeypatch.setenv("QOQ_GEMM_STREAMK", "0")
+    assert not any(stream_k.search(x) for x in _kernel_names(gen, 384, n=4096, k=14336, g=128, packed=True))
+
+
 @needs_hopper
 @pytest.mark.parametrize("bm", (16, 32, 64))
 @pytest.mark.parametrize("m", (1, 7, 16, 33, 100))
@@ -439,7 +539,7 @@ def test_wgmma_narrow_tile_is_the_kernel_that_runs(bm, gen, monkeypatch):
 
     monkeypatch.setenv("QOQ_GEMM_WGMMA", f"2,{bm},1")
     monkeypatch.delenv("QOQ_GEMM_WGMMA_SPLITS", raising=False)
-    pattern = re.compile(rf"w4a8_gemm_wgmma_kernel<{bm}, \d+, \d+, (true|false), true, (true|false)>")
+    pattern = re.compile(rf"w4a8_gemm_wgmma_kernel<{bm}, \d+, \d+, (true|false), 1, (true|false)>")
     for per_group in (True, False):
         names = _kernel_names(gen, 5, n=256, k=4096, per_group=per_group, packed=True)
         assert len(names) == 1 and pattern.search(names[0]), names
@@ -454,7 +554,7 @@ def test_wgmma_reads_one_scale_half_when_a_k_tile_is_one_group(bm, gen, monkeypa
 
     monkeypatch.setenv("QOQ_GEMM_WGMMA", f"2,{bm}")
     monkeypatch.delenv("QOQ_GEMM_WGMMA_SPLITS", raising=False)
-    kernel = re.compile(r"w4a8_gemm_wgmma_kernel<\d+, \d+, \d+, true, (true|false), (true|false)>")
+    kernel = re.compile(r"w4a8_gemm_wgmma_kernel<\d+, \d+, \d+, true, ([01]), (true|false)>")
     for g in (64, 128, 192, 256):
         k = 768 if g == 192 else 1024
         names = [kernel.search(x) for x in _kernel_names(gen, 100, n=256, k=k, g=g, packed=True)]
@@ -538,8 +638,8 @@ def test_wgmma_splits_k_only_when_the_tiles_leave_sms_idle(gen, monkeypatch):
     monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
     monkeypatch.delenv("QOQ_GEMM_WGMMA_SPLITS", raising=False)
     monkeypatch.setenv("QOQ_GEMM_WGMMA_DEEP", "0")  # the two-CTA kernel's rule (the deep one: test below)
-    split_kernel = re.compile(r"w4a8_gemm_wgmma_kernel<128, 4, 2, (true|false), true, (true|false)>")
-    whole_kernel = re.compile(r"w4a8_gemm_wgmma_kernel<128, 4, 2, (true|false), false, (true|false)>")
+    split_kernel = re.compile(r"w4a8_gemm_wgmma_kernel<128, 4, 2, (true|false), 1, (true|false)>")
+    whole_kernel = re.compile(r"w4a8_gemm_wgmma_kernel<128, 4, 2, (true|false), 0, (true|false)>")
     for per_group in (True, False):
         names = _kernel_names(gen, 256, k=4096, per_group=per_group)
         assert sum(bool(split_kernel.search(x)) for x in names) == 1, names
@@ -558,8 +658,9 @@ def test_wgmma_deep_pipeline_for_grids_of_one_cta_an_sm(gen, monkeypatch):
     monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
     monkeypatch.delenv("QOQ_GEMM_WGMMA_SPLITS", raising=False)
     monkeypatch.delenv("QOQ_GEMM_WGMMA_DEEP", raising=False)
-    deep = re.compile(r"w4a8_gemm_wgmma_kernel<128, 8, 1, (true|false), (true|false), (true|false)>")
-    shallow = re.compile(r"w4a8_gemm_wgmma_kernel<128, 4, 2, (true|false), (true|false), (true|false)>")
+    monkeypatch.setenv("QOQ_GEMM_STREAMK", "0")  # its rule takes some of these grids (test_wgmma_stream_k_rule)
+    deep = re.compile(r"w4a8_gemm_wgmma_kernel<128, 8, 1, (true|false), ([012]), (true|false)>")
+    shallow = re.compile(r"w4a8_gemm_wgmma_kernel<128, 4, 2, (true|false), ([01]), (true|false)>")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cases = [(256, 4096, 4096), (384, 4096, 14336), (256, 128, 4096), (256, 33792, 1024), (640, 4096, 4096)]
     for m, n, k in cases:
@@ -570,7 +671,7 @@ def test_wgmma_deep_pipeline_for_grids_of_one_cta_an_sm(gen, monkeypatch):
             assert sum(bool(deep.search(x)) for x in names) == int(expect_deep), (m, n, k, names)
             assert sum(bool(shallow.search(x)) for x in names) == int(not expect_deep), (m, n, k, names)
     # 2 tiles of 32 k tiles: the deep kernel's split instantiation
-    assert any(deep.search(x) and deep.search(x).group(2) == "true" for x in _kernel_names(gen, 256, n=128, k=4096))
+    assert any(deep.search(x) and deep.search(x).group(2) == "1" for x in _kernel_names(gen, 256, n=128, k=4096))
     for m, n, k, g in ((256, 128, 4096, 64), (300, 384, 4608, 128), (256, 4096, 4096, 128)):
         assert_per_group_matches(m, n, k, g, torch.float16, torch.bfloat16, gen)
         assert_per_channel_matches(m, n, k, torch.float16, torch.bfloat16, gen)

@@ -310,9 +310,9 @@ struct SplitScratch {
   }
 };
 
-template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP, bool SPLIT_K, bool ONE_GROUP>
+template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP, int K_PART, bool ONE_GROUP>
 void launch_wgmma_kernel_as(const GemmParams& p, const LaunchDims& dims) {
-  auto kernel = w4a8_gemm_wgmma_kernel<BM, STAGES, MIN_BLOCKS, PER_GROUP, SPLIT_K, ONE_GROUP>;
+  auto kernel = w4a8_gemm_wgmma_kernel<BM, STAGES, MIN_BLOCKS, PER_GROUP, K_PART, ONE_GROUP>;
   static bool opted_in[64] = {false};
   allow_dynamic_smem(kernel, WgmmaTile<BM, STAGES>::kSmemBytes, opted_in);
   static int8_t sm90[64] = {0};
@@ -321,12 +321,12 @@ void launch_wgmma_kernel_as(const GemmParams& p, const LaunchDims& dims) {
 
 // Per group with group_size % 128 == 0 a k tile lies in one scale group, and the kernel reads one half's scales
 // (ONE_GROUP; H100 layer chain, docs/benchmarks.md: per group 1.5-2% faster at M = 256-512, 4% at M = 48).
-template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP, bool SPLIT_K>
+template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP, int K_PART>
 void launch_wgmma_kernel(const GemmParams& p, const LaunchDims& dims) {
   if (PER_GROUP && p.group_size % 128 == 0) {
-    launch_wgmma_kernel_as<BM, STAGES, MIN_BLOCKS, PER_GROUP, SPLIT_K, PER_GROUP>(p, dims);
+    launch_wgmma_kernel_as<BM, STAGES, MIN_BLOCKS, PER_GROUP, K_PART, PER_GROUP>(p, dims);
   } else {
-    launch_wgmma_kernel_as<BM, STAGES, MIN_BLOCKS, PER_GROUP, SPLIT_K, false>(p, dims);
+    launch_wgmma_kernel_as<BM, STAGES, MIN_BLOCKS, PER_GROUP, K_PART, false>(p, dims);
   }
 }
 
@@ -347,10 +347,31 @@ void launch_wgmma(GemmParams p, const at::TensorOptions& options) {
   const LaunchDims dims{dim3(m_tiles, n_tiles, p.splits), dim3(T::kThreads), T::kSmemBytes};
   if (p.splits > 1) {
     const SplitScratch scratch(p, int64_t{m_tiles} * n_tiles, (BM / 2) * 256, options);
-    launch_wgmma_kernel<BM, STAGES, MIN_BLOCKS, PER_GROUP, true>(p, dims);
+    launch_wgmma_kernel<BM, STAGES, MIN_BLOCKS, PER_GROUP, kSplitK>(p, dims);
     return;
   }
-  launch_wgmma_kernel<BM, STAGES, MIN_BLOCKS, PER_GROUP, false>(p, dims);
+  launch_wgmma_kernel<BM, STAGES, MIN_BLOCKS, PER_GROUP, kWholeK>(p, dims);
+}
+
+// The 128-row kernel with stream-K over `ctas` CTAs (w4a8_gemm_wgmma.cuh, kStreamK): p.splits is the most pieces
+// any output tile has, the stride of the partial sums' slots.
+template <int STAGES, int MIN_BLOCKS, bool PER_GROUP>
+void launch_wgmma_stream_k(GemmParams p, const at::TensorOptions& options, int ctas) {
+  using T = WgmmaTile<128, STAGES>;
+  const int m_tiles = (p.M + 127) / 128, n_tiles = (p.N + T::kBN - 1) / T::kBN, ktiles = p.K / T::kBK;
+  const int64_t iterations = int64_t{n_tiles} * ktiles;  // (n tile, k tile) pairs, taken by groups of m_tiles CTAs
+  const int groups = static_cast<int>(std::clamp<int64_t>(ctas / m_tiles, 1, iterations));
+  int slots = 1;
+  for (int n_tile = 0; n_tile < n_tiles; ++n_tile) {
+    const int first = stream_k_group_of(int64_t{n_tile} * ktiles, groups, iterations);
+    slots = std::max(slots, stream_k_group_of(int64_t{n_tile + 1} * ktiles - 1, groups, iterations) - first + 1);
+  }
+  p.splits = slots;
+  p.ktiles_per_split = ktiles;
+  p.l2_prefetch_tiles = 0;
+  const SplitScratch scratch(p, int64_t{m_tiles} * n_tiles, 64 * 256, options);
+  launch_wgmma_kernel<128, STAGES, MIN_BLOCKS, PER_GROUP, kStreamK>(p, {dim3(groups * m_tiles), dim3(T::kThreads),
+                                                                       T::kSmemBytes});
 }
 
 // From this M on the default is the warp-specialised 256-row kernel (H100, docs/benchmarks.md: per group it beat
@@ -482,6 +503,28 @@ bool wgmma128_takes_deep_pipeline(const GemmParams& p) {
   return tiles * ((ktiles + per_split - 1) / per_split) <= multiprocessor_count();
 }
 
+// Stream-K on the 128-row kernel (two CTAs an SM, kStreamK), per group, for deep K (>= kStreamKMinKtiles k tiles)
+// where the unsplit grid would fill the SMs unevenly (its last wave covers at most 3/4 of the SMs: 96 or 160 tiles on
+// 132 SMs, down_proj at M = 384 / 640). H100 (docs/benchmarks.md, "Stream-K"): per group, down chained with itself
+// 51.7 against 56.2 us at M = 384 and 75.2 against 87.2 at 640, the layer chain 183-187 against 188-189 us a layer
+// at 384 and 279-286 against 292-307 at 640; but 63.1 against 57.1 at 512 (128 tiles, balanced already), and at
+// K = 4096 (32 k tiles) the pieces' fills and merges cost more than the balance gains (o at 384: 26.9 against
+// 18.7). Per channel, whose K loop is cheaper, lost at 384 and 768 (down 49.2 against 44.2, 82.4 against 74.6).
+// QOQ_GEMM_STREAMK (read at every call) 0 turns it off, 1 sends every 128-row GEMM (either format) to it;
+// QOQ_GEMM_STREAMK_DEEP=1 takes the 8-stage one-CTA-an-SM instantiation instead, QOQ_GEMM_STREAMK_CTAS sets the grid.
+constexpr int kStreamKMinKtiles = 64;
+bool wgmma128_takes_stream_k(const GemmParams& p, bool per_group) {
+  const int mode = env_int("QOQ_GEMM_STREAMK", -1);
+  if (mode >= 0) return mode >= 1;
+  const int sms = multiprocessor_count(), ktiles = p.K / 128;
+  const int tiles = (p.M + 127) / 128 * ((p.N + 127) / 128);
+  if (!per_group || ktiles < kStreamKMinKtiles) return false;
+  const bool deep = wgmma128_takes_deep_pipeline(p);
+  if (wgmma_ktiles_per_split(tiles, ktiles, deep ? 1 : kWgmma128BlocksPerSm) < ktiles) return false;  // split K
+  const int last_wave = tiles % sms;
+  return last_wave > 0 && 4 * last_wave <= 3 * sms;
+}
+
 // True when the wgmma path computed the GEMM.
 template <bool PER_GROUP>
 bool try_wgmma(const GemmParams& p, const at::TensorOptions& options) {
@@ -507,6 +550,13 @@ bool try_wgmma(const GemmParams& p, const at::TensorOptions& options) {
     launch_wgmma<32, narrow_stages<32>(), kNarrowBlocksPerSm, PER_GROUP>(p, options);
   } else if (bm == 64) {
     launch_wgmma<64, narrow_stages<64>(), kNarrowBlocksPerSm, PER_GROUP>(p, options);
+  } else if (wgmma128_takes_stream_k(p, PER_GROUP)) {
+    if (env_int("QOQ_GEMM_STREAMK_DEEP", 0) != 0) {
+      launch_wgmma_stream_k<8, 1, PER_GROUP>(p, options, env_int("QOQ_GEMM_STREAMK_CTAS", multiprocessor_count()));
+    } else {
+      launch_wgmma_stream_k<4, kWgmma128BlocksPerSm, PER_GROUP>(
+          p, options, env_int("QOQ_GEMM_STREAMK_CTAS", kWgmma128BlocksPerSm * multiprocessor_count()));
+    }
   } else if (wgmma128_takes_deep_pipeline(p)) {
     launch_wgmma<128, 8, 1, PER_GROUP>(p, options);
   } else {

@@ -289,39 +289,46 @@ __device__ __forceinline__ int2 grouped_tile() {
   return make_int2(first_m + in_group % group_m, in_group / group_m);
 }
 
-// Split-K: stores this split's accumulators (fragment order: coalesced 1 KB rows), then returns true in the last
-// split of the output tile to finish, with the other splits' partial sums added to acc; false in the others.
-// `tid` 0..255 are the threads that hold accumulators, Sync their barrier, `last` a shared int that nothing else
-// writes until every one of them has returned.
+// Split-K and stream-K: stores this piece's accumulators (fragment order: coalesced 1 KB rows) in slot `slot` of
+// output tile `tile`'s `slots` slots, then returns true in the last of the tile's `pieces` pieces to finish, with
+// the others' partial sums added to acc; false in the others. `tid` 0..255 are the threads that hold accumulators,
+// Sync their barrier, `last` a shared int that nothing else writes until every one of them has returned.
 template <int BM, class Sync>
-__device__ __forceinline__ bool merge_split_partials(const GemmParams& p, uint32_t (&acc)[BM / 2], int tid,
-                                                     int* last) {
-  constexpr int kWords = BM / 2 * 256;  // one split's accumulators
-  const int tile = blockIdx.y * gridDim.x + blockIdx.x;
-  uint32_t* partials = reinterpret_cast<uint32_t*>(p.workspace) + static_cast<size_t>(tile) * p.splits * kWords;
-  uint32_t* mine = partials + static_cast<size_t>(blockIdx.z) * kWords;
+__device__ __forceinline__ bool merge_k_partials(const GemmParams& p, uint32_t (&acc)[BM / 2], int tid, int* last,
+                                                 int tile, int slot, int pieces, int slots) {
+  constexpr int kWords = BM / 2 * 256;  // one piece's accumulators
+  uint32_t* partials = reinterpret_cast<uint32_t*>(p.workspace) + static_cast<size_t>(tile) * slots * kWords;
+  uint32_t* mine = partials + static_cast<size_t>(slot) * kWords;
 #pragma unroll
   for (int i = 0; i < BM / 2; ++i) __stcg(mine + i * 256 + tid, acc[i]);
   Sync::sync();
   if (tid == 0) {
     // One acquire-release atomic: it releases the partials every thread stored before the barrier (device-wide,
-    // before the counter moves) and, in the last split, acquires the others' for the loads after the next barrier.
+    // before the counter moves) and, in the last piece, acquires the others' for the loads after the next barrier.
     // (A __threadfence in every thread instead: a MEMBAR.SC.GPU each.)
     uint32_t before;
     asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;\n" : "=r"(before) : "l"(p.counters + tile) : "memory");
-    const bool is_last = static_cast<int>(before) == p.splits - 1;
+    const bool is_last = static_cast<int>(before) == pieces - 1;
     *last = is_last;
-    if (is_last) p.counters[tile] = 0;  // every split has counted: leave the counter at zero for the next GEMM
+    if (is_last) p.counters[tile] = 0;  // every piece has counted: leave the counter at zero for the next GEMM
   }
   Sync::sync();
   if (!*last) return false;
-  for (int z = 0; z < p.splits; ++z) {
-    if (z == static_cast<int>(blockIdx.z)) continue;
+  for (int z = 0; z < pieces; ++z) {
+    if (z == slot) continue;
     const uint32_t* other = partials + static_cast<size_t>(z) * kWords;
 #pragma unroll
     for (int i = 0; i < BM / 2; ++i) acc[i] += __ldcg(other + i * 256 + tid);
   }
   return true;
+}
+
+// Split-K (grid z): the piece of output tile blockIdx.(x, y) that split blockIdx.z computed; see merge_k_partials.
+template <int BM, class Sync>
+__device__ __forceinline__ bool merge_split_partials(const GemmParams& p, uint32_t (&acc)[BM / 2], int tid,
+                                                     int* last) {
+  return merge_k_partials<BM, Sync>(p, acc, tid, last, blockIdx.y * gridDim.x + blockIdx.x, blockIdx.z, p.splits,
+                                    p.splits);
 }
 
 #if QOQ_WGMMA_ENABLED
@@ -395,25 +402,35 @@ __device__ __forceinline__ void wgmma_epilogue(const GemmParams& p, uint32_t (&a
 // Returns QOQ_WGMMA_ENABLED as compiled for the running device (0 on builds without an sm_90a image).
 __global__ void wgmma_probe_kernel(int* out) { *out = QOQ_WGMMA_ENABLED; }
 
-// SPLIT_K: a separate instantiation, so that the unsplit kernel keeps its K loop: with the split offsets and the
-// merge compiled in, ptxas emits 13-16 more SASS instructions a k tile (120 -> 136 per channel, 168 -> 181 per group;
-// the same with 255 registers allowed, so not register pressure).
-template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP, bool SPLIT_K, bool ONE_GROUP>
-__global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const GemmParams p) {
-  pdl_launch_dependents();
+// How the wgmma kernel divides K among its CTAs:
+// - kWholeK: one CTA an output tile (grid x, y: m tiles, n tiles);
+// - kSplitK: grid z splits every tile's k tiles into p.splits equal pieces (p.ktiles_per_split each);
+// - kStreamK: groups of m-tiles CTAs (gridDim.x = groups * m tiles) take equal shares of the (n tile, k tile) pairs
+//   in a row, each CTA of a group for its m tile, so that a share may end part-way through one tile and go on with
+//   the next; the pieces of a tile are merged like split K's, by the last to finish. Where the output tiles fill the
+//   SMs unevenly (96 or 160 tiles of 128 x 128 on 132 SMs) every CTA still gets the same k work.
+enum KPartition : int { kWholeK = 0, kSplitK = 1, kStreamK = 2 };
+
+// Stream-K: the first of the flattened iterations that group `group` of `groups` takes (group = groups: the end).
+__host__ __device__ __forceinline__ int64_t stream_k_begin(int group, int groups, int64_t iterations) {
+  return static_cast<int64_t>(group) * iterations / groups;
+}
+// Stream-K: the group whose share holds iteration `it` (the largest g with stream_k_begin(g) <= it).
+__host__ __device__ __forceinline__ int stream_k_group_of(int64_t it, int groups, int64_t iterations) {
+  return static_cast<int>(((it + 1) * groups - 1) / iterations);
+}
+
 #if QOQ_WGMMA_ENABLED
+// The K loop of one piece of an output tile: k tiles kt0 .. kt0 + nk - 1 of weight rows n0.. (weight tile
+// `weight_tile`) against activation rows m0.., summed into acc (zeroed first). Returns with every MMA done and the
+// pipeline's shared memory free for reuse.
+template <int BM, int STAGES, bool PER_GROUP, bool ONE_GROUP>
+__device__ __forceinline__ void wgmma_k_loop(const GemmParams& p, uint8_t* smem, uint32_t (&acc)[BM / 2], int m0,
+                                             int n0, int weight_tile, int kt0, int nk) {
   using T = WgmmaTile<BM, STAGES>;
   constexpr int BK = T::kBK, BN = T::kBN, D = T::kPrefetch;
-  extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);
-
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, warp_in_wg = warp & 3;
-  const int g = lane >> 2, t = lane & 3;
-  const int2 tile = grouped_tile<BM>();
-  const int m0 = tile.x * BM, n0 = tile.y * BN;
-  const int kt0 = SPLIT_K ? blockIdx.z * p.ktiles_per_split : 0;  // this split's k tiles: kt0 .. kt0 + nk - 1
-  const int nk = SPLIT_K ? min(p.K / BK - kt0, p.ktiles_per_split) : p.K / BK;
 
   auto stage_a = [&](int s) { return smem + s * T::kStageBytes; };
   auto stage_w = [&](int s) { return smem + s * T::kStageBytes + T::kAStage; };
@@ -449,7 +466,8 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
   // Per group: threads 0..31 copy each k tile's packed scales (16 bytes each, two 64-wide halves) into its stage;
   // ONE_GROUP: threads 0..15, the first half's.
   const bool scale_loader = PER_GROUP && tid < (ONE_GROUP ? 16 : 32);
-  PackedScaleSource scale_src(p, PER_GROUP ? tile.y : 0, (tid >> 4) & 1, tid & 15, kt0, PER_GROUP ? p.group_size : 128);
+  PackedScaleSource scale_src(p, PER_GROUP ? weight_tile : 0, (tid >> 4) & 1, tid & 15, kt0,
+                              PER_GROUP ? p.group_size : 128);
   const uint32_t smem_base = ptx::smem_addr(smem);
 
   auto load_activations = [&](int s) {
@@ -471,10 +489,6 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
                                               scale_src.next(p.group_size), 16);
   };
 
-  // This thread's two weight rows (A fragment rows g and g + 8 of its warp's 16).
-  const int row_local = wg * 64 + warp_in_wg * 16 + g;
-
-  uint32_t acc[BM / 2];
 #pragma unroll
   for (int i = 0; i < BM / 2; ++i) acc[i] = 0;
 
@@ -530,11 +544,62 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const 
   for (int i = 0; i < BM / 2; ++i) wgmma::fence_operand(acc[i]);
   ptx::cp_async_wait<0>();
   __syncthreads();  // the pipeline's shared memory is reused below (output tile)
-  if constexpr (SPLIT_K) {
-    __shared__ int last_split;
-    if (!merge_split_partials<BM, BlockSync>(p, acc, tid, &last_split)) return;
+}
+#endif
+
+// SPLIT_K / STREAM_K (K_PART): separate instantiations, so that the unsplit kernel keeps its K loop: with the split
+// offsets and the merge compiled in, ptxas emits 13-16 more SASS instructions a k tile (120 -> 136 per channel,
+// 168 -> 181 per group; the same with 255 registers allowed, so not register pressure).
+template <int BM, int STAGES, int MIN_BLOCKS, bool PER_GROUP, int K_PART, bool ONE_GROUP>
+__global__ void __launch_bounds__(256, MIN_BLOCKS) w4a8_gemm_wgmma_kernel(const GemmParams p) {
+  pdl_launch_dependents();
+#if QOQ_WGMMA_ENABLED
+  using T = WgmmaTile<BM, STAGES>;
+  constexpr int BK = T::kBK, BN = T::kBN;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  // This thread's two weight rows (A fragment rows g and g + 8 of its warp's 16).
+  const int row_local = (warp >> 2) * 64 + (warp & 3) * 16 + g;
+  const int ktiles = p.K / BK;
+  uint32_t acc[BM / 2];
+  __shared__ int last_piece;
+
+  if constexpr (K_PART == kStreamK) {
+    // CTA = group * m_tiles + m tile: the CTAs of a group take the same (n tile, k tile) share of their m tiles, so
+    // they read each weight k tile at about the same time (from L2 after the first), as the unsplit grid does.
+    const int m_tiles = (p.M + BM - 1) / BM, m_tile = static_cast<int>(blockIdx.x) % m_tiles;
+    const int groups = static_cast<int>(gridDim.x) / m_tiles, group = static_cast<int>(blockIdx.x) / m_tiles;
+    const int64_t iterations = static_cast<int64_t>((p.N + BN - 1) / BN) * ktiles;  // (n tile, k tile) pairs
+    const int64_t end = stream_k_begin(group + 1, groups, iterations);
+    for (int64_t it = stream_k_begin(group, groups, iterations); it < end;) {
+      const int n_tile = static_cast<int>(it / ktiles);
+      const int kt0 = static_cast<int>(it - static_cast<int64_t>(n_tile) * ktiles);
+      const int nk = static_cast<int>(min(static_cast<int64_t>(ktiles - kt0), end - it));
+      const int m0 = m_tile * BM, tile = n_tile * m_tiles + m_tile;
+      wgmma_k_loop<BM, STAGES, PER_GROUP, ONE_GROUP>(p, smem, acc, m0, n_tile * BN, n_tile, kt0, nk);
+      it += nk;
+      const int64_t tile_begin = static_cast<int64_t>(n_tile) * ktiles;
+      const int first = stream_k_group_of(tile_begin, groups, iterations);
+      const int pieces = stream_k_group_of(tile_begin + ktiles - 1, groups, iterations) - first + 1;
+      if (pieces == 1 ||
+          merge_k_partials<BM, BlockSync>(p, acc, tid, &last_piece, tile, group - first, pieces, p.splits)) {
+        wgmma_epilogue<BM, STAGES, PER_GROUP, BlockSync>(p, acc, smem, m0, n_tile * BN, row_local, g, t, tid);
+      }
+      __syncthreads();  // the output tile's shared memory is the next piece's pipeline
+    }
+  } else {
+    const int2 tile = grouped_tile<BM>();
+    const int m0 = tile.x * BM, n0 = tile.y * BN;
+    const int kt0 = K_PART == kSplitK ? blockIdx.z * p.ktiles_per_split : 0;  // k tiles kt0 .. kt0 + nk - 1
+    const int nk = K_PART == kSplitK ? min(ktiles - kt0, p.ktiles_per_split) : ktiles;
+    wgmma_k_loop<BM, STAGES, PER_GROUP, ONE_GROUP>(p, smem, acc, m0, n0, tile.y, kt0, nk);
+    if constexpr (K_PART == kSplitK) {
+      if (!merge_split_partials<BM, BlockSync>(p, acc, tid, &last_piece)) return;
+    }
+    wgmma_epilogue<BM, STAGES, PER_GROUP, BlockSync>(p, acc, smem, m0, n0, row_local, g, t, tid);
   }
-  wgmma_epilogue<BM, STAGES, PER_GROUP, BlockSync>(p, acc, smem, m0, n0, row_local, g, t, tid);
 #endif  // QOQ_WGMMA_ENABLED
 }
 
