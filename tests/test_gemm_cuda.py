@@ -467,32 +467,33 @@ def test_wgmma_stream_k_kernel_runs_and_matches(m, n, k, g, gen, monkeypatch):
 
 def _takes_stream_k(m: int, n: int, k: int, sms: int) -> bool:
     """The default stream-K rule (w4a8_gemm.cu, wgmma128_takes_stream_k) for a per-group 128-row GEMM, written out:
-    at least 64 k tiles, no split K in the default grid, and a last wave of output tiles covering at most 3/4 of the
-    SMs."""
+    at least 96 k tiles, no split K in the default grid, at most two output tiles an SM, and a last wave covering at
+    most 3/4 of the SMs."""
     tiles, ktiles = -(-m // 128) * -(-n // 128), k // 128
-    if ktiles < 64:
+    if ktiles < 96:
         return False
     deep = tiles * _wgmma_splits(tiles, ktiles, 1, sms) <= sms
     if _wgmma_splits(tiles, ktiles, 1 if deep else 2, sms) > 1:
         return False
-    return 0 < tiles % sms and 4 * (tiles % sms) <= 3 * sms
+    return tiles <= 2 * sms and 0 < tiles % sms and 4 * (tiles % sms) <= 3 * sms
 
 
 @needs_hopper
 def test_wgmma_stream_k_rule(gen, monkeypatch):
     """By default the per-group 128-row GEMMs with deep K whose tiles leave the SMs unevenly filled run stream-K
-    (down_proj at M = 384 and 640 on an H100) and the others not (512: 128 tiles; K = 4096; per channel);
-    QOQ_GEMM_STREAMK=0 turns it off."""
+    (down_proj at M = 384 and 640 on an H100) and the others not (512: 128 tiles; K = 4096 or 8192; more than two
+    tiles an SM; per channel); QOQ_GEMM_STREAMK=0 turns it off."""
     import re
 
     for name in ("QOQ_GEMM_WGMMA", "QOQ_GEMM_STREAMK", "QOQ_GEMM_STREAMK_DEEP", "QOQ_GEMM_WGMMA_SPLITS"):
         monkeypatch.delenv(name, raising=False)
     stream_k = re.compile(r"w4a8_gemm_wgmma_kernel<128, 4, 2, (true|false), 2, (true|false)>")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    cases = [(384, 4096, 14336), (640, 4096, 14336), (512, 4096, 14336), (384, 4096, 4096), (300, 2048, 8192)]
+    cases = [(384, 4096, 14336), (640, 4096, 14336), (512, 4096, 14336), (384, 4096, 4096), (384, 4096, 8192),
+             (600, 6784, 12288)]
     expected = [_takes_stream_k(m, n, k, sms) for m, n, k in cases]
-    if sms == 132:
-        assert expected == [True, True, False, False, False]
+    if sms == 132:  # deep K and uneven; balanced; K too short (twice); more than two tiles an SM
+        assert expected == [True, True, False, False, False, False]
     for (m, n, k), takes in zip(cases, expected):
         for per_group in (True, False):
             names = _kernel_names(gen, m, n=n, k=k, g=128, per_group=per_group, packed=True)

@@ -504,15 +504,17 @@ bool wgmma128_takes_deep_pipeline(const GemmParams& p) {
 }
 
 // Stream-K on the 128-row kernel (two CTAs an SM, kStreamK), per group, for deep K (>= kStreamKMinKtiles k tiles)
-// where the unsplit grid would fill the SMs unevenly (its last wave covers at most 3/4 of the SMs: 96 or 160 tiles on
-// 132 SMs, down_proj at M = 384 / 640). H100 (docs/benchmarks.md, "Stream-K"): per group, down chained with itself
-// 51.7 against 56.2 us at M = 384 and 75.2 against 87.2 at 640, the layer chain 183-187 against 188-189 us a layer
-// at 384 and 279-286 against 292-307 at 640; but 63.1 against 57.1 at 512 (128 tiles, balanced already), and at
-// K = 4096 (32 k tiles) the pieces' fills and merges cost more than the balance gains (o at 384: 26.9 against
-// 18.7). Per channel, whose K loop is cheaper, lost at 384 and 768 (down 49.2 against 44.2, 82.4 against 74.6).
+// where the unsplit grid, at most one wave of two CTAs an SM, would fill the SMs unevenly (its last wave of one CTA
+// an SM covers at most 3/4 of them: 96, 160 or 192 tiles on 132 SMs). H100 (docs/benchmarks.md, "Stream-K"), per
+// group, each shape chained with itself: Llama-3-8B down_proj 52.1 / 75.2 / 84.2 against 56.2 / 87.2 / 87.6 us at
+// M = 384 / 640 / 704, Llama-2/3-70B and Qwen1.5-72B down_proj (K = 28672 / 24576) 159-166 / 137-142 against
+// 177-187 / 153 at 384; the layer chain ~2% / ~5% / ~1% faster at 384 / 640 / 704. Not taken where it lost: K = 8192
+// (o_proj of the 70B shapes at 300-384 rows, 54-57 against 52-53 us) and K = 4096 (o at 384: 26.9 against 18.7),
+// whose shorter tiles pay each piece's pipeline fill and merge; 128 tiles (balanced already: down at 512, 63.1
+// against 57.1); per channel, whose K loop is cheaper (down 49.2 against 44.2 at 384, 82.4 against 74.6 at 768).
 // QOQ_GEMM_STREAMK (read at every call) 0 turns it off, 1 sends every 128-row GEMM (either format) to it;
 // QOQ_GEMM_STREAMK_DEEP=1 takes the 8-stage one-CTA-an-SM instantiation instead, QOQ_GEMM_STREAMK_CTAS sets the grid.
-constexpr int kStreamKMinKtiles = 64;
+constexpr int kStreamKMinKtiles = 96;
 bool wgmma128_takes_stream_k(const GemmParams& p, bool per_group) {
   const int mode = env_int("QOQ_GEMM_STREAMK", -1);
   if (mode >= 0) return mode >= 1;
@@ -522,7 +524,7 @@ bool wgmma128_takes_stream_k(const GemmParams& p, bool per_group) {
   const bool deep = wgmma128_takes_deep_pipeline(p);
   if (wgmma_ktiles_per_split(tiles, ktiles, deep ? 1 : kWgmma128BlocksPerSm) < ktiles) return false;  // split K
   const int last_wave = tiles % sms;
-  return last_wave > 0 && 4 * last_wave <= 3 * sms;
+  return tiles <= kWgmma128BlocksPerSm * sms && last_wave > 0 && 4 * last_wave <= 3 * sms;
 }
 
 // True when the wgmma path computed the GEMM.
