@@ -367,7 +367,6 @@ void launch_wgmma_stream_k(GemmParams p, const at::TensorOptions& options, int c
     slots = std::max(slots, stream_k_group_of(int64_t{n_tile + 1} * ktiles - 1, groups, iterations) - first + 1);
   }
   p.splits = slots;
-  p.ktiles_per_split = ktiles;
   p.l2_prefetch_tiles = 0;
   const SplitScratch scratch(p, int64_t{m_tiles} * n_tiles, 64 * 256, options);
   launch_wgmma_kernel<128, STAGES, MIN_BLOCKS, PER_GROUP, kStreamK>(p, {dim3(groups * m_tiles), dim3(T::kThreads),

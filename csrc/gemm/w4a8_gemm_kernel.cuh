@@ -35,8 +35,9 @@ struct GemmParams {
   int M, N, K, group_size, groups;
   int ktiles_per_split, splits;
   int split_groups;          // row stride of the (s2, z2) shared-memory table: groups one split can touch
-  // Split-K only. mma.sync kernel: [M, N] zeroed INT32 sums; wgmma kernel: [tiles][splits][BM / 2][256] INT32
-  // partial accumulators in fragment order (each split's, the last to finish adds them).
+  // Split-K / stream-K only. mma.sync kernel: [M, N] zeroed INT32 sums; wgmma kernel: [tiles][splits][BM / 2][256]
+  // INT32 partial accumulators in fragment order (each split's or stream-K piece's, the last to finish adds them;
+  // stream-K sets `splits` to the most pieces a tile has).
   int32_t* workspace;
   int32_t* counters;         // [tiles] zeroed: splits finished per output tile
   const void* residual;      // [M, N] in the output dtype, or nullptr: out = residual + y (y rounded first)

@@ -31,6 +31,8 @@
 //   each split sums its k tiles and stores its INT32 accumulators in fragment order; the last split of a tile to finish
 //   (an atomic counter) adds the others' and runs the zero-point terms and the epilogue. INT32 sums are exact
 //   in any order, so the result does not depend on the split count.
+// - Stream-K (kStreamK, per group's deep-K grids that fill the SMs unevenly, w4a8_gemm.cu): equal shares of the
+//   (weight tile, k tile) pairs in a row, each share's pieces merged as split K's are (see KPartition).
 // - Epilogue: float math in registers, 16-bit results staged in shared memory, coalesced 16-byte stores.
 #pragma once
 #include <cuda_bf16.h>
