@@ -368,41 +368,9 @@ def test_wgmma_default_and_fallbacks_stay_exact(gen, monkeypatch):
         assert torch.equal(out.cpu(), ref), (m, env)
 
 
-@needs_hopper
-@pytest.mark.parametrize("splits", ("2", "3", "7", "64"))
-@pytest.mark.parametrize("per_group", (True, False))
-@pytest.mark.parametrize("bm", ("16", "64", "128", "256"))
-def test_wgmma_split_k_is_exact(bm, splits, per_group, gen, monkeypatch):
-    """Split K on both wgmma kernels (QOQ_GEMM_WGMMA_SPLITS forces a count; 64 is more than the 32 k tiles, so one
-    tile a split): the last split of each output tile adds the others' INT32 partials, which gives the reference's
-    bits and the unsplit kernel's, with M and N tails, bias, g = 64 (two groups a k tile) and a residual."""
-    m, n, k, g = 300 if bm == "256" else 200, 272, 4096, 64
-    x_q, x_s, x_sum = random_activations(m, k, gen)
-    bias = random_bias(n, torch.float16, gen)
-    residual = (torch.randn(m, n, generator=gen) * 4).to(torch.bfloat16)
-    if per_group:
-        w4, s2, z2, s1 = random_per_group(n, k, g, gen)
-        operands = (x_q, x_s, ops.pack_weights(w4), s2, z2, s1, bias)
-        ref = torch.ops.qoq.w4a8_gemm_per_group(*operands, g, torch.bfloat16, residual)
-        run = lambda: ops.w4a8_gemm_per_group(*_to("cuda", *operands), group_size=g,  # noqa: E731
-                                              out_dtype=torch.bfloat16, residual=residual.cuda())
-    else:
-        w4, scale, zero = random_per_channel(n, k, gen)
-        operands = (x_q, x_s, x_sum, ops.pack_weights(w4), scale, zero, bias)
-        ref = torch.ops.qoq.w4a8_gemm_per_channel(*operands, torch.bfloat16, residual)
-        run = lambda: ops.w4a8_gemm_per_channel(*_to("cuda", *operands), out_dtype=torch.bfloat16,  # noqa: E731
-                                                residual=residual.cuda())
-    monkeypatch.setenv("QOQ_GEMM_WGMMA", f"2,{bm}")
-    monkeypatch.setenv("QOQ_GEMM_WGMMA_SPLITS", splits)
-    split = run()
-    monkeypatch.setenv("QOQ_GEMM_WGMMA_SPLITS", "1")
-    whole = run()
-    assert torch.equal(split.cpu(), ref)
-    assert torch.equal(split, whole)
-
-
-def _stream_k_operands(m: int, n: int, k: int, g: int, per_group: bool, gen: torch.Generator):
-    """Random operands with bias and residual, their CPU reference and a closure running the CUDA op."""
+def _residual_case(m: int, n: int, k: int, g: int, per_group: bool, gen: torch.Generator):
+    """Random operands with bias and a residual, their CPU reference (bfloat16 out) and a closure running the CUDA op
+    with the packed scales and row sums modules pass."""
     x_q, x_s, x_sum = random_activations(m, k, gen)
     bias = random_bias(n, torch.float16, gen)
     residual = (torch.randn(m, n, generator=gen) * 4).to(torch.bfloat16)
@@ -425,6 +393,24 @@ def _stream_k_operands(m: int, n: int, k: int, g: int, per_group: bool, gen: tor
 
 
 @needs_hopper
+@pytest.mark.parametrize("splits", ("2", "3", "7", "64"))
+@pytest.mark.parametrize("per_group", (True, False))
+@pytest.mark.parametrize("bm", ("16", "64", "128", "256"))
+def test_wgmma_split_k_is_exact(bm, splits, per_group, gen, monkeypatch):
+    """Split K on both wgmma kernels (QOQ_GEMM_WGMMA_SPLITS forces a count; 64 is more than the 32 k tiles, so one
+    tile a split): the last split of each output tile adds the others' INT32 partials, which gives the reference's
+    bits and the unsplit kernel's, with M and N tails, bias, g = 64 (two groups a k tile) and a residual."""
+    ref, run = _residual_case(300 if bm == "256" else 200, 272, 4096, 64, per_group, gen)
+    monkeypatch.setenv("QOQ_GEMM_WGMMA", f"2,{bm}")
+    monkeypatch.setenv("QOQ_GEMM_WGMMA_SPLITS", splits)
+    split = run()
+    monkeypatch.setenv("QOQ_GEMM_WGMMA_SPLITS", "1")
+    whole = run()
+    assert torch.equal(split.cpu(), ref)
+    assert torch.equal(split, whole)
+
+
+@needs_hopper
 @pytest.mark.parametrize("ctas", ("1", "3", "7", "13", "132", "100000"))
 @pytest.mark.parametrize("per_group", (True, False))
 def test_wgmma_stream_k_is_exact(ctas, per_group, gen, monkeypatch):
@@ -433,7 +419,7 @@ def test_wgmma_stream_k_is_exact(ctas, per_group, gen, monkeypatch):
     tile a CTA (100000 is clamped to the 3 x 32 (n tile, k tile) pairs: 32 pieces a tile), with the one- and the
     two-CTA-an-SM instantiations, all give the reference's bits, with M and N tails, bias, g = 64 and a residual,
     run twice (the tile counters are left at zero for the next call)."""
-    ref, run = _stream_k_operands(300, 272, 4096, 64, per_group, gen)
+    ref, run = _residual_case(300, 272, 4096, 64, per_group, gen)
     monkeypatch.setenv("QOQ_GEMM_WGMMA", "2,128")
     monkeypatch.setenv("QOQ_GEMM_STREAMK", "1")
     monkeypatch.setenv("QOQ_GEMM_STREAMK_CTAS", ctas)
@@ -461,7 +447,7 @@ def test_wgmma_stream_k_kernel_runs_and_matches(m, n, k, g, gen, monkeypatch):
         names = _kernel_names(gen, m, n=n, k=k, g=g, per_group=per_group, packed=True)
         kernels = [x for x in names if "emset" not in x]  # a first use zeroes the stream's counters once
         assert len(kernels) == 1 and kernel.search(kernels[0]), names
-        ref, run = _stream_k_operands(m, n, k, g, per_group, gen)
+        ref, run = _residual_case(m, n, k, g, per_group, gen)
         assert torch.equal(run().cpu(), ref)
 
 
