@@ -508,6 +508,9 @@ def check_small() -> None:
                 env = {"QOQ_GEMM_WGMMA": "2,128", "QOQ_GEMM_STREAMK": "1", "QOQ_GEMM_STREAMK_CTAS": ctas,
                        "QOQ_GEMM_STREAMK_DEEP": deep}
                 _check_small_both_formats(gen, 130, 272, 1664, g, env, ("stream-K", ctas, deep))
+            # the 256-row kernel's tail split, forced: all 3 tiles' 13 k tiles in 3 pieces
+            env = {"QOQ_GEMM_WGMMA": "2,256", "QOQ_GEMM_WS_TAIL_SPLIT": "3"}
+            _check_small_both_formats(gen, 130, 272, 1664, g, env, ("tail split", 3))
     print("check-small: OK")
 
 

@@ -451,6 +451,59 @@ def test_wgmma_stream_k_kernel_runs_and_matches(m, n, k, g, gen, monkeypatch):
         assert torch.equal(run().cpu(), ref)
 
 
+@needs_hopper
+@pytest.mark.parametrize("pieces", ("2", "3", "64"))
+@pytest.mark.parametrize("per_group", (True, False))
+def test_wgmma_ws_tail_split_is_exact(pieces, per_group, gen, monkeypatch):
+    """The 256-row kernel's tail split forced on a grid smaller than the GPU (QOQ_GEMM_WS_TAIL_SPLIT=n: all 2 x 3
+    tiles split in n pieces; 64 is clamped to the 32 k tiles, one k tile a piece): the reference's bits, with M and N
+    tails, bias, g = 64 and a residual, twice (the counters are left at zero)."""
+    ref, run = _residual_case(300, 272, 4096, 64, per_group, gen)
+    monkeypatch.setenv("QOQ_GEMM_WGMMA", "2,256")
+    monkeypatch.delenv("QOQ_GEMM_WGMMA_SPLITS", raising=False)
+    monkeypatch.setenv("QOQ_GEMM_WS_TAIL_SPLIT", pieces)
+    assert torch.equal(run().cpu(), ref)
+    assert torch.equal(run().cpu(), ref)
+
+
+def _ws_tail_pieces(m: int, n: int, k: int, sms: int) -> int:
+    """The 256-row kernel's default tail split (w4a8_gemm.cu, ws_tail_pieces), written out: with at least one full
+    wave of tiles (at most 16) and a partial last one, sms // tail pieces of at least 8 k tiles each, two only for
+    K >= 64 k tiles."""
+    tiles, ktiles = -(-m // 256) * -(-n // 128), k // 128
+    tail = tiles % sms
+    if tiles < sms or tiles > 16 * sms or tail == 0:
+        return 1
+    pieces = min(sms // tail, ktiles // 8)
+    return pieces if pieces >= 3 or (pieces == 2 and ktiles >= 64) else 1
+
+
+@needs_hopper
+def test_wgmma_ws_tail_split_rule(gen, monkeypatch):
+    """By default the 256-row kernel splits the K of its last, partial wave's tiles when the grid has a full wave
+    (1024 x 4352: 136 tiles on an H100, the last 4 in 4 pieces) and not otherwise (1024 x 4096: 128 tiles;
+    1024 x 6144: 192 tiles, whose last 60 would take only 2 pieces of a short K);
+    QOQ_GEMM_WS_TAIL_SPLIT=0 turns it off; all exact in both formats."""
+    import re
+
+    for name in ("QOQ_GEMM_WGMMA", "QOQ_GEMM_WS_TAIL_SPLIT", "QOQ_GEMM_WGMMA_SPLITS", "QOQ_GEMM_WS_MIN_M"):
+        monkeypatch.delenv(name, raising=False)
+    tail_kernel = re.compile(r"w4a8_gemm_wgmma_ws_kernel<256, 5, (true|false), 3>")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cases = [(1024, 4352, 4096), (1024, 4096, 2048), (1024, 6144, 2048)]
+    expected = [_ws_tail_pieces(m, n, k, sms) > 1 for m, n, k in cases]
+    if sms == 132:
+        assert expected == [True, False, False]
+    for (m, n, k), takes in zip(cases, expected):
+        for per_group in (True, False):
+            names = _kernel_names(gen, m, n=n, k=k, g=128, per_group=per_group, packed=True)
+            assert sum(bool(tail_kernel.search(x)) for x in names) == int(takes), (m, n, k, per_group, names)
+        assert_per_group_matches(m, n, k, 128, torch.float16, torch.bfloat16, gen)
+        assert_per_channel_matches(m, n, k, None, torch.float16, gen)
+    monkeypatch.setenv("QOQ_GEMM_WS_TAIL_SPLIT", "0")
+    assert not any(tail_kernel.search(x) for x in _kernel_names(gen, 1024, n=4352, k=4096, g=128, packed=True))
+
+
 def _takes_stream_k(m: int, n: int, k: int, sms: int) -> bool:
     """The default stream-K rule (w4a8_gemm.cu, wgmma128_takes_stream_k) for a per-group 128-row GEMM, written out:
     at least 96 k tiles, no split K in the default grid, at most two output tiles an SM, and a last wave covering at
@@ -706,8 +759,8 @@ def test_wgmma_warp_specialised_kernel_choice(gen, monkeypatch):
     monkeypatch.delenv("QOQ_GEMM_WGMMA", raising=False)
     monkeypatch.delenv("QOQ_GEMM_WS_MIN_M", raising=False)
     monkeypatch.delenv("QOQ_GEMM_WGMMA_SPLITS", raising=False)
-    ws_kernel = re.compile(r"w4a8_gemm_wgmma_ws_kernel<256, 5, (true|false), (true|false)>")
-    ws_split_kernel = re.compile(r"w4a8_gemm_wgmma_ws_kernel<256, 5, true, true>")
+    ws_kernel = re.compile(r"w4a8_gemm_wgmma_ws_kernel<256, 5, (true|false), [0-3]>")
+    ws_split_kernel = re.compile(r"w4a8_gemm_wgmma_ws_kernel<256, 5, true, 1>")
     for per_group in (True, False):
         assert sum(bool(ws_kernel.search(x)) for x in _kernel_names(gen, 1024, per_group=per_group)) == 1
     names = _kernel_names(gen, 1023, per_group=False)

@@ -450,31 +450,68 @@ bool per_group_prefers_ws(const GemmParams& p) {
   return ws_waves * 100 * ws_ktiles <= wave_pct_128 * ktiles_128;
 }
 
-template <int STAGES, bool PER_GROUP, bool SPLIT_K>
+template <int STAGES, bool PER_GROUP, int K_PART>
 void launch_wgmma_ws_kernel(const GemmParams& p, const LaunchDims& dims) {
   using T = WgmmaWsTile<256, STAGES>;
-  auto kernel = w4a8_gemm_wgmma_ws_kernel<256, STAGES, PER_GROUP, SPLIT_K>;
+  auto kernel = w4a8_gemm_wgmma_ws_kernel<256, STAGES, PER_GROUP, K_PART>;
   static bool opted_in[64] = {false};
   allow_dynamic_smem(kernel, T::kSmemBytes, opted_in);
   static int8_t sm90[64] = {0};
   launch_kernel(kernel, sm90, dims, p);
 }
 
+// Pieces into which the 256-row kernel splits the K of each tile of its last, partial wave (kTailSplit), or 1: where
+// the grid has at least one full wave of one CTA an SM and a last wave of `tail` tiles, as many pieces as that wave's
+// SMs hold (sms / tail), each at least kTailMinKtiles k tiles; two pieces only for deep K (>= kTailTwoPieceMinKtiles
+// k tiles), where half a tile's K loop is worth more than the merge (the last piece loads the other's 128 KB of
+// partials). H100 (docs/benchmarks.md, "The 256-row kernel's last wave split in K"), each shape chained with itself:
+// down_proj at M = 1280 / 1536 118.6 / 130.7 against 164.4 / 157.7 us (4 / 2 pieces), o at 1280 49.3 against 54.0,
+// qkv at 1536 75.9 against 80.6 (5 pieces); but qkv at M = 1024 (K = 4096, 2 pieces), 52.1 against 54.0 alone, made
+// the layer chain 369-376 against 346-350 us a layer. Only for grids of at most kTailMaxWaves full waves: at M = 4096
+// (gate_up, 27 waves and a last one of 20 tiles) the layer chain ran 0.5-1% slower with it. QOQ_GEMM_WS_TAIL_SPLIT
+// (read at every call) 0 turns it off; n > 1 forces n pieces on the last tiles % sms tiles (all of them, at most sms,
+// when that is 0).
+constexpr int kTailMinKtiles = 8, kTailTwoPieceMinKtiles = 64, kTailMaxWaves = 16;
+int ws_tail_pieces(int tiles, int ktiles, int* tail) {
+  const int mode = env_int("QOQ_GEMM_WS_TAIL_SPLIT", -1), sms = multiprocessor_count();
+  *tail = tiles % sms;
+  if (mode > 1) {
+    if (*tail == 0) *tail = std::min(tiles, sms);
+    return std::min(mode, ktiles);
+  }
+  if (mode == 0 || tiles < sms || tiles > kTailMaxWaves * sms || *tail == 0) return 1;
+  const int pieces = std::min(sms / *tail, ktiles / kTailMinKtiles);
+  return pieces >= 3 || (pieces == 2 && ktiles >= kTailTwoPieceMinKtiles) ? pieces : 1;
+}
+
 // The warp-specialised 256-row kernel (w4a8_gemm_wgmma_ws.cuh): one CTA an SM; split K when its tiles leave SMs
-// idle (wgmma_ktiles_per_split with one CTA slot an SM).
+// idle (wgmma_ktiles_per_split with one CTA slot an SM), or only the last wave's tiles (ws_tail_pieces).
 template <int STAGES, bool PER_GROUP>
 void launch_wgmma_ws(GemmParams p, const at::TensorOptions& options) {
   using T = WgmmaWsTile<256, STAGES>;
   const int m_tiles = (p.M + 255) / 256, n_tiles = (p.N + T::kBN - 1) / T::kBN, ktiles = p.K / T::kBK;
-  p.ktiles_per_split = wgmma_ktiles_per_split(m_tiles * n_tiles, ktiles, 1);
+  const int tiles = m_tiles * n_tiles;
+  p.ktiles_per_split = wgmma_ktiles_per_split(tiles, ktiles, 1);
   p.splits = (ktiles + p.ktiles_per_split - 1) / p.ktiles_per_split;
-  const LaunchDims dims{dim3(m_tiles, n_tiles, p.splits), dim3(T::kThreads), T::kSmemBytes};
   if (p.splits > 1) {
-    const SplitScratch scratch(p, int64_t{m_tiles} * n_tiles, 128 * 256, options);
-    launch_wgmma_ws_kernel<STAGES, PER_GROUP, true>(p, dims);
+    const SplitScratch scratch(p, tiles, 128 * 256, options);
+    launch_wgmma_ws_kernel<STAGES, PER_GROUP, kSplitK>(p, {dim3(m_tiles, n_tiles, p.splits), dim3(T::kThreads),
+                                                           T::kSmemBytes});
     return;
   }
-  launch_wgmma_ws_kernel<STAGES, PER_GROUP, false>(p, dims);
+  int tail = 0;
+  const int pieces = ws_tail_pieces(tiles, ktiles, &tail);
+  if (pieces > 1) {
+    p.ktiles_per_split = (ktiles + pieces - 1) / pieces;
+    p.splits = (ktiles + p.ktiles_per_split - 1) / p.ktiles_per_split;  // no empty piece
+  }
+  if (pieces > 1 && p.splits > 1) {
+    const SplitScratch scratch(p, tail, 128 * 256, options);
+    launch_wgmma_ws_kernel<STAGES, PER_GROUP, kTailSplit>(p, {dim3(tiles + tail * (p.splits - 1)), dim3(T::kThreads),
+                                                              T::kSmemBytes});
+    return;
+  }
+  launch_wgmma_ws_kernel<STAGES, PER_GROUP, kWholeK>(p, {dim3(m_tiles, n_tiles, 1), dim3(T::kThreads), T::kSmemBytes});
 }
 
 // Whether the wgmma path takes the GEMM (raises under QOQ_GEMM_WGMMA=2 when the device or build lacks it).

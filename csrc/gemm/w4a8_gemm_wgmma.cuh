@@ -275,20 +275,23 @@ __device__ __forceinline__ void mma_k_tile_batched(uint32_t (&acc)[BM / 2], uint
 }
 #endif
 
-// Output tile (activation-row tile, weight-row tile) of this CTA. The grid is (m tiles, n tiles) and CTAs start
-// roughly in launch order (x fastest); taken as is, one wave of a long prefill streams all M activation rows once
+// Output tile (activation-row tile, weight-row tile) of the CTA at launch index `linear` (grouped_tile: of this CTA
+// of a grid (m tiles, n tiles)). CTAs start roughly in launch order; taken as is, one wave of a long prefill streams all M activation rows once
 // per few weight tiles, more than L2 holds from M = 16384 on. Grouped order: groups of kRasterRows activation rows,
 // inside a group the m tiles first, then the next weight tile; with M <= kRasterRows this is the launch order.
 template <int BM>
-__device__ __forceinline__ int2 grouped_tile() {
+__device__ __forceinline__ int2 tile_coords(int linear, int m_tiles, int n_tiles) {
   constexpr int kRasterRows = 4096, kGroupTiles = kRasterRows / BM;
-  const int m_tiles = static_cast<int>(gridDim.x);
-  const int linear = static_cast<int>(blockIdx.y * gridDim.x + blockIdx.x);
-  const int per_group = kGroupTiles * static_cast<int>(gridDim.y);
+  const int per_group = kGroupTiles * n_tiles;
   const int first_m = linear / per_group * kGroupTiles;
   const int group_m = min(m_tiles - first_m, kGroupTiles);
   const int in_group = linear - linear / per_group * per_group;
   return make_int2(first_m + in_group % group_m, in_group / group_m);
+}
+template <int BM>
+__device__ __forceinline__ int2 grouped_tile() {  // grid (m tiles, n tiles)
+  return tile_coords<BM>(static_cast<int>(blockIdx.y * gridDim.x + blockIdx.x), static_cast<int>(gridDim.x),
+                         static_cast<int>(gridDim.y));
 }
 
 // Split-K and stream-K: stores this piece's accumulators (fragment order: coalesced 1 KB rows) in slot `slot` of
@@ -410,8 +413,26 @@ __global__ void wgmma_probe_kernel(int* out) { *out = QOQ_WGMMA_ENABLED; }
 // - kStreamK: groups of m-tiles CTAs (gridDim.x = groups * m tiles) take equal shares of the (n tile, k tile) pairs
 //   in a row, each CTA of a group for its m tile, so that a share may end part-way through one tile and go on with
 //   the next; the pieces of a tile are merged like split K's, by the last to finish. Where the output tiles fill the
-//   SMs unevenly (96 or 160 tiles of 128 x 128 on 132 SMs) every CTA still gets the same k work.
-enum KPartition : int { kWholeK = 0, kSplitK = 1, kStreamK = 2 };
+//   SMs unevenly (96 or 160 tiles of 128 x 128 on 132 SMs) every CTA still gets the same k work;
+// - kTailSplit (the 256-row kernel, grid x only): whole tiles for the full waves, and the tiles of the last, partial
+//   wave split in K (tail_split_piece).
+enum KPartition : int { kWholeK = 0, kSplitK = 1, kStreamK = 2, kTailSplit = 3 };
+
+// One CTA's share of a kTailSplit grid: output tile `tile` (linear, see tile_coords), k tiles kt0 .. kt0 + nk - 1,
+// piece `slot` of `pieces`, its partials and counter at index `partial` (the tail tile's index).
+struct KPiece {
+  int tile, kt0, nk, slot, pieces, partial;
+};
+// kTailSplit: of `tiles` output tiles, the last `tail` are split in K into p.splits pieces of p.ktiles_per_split k
+// tiles, so the grid is tiles + tail * (p.splits - 1) CTAs (from which `tail` is derived); CTAs 0 .. tiles - tail - 1
+// take whole tiles. The split CTAs come last in launch order, so they run once the full waves' CTAs leave SMs.
+__device__ __forceinline__ KPiece tail_split_piece(const GemmParams& p, int tiles, int ktiles) {
+  const int cta = static_cast<int>(blockIdx.x);
+  const int tail = (static_cast<int>(gridDim.x) - tiles) / (p.splits - 1), whole = tiles - tail;
+  if (cta < whole) return {cta, 0, ktiles, 0, 1, 0};
+  const int r = cta - whole, slot = r % p.splits, kt0 = slot * p.ktiles_per_split;
+  return {whole + r / p.splits, kt0, min(ktiles - kt0, p.ktiles_per_split), slot, p.splits, r / p.splits};
+}
 
 // Stream-K: the first of the flattened iterations that group `group` of `groups` takes (group = groups: the end).
 __host__ __device__ __forceinline__ int64_t stream_k_begin(int group, int groups, int64_t iterations) {

@@ -8,9 +8,9 @@
 //   same dequantization and wgmma steps), and release a stage on its `empty` mbarrier as soon as the first wgmma
 //   of the next tile has retired every MMA that read it.
 // Per group the producer also copies each tile's packed scales into its stage. The epilogue (float epilogue,
-// stores) is the 128-row kernel's, among the consumers only, and so is split-K (SPLIT_K, grid z: each split sums
-// its k tiles, the last one of an output tile to finish adds the others' INT32 partials), for the few-tile grids
-// of a few hundred rows.
+// stores) is the 128-row kernel's, among the consumers only, and so is split-K (K_PART kSplitK, grid z: each split
+// sums its k tiles, the last one of an output tile to finish adds the others' INT32 partials), for the few-tile grids
+// of a few hundred rows; kTailSplit splits only the tiles of the grid's last, partial wave (tail_split_piece).
 #pragma once
 #include "gemm/bulk_ptx.cuh"
 #include "gemm/w4a8_gemm_wgmma.cuh"
@@ -37,7 +37,7 @@ struct WgmmaWsTile : WgmmaTile<BM, STAGES> {
   static_assert(Base::kOutBytes <= Base::kLoopBytes, "the output tile must not overlap the barriers");
 };
 
-template <int BM, int STAGES, bool PER_GROUP, bool SPLIT_K>
+template <int BM, int STAGES, bool PER_GROUP, int K_PART>
 __global__ void __launch_bounds__(384, 1) w4a8_gemm_wgmma_ws_kernel(const GemmParams p) {
   pdl_wait();  // PDL (common.cuh): the producer's first stage reads the activations
   pdl_launch_dependents();
@@ -50,10 +50,21 @@ __global__ void __launch_bounds__(384, 1) w4a8_gemm_wgmma_ws_kernel(const GemmPa
   uint64_t* empty = full + STAGES;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int2 tile = grouped_tile<BM>();
+  KPiece piece{0, 0, p.K / BK, static_cast<int>(blockIdx.z), 1, 0};
+  int2 tile;
+  if constexpr (K_PART == kTailSplit) {
+    const int m_tiles = (p.M + BM - 1) / BM, n_tiles = (p.N + BN - 1) / BN;
+    piece = tail_split_piece(p, m_tiles * n_tiles, p.K / BK);
+    tile = tile_coords<BM>(piece.tile, m_tiles, n_tiles);
+  } else {
+    tile = grouped_tile<BM>();
+    if constexpr (K_PART == kSplitK) {
+      piece.kt0 = blockIdx.z * p.ktiles_per_split;
+      piece.nk = min(p.K / BK - piece.kt0, p.ktiles_per_split);
+    }
+  }
   const int m0 = tile.x * BM, n0 = tile.y * BN;
-  const int kt0 = SPLIT_K ? blockIdx.z * p.ktiles_per_split : 0;  // this split's k tiles: kt0 .. kt0 + nk - 1
-  const int nk = SPLIT_K ? min(p.K / BK - kt0, p.ktiles_per_split) : p.K / BK;
+  const int kt0 = piece.kt0, nk = piece.nk;  // this CTA's k tiles: kt0 .. kt0 + nk - 1
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       bulk::mbar_init(&full[s], T::kProducerThreads);  // every producer thread, once its copies landed
@@ -150,8 +161,13 @@ __global__ void __launch_bounds__(384, 1) w4a8_gemm_wgmma_ws_kernel(const GemmPa
 #pragma unroll
   for (int i = 0; i < BM / 2; ++i) wgmma::fence_operand(acc[i]);
   ConsumerSync::sync();  // every consumer is done with the pipeline's shared memory, reused below
-  if constexpr (SPLIT_K) {
+  if constexpr (K_PART == kSplitK) {
     if (!merge_split_partials<BM, ConsumerSync>(p, acc, tid, reinterpret_cast<int*>(empty + STAGES))) return;
+  } else if constexpr (K_PART == kTailSplit) {
+    if (piece.pieces > 1 && !merge_k_partials<BM, ConsumerSync>(p, acc, tid, reinterpret_cast<int*>(empty + STAGES),
+                                                                piece.partial, piece.slot, piece.pieces, p.splits)) {
+      return;
+    }
   }
   wgmma_epilogue<BM, STAGES, PER_GROUP, ConsumerSync>(p, acc, smem, m0, n0, row_local, g, t, tid);
 #endif  // QOQ_WGMMA_ENABLED
