@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(384, 1) w4a8_gemm_wgmma_ws_kernel(const GemmPa
   uint64_t* empty = full + STAGES;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  KPiece piece{0, 0, p.K / BK, static_cast<int>(blockIdx.z), 1, 0};
+  KPiece piece{0, 0, p.K / BK, 0, 1, 0};  // whole K (kWholeK); the split modes set theirs below
   int2 tile;
   if constexpr (K_PART == kTailSplit) {
     const int m_tiles = (p.M + BM - 1) / BM, n_tiles = (p.N + BN - 1) / BN;
