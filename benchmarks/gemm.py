@@ -1,7 +1,7 @@
-"""W4A8 GEMM benchmark: qoq kernels side by side with PyTorch baselines at Llama-3-8B's layer shapes.
+"""W4A8 GEMM benchmark: qoq kernels side by side with PyTorch baselines at Llama-3-8B's and Qwen1.5-72B's layer shapes.
 
 Usage:
-    python benchmarks/gemm.py --json out.json [--png out.png] [--ms 1,16,1024]
+    python benchmarks/gemm.py --json out.json [--png out.png] [--ms 1,16,1024] [--models llama3-8b,qwen1.5-72b]
     python benchmarks/gemm.py --check-small     # a few small cases vs the reference (for compute-sanitizer)
     python benchmarks/gemm.py --sweep-decode    # decode kernel variants and M <= 16 vs the tile kernel
     python benchmarks/gemm.py --sweep-skinny    # small-M kernel (rows per block) vs decode and tile kernels
@@ -32,7 +32,13 @@ import torch.nn.functional as F
 import qoq_torch.ops as ops
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
-MS = (1, 4, 8, 16, 64, 256, 1024, 4096)
+# The main table's models: a layer's four GEMMs, (N, K). Qwen1.5-72B: hidden 8192, 64 query and 64 KV heads of 128,
+# intermediate 24576 (gate and up fused, as QoQLinear runs them).
+MODEL_SHAPES = {
+    "llama3-8b": SHAPES,
+    "qwen1.5-72b": {"qkv": (24576, 8192), "o": (8192, 8192), "gate_up": (49152, 8192), "down": (8192, 24576)},
+}
+MS = (1, 4, 8, 16, 64, 256, 1024, 4096, 8192)
 BASELINES = ("bf16", "fp8_rowwise", "int8_int_mm", "w4a16_int4pack")
 OURS = ("qoq_per_group", "qoq_per_channel")
 # Same callables as OURS, timed with QOQ_GEMM_WGMMA set ("2,<bm>": the wgmma kernel or an error, never a silent
@@ -138,93 +144,143 @@ def bench(fn, wgmma_env: str | None = None, force_env: str | None = None) -> flo
             os.environ.pop("QOQ_GEMM_FORCE")
 
 
-def run(ms) -> dict:
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
-    for m in ms:
-        totals: dict[str, float | None] = {}
-        for shape, (n, k) in SHAPES.items():
-            methods = make_methods(m, n, k)
-            timed = [(name, fn, None, None) for name, fn in methods.items()]
-            if wgmma_enabled(m):
-                timed += [(name, methods[base], env, None) for name, (base, env) in WGMMA.items()]
-            if m <= SMALL_M_MAX:
-                timed += [(name, methods[base], None, "0,0") for name, base in MMA_SMALL.items()]
-            for name, fn, env, force in timed:
-                us = bench(fn, env, force)
-                results["rows"].append({"m": m, "shape": shape, "n": n, "k": k, "method": name, "us": us,
-                                        "tflops": None if us is None else 2 * m * n * k / us / 1e6})
-                prev = totals.get(name, 0.0)
-                totals[name] = None if (us is None or prev is None) else prev + us
-            torch.cuda.empty_cache()
-        results.setdefault("layer_sum_us", {})[str(m)] = totals
+def _sm_clock_mhz() -> int | None:
+    """The SM clock now (NVML through torch), or None where NVML is missing."""
+    try:
+        return torch.cuda.clock_rate()
+    except Exception:  # noqa: BLE001  (pynvml not installed, or no NVML on this driver)
+        return None
+
+
+def run(ms, models=tuple(MODEL_SHAPES), only: tuple[str, ...] | None = None, rounds: int = 1) -> dict:
+    """Every method (or those in `only`) at every M on each model's four layer GEMMs (median µs, L2 flushed); rows
+    carry the model and the SM clock (MHz, NVML) read after each timing. With rounds > 1 each shape's methods are
+    timed `rounds` times in rotating order and the median kept: under sustained tensor-core load the H100's clock
+    moves between ~1.25 and 1.98 GHz (power), which at M >= 1024 moves one reading by 10-20%."""
+    import statistics
+
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": [], "models": {},
+               "rounds": rounds}
+    for model in models:
+        shapes = MODEL_SHAPES[model]
+        sums: dict[str, dict[str, float | None]] = {}
+        for m in ms:
+            totals: dict[str, float | None] = {}
+            for shape, (n, k) in shapes.items():
+                methods = make_methods(m, n, k)
+                timed = [(name, fn, None, None) for name, fn in methods.items()]
+                if wgmma_enabled(m):
+                    timed += [(name, methods[base], env, None) for name, (base, env) in WGMMA.items()]
+                if m <= SMALL_M_MAX:
+                    timed += [(name, methods[base], None, "0,0") for name, base in MMA_SMALL.items()]
+                if only is not None:
+                    timed = [t for t in timed if t[0] in only]
+                readings: dict[str, list] = {name: [] for name, *_ in timed}
+                for r in range(rounds):
+                    for name, fn, env, force in timed[r % len(timed):] + timed[:r % len(timed)]:
+                        readings[name].append((bench(fn, env, force), _sm_clock_mhz()))
+                for name, got in readings.items():
+                    times = [us for us, _ in got if us is not None]
+                    us = statistics.median(times) if len(times) == len(got) else None
+                    results["rows"].append({"model": model, "m": m, "shape": shape, "n": n, "k": k, "method": name,
+                                            "us": us, "tflops": None if us is None else 2 * m * n * k / us / 1e6,
+                                            "us_rounds": [us for us, _ in got], "sm_clock_mhz": [c for _, c in got]})
+                    prev = totals.get(name, 0.0)
+                    totals[name] = None if (us is None or prev is None) else prev + us
+                del methods, timed
+                torch.cuda.empty_cache()
+            sums[str(m)] = totals
+            print(f"# {model} M={m}: " + ", ".join(f"{name} {us:.1f}" for name, us in totals.items()
+                                                    if us is not None and name in OURS + BASELINES), flush=True)
+        results["models"][model] = {"shapes": shapes, "layer_sum_us": sums}
     return results
+
+
+def speedups(totals: dict) -> dict:
+    """Layer sums of one (model, M) -> {format: (best baseline name, best / ours, FP8 / ours)} for our two formats."""
+    present = {b: totals[b] for b in BASELINES if totals.get(b) is not None}
+    best = min(present, key=present.get) if present else None
+    out = {}
+    for fmt in OURS:
+        ours = totals.get(fmt)
+        if ours is None or best is None:
+            continue
+        fp8 = totals.get("fp8_rowwise")
+        out[fmt] = (best, present[best] / ours, None if fp8 is None else fp8 / ours)
+    return out
 
 
 def print_table(results: dict) -> None:
     print(f"# {results['device']}, torch {results['torch']}; median us (L2 flushed); speed-up = best baseline / ours")
     names = OURS + tuple(MMA_SMALL) + tuple(WGMMA) + BASELINES
-    print("| M | shape | " + " | ".join(names) + " | TFLOPS (per-group) | speed-up (per-group) | "
-          "speed-up (per-group wgmma) |")
-    print("|" + "---|" * (len(names) + 5))
-    by_key = {(r["m"], r["shape"], r["method"]): r for r in results["rows"]}
-    for m_str, totals in results["layer_sum_us"].items():
-        m = int(m_str)
-        for shape in list(SHAPES) + ["sum"]:
-            if shape == "sum":
-                us = {name: totals.get(name) for name in names}
-                flops = sum(2 * m * n * k for n, k in SHAPES.values())
-            else:
-                us = {name: (by_key.get((m, shape, name)) or {}).get("us") for name in names}
-                n, k = SHAPES[shape]
-                flops = 2 * m * n * k
-            cells = ["-" if us[x] is None else f"{us[x]:.1f}" for x in names]
-            best = min((us[b] for b in BASELINES if us[b] is not None), default=None)
-            ours = us["qoq_per_group"]
-            tf = "-" if ours is None else f"{flops / ours / 1e6:.1f}"
-            sp = "-" if (ours is None or best is None) else f"{best / ours:.2f}x"
-            wg = min((us[w] for w in ("qoq_per_group_wgmma", "qoq_per_group_wgmma256") if us[w] is not None),
-                     default=None)
-            sp_wg = "-" if (wg is None or best is None) else f"{best / wg:.2f}x"
-            print(f"| {m} | {shape} | " + " | ".join(cells) + f" | {tf} | {sp} | {sp_wg} |")
+    by_key = {(r.get("model", "llama3-8b"), r["m"], r["shape"], r["method"]): r for r in results["rows"]}
+    for model, entry in results["models"].items():
+        shapes = entry["shapes"]
+        print(f"## {model}")
+        print("| M | shape | " + " | ".join(names) + " | TFLOPS (per-group) | speed-up (per-group) | "
+              "speed-up (per-group wgmma) |")
+        print("|" + "---|" * (len(names) + 5))
+        for m_str, totals in entry["layer_sum_us"].items():
+            m = int(m_str)
+            for shape in list(shapes) + ["sum"]:
+                if shape == "sum":
+                    us = {name: totals.get(name) for name in names}
+                    flops = sum(2 * m * n * k for n, k in shapes.values())
+                else:
+                    us = {name: (by_key.get((model, m, shape, name)) or {}).get("us") for name in names}
+                    n, k = shapes[shape]
+                    flops = 2 * m * n * k
+                cells = ["-" if us[x] is None else f"{us[x]:.1f}" for x in names]
+                best = min((us[b] for b in BASELINES if us[b] is not None), default=None)
+                ours = us["qoq_per_group"]
+                tf = "-" if ours is None else f"{flops / ours / 1e6:.1f}"
+                sp = "-" if (ours is None or best is None) else f"{best / ours:.2f}x"
+                wg = min((us[w] for w in ("qoq_per_group_wgmma", "qoq_per_group_wgmma256") if us[w] is not None),
+                         default=None)
+                sp_wg = "-" if (wg is None or best is None) else f"{best / wg:.2f}x"
+                print(f"| {m} | {shape} | " + " | ".join(cells) + f" | {tf} | {sp} | {sp_wg} |")
+    print_summary(results)
     print_decode_summary(results)
+
+
+def print_summary(results: dict) -> None:
+    """Per model and M, the layer sums of our two formats against the best baseline and FP8 row-wise."""
+    print("| model | M | per group µs | per channel µs | best baseline µs | per group / best | per channel / best "
+          "| per group / FP8 | per channel / FP8 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for model, entry in results["models"].items():
+        for m_str, totals in entry["layer_sum_us"].items():
+            sp = speedups(totals)
+            if set(sp) != set(OURS):
+                continue
+            best = sp[OURS[0]][0]
+            fp8 = ["-" if sp[f][2] is None else f"{sp[f][2]:.2f}x" for f in OURS]
+            print(f"| {model} | {m_str} | {totals[OURS[0]]:.1f} | {totals[OURS[1]]:.1f} | {totals[best]:.1f} "
+                  f"({best}) | {sp[OURS[0]][1]:.2f}x | {sp[OURS[1]][1]:.2f}x | {fp8[0]} | {fp8[1]} |")
 
 
 def print_decode_summary(results: dict) -> None:
     """Default small-M path (decode / small-M kernel) against the mma.sync tile kernel, sum of the four GEMMs."""
-    for m_str, totals in results["layer_sum_us"].items():
-        cells = []
-        for ours, mma in zip(OURS, MMA_SMALL):
-            a, b = totals.get(ours), totals.get(mma)
-            if a is not None and b is not None:
-                cells.append(f"{ours[4:]} {a:.1f} vs {b:.1f} us ({b / a:.2f}x)")
-        if cells:
-            print(f"# default vs mma tile kernel, M={m_str}: " + "; ".join(cells))
+    for model, entry in results["models"].items():
+        for m_str, totals in entry["layer_sum_us"].items():
+            cells = []
+            for ours, mma in zip(OURS, MMA_SMALL):
+                a, b = totals.get(ours), totals.get(mma)
+                if a is not None and b is not None:
+                    cells.append(f"{ours[4:]} {a:.1f} vs {b:.1f} us ({b / a:.2f}x)")
+            if cells:
+                print(f"# {model}: default vs mma tile kernel, M={m_str}: " + "; ".join(cells))
 
 
 def plot(results: dict, path: str) -> None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         print("# matplotlib not installed: no plot", file=sys.stderr)
         return
-    ms = [int(m) for m in results["layer_sum_us"]]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in OURS + tuple(MMA_SMALL) + tuple(WGMMA) + BASELINES:
-        ys = [results["layer_sum_us"][str(m)].get(name) for m in ms]
-        pts = [(m, y) for m, y in zip(ms, ys) if y is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("M (tokens)")
-    ax.set_ylabel("sum of Llama-3-8B layer GEMMs (us)")
-    ax.set_title(results["device"])
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from plot import plot_gemm_results  # benchmarks/plot.py, beside this script
+
+    plot_gemm_results(results, path)
 
 
 SWEEP = {1: (0, 4), 16: (0, 4, 7), 32: (2, 6, 7), 48: (2, 6, 7), 64: (0, 2, 3, 6, 7), 256: (2, 3, 5, 6),
@@ -375,8 +431,8 @@ def _graph_us_per_pass(calls, passes: int, replays: int = 10) -> float:
     return graph_replay_us(record, passes, replays)
 
 
-def layer_chain(ms, methods=CHAIN_METHODS, with_cold: bool = True) -> dict:
-    """The four Llama-3-8B layer GEMMs back to back in a CUDA graph (our kernels launched with PDL, so each one's
+def layer_chain(ms, methods=CHAIN_METHODS, with_cold: bool = True, model: str = "llama3-8b") -> dict:
+    """A model's four layer GEMMs (MODEL_SHAPES) back to back in a CUDA graph (our kernels launched with PDL, so each one's
     start overlaps the previous one's tail; in a decode step a quantization kernel sits between them), cycling over
     enough layer copies that the weights read per pass (>= CHAIN_BYTES) never fit L2. Reported per layer, beside the
     per-GEMM sums of the same calls timed cold (L2 evicted by a write, as triton's do_bench does, and by a read).
@@ -386,36 +442,38 @@ def layer_chain(ms, methods=CHAIN_METHODS, with_cold: bool = True) -> dict:
     """
     import math
 
-    params = sum(n * k for n, k in SHAPES.values())
+    shapes = MODEL_SHAPES[model]
+    params = sum(n * k for n, k in shapes.values())
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda").view(torch.float32)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     copies = {name: max(1, math.ceil(CHAIN_BYTES / (params * WEIGHT_BYTES_PER_PARAM[name]))) for name in methods}
     only_ours = set(methods) <= set(OURS)
-    weights = [{shape: make_weights(n, k, only_ours) for shape, (n, k) in SHAPES.items()}
+    weights = [{shape: make_weights(n, k, only_ours) for shape, (n, k) in shapes.items()}
                for _ in range(max(copies.values()))]
 
     def layer_for(m: int, w: dict) -> dict:
-        return {shape: make_methods(m, n, k, only_ours, weights=w[shape]) for shape, (n, k) in SHAPES.items()}
+        return {shape: make_methods(m, n, k, only_ours, weights=w[shape]) for shape, (n, k) in shapes.items()}
 
     rows = {}
     for m in ms:
         layers = [layer_for(m, w) for w in weights]
         for name in methods:
-            per_layer = [{shape: layer[shape][name] for shape in SHAPES} for layer in layers[:copies[name]]]
+            per_layer = [{shape: layer[shape][name] for shape in shapes} for layer in layers[:copies[name]]]
             calls = [fn for layer in per_layer for fn in layer.values()]
             chain = _graph_us_per_pass(calls, passes=max(1, 8 // len(per_layer))) / len(per_layer)
-            rows[(m, name)] = {"m": m, "method": name, "layer_chain_us": chain, "layer_copies": len(per_layer)}
+            rows[(m, name)] = {"model": model, "m": m, "method": name, "layer_chain_us": chain, "layer_copies": len(per_layer)}
             gbs = params * WEIGHT_BYTES_PER_PARAM[name] / chain / 1e3
-            print(f"layer-chain M={m} {name}: chain {chain:.1f} us/layer ({gbs:.0f} GB/s of weights)", flush=True)
+            print(f"layer-chain M={m} {name}: chain {chain:.1f} us/layer ({gbs:.0f} GB/s of weights)"
+                  + ("" if model == "llama3-8b" else f" [{model}]"), flush=True)
         del layers
     for m in ms if with_cold else ():
         first = layer_for(m, weights[0])  # the cold timings use the first layer copy only
         for name in methods:
-            cold = {mode: sum(_cold_times(first[shape][name], flush, mode) for shape in SHAPES)
+            cold = {mode: sum(_cold_times(first[shape][name], flush, mode) for shape in shapes)
                     for mode in ("zero", "read")}
             rows[(m, name)].update(cold_zero_flush_sum_us=cold["zero"], cold_read_flush_sum_us=cold["read"])
             print(f"layer-chain M={m} {name}: cold sums {cold['zero']:.1f} (zero flush) / {cold['read']:.1f} "
-                  f"(read flush) us", flush=True)
+                  f"(read flush) us" + ("" if model == "llama3-8b" else f" [{model}]"), flush=True)
         del first
     results["rows"] = list(rows.values())
     del weights
@@ -643,6 +701,9 @@ def main() -> None:
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--png", help="write a plot here (needs matplotlib)")
     ap.add_argument("--ms", help="comma-separated M values (default: MS, or CHAIN_SWEEP_MS for the chain timings)")
+    ap.add_argument("--models", default=None,
+                    help="comma-separated subset of " + ",".join(MODEL_SHAPES) + " for the main table (default: all) "
+                    "and --layer-chain (default: llama3-8b)")
     ap.add_argument("--sweep", action="store_true", help="tile-config / split-K sweep of the per-group kernel")
     ap.add_argument("--sweep-decode", action="store_true",
                     help="decode kernel variants (QOQ_GEMM_DECODE_CONFIG) and M <= 16 against the tile kernel")
@@ -654,7 +715,10 @@ def main() -> None:
                     help="wgmma kernel split-K counts (QOQ_GEMM_WGMMA_SPLITS) against the default dispatch")
     ap.add_argument("--layer-chain", action="store_true",
                     help="a layer's four GEMMs back to back in a CUDA graph vs cold per-GEMM sums (--ms)")
-    ap.add_argument("--methods", help="comma-separated subset of " + ",".join(CHAIN_METHODS) + " for --layer-chain")
+    ap.add_argument("--methods", help="comma-separated subset of " + ",".join(CHAIN_METHODS) + " for --layer-chain, "
+                    "or of the main table's columns")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="main table: time each shape's methods this many times in rotating order, keep the median")
     ap.add_argument("--no-cold", action="store_true", help="--layer-chain without the cold per-GEMM sums")
     ap.add_argument("--chain-sweep", action="store_true",
                     help="small-M paths and streaming variants, each shape timed back to back in a CUDA graph")
@@ -668,12 +732,17 @@ def main() -> None:
         check_small()
         return
     ms = None if args.ms is None else [int(m) for m in args.ms.split(",")]
+    models = None if args.models is None else tuple(args.models.split(","))
+    if models is not None and set(models) - set(MODEL_SHAPES):
+        sys.exit(f"unknown --models {sorted(set(models) - set(MODEL_SHAPES))}; choose from {', '.join(MODEL_SHAPES)}")
     if args.layer_chain:
         methods = CHAIN_METHODS if args.methods is None else tuple(args.methods.split(","))
         unknown = set(methods) - set(CHAIN_METHODS)
         if unknown:
             sys.exit(f"unknown --methods {sorted(unknown)}; choose from {', '.join(CHAIN_METHODS)}")
-        results = layer_chain(ms or CHAIN_SWEEP_MS, methods, with_cold=not args.no_cold)
+        results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+        for model in models or ("llama3-8b",):
+            results["rows"] += layer_chain(ms or CHAIN_SWEEP_MS, methods, not args.no_cold, model)["rows"]
     elif args.chain_sweep:
         results = chain_sweep(ms or CHAIN_SWEEP_MS)
     elif args.lm_head:
@@ -689,7 +758,8 @@ def main() -> None:
     elif args.sweep:
         results = sweep()
     else:
-        results = run(ms or MS)
+        only = None if args.methods is None else tuple(args.methods.split(","))
+        results = run(ms or MS, models or tuple(MODEL_SHAPES), only, max(1, args.rounds))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)

@@ -1,6 +1,6 @@
 """Plots for docs/: GEMM layer-sum time vs M and end-to-end tokens/s vs batch, from the committed JSON results.
 
-Usage: python benchmarks/plot.py [--gemm docs/results/gemm_h100.json] [--e2e RUN.json [RUN2.json ...]]
+Usage: python benchmarks/plot.py [--gemm docs/results/gemm_h100_issue_table.json] [--e2e RUN.json [RUN2.json ...]]
                                  [--out docs/plots]   (needs matplotlib)
 """
 from __future__ import annotations
@@ -9,38 +9,39 @@ import argparse
 import json
 import os
 
-DEFAULT_PATHS = {  # the kernel each M runs by default (csrc/gemm/w4a8_gemm.cu dispatch): decode, mma.sync, wgmma
-    "per-group": lambda m: "qoq_per_group" if m <= 2 else ("qoq_per_group_wgmma" if m >= 128 else "qoq_per_group_mma"),
-    "per-channel": lambda m: ("qoq_per_channel" if m <= 2 else
-                              "qoq_per_channel_wgmma" if m >= 128 else "qoq_per_channel_mma"),
-}
+BASELINES = ("bf16", "fp8_rowwise", "int8_int_mm", "w4a16_int4pack")
 
 
-def default_dispatch_us(sums: dict, m: int, fmt: str) -> float:
-    """Layer-sum µs of the kernel the default dispatch picks at M (the dispatch columns predate the switch)."""
-    row = sums[str(m)]
-    key = DEFAULT_PATHS[fmt](m)
-    return row.get(key) or row[key.replace("_mma", "")]
+def plot_gemm_results(data: dict, path: str) -> None:
+    """One panel per model: the layer-sum µs of our two formats (the default dispatch at each M) and of each
+    baseline, from `benchmarks/gemm.py --json` results; older single-model files hold Llama-3-8B's sums only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = data.get("models") or {"llama3-8b": {"layer_sum_us": data["layer_sum_us"]}}
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.5), squeeze=False)
+    for ax, (model, entry) in zip(axes[0], models.items()):
+        sums = entry["layer_sum_us"]
+        ms = sorted(int(m) for m in sums)
+        for name, label, style in [("qoq_per_group", "QoQ W4A8 per-group (g128)", "-"),
+                                   ("qoq_per_channel", "QoQ W4A8 per-channel", "-")] + \
+                                  [(b, b, "--") for b in BASELINES]:
+            pts = [(m, sums[str(m)][name]) for m in ms if sums[str(m)].get(name)]
+            if pts:
+                ax.plot(*zip(*pts), linestyle=style, marker="o" if style == "-" else ".", label=label)
+        ax.set(xscale="log", yscale="log", xlabel="M (tokens)", ylabel=f"µs, sum of the 4 {model} layer GEMMs",
+               title=f"W4A8 GEMM, {model}, {data['device']}")
+        ax.set_xticks(ms, [str(m) for m in ms])
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def plot_gemm(path: str, out: str) -> None:
-    import matplotlib.pyplot as plt
-
-    data = json.load(open(path))
-    sums = data["layer_sum_us"]
-    ms = sorted(int(m) for m in sums)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for fmt in DEFAULT_PATHS:
-        ax.plot(ms, [default_dispatch_us(sums, m, fmt) for m in ms], marker="o", label=f"QoQ W4A8 {fmt}")
-    for base in ("bf16", "fp8_rowwise", "int8_int_mm", "w4a16_int4pack"):
-        pts = [(m, sums[str(m)][base]) for m in ms if sums[str(m)].get(base)]
-        ax.plot(*zip(*pts), linestyle="--", marker=".", label=base)
-    ax.set(xscale="log", yscale="log", xlabel="M (tokens)", ylabel="µs, sum of the 4 Llama-3-8B layer GEMMs",
-           title=f"W4A8 GEMM, {data['device']}")
-    ax.set_xticks(ms, [str(m) for m in ms])
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "gemm.png"), dpi=110)
+    with open(path) as fh:
+        plot_gemm_results(json.load(fh), os.path.join(out, "gemm.png"))
 
 
 def plot_e2e(paths: list[str], out: str) -> None:
@@ -72,7 +73,7 @@ def plot_e2e(paths: list[str], out: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gemm", default="docs/results/gemm_h100.json")
+    parser.add_argument("--gemm", default="docs/results/gemm_h100_issue_table.json")
     parser.add_argument("--e2e", nargs="+",
                         default=["docs/results/e2e_h100_run17_a.json", "docs/results/e2e_h100_run17_b.json"])
     parser.add_argument("--out", default="docs/plots")
