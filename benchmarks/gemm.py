@@ -175,6 +175,8 @@ def run(ms, models=tuple(MODEL_SHAPES), only: tuple[str, ...] | None = None, rou
                     timed += [(name, methods[base], None, "0,0") for name, base in MMA_SMALL.items()]
                 if only is not None:
                     timed = [t for t in timed if t[0] in only]
+                if not timed:
+                    continue
                 readings: dict[str, list] = {name: [] for name, *_ in timed}
                 for r in range(rounds):
                     for name, fn, env, force in timed[r % len(timed):] + timed[:r % len(timed)]:
@@ -432,9 +434,9 @@ def _graph_us_per_pass(calls, passes: int, replays: int = 10) -> float:
 
 
 def layer_chain(ms, methods=CHAIN_METHODS, with_cold: bool = True, model: str = "llama3-8b") -> dict:
-    """A model's four layer GEMMs (MODEL_SHAPES) back to back in a CUDA graph (our kernels launched with PDL, so each one's
-    start overlaps the previous one's tail; in a decode step a quantization kernel sits between them), cycling over
-    enough layer copies that the weights read per pass (>= CHAIN_BYTES) never fit L2. Reported per layer, beside the
+    """A model's four layer GEMMs (MODEL_SHAPES) back to back in a CUDA graph (our kernels launched with PDL, so each
+    one's start overlaps the previous one's tail; in a decode step a quantization kernel sits between them), cycling
+    over enough layer copies that the weights read per pass (>= CHAIN_BYTES) never fit L2. Reported per layer, beside the
     per-GEMM sums of the same calls timed cold (L2 evicted by a write, as triton's do_bench does, and by a read).
     As in a model, the weights are allocated once and every M runs on them, and the chains of all M are timed before
     any cold timing: new weights for each M and the cold timings' 256 MB memsets between two chains moved our chain
@@ -461,7 +463,8 @@ def layer_chain(ms, methods=CHAIN_METHODS, with_cold: bool = True, model: str = 
             per_layer = [{shape: layer[shape][name] for shape in shapes} for layer in layers[:copies[name]]]
             calls = [fn for layer in per_layer for fn in layer.values()]
             chain = _graph_us_per_pass(calls, passes=max(1, 8 // len(per_layer))) / len(per_layer)
-            rows[(m, name)] = {"model": model, "m": m, "method": name, "layer_chain_us": chain, "layer_copies": len(per_layer)}
+            rows[(m, name)] = {"model": model, "m": m, "method": name, "layer_chain_us": chain,
+                               "layer_copies": len(per_layer)}
             gbs = params * WEIGHT_BYTES_PER_PARAM[name] / chain / 1e3
             print(f"layer-chain M={m} {name}: chain {chain:.1f} us/layer ({gbs:.0f} GB/s of weights)"
                   + ("" if model == "llama3-8b" else f" [{model}]"), flush=True)
