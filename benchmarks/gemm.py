@@ -436,8 +436,8 @@ def _graph_us_per_pass(calls, passes: int, replays: int = 10) -> float:
 def layer_chain(ms, methods=CHAIN_METHODS, with_cold: bool = True, model: str = "llama3-8b") -> dict:
     """A model's four layer GEMMs (MODEL_SHAPES) back to back in a CUDA graph (our kernels launched with PDL, so each
     one's start overlaps the previous one's tail; in a decode step a quantization kernel sits between them), cycling
-    over enough layer copies that the weights read per pass (>= CHAIN_BYTES) never fit L2. Reported per layer, beside the
-    per-GEMM sums of the same calls timed cold (L2 evicted by a write, as triton's do_bench does, and by a read).
+    over enough layer copies that the weights read per pass (>= CHAIN_BYTES) never fit L2. Reported per layer, beside
+    the per-GEMM sums of the same calls timed cold (L2 evicted by a write, as triton's do_bench does, and by a read).
     As in a model, the weights are allocated once and every M runs on them, and the chains of all M are timed before
     any cold timing: new weights for each M and the cold timings' 256 MB memsets between two chains moved our chain
     times by up to 4-6 us a layer from one M to the next (docs/benchmarks.md, "The layer chain's set-up").
