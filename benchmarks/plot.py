@@ -9,12 +9,10 @@ import argparse
 import json
 import os
 
-BASELINES = ("bf16", "fp8_rowwise", "int8_int_mm", "w4a16_int4pack")
-
-
 def plot_gemm_results(data: dict, path: str) -> None:
     """One panel per model: the layer-sum µs of our two formats (the default dispatch at each M) and of each
-    baseline, from `benchmarks/gemm.py --json` results; older single-model files hold Llama-3-8B's sums only."""
+    baseline (every other column without the `qoq_` prefix), from `benchmarks/gemm.py --json` results; older
+    single-model files hold Llama-3-8B's sums only."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,9 +23,10 @@ def plot_gemm_results(data: dict, path: str) -> None:
     for ax, (model, entry) in zip(axes[0], models.items()):
         sums = entry["layer_sum_us"]
         ms = sorted(int(m) for m in sums)
+        baselines = list(dict.fromkeys(name for row in sums.values() for name in row if not name.startswith("qoq_")))
         for name, label, style in [("qoq_per_group", "QoQ W4A8 per-group (g128)", "-"),
                                    ("qoq_per_channel", "QoQ W4A8 per-channel", "-")] + \
-                                  [(b, b, "--") for b in BASELINES]:
+                                  [(b, b, "--") for b in baselines]:
             pts = [(m, sums[str(m)][name]) for m in ms if sums[str(m)].get(name)]
             if pts:
                 ax.plot(*zip(*pts), linestyle=style, marker="o" if style == "-" else ".", label=label)
